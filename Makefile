@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine:
+#   make app    start the app on the embedded default
+#   make test   lint and run the whole test suite
+# Both create the virtual environment on first use (and again when a requirements file changes).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8501
+
+# Never wait on a model hub: nothing here downloads weights unless a user asks for them.
+export HF_HUB_OFFLINE ?= 1
+# Real data slices beside the checkout (see ../shared/data/README.md), when present.
+LOSSATTN_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export LOSSATTN_DATA
+
+.PHONY: app test lint bench setup
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+app: $(STAMP)
+	$(PY) -m streamlit run app.py --server.port $(PORT) --browser.gatherUsageStats false
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m engine bench

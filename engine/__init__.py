@@ -1,0 +1,1 @@
+"""Loss-Attention Studio engine: models, losses, training and evaluation. Never imports streamlit."""

@@ -1,0 +1,175 @@
+"""Forward + backward throughput and peak memory of models on the current device.
+
+``python -m engine bench`` prints one row per (model, mode). On CUDA the default mode is bf16
+autocast + channels_last (the training default); ``--compare-fp32`` adds plain fp32 eager and
+``--compile`` adds ``torch.compile`` in the same run, so ratios come from one process. On CPU the
+default mode is fp32 eager.
+
+Each row runs in a fresh process (``isolate=True``), so that no row inherits another's freed
+heap, compile caches or warmed kernels. Memory: on CUDA, ``torch.cuda.max_memory_allocated``; on
+CPU, the peak resident set size above the level just before the model was built, sampled every
+2 ms from /proc (CPU allocations are invisible to torch's counters). Each row is the median step
+time over ``steps`` timed steps after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Self
+
+import torch
+
+from engine.config import LossConfig, ModelConfig
+from engine.device import autocast
+from engine.losses import Criterion
+from engine.models import build_model, count_parameters
+
+
+@dataclass
+class BenchMode:
+    name: str
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class BenchResult:
+    model: str
+    mode: str
+    device: str
+    batch: int
+    input_size: tuple[int, int]
+    params: int
+    images_per_s: float
+    step_ms: float
+    peak_mem_mb: float
+    memory_kind: str
+
+
+def modes_for(device: torch.device, compare_fp32: bool, compile_: bool) -> list[BenchMode]:
+    if device.type == "cuda":
+        modes = [BenchMode("bf16+channels_last", amp=True, channels_last=True)]
+        if compile_:
+            modes.append(BenchMode("bf16+channels_last+compile", True, True, True))
+        if compare_fp32:
+            modes.append(BenchMode("fp32 eager"))
+        return modes
+    modes = [BenchMode("fp32 eager")]
+    if compile_:
+        modes.append(BenchMode("fp32 compile", compile=True))
+    return modes
+
+
+class _RssSampler:
+    """Peak resident set size of this process while active (Linux /proc; else ru_maxrss)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self.page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,
+              steps: int, warmup: int) -> BenchResult:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with _RssSampler() as rss:
+        model = build_model(cfg).to(device).train()
+        memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        run = torch.compile(model) if mode.compile else model
+        criterion = Criterion(LossConfig(), model.regularised)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, cfg.in_chans, *cfg.input_size, generator=gen)
+        x = x.to(device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+        times = []
+        for i in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            with autocast(device, mode.amp):
+                out = run(x)
+            loss = criterion(out, y, epoch=100).total
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    else:
+        peak, kind = rss.peak - rss.base, "process RSS increase"
+    step = statistics.median(times)
+    name = f"{cfg.backbone}/{cfg.head}"
+    result = BenchResult(name, mode.name, str(device), batch, cfg.input_size,
+                         count_parameters(model), batch / step, step * 1000, peak / 2**20, kind)
+    del model, run, out, loss
+    return result
+
+
+def bench_isolated(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,
+                   steps: int, warmup: int) -> BenchResult:
+    """:func:`bench_one` in a fresh spawned process (see the module docstring for why)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(bench_one, cfg, mode, device, batch, steps, warmup).result()
+
+
+def format_table(results: list[BenchResult]) -> str:
+    header = ("model", "mode", "device", "batch", "input", "params (M)", "img/s", "step ms",
+              "peak MB")
+    rows = [header] + [
+        (r.model, r.mode, r.device, str(r.batch), f"{r.input_size[0]}x{r.input_size[1]}",
+         f"{r.params / 1e6:.2f}", f"{r.images_per_s:.1f}", f"{r.step_ms:.0f}",
+         f"{r.peak_mem_mb:.0f}")
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if results:
+        lines.append(f"(peak MB = {results[0].memory_kind}; median of timed steps)")
+    return "\n".join(lines)
+
+
+def results_as_dicts(results: list[BenchResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,202 @@
+"""Dataclass configs: defaults equal the paper's, validated at construction, JSON round-trip.
+
+A bad value raises :class:`ConfigError` (a ``ValueError``) naming the field and what is allowed,
+so the CLI and the app can show it to a person as it is.
+
+Fields left at ``None`` mean "the backbone's default" and are filled in by
+:func:`engine.models.build_model`, which stores the resolved config on the model so that a
+checkpoint alone can rebuild it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+XI_DENOMINATORS = ("patches", "feature_map")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+def _check(ok: bool, field_name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name} must be {allowed}; got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pair(value: Any, field_name: str) -> tuple[int, int]:
+    """Accept ``32`` or ``(32, 32)`` / ``[h, w]`` and return ``(h, w)``."""
+    if _is_int(value):
+        value = (value, value)
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
+    _check(ok, field_name, "an int or a pair of ints (height, width)", value)
+    _check(min(value) >= 1, field_name, "positive", value)
+    return (int(value[0]), int(value[1]))
+
+
+def _optional_positive_int(value: Any, field_name: str) -> None:
+    _check(value is None or (_is_int(value) and value >= 1), field_name,
+           "None (backbone default) or a positive int", value)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model; saved with every run and inside every checkpoint."""
+
+    backbone: str = "resnet18"
+    """Registered backbone name (``engine.models.list_backbones()``) or ``"timm:<model name>"``."""
+    head: str = "loss_attention"
+    """Registered head name (``engine.models.list_heads()``)."""
+    num_classes: int = 10
+    in_chans: int = 3
+    input_size: tuple[int, int] = (32, 32)
+    """Input (height, width) the model is built and validated for; other sizes work at run time
+    as long as they leave at least one patch."""
+    stride_plan: tuple[int, ...] | None = None
+    """Per-stage strides of the backbone (ResNet18: 4 stages; VGG11_bn: 8 convs). ``None`` picks
+    the paper's plan for the input size: stride 1 everywhere at 32x32, one stride-2 stage per
+    doubling of the input (ResNet18 layer2, VGG11 4th conv first)."""
+
+    xi: float = 0.1
+    """Threshold numerator ξ in [0, 1]; acts only in the forward pass (can be changed after
+    training)."""
+    xi_denominator: str = "patches"
+    """``"patches"``: θ = ξ/M (paper). ``"feature_map"``: θ = ξ/(H·W of the map before the patch
+    conv), as the released conv code does."""
+
+    patch_kernel: int | None = None
+    """Kernel of the patch conv (paper 9); ``None`` = backbone default."""
+    patch_stride: int | None = None
+    """Stride of the patch conv (paper 4); ``None`` = backbone default."""
+    patch_padding: int = 0
+    patch_channels: int | None = None
+    """Channels C of the patch features (paper 512); ``None`` = backbone default."""
+
+    primary_caps: int = 32
+    primary_dim: int = 16
+    caps_channels: int = 64
+    caps_dim: int = 128
+    attention_hidden: int = 128
+    """Hidden size D of the Ilse Attention / Gated-Attention heads."""
+    routing_iters: int = 3
+    plain_hidden: tuple[int, ...] = ()
+    """Hidden widths of the plain head's MLP; ``(4096, 4096)`` is the paper's VGG11_bn baseline."""
+
+    stem_norm: bool = True
+    """Apply BN+ReLU after the ResNet stem conv. The released TIP code defines ``bn1`` but never
+    uses it (False reproduces that); the parameter count is the same either way."""
+    timm_output_stride: int | None = None
+    """``output_stride`` passed to timm (8, 16 or 32) for ``timm:`` backbones."""
+    pretrained: bool = False
+    """timm backbones only: load pretrained weights (needs them cached or a network)."""
+
+    def __post_init__(self) -> None:
+        self.input_size = _pair(self.input_size, "input_size")
+        if isinstance(self.stride_plan, list):
+            self.stride_plan = tuple(self.stride_plan)
+        if isinstance(self.plain_hidden, list):
+            self.plain_hidden = tuple(self.plain_hidden)
+        self.validate()
+
+    def validate(self) -> None:
+        from engine.models.registry import check_backbone_name, check_head_name
+
+        check_backbone_name(self.backbone)
+        check_head_name(self.head)
+        for name in ("num_classes", "in_chans", "primary_caps", "primary_dim", "caps_channels",
+                     "caps_dim", "attention_hidden", "routing_iters"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, "a positive int", value)
+        _check(self.num_classes >= 2, "num_classes", ">= 2", self.num_classes)
+        xi = self.xi
+        _check(isinstance(xi, (int, float)) and not isinstance(xi, bool) and math.isfinite(xi)
+               and 0.0 <= xi <= 1.0, "xi", "a number in [0, 1]", xi)
+        _check(self.xi_denominator in XI_DENOMINATORS, "xi_denominator",
+               f"one of {list(XI_DENOMINATORS)}", self.xi_denominator)
+        for name in ("patch_kernel", "patch_stride", "patch_channels"):
+            _optional_positive_int(getattr(self, name), name)
+        _check(_is_int(self.patch_padding) and self.patch_padding >= 0, "patch_padding",
+               "an int >= 0", self.patch_padding)
+        plan = self.stride_plan
+        _check(plan is None or (isinstance(plan, tuple) and len(plan) > 0
+                                and all(_is_int(s) and s >= 1 for s in plan)),
+               "stride_plan", "None or a non-empty tuple of positive ints", plan)
+        _check(all(_is_int(h) and h >= 1 for h in self.plain_hidden), "plain_hidden",
+               "a tuple of positive ints", self.plain_hidden)
+        _check(self.timm_output_stride in (None, 8, 16, 32), "timm_output_stride",
+               "None, 8, 16 or 32", self.timm_output_stride)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LossConfig:
+    """The Loss-Attention objective (paper Eqs. 9/10) and its Gaussian ramp-up."""
+
+    multilabel: bool = False
+    """False: softmax CE (Eq. 9). True: BCE with the min-over-positive-labels patch term (Eq. 10)."""
+    gamma_max: float = 0.1
+    """Weight of the patch-loss term once the ramp-up is over (γmax >= 0)."""
+    ramp_epochs: int = 80
+    """Length of the ramp-up in epochs (paper: 80 of 200). ``0`` = full weight from epoch 1."""
+
+    def __post_init__(self) -> None:
+        g = self.gamma_max
+        _check(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+               and g >= 0, "gamma_max", "a finite number >= 0", g)
+        _check(_is_int(self.ramp_epochs) and self.ramp_epochs >= 0, "ramp_epochs",
+               "an int >= 0", self.ramp_epochs)
+        _check(isinstance(self.multilabel, bool), "multilabel", "true or false", self.multilabel)
+
+
+T = TypeVar("T")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-safe dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config, refusing unknown fields so that a typo is never silently ignored."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object; got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} for {cls.__name__}; known fields: {known}")
+    return cls(**data)
+
+
+def config_to_json(cfg: Any) -> str:
+    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
+
+
+def config_from_json(cls: type[T], text: str) -> T:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cls.__name__} is not valid JSON: {exc}") from exc
+    return config_from_dict(cls, data)
+
+
+__all__ = [
+    "XI_DENOMINATORS",
+    "ConfigError",
+    "LossConfig",
+    "ModelConfig",
+    "config_from_dict",
+    "config_from_json",
+    "config_to_dict",
+    "config_to_json",
+]

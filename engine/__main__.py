@@ -1,4 +1,15 @@
-"""Command line: ``python -m engine <command>``. Everything the app does is scriptable here."""
+"""Command line: ``python -m engine <command>``. Everything the app does is scriptable here.
+
+  models                      list backbones and heads
+  data list | check NAME      list data sets; check that one loads (counts, classes, boxes)
+  train [--config F] [flags]  create a run and train it (foreground with a progress bar, or
+                              --background); torchrun-compatible
+  resume NAME                 continue a stopped or killed run from its last checkpoint
+  runs [list|show|stop|delete|reindex]
+  export NAME --out F.pt      a run's best model as a small checkpoint with a model card
+  bench                       forward+backward images/s and peak memory per model
+  bench-train                 loader-only vs model-only vs full training step images/s
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_BENCH_MODELS = "small_cnn/loss_attention,resnet18/loss_attention"
 
@@ -23,6 +35,10 @@ def _model_list(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+# ----------------------------------------------------------------------------------------------
+# models, data
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.models import backbone_descriptions, head_spec, list_heads
 
@@ -33,6 +49,202 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_heads():
         print(f"  {name:24s} {head_spec(name).description}")
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from engine.config import DataConfig
+    from engine.data import dataset_spec, list_datasets, load_split
+
+    if args.action == "list":
+        for name in list_datasets():
+            spec = dataset_spec(name)
+            kind = "multi-label" if spec.multilabel else "single-label"
+            boxes = ", boxes" if spec.has_boxes else ""
+            print(f"  {name:18s} {spec.native_size}px {kind}{boxes}: {spec.description}")
+        return 0
+    if not args.dataset:
+        raise ValueError("data check needs a data set name (see: python -m engine data list)")
+    cfg = DataConfig(dataset=args.dataset, root=args.data_root, input_size=args.input_size,
+                     download=args.download)
+    for split in ("train", "test"):
+        data = load_split(cfg, split)
+        boxes = (f", {data.box_data.shape[0]} boxes" if data.has_boxes else ", no boxes")
+        print(f"{args.dataset}/{split}: {len(data)} images {tuple(data.images.shape[1:])}, "
+              f"{data.num_classes} classes{boxes}; classes: {data.classes[:10]}"
+              f"{' ...' if data.num_classes > 10 else ''}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train, resume, runs
+
+# Convenience flags: flag -> (section, field, type). Anything else: --set section.field=value.
+TRAIN_FLAGS = {
+    "dataset": ("data", "dataset", str), "data_root": ("data", "root", str),
+    "input_size": ("data", "input_size", int), "train_size": ("data", "train_size", int),
+    "test_size": ("data", "test_size", int),
+    "backbone": ("model", "backbone", str), "head": ("model", "head", str),
+    "xi": ("model", "xi", float), "xi_denominator": ("model", "xi_denominator", str),
+    "gamma_max": ("loss", "gamma_max", float), "ramp_epochs": ("loss", "ramp_epochs", int),
+    "epochs": ("train", "epochs", int), "batch_size": ("train", "batch_size", int),
+    "lr": ("train", "lr", float), "recipe": ("train", "recipe", str),
+    "seed": ("train", "seed", int), "device": ("train", "device", str),
+    "micro_batches": ("train", "micro_batches", int),
+}
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_run_config(args: argparse.Namespace):
+    """RunConfig from an optional JSON file, then the flags, then ``--set`` overrides."""
+    from engine.config import ConfigError, RunConfig, config_from_dict
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {args.config} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {args.config} must hold a JSON object")
+    for flag, (section, key, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+    if args.compile:
+        data.setdefault("train", {})["compile"] = True
+    if args.no_amp:
+        data.setdefault("train", {})["amp"] = False
+    if args.download:
+        data.setdefault("data", {})["download"] = True
+    for item in args.set or []:
+        path, sep, value = item.partition("=")
+        section, dot, key = path.partition(".")
+        if not sep or not dot or section not in ("model", "data", "loss", "train"):
+            raise ConfigError(f"--set needs section.field=value with section model, data, loss "
+                              f"or train; got {item!r}")
+        data.setdefault(section, {})[key] = _parse_value(value)
+    if args.name:
+        data["name"] = args.name
+    if args.tag:
+        data["tags"] = list(data.get("tags", [])) + args.tag
+    return config_from_dict(RunConfig, data)
+
+
+def _store(args: argparse.Namespace):
+    from engine.runs import RunStore
+
+    return RunStore(args.runs_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine import jobs
+    from engine.runs import Run, RunStore
+    from engine.train import init_distributed, prepare_run_config, train_run
+
+    if args.run_dir:  # an existing run directory (how engine.jobs starts the trainer)
+        run = Run(Path(args.run_dir))
+        store = RunStore(run.path.parent)
+        state = train_run(run, resume=args.resume, progress_bar=not args.quiet,
+                          on_status=store.index, spawned=True)
+        return 0 if state in ("finished", "stopped") else 1
+
+    config = build_run_config(args)
+    store = _store(args)
+    if args.background:
+        run = jobs.launch(store, config)
+        print(f"started run {run.name} in the background: {run.path}")
+        return 0
+    dist = init_distributed()
+    if dist.is_main:
+        run = store.create(prepare_run_config(config))
+        run.update_status(command=_command_line())
+        print(f"run {run.name}: {run.path}", file=sys.stderr)
+        name = [run.name]
+    else:
+        name = [None]
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(name, src=0)
+        run = store.get(name[0])
+    state = train_run(run, progress_bar=not args.quiet, console=True, dist=dist,
+                      on_status=store.index)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    if dist.is_main:
+        print(f"run {run.name}: {state}", file=sys.stderr)
+    return 0 if state in ("finished", "stopped") else 1
+
+
+def _command_line() -> str:
+    """How this process was started, for model cards (``python -m engine ...``)."""
+    import shlex
+
+    return "python -m engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.export import export_model
+
+    weights, card = export_model(_store(args).get(args.name), args.out)
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {card}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine import jobs
+    from engine.train import train_run
+
+    store = _store(args)
+    if args.background:
+        run = jobs.resume(store, args.name)
+        print(f"resumed run {run.name} in the background")
+        return 0
+    run = store.get(args.name)
+    state = train_run(run, resume=True, progress_bar=not args.quiet, console=True,
+                      on_status=store.index)
+    print(f"run {run.name}: {state}", file=sys.stderr)
+    return 0 if state in ("finished", "stopped") else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.action == "list":
+        rows = store.list()
+        if not rows:
+            print(f"no runs in {store.root}")
+        for r in rows:
+            best = "" if r["best_metric"] is None else f"{r['metric_name']} {r['best_metric']:.4f}"
+            print(f"  {r['name']:48s} {r['state']:9s} {r['epochs_done']}/{r['epochs']} ep  "
+                  f"{r['dataset']}/{r['backbone']}/{r['head']}  {best}")
+        return 0
+    if args.action == "reindex":
+        print(f"indexed {store.rebuild_index()} runs in {store.root}")
+        return 0
+    if args.action == "show":
+        run = store.get(args.name)
+        print(json.dumps({"status": run.status(), "config": run.config_dict(),
+                          "metrics": run.metrics()[-3:]}, indent=2))
+    elif args.action == "stop":
+        print("stop requested" if store.stop(args.name) else f"run {args.name} is not running")
+    elif args.action == "delete":
+        store.delete(args.name)
+        print(f"deleted run {args.name}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -64,12 +276,87 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from engine.bench import bench_training
+    from engine.config import DataConfig, ModelConfig
+    from engine.device import resolve_device
+
+    result = bench_training(DataConfig(dataset=args.dataset, root=args.data_root),
+                            ModelConfig(backbone=args.backbone, head=args.head),
+                            resolve_device(args.device), args.batch, args.steps)
+    for key, value in result.items():
+        print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="RunConfig JSON file (sections model, data, loss, train)")
+    for flag, (section, key, kind) in TRAIN_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                       help=f"{section}.{key}")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="any other config field, e.g. --set model.stride_plan=[1,2,1,1]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--download", action="store_true", help="download CIFAR/SVHN if missing")
+    p.add_argument("--name", help="run name (default: made from data, model and time)")
+    p.add_argument("--tag", action="append", help="tag the run (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered backbones and heads")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="list data sets, or check that one loads")
+    p.add_argument("action", choices=["list", "check"])
+    p.add_argument("dataset", nargs="?")
+    p.add_argument("--data-root")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--download", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    runs_dir = argparse.ArgumentParser(add_help=False)
+    runs_dir.add_argument("--runs-dir", help="run store folder (default $LOSSATTN_RUNS or ./runs)")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet.add_argument("--background", action="store_true",
+                       help="train in a background process and return at once")
+
+    p = sub.add_parser("train", parents=[runs_dir, quiet], help="create a run and train it")
+    _add_train_flags(p)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", parents=[runs_dir, quiet], help="continue a stopped run")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("runs", help="list, show, stop or delete runs")
+    p.set_defaults(func=cmd_runs, action="list", runs_dir=None)
+    actions = p.add_subparsers(dest="action")
+    for action, text in (("list", "table of runs"), ("reindex", "rebuild the SQLite index"),
+                         ("show", "status, config and last metrics of a run"),
+                         ("stop", "ask a running run to stop"), ("delete", "remove a run")):
+        a = actions.add_parser(action, parents=[runs_dir], help=text)
+        if action not in ("list", "reindex"):
+            a.add_argument("name")
+
+    p = sub.add_parser("export", parents=[runs_dir],
+                       help="write a run's best model as a small checkpoint + model card")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="forward+backward images/s and peak memory per model")
     p.add_argument("--models", default=DEFAULT_BENCH_MODELS,
@@ -88,20 +375,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure every row in this process (faster; memory figures then include "
                         "heap left over from earlier rows)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-train", help="loader-only, model-only and full-step images/s")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root")
+    p.add_argument("--backbone", default="small_cnn")
+    p.add_argument("--head", default="loss_attention")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("batch", "steps", "input_size", "num_classes"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
         return args.func(args)
-    except ValueError as exc:  # ConfigError included: a message for a person, not a traceback
+    except ValueError as exc:  # config, data, checkpoint and run errors: a message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

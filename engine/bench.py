@@ -173,3 +173,66 @@ def format_table(results: list[BenchResult]) -> str:
 
 def results_as_dicts(results: list[BenchResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+def _timed_images_per_s(steps: int, batch: int, step_fn, device: torch.device) -> float:
+    step_fn()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def bench_training(data_cfg, model_cfg: ModelConfig, device: torch.device, batch: int,
+                   steps: int) -> dict:
+    """Training throughput split into its parts, measured side by side in one process:
+    the batch pipeline alone (index, augment, normalise), the model alone (forward, backward,
+    optimizer step on a fixed batch), and both together (a real training step)."""
+    from engine.data import augment_of, load_split
+    from engine.data.base import BatchStream
+
+    data = load_split(data_cfg, "train")
+    size = data.input_size
+    cfg = model_cfg.replace(num_classes=data.num_classes, in_chans=data.images.shape[1],
+                            input_size=size)
+    model = build_model(cfg).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = Criterion(LossConfig(multilabel=data.multilabel), model.regularised)
+    images = data.images.to(device) if device.type == "cuda" else None
+    targets = data.targets.to(device) if device.type == "cuda" else None
+    augment = augment_of(data_cfg)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from BatchStream(data, batch, device, augment=augment, shuffle=True, epoch=epoch,
+                                   images=images, targets=targets)
+            epoch += 1
+
+    loader = batches()
+    x_fixed, y_fixed, _ = next(loader)
+
+    def model_step(x=None, y=None):
+        x, y = (x_fixed, y_fixed) if x is None else (x, y)
+        criterion(model(x), y, epoch=100).total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def loader_step():
+        x, _, _ = next(loader)
+        if device.type == "cuda":
+            x.sum().item()  # force the work to happen
+
+    def full_step():
+        x, y, _ = next(loader)
+        model_step(x, y)
+
+    return {
+        "dataset": data_cfg.dataset, "model": f"{cfg.backbone}/{cfg.head}", "device": str(device),
+        "batch": batch, "input": f"{size[0]}x{size[1]}", "augment": str(augment),
+        "loader_images_per_s": _timed_images_per_s(steps, batch, loader_step, device),
+        "model_images_per_s": _timed_images_per_s(steps, batch, model_step, device),
+        "train_step_images_per_s": _timed_images_per_s(steps, batch, full_step, device),
+    }

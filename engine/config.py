@@ -147,16 +147,177 @@ class LossConfig:
     """False: softmax CE (Eq. 9). True: BCE with the min-over-positive-labels patch term (Eq. 10)."""
     gamma_max: float = 0.1
     """Weight of the patch-loss term once the ramp-up is over (γmax >= 0)."""
-    ramp_epochs: int = 80
-    """Length of the ramp-up in epochs (paper: 80 of 200). ``0`` = full weight from epoch 1."""
+    ramp_epochs: int | None = None
+    """Length of the ramp-up in epochs. ``None``: the paper's proportion of the run, 80 of 200
+    epochs (80 when the run length is unknown). ``0``: full weight from epoch 1."""
 
     def __post_init__(self) -> None:
         g = self.gamma_max
         _check(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
                and g >= 0, "gamma_max", "a finite number >= 0", g)
-        _check(_is_int(self.ramp_epochs) and self.ramp_epochs >= 0, "ramp_epochs",
-               "an int >= 0", self.ramp_epochs)
+        _check(self.ramp_epochs is None or (_is_int(self.ramp_epochs) and self.ramp_epochs >= 0),
+               "ramp_epochs", "None or an int >= 0", self.ramp_epochs)
         _check(isinstance(self.multilabel, bool), "multilabel", "true or false", self.multilabel)
+
+
+RESIZE_POLICIES = ("squash", "center_crop")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives and how it is prepared."""
+
+    dataset: str = "digits"
+    """Registered data set (``engine.data.list_datasets()``)."""
+    root: str | None = None
+    """Folder holding the data (or a folder above it); ``None``: ``$LOSSATTN_DATA``, then
+    ``./data``."""
+    input_size: int | None = None
+    """Side of the square model input; ``None``: the data set's native size (32 or 64)."""
+    train_size: int | None = None
+    """Digits: canvases to generate (default 12,000). Other sets: keep a seeded random subset of
+    this many training images (``None``: all)."""
+    test_size: int | None = None
+    """Digits: canvases to generate (default 3,000). Other sets: subset size (``None``: all)."""
+    augment: bool = True
+    """The paper's augmentation for the data set (random crop with padding, flips where
+    meaningful)."""
+    download: bool = False
+    """Download missing CIFAR / SVHN files with torchvision (needs a network)."""
+    resize: str = "squash"
+    """How images of another size become square: ``"squash"`` (resize both sides; keeps every
+    object) or ``"center_crop"`` (resize the short side, crop the centre; boxes outside are
+    clipped or dropped)."""
+    train_split: str | None = None
+    """Split folder names for COCO (``train2017``) and image folders (``train``)."""
+    test_split: str | None = None
+    """As ``train_split`` (COCO ``val2017``, image folders ``test`` or ``val``)."""
+    seed: int = 0
+    """Seed of the digit generator and of subsets / folder splits."""
+
+    def __post_init__(self) -> None:
+        from engine.data.registry import check_dataset_name
+
+        check_dataset_name(self.dataset)
+        _check(self.input_size is None or (_is_int(self.input_size) and self.input_size >= 8),
+               "input_size", "None or an int >= 8", self.input_size)
+        for name in ("train_size", "test_size"):
+            _optional_positive_int(getattr(self, name), name)
+        _check(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
+               self.resize)
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
+        _check(self.root is None or isinstance(self.root, str), "root", "None or a path",
+               self.root)
+
+
+RECIPES = ("auto", "sgd", "adam")
+RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run mechanics. Defaults are the paper's recipe for 200 epochs."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    """Global batch (split across DDP ranks and micro-batches)."""
+    recipe: str = "auto"
+    """``"sgd"``: the paper's Loss-Attention recipe (SGD, momentum 0.9, lr 0.1, decays x0.1 at
+    50 % and 75 % of the epochs). ``"adam"``: the paper's Mean-pooling / Dynamic Routing recipe
+    (lr ramped up to 0.003 over 40 % of the epochs, flat, then x0.1 at 60 % and 80 %; β2 0.99 ->
+    0.999 after the ramp). ``"auto"``: adam for ``mean`` and ``dynamic_routing``, else sgd."""
+    lr: float | None = None
+    """Peak learning rate; ``None``: the recipe's (sgd 0.1, adam 0.003)."""
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    """``None``: the recipe's (sgd 5e-4, adam 0)."""
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    """SGD decay points as fractions of the epochs (the paper's 100 and 150 of 200)."""
+    lr_decay: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored elsewhere)."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA (ignored elsewhere)."""
+    compile: bool = False
+    """``torch.compile`` the model."""
+    micro_batches: int = 1
+    """Split each batch into this many chunks with gradient accumulation (memory; also the exact
+    single-process equivalent of that many DDP ranks)."""
+    data_on_device: bool | None = None
+    """Keep the training images on the GPU (``None``: when they take < 25 % of free memory)."""
+    checkpoint_minutes: float = 10.0
+    """Also checkpoint mid-epoch this often, so a killed run loses at most this much work."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.milestones, list):
+            self.milestones = tuple(self.milestones)
+        for name in ("epochs", "batch_size", "micro_batches"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, "a positive int", value)
+        _check(self.recipe in RECIPES, "recipe", f"one of {list(RECIPES)}", self.recipe)
+        _check(self.lr is None or (_is_number(self.lr) and self.lr > 0), "lr",
+               "None or a number > 0", self.lr)
+        _check(self.weight_decay is None or (_is_number(self.weight_decay)
+                                             and self.weight_decay >= 0),
+               "weight_decay", "None or a number >= 0", self.weight_decay)
+        _check(_is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)",
+               self.momentum)
+        _check(all(_is_number(m) and 0 < m < 1 for m in self.milestones), "milestones",
+               "fractions of the epochs, each in (0, 1)", self.milestones)
+        _check(_is_number(self.lr_decay) and 0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]",
+               self.lr_decay)
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
+        _check(self.micro_batches <= self.batch_size, "micro_batches", "<= batch_size",
+               self.micro_batches)
+        _check(_is_number(self.checkpoint_minutes) and self.checkpoint_minutes > 0,
+               "checkpoint_minutes", "a number > 0", self.checkpoint_minutes)
+        from engine.device import DEVICE_CHOICES
+
+        _check(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
+               f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
+
+    def resolved_recipe(self, head: str) -> str:
+        if self.recipe != "auto":
+            return self.recipe
+        return "adam" if head in ("mean", "dynamic_routing") else "sgd"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as the run's config.json and inside its checkpoints."""
+
+    name: str | None = None
+    """Run name (letters, digits, '.', '_', '-'); ``None``: made from data, model and time."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        import re
+
+        for name, cls in (("model", ModelConfig), ("data", DataConfig), ("loss", LossConfig),
+                          ("train", TrainConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, config_from_dict(cls, value))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{name} must be a {cls.__name__} or a JSON object")
+        if isinstance(self.tags, list):
+            self.tags = tuple(self.tags)
+        _check(all(isinstance(t, str) for t in self.tags), "tags", "a list of strings", self.tags)
+        _check(self.name is None or (isinstance(self.name, str)
+                                     and re.fullmatch(RUN_NAME_PATTERN, self.name) is not None),
+               "name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit "
+               "(no paths)", self.name)
 
 
 T = TypeVar("T")
@@ -191,10 +352,16 @@ def config_from_json(cls: type[T], text: str) -> T:
 
 
 __all__ = [
+    "RECIPES",
+    "RESIZE_POLICIES",
+    "RUN_NAME_PATTERN",
     "XI_DENOMINATORS",
     "ConfigError",
+    "DataConfig",
     "LossConfig",
     "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
     "config_from_dict",
     "config_from_json",
     "config_to_dict",

@@ -100,7 +100,8 @@ class Criterion:
     def patch_weight(self, epoch: int) -> float:
         if not self.regularised:
             return 0.0
-        return ramp_weight(epoch, self.config.gamma_max, self.config.ramp_epochs)
+        ramp = PAPER_RAMP if self.config.ramp_epochs is None else self.config.ramp_epochs
+        return ramp_weight(epoch, self.config.gamma_max, ramp)
 
     def __call__(self, output, target: torch.Tensor, epoch: int) -> LossTerms:
         """``output`` is a :class:`engine.models.PatchOutput`."""

@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 # Never let a test reach for the network (timm would retry a download for ~47 s).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Decoded data sets are cached here for the session (not in the user's cache).
+os.environ.setdefault("LOSSATTN_CACHE", tempfile.mkdtemp(prefix="lossattn-cache-"))
 
 import pytest
 import torch
@@ -10,3 +13,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def data_root():
+    """The real data slices (../shared/data), or None: tests that need them skip."""
+    root = os.environ.get("LOSSATTN_DATA")
+    return root if root and os.path.isdir(root) else None
+
+
+needs_data = pytest.mark.skipif(data_root() is None,
+                                reason="LOSSATTN_DATA is not set (real data slices absent)")

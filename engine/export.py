@@ -1,0 +1,63 @@
+"""Export a run's best model as a small self-contained checkpoint with a model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.checkpoint import atomic_torch_save, load_checkpoint
+from engine.runs import Run
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def model_card(run: Run, metrics: dict, size_bytes: int, params: int) -> str:
+    cfg, status = run.config(), run.status()
+    data, model, loss, train = cfg.data, cfg.model, cfg.loss, cfg.train
+    minutes = status.get("duration_s", 0.0) / 60
+    lines = [
+        f"# {run.name}",
+        "",
+        (f"- **Model**: `{model.backbone}` backbone + `{model.head}` head, {params:,} parameters "
+        f"({size_bytes / 1e6:.2f} MB on disk), input {model.input_size[0]}x{model.input_size[1]}, "
+        f"{model.num_classes} classes; patches {model.patch_kernel}x{model.patch_kernel} / stride "
+        f"{model.patch_stride}; ξ = {model.xi} (denominator {model.xi_denominator})."),
+        (f"- **Data**: `{data.dataset}`, {_count(status.get('train_images'))} train / "
+        f"{_count(status.get('test_images'))} test images (seed {data.seed}), augmentation "
+        f"{'on' if data.augment else 'off'}."),
+        f"- **Training**: {train.epochs} epochs, batch {train.batch_size}, recipe {train.recipe} "
+        f"(lr {train.lr}, weight decay {train.weight_decay}), γmax = {loss.gamma_max} ramped over "
+        f"{loss.ramp_epochs} epochs, seed {train.seed}; {minutes:.1f} min of training on "
+        f"{status.get('device', '?')}"
+        + (f" ({status['cpu_threads']} threads)" if status.get("device") == "cpu"
+           and status.get("cpu_threads") else "") + ".",
+        (f"- **Selected checkpoint**: epoch {metrics.get('epoch', 0) + 1} of {train.epochs} (best "
+        f"test metric, as the paper selects)."),
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in ("test_acc", "test_top5", "test_map", "test_loss", "patches_selected",
+                "max_weight", "train_acc", "images_per_s"):
+        if key in metrics:
+            lines.append(f"| {key} | {metrics[key]:.4f} |")
+    command = status.get("command")
+    if command:
+        lines += ["", "Reproduce (then `python -m engine export NAME --out FILE.pt`):", "",
+                  "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def export_model(run: Run, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (.pt, weights + config + metrics, no optimizer) and its ``.md`` card."""
+    out = Path(out)
+    ckpt = load_checkpoint(run.best_checkpoint)
+    slim = {key: ckpt[key] for key in ("format", "version", "run_config", "model", "metrics",
+                                       "classes") if key in ckpt}
+    atomic_torch_save(slim, out)
+    params = sum(v.numel() for k, v in ckpt["model"].items()
+                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    card = out.with_suffix(".md")
+    card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params))
+    return out, card

@@ -1,0 +1,545 @@
+"""The training loop: one run directory in, checkpoints and metrics out.
+
+Read top to bottom: resolve the config -> load data -> build model and optimizer -> (resume) ->
+epochs of steps -> evaluate -> metrics line -> checkpoints.
+
+Guarantees:
+- Stop (SIGTERM, SIGINT or a ``STOP`` file): the current step finishes, a checkpoint is written,
+  the run is marked ``stopped``. ``resume`` continues the same curves: the same epoch and step,
+  optimizer state, RNG state and ramp-up weight. Batches and augmentation are functions of
+  ``(seed, epoch, step)``, so the resumed run sees the batches the uninterrupted one would have.
+- A kill (SIGKILL, power loss) loses at most the work since the last checkpoint (every epoch,
+  and every ``checkpoint_minutes`` within one). Checkpoints are written atomically.
+- A non-finite loss marks the run ``failed`` with the reason; checkpoints are left untouched.
+- Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (nccl on CUDA, gloo on
+  CPU). Each rank takes a contiguous slice of every global batch, and BatchNorm statistics are
+  per rank, as with the paper's DataParallel. A run with W ranks therefore equals a
+  single-process run with ``micro_batches = W``. Only rank 0 writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Self
+
+import torch
+
+from engine.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    load_state,
+    make_checkpoint,
+)
+from engine.config import ConfigError, RunConfig, config_to_dict
+from engine.data import augment_of, describe, load_split
+from engine.data.base import BatchStream
+from engine.device import autocast, resolve_device
+from engine.losses import Criterion, scaled_ramp_epochs
+from engine.metrics import evaluate, main_metric
+from engine.models import build_model, resolve_config
+from engine.runs import Run, RunError
+
+log = logging.getLogger("engine.train")
+
+RECIPE_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4},
+                   "adam": {"lr": 0.003, "weight_decay": 0.0}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config resolution
+
+
+def prepare_run_config(cfg: RunConfig) -> RunConfig:
+    """Fill in what follows from the data and the backbone, so config.json says exactly what ran.
+
+    The model's classes, channels and input size come from the data set; the loss becomes
+    multi-label for multi-label data; the ramp-up keeps the paper's 80/200 proportion of the run;
+    the recipe's learning rate and weight decay are written out.
+    """
+    info = describe(cfg.data)
+    size = info["input_size"]
+    model = resolve_config(cfg.model.replace(
+        num_classes=info["num_classes"], in_chans=info["in_chans"], input_size=(size, size)))
+    with torch.device("meta"):  # geometry check (no patch fits, ...) without allocating
+        build_model(model)
+    loss = cfg.loss
+    ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
+    loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)
+    recipe = cfg.train.resolved_recipe(model.head)
+    defaults = RECIPE_DEFAULTS[recipe]
+    train = type(cfg.train)(**{
+        **asdict(cfg.train), "recipe": recipe,
+        "lr": cfg.train.lr if cfg.train.lr is not None else defaults["lr"],
+        "weight_decay": (cfg.train.weight_decay if cfg.train.weight_decay is not None
+                         else defaults["weight_decay"])})
+    data = type(cfg.data)(**{**asdict(cfg.data), "input_size": size})
+    return RunConfig(name=cfg.name, model=model, data=data, loss=loss, train=train,
+                     tags=cfg.tags, notes=cfg.notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+def lr_at(epoch: int, cfg) -> float:
+    """Learning rate of an epoch (constant within it) for the resolved recipe of ``cfg``."""
+    peak, epochs = cfg.lr, cfg.epochs
+    if cfg.recipe == "sgd":
+        passed = sum(epoch >= round(m * epochs) for m in cfg.milestones)
+        return peak * cfg.lr_decay ** passed
+    ramp = max(1, round(0.4 * epochs))  # the paper's 80 of 200 epochs
+    if epoch < ramp:
+        return peak * math.exp(-5.0 * (1.0 - epoch / ramp) ** 2)
+    if epoch < round(0.6 * epochs):
+        return peak
+    return peak * (0.1 if epoch < round(0.8 * epochs) else 0.01)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    if cfg.recipe == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+
+
+def set_epoch_hyperparameters(optimizer: torch.optim.Optimizer, epoch: int, cfg) -> float:
+    lr = lr_at(epoch, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if cfg.recipe == "adam":  # β2 0.99 -> 0.999 once the ramp-up is over (paper)
+            group["betas"] = (0.9, 0.999 if epoch >= round(0.4 * cfg.epochs) else 0.99)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: distributed set-up and signals
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag that the loop reads at the end of each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> Self:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a test harness)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and checkpoints
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    """Epoch being trained (0-based)."""
+    step: int = 0
+    """Next step within that epoch."""
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+    """Running sums of the current epoch's training statistics."""
+    epoch_seconds: float = 0.0
+    """Training seconds already spent in the current epoch (before a stop)."""
+    total_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(run: Run, dist: Dist, console: bool) -> list[logging.Handler]:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = []
+    if dist.is_main:
+        handlers.append(logging.FileHandler(run.log_path))
+    if console:
+        handlers.append(_TqdmHandler())
+    for h in handlers:
+        h.setFormatter(fmt)
+        for name in ("engine", "py.warnings"):
+            logging.getLogger(name).addHandler(h)
+    logging.getLogger("engine").setLevel(logging.INFO)
+    return handlers
+
+
+def _teardown_logging(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        for name in ("engine", "py.warnings"):
+            logging.getLogger(name).removeHandler(h)
+        h.close()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
+              console: bool | None = None, dist: Dist | None = None, on_status=None,
+              spawned: bool = False) -> str:
+    """Train (or resume) ``run`` to its end or until stopped. Returns the final state.
+
+    ``console``: also log to stderr (default: with the progress bar); the run's log.txt gets
+    everything regardless. ``on_status(run)`` is called after each status write (the CLI passes
+    the run store's index update).
+    """
+    dist = dist or Dist()
+    handlers = _setup_logging(run, dist, console=progress_bar if console is None else console)
+    status_hook = on_status or (lambda r: None)
+
+    def set_status(**fields):
+        if dist.is_main:
+            run.update_status(**fields)
+            status_hook(run)
+
+    try:
+        if dist.is_main:  # refusals (finished, running, ...) leave the run exactly as it was
+            check_startable(run, resume, spawned)
+    except RunError:
+        _teardown_logging(handlers)
+        raise
+    try:
+        cfg = run.config()
+        set_status(state="running", pid=os.getpid(), reason="", started=time.time())
+        return _train(run, cfg, resume, progress_bar, dist, set_status, spawned)
+    except NonFiniteLoss as exc:
+        log.error("%s", exc)
+        set_status(state="failed", reason=str(exc))
+        return "failed"
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.exception("training failed")
+        set_status(state="failed", reason=f"{exc.__class__.__name__}: {exc}")
+        return "failed"
+    finally:
+        _teardown_logging(handlers)
+
+
+def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
+    """Refuse to start a run that is running, finished (resume) or already started (train).
+
+    ``spawned``: this process was started by :func:`engine.jobs.spawn`, which did the check and
+    marked the run as starting."""
+    raw = run.raw_status()
+    if spawned and raw.get("state") == "running" and raw.get("reason") == "starting":
+        return
+    status = run.status()
+    state = status.get("state")
+    if state == "running":
+        raise RunError(f"run {run.name} is already running (pid {status.get('pid')})")
+    if resume:
+        if state == "finished":
+            raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "
+                           "nothing to resume. Start a new run to train longer.")
+        if state == "created":
+            raise RunError(f"run {run.name} has not started yet; train it instead of resuming")
+    elif state != "created":
+        raise RunError(f"run {run.name} is {state}; use resume to continue it")
+
+
+def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
+           set_status, spawned: bool) -> str:
+    from tqdm import tqdm
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(tc.seed)
+
+    train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    if train_set.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"the data set has {train_set.num_classes} classes but the run's model "
+                          f"has num_classes={cfg.model.num_classes}")
+    model = build_model(cfg.model).to(device)
+    if cuda and tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tc)
+    criterion = Criterion(cfg.loss, model.regularised)
+    metric_name = main_metric(cfg.loss.multilabel)
+
+    progress = Progress()
+    if resume and run.last_checkpoint.is_file():
+        ckpt = load_checkpoint(run.last_checkpoint)
+        load_state(model, ckpt, run.last_checkpoint)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        progress = Progress(**ckpt["progress"])
+        _restore_rng(ckpt["rng"], device)
+        log.info("resumed %s at epoch %d step %d", run.name, progress.epoch, progress.step)
+    elif resume:
+        log.info("no checkpoint yet: %s restarts from the beginning", run.name)
+    if dist.is_main:
+        run.keep_metrics_before(progress.epoch)
+        if not spawned:  # a stale request; engine.jobs clears it before starting a process
+            run.stop_path.unlink(missing_ok=True)
+
+    net = model
+    if dist.world > 1:
+        # 1x1-conv gradients have equivalent but differently written strides; nothing to fix.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None)
+    if tc.compile:
+        net = torch.compile(net)
+
+    keep = tc.data_on_device
+    if keep is None:
+        keep = cuda and train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
+    images = train_set.images.to(device) if keep else None
+    targets = train_set.targets.to(device) if keep else None
+    test_images = test_set.images.to(device) if keep else None
+    augment = augment_of(cfg.data)
+    amp = tc.amp and cuda
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("run %s: %s/%s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
+             run.name, cfg.model.backbone, cfg.model.head, n_params / 1e6, device,
+             cfg.data.dataset, len(train_set), len(test_set), tc.epochs)
+    set_status(epochs=tc.epochs, epochs_done=progress.epoch, metric_name=metric_name,
+               device=str(device), params=n_params, world=dist.world,
+               train_images=len(train_set), test_images=len(test_set),
+               cpu_threads=torch.get_num_threads())
+
+    last_checkpoint_time = time.monotonic()
+
+    def save_last():
+        if dist.is_main:
+            atomic_torch_save(make_checkpoint(
+                config_to_dict(cfg), model, optimizer=optimizer.state_dict(),
+                progress=progress.as_dict(), rng=_rng_state(device),
+                classes=train_set.classes), run.last_checkpoint)
+
+    with StopSignal() as stop:
+        for epoch in range(progress.epoch, tc.epochs):
+            lr = set_epoch_hyperparameters(optimizer, epoch, tc)
+            patch_weight = criterion.patch_weight(epoch)
+            stream = BatchStream(train_set, tc.batch_size, device, augment=augment, shuffle=True,
+                                 seed=tc.seed, epoch=epoch, start_step=progress.step,
+                                 rank=dist.rank, world=dist.world, images=images,
+                                 targets=targets)
+            net.train()
+            sums = {k: torch.tensor(v, device=device) for k, v in progress.sums.items()} or {
+                k: torch.zeros((), device=device)
+                for k in ("loss", "image", "patch", "correct", "seen")}
+            bar = tqdm(total=len(stream), initial=progress.step, desc=f"epoch {epoch + 1}/"
+                       f"{tc.epochs}", disable=not (progress_bar and dist.is_main), leave=False,
+                       dynamic_ncols=True)
+            resumed_seconds = progress.epoch_seconds  # time spent in this epoch before a resume
+            started = time.monotonic() - resumed_seconds
+            last_status = 0.0
+            for x, y, _ in stream:
+                if cuda and tc.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                terms = _step(net, model, optimizer, criterion, x, y, epoch, tc.micro_batches,
+                              amp, device, dist)
+                bad, wants_stop = _agree_flags(terms, stop.requested or (
+                    dist.is_main and run.stop_requested()), device, dist)
+                if bad:
+                    raise NonFiniteLoss(
+                        f"loss became non-finite at epoch {epoch} step {progress.step} "
+                        f"(lr {lr:g}); checkpoints are untouched. Try a lower lr or fp32.")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _accumulate(sums, terms, y, cfg.loss.multilabel)
+                progress.step += 1
+                bar.update(1)
+                now = time.monotonic()
+                if now - last_status > 1.0:
+                    last_status = now
+                    elapsed = now - started
+                    done = progress.step - stream.start_step
+                    rate = done * tc.batch_size / max(elapsed - resumed_seconds, 1e-9)
+                    remaining = (len(stream) - progress.step
+                                 + (tc.epochs - epoch - 1) * len(stream)) * tc.batch_size
+                    bar.set_postfix(loss=f"{terms['loss'].item() / y.shape[0]:.3f}")
+                    set_status(epoch=epoch, step=progress.step, steps=len(stream),
+                               images_per_s=rate, eta_s=remaining / max(rate, 1e-9))
+                periodic = (now - last_checkpoint_time > 60 * tc.checkpoint_minutes
+                            and progress.step < len(stream))  # the epoch's end saves anyway
+                if wants_stop or periodic:
+                    progress.sums = {k: v.item() for k, v in sums.items()}
+                    progress.epoch_seconds = now - started
+                    save_last()
+                    last_checkpoint_time = now
+                    if wants_stop:
+                        bar.close()
+                        progress.total_seconds += progress.epoch_seconds
+                        log.info("stopped at epoch %d step %d; checkpoint saved", epoch,
+                                 progress.step)
+                        set_status(state="stopped", reason="stopped on request",
+                                   duration_s=progress.total_seconds)
+                        if dist.is_main:
+                            run.stop_path.unlink(missing_ok=True)
+                        return "stopped"
+            bar.close()
+            epoch_seconds = time.monotonic() - started
+            _reduce_sums(sums, dist)
+            row = _epoch_row(epoch, sums, lr, patch_weight, epoch_seconds, cfg.loss.multilabel)
+            if dist.is_main:
+                row.update(evaluate(model, test_set, device, amp=amp, images=test_images))
+            _barrier(dist)
+            progress.total_seconds += epoch_seconds
+            progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
+            progress.epoch_seconds = 0.0
+            improved = False
+            if dist.is_main:
+                value = row.get(metric_name)
+                improved = value is not None and not math.isnan(value) and (
+                    progress.best_metric is None or value > progress.best_metric)
+                if improved:
+                    progress.best_metric, progress.best_epoch = value, epoch
+                row["time"] = time.time()
+                run.append_metrics(row)
+                save_last()
+                if improved:
+                    atomic_torch_save(make_checkpoint(
+                        config_to_dict(cfg), model, progress=progress.as_dict(), metrics=row,
+                        classes=train_set.classes), run.best_checkpoint)
+                last_checkpoint_time = time.monotonic()
+                log.info("epoch %d/%d  loss %.4f  %s %.4f  (best %.4f @ %d)  %.1fs  %.0f img/s",
+                         epoch + 1, tc.epochs, row["train_loss"], metric_name,
+                         row.get(metric_name, float("nan")), progress.best_metric or float("nan"),
+                         (progress.best_epoch or 0) + 1, epoch_seconds, row["images_per_s"])
+                set_status(epochs_done=epoch + 1, best_metric=progress.best_metric,
+                           best_epoch=progress.best_epoch, last_metric=row.get(metric_name),
+                           duration_s=progress.total_seconds, step=0)
+    set_status(state="finished", reason="", duration_s=progress.total_seconds, eta_s=0.0)
+    return "finished"
+
+
+def _step(net, model, optimizer, criterion, x, y, epoch, micro_batches, amp, device, dist
+          ) -> dict[str, torch.Tensor]:
+    """Forward + backward of one global batch (split into micro-batches); returns loss sums."""
+    chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device), micro_batches)
+    chunks = [c for c in chunks if len(c)]
+    totals = {"loss": 0.0, "image": 0.0, "patch": 0.0}
+    logits = []
+    for i, chunk in enumerate(chunks):
+        sync = i == len(chunks) - 1 or dist.world == 1
+        ctx = contextlib.nullcontext() if sync else net.no_sync()
+        with ctx:
+            with autocast(device, amp):
+                out = net(x[chunk])
+            terms = criterion(out, y[chunk], epoch)
+            # Equal weight per micro-batch, exactly as DDP averages per-rank gradients.
+            (terms.total / len(chunks)).backward()
+        n = len(chunk)
+        totals = {"loss": totals["loss"] + terms.total.detach() * n,
+                  "image": totals["image"] + terms.image.detach() * n,
+                  "patch": totals["patch"] + terms.patch.detach() * n}
+        logits.append(out.logits.detach())
+    totals["logits"] = torch.cat(logits)
+    return totals
+
+
+def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
+    flags = torch.stack([(~torch.isfinite(terms["loss"])).float(),
+                         torch.tensor(float(stop), device=device)])
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+    bad, wants_stop = flags.tolist()
+    return bool(bad), bool(wants_stop)
+
+
+def _accumulate(sums, terms, y, multilabel: bool) -> None:
+    sums["loss"] += terms["loss"]
+    sums["image"] += terms["image"]
+    sums["patch"] += terms["patch"]
+    sums["seen"] += y.shape[0]
+    if not multilabel:
+        sums["correct"] += (terms["logits"].argmax(1) == y).sum()
+
+
+def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel) -> dict:
+    seen = max(sums["seen"].item(), 1.0)
+    row = {"epoch": epoch, "lr": lr, "patch_weight": patch_weight,
+           "train_loss": sums["loss"].item() / seen, "train_image_loss": sums["image"].item() / seen,
+           "train_patch_loss": sums["patch"].item() / seen, "epoch_s": seconds,
+           "images_per_s": seen / max(seconds, 1e-9)}
+    if not multilabel:
+        row["train_acc"] = sums["correct"].item() / seen
+    return row
+
+
+def _reduce_sums(sums: dict[str, torch.Tensor], dist: Dist) -> None:
+    """Epoch statistics over all ranks (each rank saw its slice of every batch)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        for value in sums.values():
+            tdist.all_reduce(value)
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()

@@ -13,6 +13,7 @@ single process.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ class BatchStream:
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
+        return math.ceil(len(self.data) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for step in range(self.start_step, len(self)):

@@ -34,7 +34,7 @@ def _sources(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images = (digits.images / 16.0).astype(np.float32)
     targets = digits.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(images))
-    n_test = int(round(len(images) * TEST_SOURCE_FRACTION))
+    n_test = round(len(images) * TEST_SOURCE_FRACTION)
     test, train = order[:n_test], order[n_test:]
     return {"train": (images[train], targets[train]), "test": (images[test], targets[test])}
 

@@ -129,8 +129,9 @@ def _decode_all(paths: list[Path], size: int, policy: str, what: str) -> tuple[
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR batches are pickles; refuse anything but the numpy types they are made of."""
 
-    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    allowed = frozenset({("numpy.core.multiarray", "_reconstruct"),
+                         ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                         ("numpy", "dtype"), ("_codecs", "encode")})
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.allowed:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +124,8 @@ def _load_cached(path: Path) -> ImageSet | None:
         return None
     try:
         return ImageSet.from_state(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as exc:  # a damaged cache file is rebuilt, never trusted
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as exc:  # rebuilt, never trusted
         log.warning("ignoring unreadable cache %s (%s)", path, exc)
         return None
 
@@ -348,7 +351,7 @@ def _read_folder(cfg, folder, split, size):
         classes, files = readers.list_class_folder(folder)
         gen = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(files), generator=gen).tolist()
-        cut = max(1, int(round(0.8 * len(files))))
+        cut = max(1, round(0.8 * len(files)))
         chosen = sorted(order[:cut] if split == "train" else order[cut:])
         files = [files[i] for i in chosen]
         if not files:

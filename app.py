@@ -1,14 +1,43 @@
 """Loss-Attention Studio: ``streamlit run app.py``.
 
-The router: every page is registered here with ``st.navigation``; pages live in ``pages/`` and
-stay thin (they call ``engine``).
+The router: every page is registered here with ``st.navigation``. Pages live in ``pages/`` and
+stay thin (they call ``engine`` and ``ui``). The sidebar parts every page shares (the model to
+explain, the device, the run folder) are drawn here, once.
 """
 
 import streamlit as st
 
+from ui.state import device_badge, guard, model_picker, store
+
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 
-navigation = st.navigation([
-    st.Page("pages/home.py", title="Home", default=True),
-])
+PAGES = {
+    "Explore": [
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/explorer.py", title="Patch Explorer", icon=":material/grid_on:",
+                url_path="explorer"),
+        st.Page("pages/compare.py", title="Compare maps", icon=":material/compare:",
+                url_path="compare"),
+        st.Page("pages/curves.py", title="Curves", icon=":material/show_chart:",
+                url_path="curves"),
+    ],
+    "Train": [
+        st.Page("pages/train.py", title="Train", icon=":material/play_circle:", url_path="train"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs"),
+        st.Page("pages/sweep.py", title="Sweep", icon=":material/grid_view:", url_path="sweep"),
+        st.Page("pages/stride.py", title="Stride / time", icon=":material/timer:",
+                url_path="stride"),
+    ],
+    "More methods": [
+        st.Page("pages/mil.py", title="MIL", icon=":material/inventory_2:", url_path="mil"),
+        st.Page("pages/transfer.py", title="Mutual transfer", icon=":material/sync_alt:",
+                url_path="transfer"),
+    ],
+}
+
+navigation = st.navigation(PAGES)
+with st.sidebar, guard("The sidebar"):
+    model_picker()
 navigation.run()
+# After the page, so that the page never waits for torch to import just for this line.
+st.sidebar.caption(f"{device_badge()} · runs in `{store().root}`")

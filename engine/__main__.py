@@ -7,8 +7,11 @@
   resume NAME                 continue a stopped or killed run from its last checkpoint
   runs [list|show|stop|delete|reindex]
   export NAME --out F.pt      a run's best model as a small checkpoint with a model card
+  evaluate RUN_OR_CHECKPOINT  every metric, JSON + CSV report (--xi-grid, --faithfulness-images)
+  sweep --grid a.b=1,2 ...    train a grid of runs (γmax x ξ by default) and tabulate it
   bench                       forward+backward images/s and peak memory per model
   bench-train                 loader-only vs model-only vs full training step images/s
+  mil --dataset D --method M  MIL 5 x 10-fold CV; results table beside the AAAI paper's
 """
 
 from __future__ import annotations
@@ -201,6 +204,94 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers; got {text!r}") from None
+
+
+def load_source(source: str, runs_dir: str | None):
+    """A checkpoint file, or a run name (its best checkpoint). Returns (model, ckpt, out_dir)."""
+    from engine.checkpoint import load_model
+
+    path = Path(source)
+    if path.suffix == ".pt" or path.is_file():
+        model, ckpt = load_model(path)
+        return model, ckpt, Path(f"eval-{path.stem}")
+    run = _store(argparse.Namespace(runs_dir=runs_dir)).get(source)
+    best = run.best_checkpoint if run.best_checkpoint.is_file() else run.last_checkpoint
+    model, ckpt = load_model(best)
+    return model, ckpt, run.path / "eval"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from engine.config import DataConfig, config_from_dict
+    from engine.data import load_split
+    from engine.device import resolve_device
+    from engine.evaluate import EvaluationError, evaluate_model, format_summary, write_report
+
+    device = resolve_device(args.device)
+    model, ckpt, out_dir = load_source(args.source, args.runs_dir)
+    data_fields = dict(ckpt["run_config"].get("data", {}))
+    for flag, key in (("dataset", "dataset"), ("data_root", "root"), ("test_size", "test_size")):
+        if getattr(args, flag) is not None:
+            data_fields[key] = getattr(args, flag)
+    for item in args.set or []:
+        path, sep, value = item.partition("=")
+        if not sep or not path.startswith("data."):
+            raise ValueError(f"evaluate --set takes data.FIELD=VALUE; got {item!r}")
+        data_fields[path[5:]] = _parse_value(value)
+    data = load_split(config_from_dict(DataConfig, data_fields), args.split)
+    if data.num_classes != model.config.num_classes:
+        raise EvaluationError(f"the model predicts {model.config.num_classes} classes but "
+                              f"{data.name} has {data.num_classes}")
+    xi_grid = _parse_floats(args.xi_grid, "--xi-grid") if args.xi_grid else None
+    report = evaluate_model(model.to(device), data, device, xi_grid=xi_grid,
+                            groups=args.metrics, faithfulness_images=args.faithfulness_images)
+    report["source"] = str(args.source)
+    paths = write_report(report, args.out or out_dir)
+    print(format_summary(report))
+    if "faithfulness" in report:
+        for method, row in report["faithfulness"]["methods"].items():
+            print(f"  {method:15s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    print("collect {:.1f}s, metrics {:.2f}s per ξ; wrote {}".format(
+        report["timing"]["collect_s"], max(report["timing"]["metrics_s_per_xi"]),
+        ", ".join(str(p) for p in paths)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.device import resolve_device
+    from engine.sweep import (
+        DEFAULT_GRID,
+        format_sweep,
+        parse_grid,
+        run_sweep,
+        sweep_configs,
+        sweep_report,
+        write_manifest,
+    )
+
+    store = _store(args)
+    if not args.report_only:
+        grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+        configs = sweep_configs(build_run_config(args), grid, args.sweep_name)
+        parallel = args.parallel
+        if parallel == "auto":
+            parallel = max(1, torch.cuda.device_count())
+        print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
+        write_manifest(store, args.sweep_name, grid)
+        run_sweep(store, configs, int(parallel), progress_bar=not args.quiet,
+                  log=lambda m: print(m, file=sys.stderr))
+    report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+    print(format_sweep(report))
+    print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine import jobs
     from engine.train import train_run
@@ -253,14 +344,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench_one,
         format_table,
         modes_for,
+        parse_stride_plans,
         results_as_dicts,
     )
     from engine.config import ModelConfig
     from engine.device import resolve_device
 
     device = resolve_device(args.device)
+    plans = parse_stride_plans(args.stride_plans) if args.stride_plans else [None]
     configs = [ModelConfig(backbone=b, head=h, num_classes=args.num_classes,
-                           input_size=args.input_size) for b, h in _model_list(args.models)]
+                           input_size=args.input_size, stride_plan=plan)
+               for b, h in _model_list(args.models) for plan in plans]
     run = bench_one if args.no_isolate else bench_isolated
     results = []
     for cfg in configs:
@@ -288,6 +382,29 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_mil(args: argparse.Namespace) -> int:
+    """Cross-validate MIL methods on MIL data sets and write the results table (issue #6)."""
+    import dataclasses
+
+    from engine.mil.experiment import parse_datasets, parse_methods, run_experiment
+    from engine.mil.protocol import MilConfig
+
+    fields = {f.name for f in dataclasses.fields(MilConfig)} - {"method"}
+    values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    if "hidden" in values:
+        try:
+            values["hidden"] = tuple(int(v) for v in values["hidden"].split(","))
+        except ValueError:
+            raise ValueError(f"--hidden must be comma-separated ints; got {args.hidden!r}") from None
+    methods = parse_methods(args.method)
+    config = MilConfig(method=methods[0], **values)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    run_experiment(parse_datasets(args.dataset), methods, config, args.out, args.data_root,
+                   args.threads, log)
+    print((Path(args.out) / "results.md").read_text())
     return 0
 
 
@@ -338,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", parents=[runs_dir], help="train a grid of runs and tabulate")
+    _add_train_flags(p)
+    p.add_argument("--grid", action="append", metavar="SECTION.FIELD=V1,V2",
+                   help="a grid axis (repeatable); default: loss.gamma_max=0,0.1 and "
+                        "model.xi=0,0.1 (the paper's Table VI)")
+    p.add_argument("--sweep-name", default="sweep", help="names and tags the runs")
+    p.add_argument("--parallel", default="1",
+                   help="processes at once (auto: one per visible GPU)")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the table")
+    p.add_argument("--device-eval", default="auto", help="device for the report's evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("resume", parents=[runs_dir, quiet], help="continue a stopped run")
     p.add_argument("name")
     p.set_defaults(func=cmd_resume)
@@ -352,11 +482,47 @@ def build_parser() -> argparse.ArgumentParser:
         if action not in ("list", "reindex"):
             a.add_argument("name")
 
+    p = sub.add_parser("evaluate", parents=[runs_dir],
+                       help="image, patch, localization and faithfulness metrics of a model")
+    p.add_argument("source", help="a checkpoint .pt file, or a run name (its best checkpoint)")
+    p.add_argument("--dataset", help="evaluate on another registered data set")
+    p.add_argument("--data-root")
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--set", action="append", metavar="data.FIELD=VALUE")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--xi-grid", help="comma-separated ξ values, e.g. 0,0.1,0.2,...,1")
+    p.add_argument("--metrics", default="auto",
+                   help="auto, or a comma list of image,patch,localization,faithfulness")
+    p.add_argument("--faithfulness-images", type=int, default=0,
+                   help="also measure faithfulness on this many images (e.g. 200)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="report folder (default: the run's eval/ or ./eval-NAME)")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("export", parents=[runs_dir],
                        help="write a run's best model as a small checkpoint + model card")
     p.add_argument("name")
     p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("mil", help="multiple-instance learning: repeated k-fold CV, results table")
+    p.add_argument("--dataset", default="digit_bags",
+                   help="all (the five benchmarks), or a comma list of musk1, musk2, fox, tiger, "
+                        "elephant, digit_bags, a miproblems folder or a CSV file")
+    p.add_argument("--method", default="loss_attention",
+                   help="comma list of loss_attention, attention, gated_attention, mean, "
+                        "tip_threshold")
+    p.add_argument("--out", default="results/mil", help="results folder (merged into)")
+    p.add_argument("--data-root", help="folder holding mil/<set>/ (default $LOSSATTN_DATA)")
+    for flag, kind in (("folds", int), ("repeats", int), ("seed", int), ("epochs", int),
+                       ("patience", int), ("lr", float), ("weight_decay", float),
+                       ("dropout", float), ("lam", float), ("xi", float), ("hidden", str),
+                       ("batch_bags", int), ("val_fraction", float), ("select", str),
+                       ("parallel_folds", int)):
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help="see engine.mil.MilConfig")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: up to 4)")
+    p.add_argument("--quiet", action="store_true", help="no per-pair log lines")
+    p.set_defaults(func=cmd_mil)
 
     p = sub.add_parser("bench", help="forward+backward images/s and peak memory per model")
     p.add_argument("--models", default=DEFAULT_BENCH_MODELS,
@@ -370,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--compare-fp32", action="store_true",
                    help="on CUDA, also measure plain fp32 eager in the same run")
+    p.add_argument("--stride-plans", help="measure each model at these stride plans, e.g. "
+                   "'1,2,1;2,2,1' (the backbone's per-stage strides)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure every row in this process (faster; memory figures then include "

@@ -137,7 +137,8 @@ def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: in
     else:
         peak, kind = rss.peak - rss.base, "process RSS increase"
     step = statistics.median(times)
-    name = f"{cfg.backbone}/{cfg.head}"
+    name = f"{cfg.backbone}/{cfg.head}" + (
+        f" stride {','.join(map(str, cfg.stride_plan))}" if cfg.stride_plan else "")
     result = BenchResult(name, mode.name, str(device), batch, cfg.input_size,
                          count_parameters(model), batch / step, step * 1000, peak / 2**20, kind)
     del model, run, out, loss
@@ -236,3 +237,43 @@ def bench_training(data_cfg, model_cfg: ModelConfig, device: torch.device, batch
         "model_images_per_s": _timed_images_per_s(steps, batch, model_step, device),
         "train_step_images_per_s": _timed_images_per_s(steps, batch, full_step, device),
     }
+
+
+def parse_stride_plans(text: str) -> list[tuple[int, ...]]:
+    """``"1,2,1; 2,2,1"`` (or one plan per line) -> [(1, 2, 1), (2, 2, 1)]."""
+    plans = []
+    for part in text.replace("\n", ";").split(";"):
+        if not part.strip():
+            continue
+        try:
+            plan = tuple(int(v) for v in part.replace(" ", "").split(",") if v)
+        except ValueError:
+            raise ValueError(f"a stride plan is comma-separated integers; got {part.strip()!r}"
+                             ) from None
+        if not plan or min(plan) < 1:
+            raise ValueError(f"a stride plan needs positive integers; got {part.strip()!r}")
+        plans.append(plan)
+    if not plans:
+        raise ValueError("give at least one stride plan, e.g. 1,2,1")
+    return plans
+
+
+def stride_summary(runs) -> list[dict]:
+    """Per run of a stride sweep: its plan, best test accuracy (or mAP), median seconds per
+    epoch and peak memory, from the run's own metrics (Table VII, measured here)."""
+    rows = []
+    for run in runs:
+        metrics = run.metrics()
+        if not metrics:
+            continue
+        cfg = run.config_dict()
+        plan = cfg["model"].get("stride_plan")
+        scores = [m.get("test_acc", m.get("test_map")) for m in metrics]
+        scores = [v for v in scores if v is not None]
+        memory = [m["peak_memory_mb"] for m in metrics if m.get("peak_memory_mb") is not None]
+        rows.append({"run": run.name, "plan": ",".join(map(str, plan)) if plan else "default",
+                     "accuracy": max(scores) if scores else None,
+                     "epoch_s": statistics.median(m["epoch_s"] for m in metrics),
+                     "memory_mb": max(memory) if memory else None,
+                     "epochs": len(metrics), "state": run.status().get("state")})
+    return rows

@@ -8,6 +8,7 @@ before the trainer's logging starts is still on record.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTING = "starting"
 
 
-def spawn(store: RunStore, run: Run, *, resume: bool = False) -> int:
-    """Start the trainer for ``run`` in the background; returns its pid."""
+def spawn(store: RunStore, run: Run, *, resume: bool = False,
+          env: dict[str, str] | None = None) -> int:
+    """Start the trainer for ``run`` in the background; returns its pid. ``env`` adds to the
+    environment (e.g. ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
     from engine.train import check_startable
 
     check_startable(run, resume)  # refuse here, where the caller can show the message
@@ -33,11 +36,41 @@ def spawn(store: RunStore, run: Run, *, resume: bool = False) -> int:
     run.update_status(state="running", reason=STARTING, pid=None, launched=time.time())
     with open(run.path / "process.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=PROJECT_ROOT, start_new_session=True)
+                                cwd=PROJECT_ROOT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     if run.raw_status().get("reason") == STARTING:
         run.update_status(pid=proc.pid)
     store.index(run)
     return proc.pid
+
+
+def spawn_cli(args: list[str], folder: Path, **info) -> int:
+    """Start ``python -m engine <args>`` in the background for work that is not a training run
+    (a sweep, a benchmark). Its output goes to ``folder/process.log`` and its pid (plus
+    ``info``) to ``folder/process.json``, for :func:`cli_process` to read."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "process.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=PROJECT_ROOT, start_new_session=True)
+    (folder / "process.json").write_text(json.dumps({"pid": proc.pid, "started": time.time(),
+                                                     **info}))
+    return proc.pid
+
+
+def cli_process(folder: Path) -> dict:
+    """What :func:`spawn_cli` recorded, with ``alive``; {} if nothing was started there."""
+    import json
+
+    from engine.runs import pid_alive
+
+    try:
+        info = json.loads((folder / "process.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {**info, "alive": pid_alive(info.get("pid"))}
 
 
 def launch(store: RunStore, config: RunConfig) -> Run:

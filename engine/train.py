@@ -41,7 +41,7 @@ from engine.checkpoint import (
 from engine.config import ConfigError, RunConfig, config_to_dict
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream
-from engine.device import autocast, resolve_device
+from engine.device import autocast, peak_memory_mb, resolve_device
 from engine.losses import Criterion, scaled_ramp_epochs
 from engine.metrics import evaluate, main_metric
 from engine.models import build_model, resolve_config
@@ -441,6 +441,7 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
             epoch_seconds = time.monotonic() - started
             _reduce_sums(sums, dist)
             row = _epoch_row(epoch, sums, lr, patch_weight, epoch_seconds, cfg.loss.multilabel)
+            row["peak_memory_mb"] = peak_memory_mb(device)
             if dist.is_main:
                 row.update(evaluate(model, test_set, device, amp=amp, images=test_images))
             _barrier(dist)

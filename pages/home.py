@@ -1,8 +1,10 @@
-"""Home: what Loss-Attention is, and which models the engine can build."""
+"""Home: what Loss-Attention is, the key equations, the shipped model's card, one click on."""
+
+from pathlib import Path
 
 import streamlit as st
 
-from engine.models import backbone_descriptions, head_spec, list_heads
+from ui.state import SHIPPED_DIR, guard
 
 st.title("Loss-Attention Studio")
 st.markdown(
@@ -16,15 +18,29 @@ st.latex(r"O_m = W h_m + b,\qquad \hat a_m = \frac{\lVert O_m\rVert_2}{\sum_j \l
          r"\qquad \alpha_m = \frac{\max(\hat a_m - \xi/M,\,0)}{\sum_j \max(\hat a_j - \xi/M,\,0)}")
 st.latex(r"z = \sum_m \alpha_m O_m,\qquad L = \mathrm{CE}(z, y) + w(\tau)\sum_m \alpha_m\,"
          r"\mathrm{CE}(O_m, y),\quad w(\tau) = \gamma_{\max} e^{-5(1-\tau/80)^2}")
+st.caption("M patches, ξ ∈ [0, 1] the threshold (ξ = 0 keeps every patch, ξ = 1 keeps the "
+           "above-average ones), τ the epoch, w(τ) the Gaussian ramp-up of the patch loss.")
+
+if st.button("Open the Patch Explorer on the shipped model", type="primary", key="home_go"):
+    st.switch_page("pages/explorer.py")
+
+with guard("The model card"):
+    cards = sorted(Path(SHIPPED_DIR).glob("*.md"))
+    cards = [c for c in cards if c.name.lower() != "readme.md"]
+    if cards:
+        with st.expander(f"Model card: {cards[0].stem}", expanded=True):
+            st.markdown(cards[0].read_text())
+
+# Last: the model registry imports torch, and everything above is already on the screen.
+from engine.models import backbone_descriptions, head_spec, list_heads
 
 left, right = st.columns(2)
 with left:
     st.subheader("Backbones")
-    st.table({"backbone": list(backbone_descriptions()),
-              "description": list(backbone_descriptions().values())})
+    st.dataframe({"backbone": list(backbone_descriptions()),
+                  "description": list(backbone_descriptions().values())}, hide_index=True)
 with right:
     st.subheader("Heads")
-    st.table({"head": list_heads(), "description": [head_spec(h).description
-                                                    for h in list_heads()]})
-st.info("Training, the patch explorer and the other pages arrive with the next releases. "
-        "Meanwhile the engine is scriptable: `python -m engine models`, `python -m engine bench`.")
+    st.dataframe({"head": list_heads(),
+                  "description": [head_spec(h).description for h in list_heads()]},
+                 hide_index=True)

@@ -1,17 +1,216 @@
-"""The app starts and its home page renders without an exception."""
+"""Every page under AppTest: no exception, no error in normal use, and the key widgets change
+what is shown. Runs go to a temporary run store (LOSSATTN_RUNS)."""
 
+import re
+import time
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+from engine import jobs
+from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from engine.runs import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TINY = {"tr_train_size": 64, "tr_test_size": 32, "tr_epochs": 1, "tr_batch": 32}
 
 
-def test_home_renders():
-    at = AppTest.from_file(APP, default_timeout=60)
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("LOSSATTN_RUNS", str(root))
+    return root
+
+
+def open_page(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
     at.run()
-    assert not at.exception
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def tiny_run(root: Path, name: str, **model) -> str:
+    store = RunStore(root)
+    config = RunConfig(name=name, model=ModelConfig(backbone="small_cnn", **model),
+                       data=DataConfig(train_size=64, test_size=32),
+                       train=TrainConfig(epochs=1, batch_size=32))
+    run = jobs.launch(store, config)
+    assert jobs.wait(run, timeout=120)["state"] == "finished"
+    return name
+
+
+def test_home(runs_root):
+    at = open_page()
     assert at.title[0].value == "Loss-Attention Studio"
     assert len(at.latex) >= 2
-    tables = " ".join(str(t.value) for t in at.table)
-    assert "loss_attention" in tables and "resnet18" in tables
+    assert any("digits_small_cnn_la" in e.label for e in at.expander)  # the model card
+    assert any("test_acc" in m.value for m in at.markdown)
+    assert at.sidebar.selectbox[0].value == "shipped: digits_small_cnn_la"
+    at.button(key="home_go").click().run()
+    assert at.title[0].value == "Patch Explorer" and not at.exception
+
+
+def test_patch_explorer_slider_filters_and_state(runs_root):
+    at = open_page("explorer")
+    assert not errors(at)
+
+    def selected_text():
+        return next(m.value for m in at.markdown if "patches selected" in m.value)
+
+    def matches():
+        return next(n.label for n in at.number_input if n.label.startswith("Image ("))
+
+    before = selected_text()
+    at.slider(key="w_xi").set_value(0.0).run()
+    assert not at.exception and selected_text() != before
+    assert re.match(r"\*\*(\d+)\*\* of \1 patches", selected_text())  # ξ = 0 keeps them all
+    everything = matches()
+    at.selectbox(key="w_ex_outcome").set_value("incorrect").run()
+    assert matches() != everything
+    at.selectbox(key="w_ex_outcome").set_value("all").run()
+    at.selectbox(key="w_ex_true").set_value("7").run()
+    assert "7" in at.caption[-1].value or any("True: 7" in c.value for c in at.caption)
+    at.selectbox(key="w_ex_class").set_value("3").run()
+    assert any("logit (3)" in str(df.value.columns.tolist()) for df in at.dataframe)
+    at.radio(key="w_ex_scaling").set_value("rank").run()
+    assert not at.exception and not errors(at)
+    # A page change drops widget keys; the choices come back.
+    at.switch_page("pages/home.py").run()
+    at.switch_page("pages/explorer.py").run()
+    assert at.slider(key="w_xi").value == 0.0
+    assert at.radio(key="w_ex_scaling").value == "rank"
+    assert at.selectbox(key="w_ex_true").value == "7"
+
+
+def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
+    at = open_page("train", **TINY)
+    assert any("No runs yet" in i.value for i in at.info)
+    at.text_input(key="w_tr_name").set_value("../escape").run()
+    at.button(key="tr_launch").click().run()
+    assert not at.exception and errors(at) and "name" in errors(at)[0]
+    at.text_input(key="w_tr_name").set_value("ui-run").run()
+    at.button(key="tr_launch").click().run()
+    assert not at.exception and not errors(at)
+    assert any("ui-run started" in s.value for s in at.success)
+    run = RunStore(runs_root).get("ui-run")
+    assert jobs.wait(run, timeout=120)["state"] == "finished"
+    at.run()
+    assert at.selectbox(key="w_tr_watch").value == "ui-run"
+    assert any("finished" in p.proto.text for p in at.get("progress"))
+    assert at.button(key="tr_resume").disabled and at.button(key="tr_stop").disabled
+
+
+def test_train_page_shows_a_crashed_run(runs_root):
+    store = RunStore(runs_root)
+    run = store.create(RunConfig(name="broken", model=ModelConfig(backbone="small_cnn"),
+                                 data=DataConfig(train_size=64, test_size=32)))
+    run.update_status(state="failed", reason="NaN loss at epoch 3")
+    at = open_page("train")
+    assert any("NaN loss at epoch 3" in e for e in errors(at))
+    assert not at.button(key="tr_resume").disabled
+
+
+def test_runs_page_compares_and_deletes(runs_root):
+    tiny_run(runs_root, "r-la")
+    tiny_run(runs_root, "r-mean", head="mean")
+    at = open_page("runs")
+    assert not errors(at)
+    table = at.dataframe[0].value
+    assert set(table["name"]) == {"r-la", "r-mean"}
+    at.multiselect(key="w_runs_chosen").set_value(["r-la", "r-mean"]).run()
+    diff = at.dataframe[1].value
+    assert "model.head" in set(diff["field"])
+    at.text_input(key="w_runs_filter").set_value("mean").run()
+    assert list(at.dataframe[0].value["name"]) == ["r-mean"]
+    at.text_input(key="w_runs_filter").set_value("").run()
+    at.multiselect(key="runs_delete_pick").set_value(["r-mean"]).run()
+    at.checkbox(key="runs_delete_ok").check().run()
+    at.button(key="runs_delete").click().run()
+    assert not at.exception
+    assert RunStore(runs_root).names() == ["r-la"]
+    assert list(at.dataframe[0].value["name"]) == ["r-la"]
+
+
+def test_explorer_survives_a_deleted_model(runs_root):
+    name = tiny_run(runs_root, "gone")
+    at = open_page("explorer", model_source=f"run: {name}")
+    assert "(32 test images)" in at.caption[0].value   # the run's model and its test set
+    RunStore(runs_root).delete(name)
+    at.run()
+    assert not at.exception and not errors(at)     # falls back to the shipped model
+    assert at.session_state["model_source"] == "shipped: digits_small_cnn_la"
+    assert "(1000 test images)" in at.caption[0].value
+
+
+def test_sweep_page_launches_and_draws_heat_maps(runs_root):
+    state = {"sw_train_size": 64, "sw_test_size": 32, "sw_epochs": 1, "sw_batch": 32,
+             "sw_gammas": "0, 0.1", "sw_xis": "0.1", "sw_name": "tiny"}
+    at = open_page("sweep", **state)
+    at.text_input(key="w_sw_gammas").set_value("0, x").run()
+    at.button(key="sw_launch").click().run()
+    assert errors(at) and not at.exception
+    at.text_input(key="w_sw_gammas").set_value("0, 0.1").run()
+    at.button(key="sw_launch").click().run()
+    assert not errors(at), errors(at)
+    store = RunStore(runs_root)
+    deadline = time.time() + 180
+    from engine.sweep import sweep_process_alive
+
+    while sweep_process_alive(store, "tiny") and time.time() < deadline:
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception and not errors(at)
+    assert "2/2 runs finished" in at.get("progress")[0].proto.text
+    charts = [c for c in at.get("plotly_chart")]
+    assert len(charts) >= 4  # accuracy and patch precision / recall / F
+    table = at.dataframe[-1].value
+    assert sorted(table["loss.gamma_max"]) == [0, 0.1]
+
+
+def test_curves_and_compare_pages(runs_root):
+    at = open_page("curves", cu_limit=500)
+    assert not errors(at)
+    assert at.get("plotly_chart")
+    at.multiselect(key="w_cu_classes").set_value(["1"]).run()
+    assert not at.exception
+    at = open_page("compare", cm_count=2, cm_n=16)
+    assert not errors(at)
+    images_before = len(at.get("image"))
+    at.multiselect(key="w_cm_methods").set_value(["loss_attention", "gradcam"]).run()
+    assert len(at.get("image")) < images_before
+    at.button(key="cm_measure").click().run()
+    assert not at.exception and not errors(at)
+    table = at.dataframe[-1].value
+    assert list(table["method"]) == ["Loss-Attention", "Grad-CAM"]
+
+
+def test_stride_page_benchmarks_in_the_background(runs_root):
+    at = open_page("stride", st_batch=8, st_plans_small_cnn="1,2,1; 2,2,1")
+    at.button(key="st_measure").click().run()
+    assert not errors(at)
+    folder = Path(at.session_state["st_bench_folder"])
+    deadline = time.time() + 120
+    while not (folder / "bench.json").is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    at.run()
+    table = at.dataframe[0].value
+    assert list(table["plan"]) == ["1,2,1", "2,2,1"]
+    assert (table["images_per_s"] > 0).all()
+    at.text_input(key="w_st_plans_small_cnn").set_value("1,x").run()
+    at.button(key="st_measure").click().run()
+    assert any("comma-separated integers" in e for e in errors(at))
+
+
+def test_placeholder_and_more_pages_render(runs_root):
+    at = open_page("transfer")
+    assert "Mutual transfer" in at.title[0].value

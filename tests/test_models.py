@@ -169,3 +169,21 @@ def test_timm_pretrained_unavailable_offline_is_a_clear_error():
                       timm_output_stride=8, patch_kernel=3)
     with pytest.raises(ValueError, match="pretrained weights for timm:resnet18"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("head", list_heads())
+def test_xi_cache_reproduces_forward_at_every_xi(head):
+    model = build_model(ModelConfig(backbone="small_cnn", head=head)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        cache = model.xi_cache(x)
+        grid = model.grid((32, 32))
+        for xi in (0.0, 0.1, 0.5, 1.0):
+            direct, cached = model(x, xi=xi), model.decode_cached(cache, grid, xi=xi)
+            torch.testing.assert_close(cached.logits, direct.logits, atol=1e-5, rtol=1e-5)
+            if direct.patch_weights is not None:
+                torch.testing.assert_close(cached.patch_weights, direct.patch_weights)
+                torch.testing.assert_close(cached.patch_logits, direct.patch_logits)
+    if head in ("loss_attention", "capsule_loss_attention"):
+        per_image = sum(v[0].numel() for v in cache.values())
+        assert per_image < model.encode(x)[0].numel()  # smaller than the tokens

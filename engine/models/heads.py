@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.attention import capsule_attention, loss_attention_weights, safe_norm
+from engine.models.attention import (
+    capsule_attention,
+    loss_attention_weights,
+    safe_norm,
+    threshold_weights,
+)
 from engine.models.geometry import LayerGeom
 
 
@@ -40,6 +45,8 @@ class Head(nn.Module):
     regularised = False
     selection = "above_uniform"
     has_patches = True
+    xi_dependent = False
+    """Whether ξ changes the outputs (Loss-Attention heads)."""
     fc: nn.Linear
 
     def patch_geom(self) -> LayerGeom | None:
@@ -50,6 +57,17 @@ class Head(nn.Module):
 
     def decode(self, tokens: torch.Tensor, theta: float) -> HeadOutput:
         raise NotImplementedError
+
+    def xi_cache(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The few tensors from which :meth:`decode_cached` rebuilds the outputs at any θ.
+
+        Much smaller than the tokens (per image M x K numbers instead of M x C), so an evaluation
+        can keep them for a whole data set and sweep ξ without the backbone."""
+        out = self.decode(tokens, 0.0)
+        return {k: v for k, v in out._asdict().items() if v is not None}
+
+    def decode_cached(self, cache: dict[str, torch.Tensor], theta: float) -> HeadOutput:
+        return HeadOutput(cache["logits"], cache.get("patch_logits"), cache.get("patch_weights"))
 
 
 class ConvPatchLayer(nn.Module):
@@ -110,9 +128,21 @@ class LossAttentionHead(PoolingHead):
 
     regularised = True
     selection = "positive"
+    xi_dependent = True
 
     def weights(self, tokens, patch_logits, theta):
         return loss_attention_weights(patch_logits, theta)
+
+    def xi_cache(self, tokens):
+        with _fp32(tokens.device):
+            return {"patch_logits": F.linear(tokens.float(), self.fc.weight.float(),
+                                             self.fc.bias.float())}
+
+    def decode_cached(self, cache, theta):
+        patch_logits = cache["patch_logits"]
+        alpha = loss_attention_weights(patch_logits, theta)
+        # Σ α = 1, so W(Σ α h) + b = Σ α (W h + b): the image logit from the patch logits alone.
+        return HeadOutput(torch.einsum("bm,bmk->bk", alpha, patch_logits), patch_logits, alpha)
 
 
 class MeanPoolingHead(PoolingHead):
@@ -229,6 +259,28 @@ class CapsuleLossAttentionHead(Head):
             # Unweighted channel sum (the bias enters R times), as the released code feeds the loss.
             patch_logits = capsule_logits.sum(1)
         return HeadOutput(logits, patch_logits, beta)
+
+    def xi_cache(self, tokens):
+        """Per patch: its capsule share s_m = Σ_r a_rm, the share-weighted logits Σ_r a_rm o_rm
+        and the channel-summed logits. Enough for any θ, as
+        z = Σ_m kept_m Σ_r a_rm o_rm / Σ_m kept_m s_m."""
+        with _fp32(tokens.device):
+            caps = F.linear(tokens.float(), self.fc.weight.float(), self.fc.bias.float())
+            a = safe_norm(caps)
+            a = a / a.sum((1, 2), keepdim=True).clamp_min(1e-30)
+            return {"share": a.sum(1), "weighted": torch.einsum("brm,brmk->bmk", a, caps),
+                    "patch_logits": caps.sum(1)}
+
+    def decode_cached(self, cache, theta):
+        share, weighted, patch_logits = cache["share"], cache["weighted"], cache["patch_logits"]
+        beta = threshold_weights(share, theta)
+        kept = (beta > 0).to(share.dtype)
+        mass = (kept * share).sum(1, keepdim=True)
+        logits = torch.einsum("bm,bmk->bk", kept, weighted) / mass.clamp_min(1e-30)
+        # All kept capsules with zero norm: capsule_attention pools them uniformly.
+        uniform = torch.einsum("bm,bmk->bk", kept, patch_logits) / (
+            kept.sum(1, keepdim=True) * self.dims[2])
+        return HeadOutput(torch.where(mass > 0, logits, uniform), patch_logits, beta)
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

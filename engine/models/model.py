@@ -77,6 +77,20 @@ class PatchModel(nn.Module):
         out = self.head.decode(tokens, self.theta(grid, xi))
         return PatchOutput(out.logits, out.patch_logits, out.patch_weights, grid)
 
+    @property
+    def xi_dependent(self) -> bool:
+        return self.head.xi_dependent
+
+    def xi_cache(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compact per-image tensors from which :meth:`decode_cached` gives the outputs at any ξ
+        without the backbone (see ``Head.xi_cache``)."""
+        return self.head.xi_cache(self.encode(x))
+
+    def decode_cached(self, cache: dict[str, torch.Tensor], grid: PatchGrid | None,
+                      xi: float | None = None) -> PatchOutput:
+        out = self.head.decode_cached(cache, self.theta(grid, xi))
+        return PatchOutput(out.logits, out.patch_logits, out.patch_weights, grid)
+
     def forward(self, x: torch.Tensor, xi: float | None = None) -> PatchOutput:
         grid = self.grid(x.shape[-2:])
         return self.decode(self.encode(x), grid, xi)

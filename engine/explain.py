@@ -1,0 +1,234 @@
+"""Explanation maps at input resolution, and how faithful they are.
+
+Maps (one value per input pixel, each map scaled to [0, 1] per image):
+- ``loss_attention``: the patch weights painted onto their pixel boxes, overlapping boxes
+  averaged (a pixel in no box gets 0). This is the weight the model actually pools with;
+- ``gradcam``, ``gradcam++``, ``scorecam``: from the ``grad-cam`` package on the backbone's output
+  feature map, upsampled bilinearly to the input. Their hooks are released when each call ends.
+
+Faithfulness (for a class c: the true label, or the top-scoring true label if multi-label; the
+score is the softmax probability, or the sigmoid for multi-label models):
+- **Average Drop %** and **Increase in Confidence %** (Chattopadhyay et al. 2018, Grad-CAM++):
+  the masked image is the original in [0, 1] pixel space multiplied by the map, so unexplained
+  pixels turn black, and it is then normalised as usual. AD = 100 · mean(max(0, Y - O) / Y), IC =
+  100 · mean(O > Y), where Y and O are the scores of the original and masked images.
+- **Deletion / insertion AUC** (Petsiuk et al. 2018, RISE): pixels are removed (deletion, set to
+  black) or inserted into a blurred copy of the image (insertion; Gaussian blur, σ = side / 8) in
+  ``steps`` equal chunks, most important first. AUC = the trapezoid mean of the score curve.
+  Lower deletion and higher insertion mean a more faithful map.
+- **Pointing game** (Zhang et al. 2016): a hit when the map's maximum lies within ``tolerance``
+  pixels (default 15) of a box of class c. **Energy pointing game** (Wang et al. 2020, Score-CAM):
+  the share of the map's sum that falls inside the boxes of class c.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import torch
+
+from engine.data.base import ImageSet, normalise
+from engine.models import LogitsOnly, PatchGrid, PatchModel
+
+METHODS = ("loss_attention", "gradcam", "gradcam++", "scorecam")
+
+
+def coverage(grid: PatchGrid) -> torch.Tensor:
+    """(M, H, W) float mask: 1 where patch m's pixel box covers the pixel."""
+    h, w = grid.input_size
+    ys, xs = torch.arange(h), torch.arange(w)
+    b = grid.boxes
+    inside_y = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])  # (M, H)
+    inside_x = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])  # (M, W)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+
+
+def patch_map(weights: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """(B, H, W): patch weights painted onto their boxes, overlaps averaged."""
+    cover = coverage(grid).to(weights.device)
+    painted = torch.einsum("bm,mhw->bhw", weights.float(), cover)
+    return painted / cover.sum(0).clamp_min(1.0)
+
+
+def scale_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each map to [0, 1] (a constant map becomes 0)."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
+
+
+def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str
+             ) -> torch.Tensor:
+    """Grad-CAM family maps (B, H, W) in [0, 1] for the given classes."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    # The package prints progress bars (ScoreCAM); the context manager releases its hooks.
+    with cls(model=LogitsOnly(model), target_layers=[model.backbone]) as cam, \
+            contextlib.redirect_stderr(io.StringIO()):
+        cam.batch_size = 128
+        maps = cam(input_tensor=x, targets=targets)
+    return scale_maps(torch.from_numpy(maps).float())
+
+
+def explanation_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str,
+                     xi: float | None = None) -> torch.Tensor:
+    if method == "loss_attention":
+        with torch.no_grad():
+            out = model(x, xi=xi)
+        if out.patch_weights is None:
+            raise ValueError(f"model head {model.config.head!r} has no patch weights to map")
+        return scale_maps(patch_map(out.patch_weights, out.grid).cpu())
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+    return cam_maps(model, x, classes, method)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faithfulness
+
+
+class Scorer:
+    """Class scores of images given in [0, 1] pixel space (normalised here, batched)."""
+
+    def __init__(self, model: PatchModel, data: ImageSet, device: torch.device,
+                 batch_size: int = 256) -> None:
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.multilabel = data.multilabel
+        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = (pixels[start:start + self.batch_size] - self.mean) / self.std
+            logits = self.model(chunk.to(self.device)).logits.float().cpu()
+            probs = torch.sigmoid(logits) if self.multilabel else logits.softmax(1)
+            scores.append(probs.gather(1, classes[start:start + self.batch_size, None]))
+        return torch.cat(scores).squeeze(1)
+
+
+def average_drop_increase(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
+                          classes: torch.Tensor, base: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: relative drop max(0, Y-O)/Y and whether confidence increased (O > Y)."""
+    y = scorer(pixels, classes) if base is None else base
+    o = scorer(pixels * maps[:, None], classes)
+    return (y - o).clamp_min(0) / y.clamp_min(1e-12), (o > y).float()
+
+
+def _blur(pixels: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms.functional import gaussian_blur
+
+    sigma = max(pixels.shape[-1], pixels.shape[-2]) / 8
+    kernel = min(2 * round(2 * sigma) + 1, 2 * (min(pixels.shape[-2:]) // 2) - 1)
+    return gaussian_blur(pixels, [kernel, kernel], [sigma, sigma])
+
+
+def deletion_insertion(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
+                       classes: torch.Tensor, steps: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image deletion and insertion AUC (trapezoid mean over ``steps`` + 1 points)."""
+    b, _, h, w = pixels.shape
+    rank = maps.flatten(1).argsort(1, descending=True).argsort(1)  # pixel -> importance rank
+    blurred = _blur(pixels)
+    deletion, insertion = [], []
+    for s in range(steps + 1):
+        first = (rank < round(s * h * w / steps)).view(b, 1, h, w)
+        deletion.append(scorer(torch.where(first, torch.zeros_like(pixels), pixels), classes))
+        insertion.append(scorer(torch.where(first, pixels, blurred), classes))
+
+    def auc(curve: list[torch.Tensor]) -> torch.Tensor:
+        c = torch.stack(curve, 1)
+        return (c.sum(1) - (c[:, 0] + c[:, -1]) / 2) / steps
+
+    return auc(deletion), auc(insertion)
+
+
+def _class_boxes(data: ImageSet, indices: Sequence[int], classes: torch.Tensor
+                 ) -> list[torch.Tensor]:
+    out = []
+    for i, c in zip(indices, classes.tolist(), strict=True):
+        boxes = data.boxes(int(i))
+        out.append(boxes[boxes[:, 0].long() == c, 1:5])
+    return out
+
+
+def pointing_game(maps: torch.Tensor, boxes: list[torch.Tensor], tolerance: float = 15.0
+                  ) -> torch.Tensor:
+    """Per image: 1 if the map's maximum is within ``tolerance`` px of a box (NaN: no box)."""
+    w = maps.shape[-1]
+    flat = maps.flatten(1).argmax(1)
+    ys, xs = (flat // w).double() + 0.5, (flat % w).double() + 0.5  # pixel centres
+    hits = []
+    for y, x, b in zip(ys, xs, boxes, strict=True):
+        if len(b) == 0:
+            hits.append(float("nan"))
+            continue
+        b = b.double()
+        dx = (torch.maximum(b[:, 0] - x, x - b[:, 2])).clamp_min(0)
+        dy = (torch.maximum(b[:, 1] - y, y - b[:, 3])).clamp_min(0)
+        hits.append(float(((dx ** 2 + dy ** 2).sqrt() <= tolerance).any()))
+    return torch.tensor(hits)
+
+
+def energy_pointing(maps: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """Per image: share of the map's sum inside the boxes (NaN: no box or an all-zero map)."""
+    h, w = maps.shape[-2:]
+    ys, xs = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None, :] + 0.5
+    shares = []
+    for m, b in zip(maps, boxes, strict=True):
+        total = m.sum()
+        if len(b) == 0 or total <= 0:
+            shares.append(float("nan"))
+            continue
+        inside = torch.zeros(h, w, dtype=torch.bool)
+        for x0, y0, x1, y1 in b.tolist():
+            inside |= (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+        shares.append(float((m * inside).sum() / total))
+    return torch.tensor(shares)
+
+
+def target_classes(data: ImageSet, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """True class; for multi-label data, the top-scoring of the image's true labels."""
+    targets = data.targets[indices]
+    if not data.multilabel:
+        return targets.long()
+    masked = torch.where(targets > 0, logits, torch.full_like(logits, float("-inf")))
+    return masked.argmax(1)
+
+
+def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
+                 indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
+                 tolerance: float = 15.0, xi: float | None = None) -> dict:
+    """Mean faithfulness metrics per method on the images ``indices`` of ``data``."""
+    model.eval()
+    pixels = data.images[indices].float() / 255.0
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    x = normalise(data.images[indices], mean, std).to(device)
+    scorer = Scorer(model, data, device)
+    with torch.no_grad():
+        logits = model(x, xi=xi).logits.float().cpu()
+    classes = target_classes(data, indices, logits)
+    base = scorer(pixels, classes)
+    boxes = _class_boxes(data, indices.tolist(), classes) if data.has_boxes else None
+    report = {}
+    for method in methods:
+        maps = explanation_maps(model, x, classes.to(device), method, xi=xi).cpu()
+        drop, increase = average_drop_increase(scorer, pixels, maps, classes, base)
+        deletion, insertion = deletion_insertion(scorer, pixels, maps, classes, steps)
+        row = {"average_drop_pct": 100 * drop.mean().item(),
+               "increase_in_confidence_pct": 100 * increase.mean().item(),
+               "deletion_auc": deletion.mean().item(), "insertion_auc": insertion.mean().item()}
+        if boxes is not None:
+            row["pointing_game"] = torch.nanmean(pointing_game(maps, boxes, tolerance)).item()
+            row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, boxes)).item()
+        report[method] = row
+    return {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
+            "class": "true label (multi-label: top-scoring true label)", "methods": report}

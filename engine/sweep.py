@@ -1,0 +1,307 @@
+"""Sweeps: a grid of ordinary runs over any config fields, and its table.
+
+The default grid is the paper's ablation (TIP Table VI): γmax ∈ {0, 0.1} x ξ ∈ {0, 0.1}. Each
+cell is a run named ``<sweep>-NN-<values>`` and tagged ``sweep:<sweep>``, so the Runs page and
+``runs list`` show it like any other. Runs train one after another on one device, or in
+parallel with one process per visible GPU. Running the same sweep again skips finished runs and
+resumes stopped or killed ones.
+
+``sweep_report`` evaluates each run's best checkpoint on its test set (image metrics, patch
+precision / recall / F at the run's ξ, localization where defined) and writes
+``<runs>/_sweeps/<sweep>/report.json`` and ``report.csv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import math
+import re
+import time
+
+import torch
+
+from engine import jobs
+from engine.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from engine.runs import Run, RunStore
+from engine.train import prepare_run_config, train_run
+
+DEFAULT_GRID = [("loss.gamma_max", [0.0, 0.1]), ("model.xi", [0.0, 0.1])]
+SECTIONS = ("model", "data", "loss", "train")
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list]]:
+    """``["loss.gamma_max=0,0.1", "model.head=loss_attention,mean"]`` -> [(field, values)].
+
+    Values are JSON where they parse (numbers, true/false, lists), else strings. A value list
+    that is itself a JSON array (``model.stride_plan=[[1,1,1,1],[1,2,1,1]]``) is taken whole."""
+    grid = []
+    for item in items:
+        path, sep, text = item.partition("=")
+        section, dot, key = path.partition(".")
+        if not sep or not dot or section not in SECTIONS or not key:
+            raise ConfigError(f"--grid needs section.field=v1,v2 with section in {list(SECTIONS)}; "
+                              f"got {item!r}")
+        if text.strip().startswith("[["):
+            values = json.loads(text)
+        else:
+            values = [_value(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--grid {path} has no values")
+        grid.append((path, values))
+    return grid
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def _short(value) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", json.dumps(value))[:12] or "x"
+
+
+def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> list[RunConfig]:
+    """One validated RunConfig per grid cell."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", sweep):
+        raise ConfigError(f"sweep name must be 1-41 letters, digits, '.', '_' or '-'; got {sweep!r}")
+    base_dict = config_to_dict(base)
+    configs = []
+    for i, values in enumerate(itertools.product(*(v for _, v in grid))):
+        data = copy.deepcopy(base_dict)
+        parts = []
+        for (path, _), value in zip(grid, values, strict=True):
+            section, key = path.split(".", 1)
+            data[section][key] = value
+            parts.append(f"{key.split('_')[0][:5]}{_short(value)}")
+        data["name"] = f"{sweep}-{i:02d}-" + "-".join(parts)
+        data["tags"] = sorted({*data.get("tags", []), f"sweep:{sweep}"})
+        configs.append(config_from_dict(RunConfig, data))
+    return configs
+
+
+def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
+    """The run to train for ``config`` and whether it resumes; None if already finished."""
+    if not store.exists(config.name):
+        return store.create(prepare_run_config(config)), False
+    run = store.get(config.name)
+    state = run.status().get("state")
+    if state == "finished":
+        return None
+    if state == "running":
+        raise ConfigError(f"run {config.name} of this sweep is running; stop it or wait")
+    return run, state != "created"
+
+
+def sweep_folder(store: RunStore, sweep: str):
+    return store.root / "_sweeps" / sweep
+
+
+def write_manifest(store: RunStore, sweep: str, grid: list[tuple[str, list]]) -> None:
+    """Remember which fields the user swept, so the report leads with them (a head change also
+    changes the recipe's lr and optimizer; those are reported as derived, not as the grid)."""
+    folder = sweep_folder(store, sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "grid.json").write_text(json.dumps({"sweep": sweep, "grid": grid}))
+
+
+def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
+    """The swept fields, or None for a sweep without a readable manifest."""
+    try:
+        data = json.loads((sweep_folder(store, sweep) / "grid.json").read_text())
+        return [str(field) for field, _ in data["grid"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]], sweep: str,
+                 parallel: int | str = 1) -> int:
+    """Train and tabulate a sweep in a background process (``python -m engine sweep``); returns
+    its pid. The cells are ordinary runs, so progress is read from the run store; the process's
+    own output goes to ``_sweeps/<sweep>/process.log``."""
+    configs = sweep_configs(base, grid, sweep)  # validate here, where the caller shows errors
+    for config in configs:
+        if store.exists(config.name) and store.get(config.name).status().get("state") == "running":
+            raise ConfigError(f"run {config.name} of sweep {sweep!r} is already running")
+    if sweep_process_alive(store, sweep):
+        raise ConfigError(f"sweep {sweep!r} is already running")
+    write_manifest(store, sweep, grid)
+    folder = sweep_folder(store, sweep)
+    (folder / "base.json").write_text(json.dumps(config_to_dict(base), indent=1))
+    args = ["sweep", "--runs-dir", str(store.root.resolve()), "--config",
+            str((folder / "base.json").resolve()), "--sweep-name", sweep, "--parallel",
+            str(parallel), "--quiet"]
+    for field, values in grid:
+        args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
+    return jobs.spawn_cli(args, folder, cells=len(configs))
+
+
+def _nested(values: list) -> bool:
+    return any(isinstance(v, list | tuple) for v in values)
+
+
+def _csv(values: list) -> str:
+    return ",".join(v if isinstance(v, str) else json.dumps(v) for v in values)
+
+
+def sweep_process(store: RunStore, sweep: str) -> dict:
+    """``{"pid", "started", "cells", "alive"}`` of the sweep's background process, or {}."""
+    return jobs.cli_process(sweep_folder(store, sweep))
+
+
+def sweep_process_alive(store: RunStore, sweep: str) -> bool:
+    return bool(sweep_process(store, sweep).get("alive"))
+
+
+def stop_sweep(store: RunStore, sweep: str) -> None:
+    """Stop the background process (no new cells start) and the cell that is training."""
+    import os
+    import signal
+
+    pid = sweep_process(store, sweep).get("pid")
+    if sweep_process_alive(store, sweep):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    for run in sweep_runs(store, sweep):
+        store.stop(run.name)
+
+
+def list_sweeps(store: RunStore) -> list[str]:
+    """Sweeps with a folder or tagged runs, newest folder first."""
+    folders = store.root / "_sweeps"
+    names = [p.name for p in sorted(folders.iterdir(), key=lambda p: p.stat().st_mtime,
+                                    reverse=True)] if folders.is_dir() else []
+    for row in store.list():
+        for tag in row["tags"]:
+            if tag.startswith("sweep:") and tag[6:] not in names:
+                names.append(tag[6:])
+    return names
+
+
+def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
+              progress_bar: bool = True, log=print) -> list[Run]:
+    """Train every cell. ``parallel`` > 1: that many background processes at once, each pinned
+    to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``)."""
+    pending = [(c, _runnable(store, c)) for c in configs]
+    todo = [item for _, item in pending if item is not None]
+    for config, item in pending:
+        if item is None:
+            log(f"{config.name}: finished earlier, skipped")
+    if parallel <= 1:
+        for run, resume in todo:
+            log(f"{run.name}: training")
+            state = train_run(run, resume=resume, progress_bar=progress_bar, console=False,
+                              on_status=store.index)
+            log(f"{run.name}: {state}")
+            if state == "stopped":  # a stop request (SIGTERM, stop file) stops the sweep too
+                log("sweep stopped; run it again to resume")
+                break
+    else:
+        gpus = torch.cuda.device_count()
+        active: dict[int, Run] = {}
+        queue = list(todo)
+        while queue or active:
+            for slot in range(parallel):
+                if slot not in active and queue:
+                    run, resume = queue.pop(0)
+                    env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {}
+                    jobs.spawn(store, run, resume=resume, env=env)
+                    active[slot] = run
+                    log(f"{run.name}: started (slot {slot})")
+            for slot, run in list(active.items()):
+                state = run.status().get("state")
+                if state != "running":
+                    log(f"{run.name}: {state}")
+                    del active[slot]
+            time.sleep(0.5)
+    return [store.get(c.name) for c in configs]
+
+
+def sweep_runs(store: RunStore, sweep: str) -> list[Run]:
+    tag = f"sweep:{sweep}"
+    return [store.get(r["name"]) for r in sorted(store.list(), key=lambda r: r["name"])
+            if tag in r["tags"]]
+
+
+def varied_fields(runs: list[Run]) -> list[str]:
+    """Config fields (section.key) whose values differ between the runs."""
+    dicts = [run.config_dict() for run in runs]
+    fields = []
+    for section in SECTIONS:
+        keys = sorted({k for d in dicts for k in d.get(section, {})})
+        for key in keys:
+            values = {json.dumps(d.get(section, {}).get(key)) for d in dicts}
+            if len(values) > 1:
+                fields.append(f"{section}.{key}")
+    return fields
+
+
+def evaluate_cell(run: Run, device: torch.device | None = None) -> dict:
+    """Test metrics of one run's best checkpoint at its own ξ ({} before it has one)."""
+    from engine.checkpoint import load_model
+    from engine.config import DataConfig
+    from engine.data import load_split
+    from engine.evaluate import evaluate_model, summary_rows
+
+    if not run.best_checkpoint.is_file():
+        return {}
+    device = device or torch.device("cpu")
+    model, ckpt = load_model(run.best_checkpoint)
+    data = load_split(config_from_dict(DataConfig, ckpt["run_config"]["data"]), "test")
+    report = evaluate_model(model.to(device), data, device, pr_curves=False)
+    return {**summary_rows(report)[0], "best_epoch": ckpt.get("metrics", {}).get("epoch")}
+
+
+def sweep_table(store: RunStore, sweep: str, evaluate=evaluate_cell) -> dict:
+    """The sweep's rows: swept fields first, then fields the recipe changed with them, then the
+    metrics ``evaluate(run)`` returns (the app passes a cached version)."""
+    runs = sweep_runs(store, sweep)
+    if not runs:
+        raise ConfigError(f"no runs tagged sweep:{sweep} in {store.root}")
+    varied = varied_fields(runs)
+    swept = read_manifest(store, sweep)
+    fields = [f for f in swept if f in varied] if swept else varied
+    derived = [f for f in varied if f not in fields]
+    rows = []
+    for run in runs:
+        cfg = run.config_dict()
+        row = {f: cfg[f.split(".")[0]].get(f.split(".", 1)[1]) for f in fields + derived}
+        row.update(run=run.name, state=run.status().get("state"))
+        row.update(evaluate(run))
+        rows.append(row)
+    return {"sweep": sweep, "fields": fields, "derived_fields": derived, "rows": rows}
+
+
+def sweep_report(store: RunStore, sweep: str, device: torch.device | None = None) -> dict:
+    """Evaluate every run of the sweep; write and return the table."""
+    from engine.evaluate import json_safe, write_csv
+
+    out = sweep_table(store, sweep, lambda run: evaluate_cell(run, device))
+    folder = sweep_folder(store, sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(json_safe(out), indent=1))
+    write_csv(folder / "report.csv", out["rows"])
+    out["folder"] = str(folder)
+    return out
+
+
+def format_sweep(report: dict, columns: tuple[str, ...] = (
+        "accuracy", "map", "precision_paper", "recall_paper", "f_paper", "precision", "recall",
+        "f", "gt_known_loc", "patches_per_image")) -> str:
+    rows = report["rows"]
+    shown = [c for c in columns if any(c in r for r in rows)]
+    header = [*report["fields"], *shown]
+    lines = ["  ".join(f"{h:>16s}" for h in header)]
+    for r in rows:
+        cells = [f"{json.dumps(r.get(f)):>16s}" for f in report["fields"]]
+        for c in shown:
+            v = r.get(c)
+            finite = isinstance(v, float) and math.isfinite(v)
+            cells.append(f"{v:16.4f}" if finite else f"{'-':>16s}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+

@@ -1,0 +1,237 @@
+"""MIL: cross-validate Loss-Attention and the attention baselines on multiple-instance data (the
+AAAI 2020 table), in the background, and browse the instance weights of every test bag."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.mil.data import EMBEDDED, available_mil_datasets, mil_data_root
+from engine.mil.experiment import (
+    experiment_rows,
+    experiment_status,
+    list_experiments,
+    mil_root,
+    start_experiment,
+    stop_experiment,
+)
+from engine.mil.models import MIL_METHODS
+from engine.mil.paper import PAPER_ACCURACY
+from engine.mil.protocol import MilConfig, read_bag_weights, table_rows
+from engine.runs import default_runs_root
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = PROJECT_ROOT / "results" / "mil"
+SHIPPED_LABEL = "results/mil (shipped with the repository)"
+METHOD_TEXT = {"loss_attention": "Loss-Attention (AAAI 2020)", "attention": "Attention (Ilse)",
+               "gated_attention": "Gated attention (Ilse)", "mean": "Mean pooling",
+               "tip_threshold": "TIP ℓ2,1 + threshold"}
+
+
+def show_error(what: str, exc: Exception) -> None:
+    """A message, never a traceback."""
+    if isinstance(exc, ValueError):
+        st.error(str(exc))
+    else:
+        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {exc}")
+
+
+def keep_valid(key: str, options: list) -> None:
+    """A remembered choice that is no longer offered falls back to the first option."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]
+
+
+def runs_root() -> Path:
+    return default_runs_root().resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+
+
+def launch_form() -> None:
+    with st.container(border=True):
+        root = st.text_input("Data folder (holding mil/musk1/... ; default $LOSSATTN_DATA)",
+                             key="mil_data_root",
+                             value=str(mil_data_root() or ""))
+        available = available_mil_datasets(root or None)
+        if available == [EMBEDDED]:
+            st.caption("Only the embedded digit bags are available: point the data folder (or "
+                       "LOSSATTN_DATA) at a folder with mil/musk1/X.mat, Bag2.mat, BagI.mat, ...")
+        # A set may vanish when the folder changes: keep only what is still offered.
+        chosen = st.session_state.setdefault("mil_datasets", [EMBEDDED])
+        st.session_state["mil_datasets"] = [d for d in chosen if d in available]
+        st.session_state.setdefault("mil_methods", ["loss_attention"])
+        c1, c2 = st.columns(2)
+        datasets = c1.multiselect("Data sets", available, key="mil_datasets")
+        methods = c2.multiselect("Methods", list(MIL_METHODS),
+                                 format_func=lambda m: METHOD_TEXT.get(m, m),
+                                 key="mil_methods")
+        c1, c2, c3, c4 = st.columns(4)
+        folds = c1.number_input("Folds", 2, 20, 10, key="mil_folds")
+        repeats = c2.number_input("Repetitions", 1, 10, 5, key="mil_repeats")
+        epochs = c3.number_input("Most epochs", 1, 500, MilConfig.epochs, key="mil_epochs")
+        name = c4.text_input("Experiment name", time.strftime("mil-%Y%m%d-%H%M%S"),
+                             key="mil_name")
+        start = st.button("Start cross-validation", type="primary", key="mil_start")
+    if start:
+        try:
+            if not datasets or not methods:
+                raise ValueError("Pick at least one data set and one method.")
+            config = MilConfig(folds=int(folds), repeats=int(repeats), epochs=int(epochs))
+            start_experiment(runs_root(), name.strip(), datasets, methods, config,
+                             data_root=root or None)
+            st.session_state["mil_experiment"] = name.strip()
+            st.success(f"Started {name.strip()}: {len(datasets) * len(methods)} cross-validations "
+                       "in the background; progress below.")
+        except (ValueError, OSError) as exc:
+            show_error("Starting the experiment", exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and results
+
+
+def experiment_folder(choice: str) -> Path:
+    return SHIPPED if choice == SHIPPED_LABEL else mil_root(runs_root()) / choice
+
+
+@st.fragment(run_every=2.0)
+def progress(folder: Path) -> None:
+    try:
+        status = experiment_status(folder)
+        state = status.get("state")
+        if not status:
+            return
+        fraction = float(status.get("fraction") or 0.0)
+        if state == "running":
+            current = status.get("current") or "starting"
+            st.progress(min(1.0, fraction), text=f"{fraction:.0%} - {current} "
+                        f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})")
+            if st.button("Stop", key="mil_stop"):
+                stop_experiment(folder)
+                st.rerun(scope="app")
+        elif state == "failed":
+            st.error(f"The experiment failed: {status.get('error')}")
+        elif state == "stopped":
+            st.warning(f"Stopped ({status.get('error') or 'by the user'}) at {fraction:.0%}.")
+        elif state == "finished":
+            st.caption(f"Finished in {status.get('seconds', '?')} s.")
+        seen = st.session_state.setdefault("mil_seen", {})
+        key = str(folder)
+        mark = (state, status.get("task"))
+        if seen.get(key, mark) != mark:  # a cross-validation finished: redraw the table
+            seen[key] = mark
+            st.rerun(scope="app")
+        seen[key] = mark
+    except (ValueError, OSError) as exc:
+        show_error("Reading the progress", exc)
+
+
+def paper_table() -> list[dict]:
+    rows = []
+    for method, by_set in PAPER_ACCURACY.items():
+        row = {"method": method}
+        for dataset, (mean, std) in by_set.items():
+            row[dataset] = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+        rows.append(row)
+    return rows
+
+
+def results(rows: list[dict]) -> None:
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Measured** (accuracy, mean ± std over all test folds)")
+        if rows:
+            st.dataframe(table_rows(rows), hide_index=True, key="mil_table")
+        else:
+            st.info("No finished cross-validation in this experiment yet.")
+    with right:
+        st.markdown("**Paper** (AAAI 2020, 5 x 10-fold CV)")
+        st.dataframe(paper_table(), hide_index=True, key="mil_paper")
+
+
+# ----------------------------------------------------------------------------------------------
+# Instance weights
+
+
+def weights_figure(bag: dict) -> go.Figure:
+    weights = bag["weights"]
+    labels = bag.get("instance_labels")
+    if labels is None:
+        colours, names = ["#4c78a8"] * len(weights), None
+    else:
+        colours = ["#e45756" if v else "#9d9d9d" for v in labels]
+        names = ["key instance" if v else "other" for v in labels]
+    fig = go.Figure(go.Bar(x=list(range(len(weights))), y=weights, marker_color=colours,
+                           hovertext=names))
+    fig.add_hline(y=1.0 / len(weights), line_dash="dot",
+                  annotation_text="uniform 1/N", annotation_position="top right")
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      xaxis_title="instance", yaxis_title="weight α", showlegend=False)
+    return fig
+
+
+def weight_browser(folder: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    pairs = [f"{r['dataset']} / {r['method']}" for r in rows]
+    c1, c2 = st.columns([2, 1])
+    keep_valid("mil_pair", pairs)
+    pair = c1.selectbox("Data set / method", pairs, key="mil_pair")
+    which = c2.selectbox("Bags", ["all", "positive", "negative", "misclassified"],
+                         key="mil_filter")
+    dataset, method = pair.split(" / ")
+    bags = read_bag_weights(folder, dataset, method)
+    if which == "positive":
+        bags = [b for b in bags if b["label"] == 1]
+    elif which == "negative":
+        bags = [b for b in bags if b["label"] == 0]
+    elif which == "misclassified":
+        bags = [b for b in bags if (b["probability"] >= 0.5) != (b["label"] == 1)]
+    if not bags:
+        st.info("No bag of that kind (weights are kept for the first repetition's test folds).")
+        return
+    numbers = [b["bag"] for b in bags]
+    keep_valid("mil_bag", numbers)
+    number = st.selectbox("Bag", numbers, key="mil_bag")
+    bag = bags[numbers.index(number)]
+    verdict = "right" if (bag["probability"] >= 0.5) == (bag["label"] == 1) else "wrong"
+    st.caption(f"Bag {bag['bag']}: label {bag['label']}, P(positive) {bag['probability']:.3f} "
+               f"({verdict}), {len(bag['weights'])} instances, test fold {bag['fold'] + 1} of "
+               "the first repetition." + (" Red: instances of the target digit."
+                                          if bag.get("instance_labels") is not None else ""))
+    st.plotly_chart(weights_figure(bag), key="mil_weights_chart")
+
+
+# ----------------------------------------------------------------------------------------------
+# Page
+
+
+st.title("MIL: multiple-instance learning")
+st.caption("Loss-Attention (AAAI 2020) on MUSK1/2, FOX, TIGER, ELEPHANT and embedded digit bags: "
+           "repeated stratified 10-fold cross-validation; standardisation and model selection "
+           "use the training folds only. Runs in a background process; leave the page freely.")
+try:
+    launch_form()
+    st.divider()
+    choices = list_experiments(runs_root())
+    if SHIPPED.is_dir():
+        choices.append(SHIPPED_LABEL)
+    if not choices:
+        st.info("No MIL experiment yet: start one above (digit bags take about a minute).")
+    else:
+        keep_valid("mil_experiment", choices)
+        choice = st.selectbox("Experiment", choices, key="mil_experiment")
+        folder = experiment_folder(choice)
+        progress(folder)
+        rows = experiment_rows(folder)
+        results(rows)
+        st.subheader("Instance weights of the test bags")
+        weight_browser(folder, rows)
+except (ValueError, OSError) as exc:
+    show_error("The MIL page", exc)

@@ -1,0 +1,105 @@
+"""Stride / time: what each stride plan costs on this machine (speed and memory) and what it
+buys (accuracy), the paper's Table VII measured here. Both measurements run in the background."""
+
+import json
+import time
+
+import streamlit as st
+
+from engine import jobs
+from engine.bench import parse_stride_plans, stride_summary
+from engine.models import list_backbones, list_heads
+from engine.sweep import launch_sweep, list_sweeps, sweep_process_alive, sweep_runs
+from ui.figures import bench_figure, stride_time_figure
+from ui.forms import config_of, run_settings
+from ui.state import device_badge, guard, keep, remember, remembered, store
+
+DEFAULT_PLANS = {"small_cnn": "1,2,1; 2,2,1; 1,1,1", "resnet18": "1,1,1,1; 1,2,1,1; 1,2,2,2",
+                 "vgg11_bn": "1,1,1,1,1,1,1,1; 1,1,1,2,1,1,1,1"}
+BENCH_KEY = "st_bench_folder"
+
+
+def bench_section() -> None:
+    st.subheader("Speed and memory")
+    backbones = [b for b in list_backbones() if b in DEFAULT_PLANS]
+    c1, c2, c3, c4 = st.columns(4)
+    backbone = c1.selectbox("Backbone", backbones, **keep("st_backbone", "small_cnn", backbones))
+    heads = list_heads()
+    head = c2.selectbox("Head", heads, **keep("st_head", "loss_attention", heads))
+    size = c3.selectbox("Input size", [32, 64], **keep("st_size", 32, [32, 64]))
+    batch = int(c4.number_input("Batch", 1, 1024, step=16, **keep("st_batch", 64)))
+    plans = st.text_input("Stride plans (per-stage strides; ';' between plans)",
+                          **keep(f"st_plans_{backbone}", DEFAULT_PLANS[backbone]))
+    if st.button("Measure on this machine", key="st_measure"):
+        with guard("The benchmark"):
+            parsed = parse_stride_plans(plans)
+            folder = store().root / "_bench" / time.strftime("%Y%m%d-%H%M%S")
+            jobs.spawn_cli(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
+                            ";".join(",".join(map(str, p)) for p in parsed), "--input-size",
+                            str(size), "--batch", str(batch), "--steps", "3", "--device", "auto",
+                            "--json", str((folder / "bench.json").resolve())], folder)
+            remember(BENCH_KEY, str(folder))
+    bench_results()
+
+
+@st.fragment(run_every=1.5)
+def bench_results() -> None:
+    from pathlib import Path
+
+    folder = remembered(BENCH_KEY)
+    if not folder:
+        st.caption(f"Forward + backward images/s and peak memory per plan on {device_badge()}; "
+                   "each plan is measured in a fresh process.")
+        return
+    folder = Path(folder)
+    result = folder / "bench.json"
+    info = jobs.cli_process(folder)
+    if result.is_file():
+        rows = [{"plan": r["model"].split(" stride ")[-1], "images_per_s": r["images_per_s"],
+                 "memory_mb": r["peak_mem_mb"], "step_ms": r["step_ms"], "params": r["params"],
+                 "device": r["device"]} for r in json.loads(result.read_text())]
+        st.plotly_chart(bench_figure(rows), key="st_bench_fig")
+        st.dataframe(rows, hide_index=True)
+    elif info.get("alive"):
+        st.progress(0.5, text="Measuring in the background...")
+    else:
+        log = (folder / "process.log").read_text(errors="replace") if (
+            folder / "process.log").is_file() else ""
+        st.error("The benchmark ended without a result: " + (log.strip().splitlines() or
+                                                            ["no output"])[-1])
+
+
+def accuracy_section() -> None:
+    st.subheader("Accuracy against time per epoch")
+    st.caption("Trains one run per plan (a sweep over model.stride_plan, in the background), "
+               "then plots its best test accuracy against its median seconds per epoch; marker "
+               "size is peak memory.")
+    with st.container(border=True):  # no st.form: its widgets could not remember values
+        settings = run_settings("st_tr", heads=True)
+        plans = st.text_input("Stride plans to train", **keep("st_tr_plans",
+                                                               DEFAULT_PLANS["small_cnn"]))
+        name = st.text_input("Sweep name", **keep("st_tr_name", "stride"))
+        go = st.button("Train the plans", key="st_tr_launch")
+    if go:
+        with guard("Launching"):
+            grid = [("model.stride_plan", [list(p) for p in parse_stride_plans(plans)])]
+            launch_sweep(store(), config_of(settings), grid, name.strip())
+            remember("st_sweep", name.strip())
+    sweeps = list_sweeps(store())
+    if not sweeps:
+        return
+    sweep = st.selectbox("Stride sweep", sweeps, **keep("st_sweep", sweeps[0], sweeps))
+    rows = stride_summary(sweep_runs(store(), sweep))
+    if sweep_process_alive(store(), sweep):
+        st.info("Training in the background; the plot fills in as epochs finish (rerun to "
+                "refresh).")
+    if rows:
+        st.plotly_chart(stride_time_figure(rows), key="st_time_fig")
+        st.dataframe(rows, hide_index=True)
+
+
+st.title("Stride / time")
+with guard("Stride / time"):
+    bench_section()
+with guard("Stride / time"):
+    accuracy_section()

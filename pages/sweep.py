@@ -1,0 +1,134 @@
+"""Sweep: a γmax x ξ grid (the paper's Table VI and Fig. 7), trained in the background, shown as
+heat maps of accuracy and patch precision / recall / F."""
+
+import streamlit as st
+
+from engine.sweep import (
+    evaluate_cell,
+    launch_sweep,
+    list_sweeps,
+    parse_grid,
+    read_manifest,
+    stop_sweep,
+    sweep_folder,
+    sweep_process,
+    sweep_process_alive,
+    sweep_runs,
+    sweep_table,
+)
+from ui.figures import grid_heatmap
+from ui.forms import config_of, run_settings
+from ui.overlay import csv_bytes
+from ui.state import guard, keep, remember, store
+
+WATCH_KEY = "sw_watch"
+RATES = [("accuracy", "image accuracy"), ("map", "image mAP"),
+         ("precision_paper", "patch precision (paper)"), ("recall_paper", "patch recall (paper)"),
+         ("f_paper", "patch F (paper)"), ("precision", "patch precision (location)"),
+         ("recall", "patch recall (location)"), ("f", "patch F (location)")]
+
+
+def launch_form() -> None:
+    with st.container(border=True):  # no st.form: its widgets could not remember values
+        settings = run_settings("sw", gamma_xi=False)
+        c1, c2, c3 = st.columns(3)
+        gammas = c1.text_input("γmax values", **keep("sw_gammas", "0, 0.1"))
+        xis = c2.text_input("ξ values", **keep("sw_xis", "0, 0.1"))
+        name = c3.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
+        submitted = st.button("Launch sweep", type="primary", key="sw_launch")
+    if submitted:
+        with guard("Launching the sweep"):
+            grid = parse_grid([f"loss.gamma_max={gammas.replace(' ', '')}",
+                               f"model.xi={xis.replace(' ', '')}"])
+            for field, values in grid:
+                if not all(isinstance(v, int | float) for v in values):
+                    raise ValueError(f"{field} values must be numbers; got {values}")
+            launch_sweep(store(), config_of(settings), grid, name.strip())
+            remember(WATCH_KEY, name.strip())
+            st.success(f"Sweep {name} started: {len(grid[0][1]) * len(grid[1][1])} runs, one "
+                       "after another, in the background.")
+
+
+@st.fragment(run_every=2.0)
+def progress(sweep: str) -> None:
+    with guard("The sweep's progress"):
+        runs = sweep_runs(store(), sweep)
+        states = [r.status().get("state") for r in runs]
+        cells = sweep_process(store(), sweep).get("cells") or len(runs)
+        done = states.count("finished")
+        alive = sweep_process_alive(store(), sweep)
+        st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
+                    + (", training in the background" if alive else ""))
+        if "failed" in states:
+            failed = [r.name for r, s in zip(runs, states, strict=True) if s == "failed"]
+            st.error("Failed: " + ", ".join(failed) + " (see the Runs page for the reason).")
+        seen = st.session_state.setdefault("sw_done_seen", {})
+        if seen.get(sweep, done) != done:  # a cell finished: redraw the heat maps
+            seen[sweep] = done
+            st.rerun(scope="app")
+        seen[sweep] = done
+        if alive and st.button("Stop the sweep", key="sw_stop"):
+            stop_sweep(store(), sweep)
+            st.toast("Stopping: the training run checkpoints and stops; launch again to resume.")
+
+
+@st.cache_data(show_spinner="Evaluating a finished run...", max_entries=256)
+def _cell(root: str, name: str, checkpoint_mtime_ns: int) -> dict:
+    del root, checkpoint_mtime_ns  # cache key: a new best checkpoint is evaluated again
+    return evaluate_cell(store().get(name))
+
+
+def cached_cell(run) -> dict:
+    if not run.best_checkpoint.is_file():
+        return {}
+    return _cell(str(store().root), run.name, run.best_checkpoint.stat().st_mtime_ns)
+
+
+def report_of(sweep: str) -> dict:
+    """The sweep's table; each run is evaluated once per best checkpoint (cached), so a newly
+    finished cell costs one evaluation."""
+    return sweep_table(store(), sweep, cached_cell)
+
+
+def heat_maps(report: dict) -> None:
+    rows = [r for r in report["rows"] if r.get("state") == "finished"]
+    fields = report["fields"] or ["run"]
+    if not rows:
+        st.info("No finished run in this sweep yet.")
+        return
+    x_field = fields[-1]
+    y_field = fields[0] if len(fields) > 1 else None
+    if y_field is None:
+        for r in rows:
+            r["sweep"] = report["sweep"]
+        y_field = "sweep"
+    shown = [(key, label) for key, label in RATES if any(key in r for r in rows)]
+    columns = st.columns(min(4, len(shown)) or 1)
+    for i, (key, label) in enumerate(shown):
+        with columns[i % len(columns)]:
+            st.plotly_chart(grid_heatmap(rows, x_field, y_field, key, label),
+                            key=f"sw_heat_{key}")
+    st.dataframe(report["rows"], hide_index=True)
+    st.download_button("Sweep table CSV", csv_bytes(report["rows"]), f"{report['sweep']}.csv",
+                       "text/csv", key="sw_dl")
+
+
+st.title("Sweep")
+st.caption("Each cell is an ordinary run tagged with the sweep (see Runs). Launching the same "
+           "sweep again skips finished cells and resumes stopped ones.")
+launch_form()
+st.divider()
+with guard("The sweep list"):
+    sweeps = list_sweeps(store())
+    if not sweeps:
+        st.info("No sweep yet. The default grid is the paper's ablation: γmax ∈ {0, 0.1} x "
+                "ξ ∈ {0, 0.1}.")
+        st.stop()
+    sweep = st.selectbox("Sweep", sweeps, **keep(WATCH_KEY, sweeps[0], sweeps))
+    swept = read_manifest(store(), sweep)
+    if swept:
+        st.caption(f"Grid over {', '.join(swept)}; folder `{sweep_folder(store(), sweep)}`")
+progress(sweep)
+with guard("The sweep's heat maps"):
+    if sweep_runs(store(), sweep):
+        heat_maps(report_of(sweep))

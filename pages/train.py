@@ -1,0 +1,80 @@
+"""Train: launch a run in the background and watch it live; stop and resume it.
+
+Training never runs in this script: :func:`engine.jobs.launch` starts its own process, which goes
+on when the tab closes. The live panel is a fragment that re-reads the run's files every second.
+"""
+
+import streamlit as st
+
+from engine import jobs
+from engine.metrics import main_metric
+from ui.figures import training_curves
+from ui.forms import config_of, progress_of, run_settings
+from ui.state import guard, keep, remember, store
+
+LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
+
+
+def launch_form() -> None:
+    with st.container(border=True):  # no st.form: its widgets could not remember values
+        settings = run_settings("tr")
+        name = st.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
+        submitted = st.button("Launch training", type="primary", key="tr_launch")
+    if submitted:
+        with guard("Launching"):
+            config = config_of(settings, name.strip() or None)
+            run = jobs.launch(store(), config)
+            remember(LIVE_KEY, run.name)
+            st.success(f"Run {run.name} started in the background.")
+
+
+@st.fragment(run_every=1.0)
+def live_panel(name: str) -> None:
+    with guard("The live view"):
+        if not store().exists(name):
+            st.warning(f"Run {name} no longer exists (deleted).")
+            return
+        run = store().get(name)
+        status = run.status()
+        state = status.get("state")
+        fraction, text = progress_of(run)
+        st.progress(fraction, text=text)
+        if state == "failed":
+            st.error(f"Run failed: {status.get('reason') or 'see the log'}")
+        elif state == "stopped":
+            st.info(f"Stopped: {status.get('reason', '')}. Resume continues the same curves.")
+        elif state == "finished":
+            st.success(f"Finished in {status.get('duration_s', 0):.0f} s.")
+        c1, c2, _ = st.columns([1, 1, 4])
+        if c1.button("Stop", disabled=state != "running", key="tr_stop"):
+            store().stop(name)
+            st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
+        if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):
+            jobs.resume(store(), name)
+            st.toast(f"Resumed {name}.")
+        metrics = run.metrics()
+        if metrics:
+            metric = main_metric(run.config().loss.multilabel)
+            st.plotly_chart(training_curves(metrics, metric), key=f"tr_curves_{name}")
+        with st.expander("Log"):
+            st.code(run.last_output_line() if state == "failed" else _tail(run), language=None)
+
+
+def _tail(run, lines: int = 15) -> str:
+    try:
+        return "\n".join(run.log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log yet)"
+
+
+st.title("Train")
+launch_form()
+st.divider()
+with guard("The run list"):
+    rows = store().list()
+    names = [r["name"] for r in sorted(rows, key=lambda r: r.get("created") or 0, reverse=True)]
+    if not names:
+        st.info("No runs yet. Launch one above; it trains in the background.")
+        st.stop()
+    name = st.selectbox("Watch run", names, **keep(LIVE_KEY, names[0], names))
+live_panel(name)

@@ -1,0 +1,177 @@
+"""Benchmark the app in a real browser: ``python tests/bench_app.py [--moves 20] [--out F]``.
+
+Starts ``streamlit run app.py`` on a free port with an empty run store, drives Debian's chromium
+with Playwright, and prints (and writes as JSON):
+
+- ``home_title_visible_s`` / ``home_complete_s``: server process start to the Home title on
+  screen / to the script finishing (cold imports included);
+- ``explorer_cold_s``: first visit of the Patch Explorer (model load and test-set pass included);
+- ``explorer_warm_s``: a later visit, from navigation to the overlay on screen;
+- ``xi_slider_to_overlay_ms``: a ξ slider key press to a new overlay image (median, p90, all),
+  alternating page steps (0 <-> 0.1) and jumps (0 <-> 1). A 0.01 arrow step is not used: near
+  ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical.
+
+The browser test (tests/test_browser.py) shares these helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# The overlay is the image captioned with its weight scaling (the gallery has another caption).
+OVERLAY_JS = """() => {
+  for (const box of document.querySelectorAll("[data-testid='stImage']")) {
+    if (box.innerText.includes('weights (')) { const i = box.querySelector('img');
+      return i ? i.getAttribute('src') : null; } }
+  return null; }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_server(runs_root: str | Path):
+    """``streamlit run app.py`` as a user starts it; yields (url, monotonic start time)."""
+    port = free_port()
+    env = {**os.environ, "LOSSATTN_RUNS": str(runs_root)}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("streamlit did not start: "
+                                   + proc.stdout.read1().decode(errors="replace"))
+            time.sleep(0.05)
+        yield url, started
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def launch_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                      args=CHROMIUM_ARGS)
+
+
+def idle(page, timeout: float = 60_000) -> None:
+    page.wait_for_selector(IDLE, timeout=timeout)
+
+
+def overlay_src(page, timeout: float = 60_000) -> str:
+    page.wait_for_function(OVERLAY_JS, timeout=timeout)
+    return page.evaluate(OVERLAY_JS)
+
+
+def wait_new_overlay(page, old: str, timeout: float = 30_000) -> str:
+    page.wait_for_function(f"old => {{ const s = ({OVERLAY_JS})(); return s && s !== old; }}",
+                           arg=old, timeout=timeout)
+    return page.evaluate(OVERLAY_JS)
+
+
+def open_home(page, url: str, started: float) -> dict:
+    page.goto(url)
+    page.get_by_role("heading", name="Loss-Attention Studio").wait_for(timeout=60_000)
+    title = time.monotonic() - started
+    idle(page)
+    return {"home_title_visible_s": title, "home_complete_s": time.monotonic() - started}
+
+
+def open_explorer(page, url: str) -> float:
+    """Seconds from navigation to the overlay on screen."""
+    start = time.monotonic()
+    page.goto(f"{url}/explorer")
+    overlay_src(page, timeout=120_000)
+    seconds = time.monotonic() - start
+    idle(page)
+    return seconds
+
+
+def slider_latencies(page, moves: int) -> list[float]:
+    """Seconds from each ξ key press to the new overlay."""
+    page.get_by_role("slider").first.focus()
+    keys = ["End", "Home", "PageUp", "Home"]  # 1, 0, 0.1, 0: each move changes the overlay
+    src, out = overlay_src(page), []
+    for i in range(moves):
+        start = time.monotonic()
+        page.keyboard.press(keys[i % len(keys)])
+        src = wait_new_overlay(page, src)
+        out.append(time.monotonic() - start)
+        idle(page)
+    return out
+
+
+def summarise(latencies: list[float]) -> dict:
+    ms = sorted(1000 * v for v in latencies)
+    return {"median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
+            "all": [round(v) for v in ms]}
+
+
+def measure(moves: int = 20) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as runs, app_server(runs) as (url, started), \
+            sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        result = open_home(page, url, started)
+        result["explorer_cold_s"] = open_explorer(page, url)
+        page.goto(f"{url}/runs")
+        idle(page)
+        result["explorer_warm_s"] = open_explorer(page, url)
+        result["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, moves))
+        browser.close()
+    import torch
+
+    result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "load_avg_1min": os.getloadavg()[0]}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--moves", type=int, default=20, help="ξ slider moves to time")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    result = measure(args.moves)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One real-browser test: Debian's chromium driven by Playwright against `streamlit run app.py`.
+
+It opens every page, moves the ξ slider on the Patch Explorer and checks the overlay changes,
+uploads an image and a non-image, launches a one-epoch run on the Train page and waits for it to
+finish, and keeps a second browser session open at the same time. Screenshots and the timings
+seen on the way are written to ``test-artifacts/browser/`` (or $LOSSATTN_ARTIFACTS). The
+benchmark proper is ``python tests/bench_app.py``.
+"""
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_app import (
+    CHROMIUM,
+    ROOT,
+    app_server,
+    idle,
+    launch_browser,
+    open_explorer,
+    open_home,
+    overlay_src,
+    slider_latencies,
+    summarise,
+)
+
+playwright = pytest.importorskip("playwright.sync_api")
+# CI installs chromium and sets LOSSATTN_REQUIRE_BROWSER=1, so there a missing browser fails.
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("LOSSATTN_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)")
+
+PAGES = {"": "Loss-Attention Studio", "explorer": "Patch Explorer", "compare": "Compare maps",
+         "curves": "Curves", "train": "Train", "runs": "Runs", "sweep": "Sweep",
+         "stride": "Stride / time", "mil": "MIL", "transfer": "Mutual transfer"}
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def no_traceback(page) -> None:
+    text = page.inner_text("body")
+    assert "Traceback" not in text and 'File "' not in text, text[:2000]
+
+
+def png_bytes(size=(50, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", size, (200, 30, 30, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_every_page_in_a_real_browser(artifacts, tmp_path):
+    with app_server(tmp_path / "runs") as (url, started), playwright.sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        timings = open_home(page, url, started)
+        page.screenshot(path=artifacts / "home.png", full_page=True)
+
+        for path, title in PAGES.items():
+            page.goto(f"{url}/{path}")
+            page.get_by_role("heading", name=title).first.wait_for(timeout=90_000)
+            idle(page, 120_000)
+            no_traceback(page)
+            page.screenshot(path=artifacts / f"{path or 'home'}.png", full_page=True)
+
+        # Patch Explorer, warm; then the ξ slider must change the overlay.
+        page.goto(f"{url}/runs")
+        idle(page)
+        timings["explorer_warm_s"] = open_explorer(page, url)
+        first = overlay_src(page)
+        timings["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, 4))
+        assert overlay_src(page) != first
+        page.screenshot(path=artifacts / "explorer-xi.png", full_page=True)
+
+        # Upload: an RGBA PNG of odd size works; a text file gets a clear message.
+        page.get_by_text("upload your own").click()
+        idle(page)
+        good = tmp_path / "mine.png"
+        good.write_bytes(png_bytes())
+        uploader = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+        uploader.set_input_files(str(good))
+        page.get_by_text("unknown (your image)").wait_for(timeout=60_000)
+        idle(page)
+        bad = tmp_path / "notes.png"
+        bad.write_text("not an image at all")
+        uploader.set_input_files(str(bad))
+        page.get_by_text("is not an image this app can read").wait_for(timeout=60_000)
+        no_traceback(page)
+        page.screenshot(path=artifacts / "explorer-upload.png", full_page=True)
+
+        # A second session at the same time, on the explorer.
+        other = browser.new_context().new_page()
+        other.goto(f"{url}/explorer")
+        overlay_src(other)
+
+        # Train: a one-epoch run on a small slice, watched until it finishes.
+        page.goto(f"{url}/train")
+        idle(page)
+        for label, value in [("Epochs", "1"), ("Train images (0: all)", "256"),
+                             ("Test images (0: all)", "64"),
+                             ("Run name (empty: automatic)", "browser-run")]:
+            field = page.get_by_label(label)
+            field.fill(value)
+            field.press("Enter")
+            idle(page)
+        started_run = time.monotonic()
+        page.get_by_role("button", name="Launch training").click()
+        page.get_by_text("Run browser-run started").wait_for(timeout=60_000)
+        page.close()  # the tab closes; the run goes on, and a new tab finds it
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/train")
+        page.get_by_text("Finished in").wait_for(timeout=180_000)
+        page.screenshot(path=artifacts / "train-finished.png", full_page=True)
+        # The watched run is the selectbox's value (a combobox input, not text of the page).
+        assert page.get_by_role("combobox", name="Watch run").input_value() == "browser-run"
+        assert "finished: epoch 1/1" in page.inner_text("body")
+        timings["one_epoch_run_seen_finished_s"] = time.monotonic() - started_run
+        no_traceback(page)
+        page.screenshot(path=artifacts / "train-finished.png", full_page=True)
+        other.get_by_role("heading", name="Patch Explorer").wait_for()
+        browser.close()
+    (artifacts / "timings.json").write_text(json.dumps(timings, indent=1))
+    print("browser timings:", json.dumps(timings))

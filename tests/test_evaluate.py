@@ -1,0 +1,162 @@
+"""Evaluation end to end: reports, ξ grids, errors, CAM hooks, sweeps, the real data slices."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import data_root, needs_data
+
+from engine.checkpoint import atomic_torch_save, load_model, make_checkpoint
+from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from engine.data import load_split
+from engine.data.base import ImageSet
+from engine.evaluate import EvaluationError, evaluate_model, resolve_groups
+from engine.explain import cam_maps
+from engine.metrics import evaluate as epoch_evaluate
+from engine.models import build_model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_small_cnn_la.pt"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, ckpt = load_model(SHIPPED)
+    data = load_split(DataConfig(**{**ckpt["run_config"]["data"], "test_size": 400}), "test")
+    return model, data
+
+
+def test_report_at_a_xi_grid(shipped):
+    model, data = shipped
+    report = evaluate_model(model, data, CPU, xi_grid=[0.0, 0.5, 1.0])
+    assert [r["xi"] for r in report["by_xi"]] == [0.0, 0.1, 0.5, 1.0]  # the model's ξ added
+    assert report["groups"] == ["image", "patch", "localization"]
+    at = {r["xi"]: r for r in report["by_xi"]}
+    # The cached re-decode agrees with a plain forward pass at the model's ξ.
+    direct = epoch_evaluate(model, data, CPU)
+    assert at[0.1]["image"]["accuracy"] == pytest.approx(direct["test_acc"])
+    assert at[0.1]["selection"]["patches_per_image"] == pytest.approx(direct["patches_selected"])
+    # ξ = 0 keeps every patch; a higher ξ keeps fewer, more precise ones.
+    assert at[0.0]["selection"]["patches_per_image"] == 36
+    assert at[0.0]["patch"]["recall"] == 1.0
+    assert at[1.0]["patch"]["precision"] > at[0.1]["patch"]["precision"]
+    assert at[1.0]["selection"]["patches_per_image"] < at[0.1]["selection"]["patches_per_image"]
+    assert at[0.1]["patch"]["f_paper"] > 0.5 and at[0.1]["localization"]["gt_known_loc"] > 0.3
+    curves = report["patch_pr"]
+    assert 0 < curves["overall"]["ap"] <= 1 and len(curves["per_class"]) == 10
+
+
+def test_faithfulness_in_report_and_cam_hooks_released(shipped):
+    model, data = shipped
+    report = evaluate_model(model, data, CPU, groups=["image"], faithfulness_images=12)
+    methods = report["faithfulness"]["methods"]
+    assert set(methods) == {"loss_attention", "gradcam", "gradcam++", "scorecam"}
+    for row in methods.values():
+        assert 0 <= row["average_drop_pct"] <= 100 and 0 <= row["deletion_auc"] <= 1
+        assert 0 <= row["energy_pointing_game"] <= 1
+    maps = cam_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), "gradcam")
+    assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
+
+
+def test_missing_capabilities_are_clear_errors(shipped):
+    model, data = shipped
+    plain = build_model(ModelConfig(backbone="small_cnn", head="plain"))
+    with pytest.raises(EvaluationError, match=r"head 'plain'\) has no patch outputs"):
+        resolve_groups(plain, data, "patch")
+    assert resolve_groups(plain, data, "auto") == ["image"]
+    boxless = ImageSet("nobox", "test", data.images[:4], data.targets[:4], data.classes, False,
+                       data.mean, data.std)
+    with pytest.raises(EvaluationError, match="no bounding boxes; localization"):
+        resolve_groups(model, boxless, "localization")
+    with pytest.raises(EvaluationError, match="empty"):
+        evaluate_model(model, ImageSet("empty", "test", data.images[:0], data.targets[:0],
+                                       data.classes, False, data.mean, data.std), CPU)
+    with pytest.raises(EvaluationError, match="unknown metric"):
+        resolve_groups(model, data, "speed")
+    multi = load_split(DataConfig(dataset="digits_multilabel", test_size=8), "test")
+    with pytest.raises(EvaluationError, match="single-label"):
+        resolve_groups(model, multi, "localization")
+
+
+def test_cli_evaluate_writes_reports(tmp_path, capsys):
+    from engine.__main__ import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(SHIPPED), "--test-size", "200", "--xi-grid", "0,1",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["by_xi"]) == 3
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("xi,accuracy") and len(lines) == 4
+    assert "patch_ap" in (out / "per_class.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main(["evaluate", str(SHIPPED), "--metrics", "faithfulness,bogus"]) == 2
+    assert "unknown metric" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert main(["evaluate", str(SHIPPED), "--xi-grid", "0,2", "--test-size", "50",
+                 "--out", str(out)]) == 2
+
+
+def test_sweep_trains_a_grid_and_tabulates(tmp_path):
+    from engine.runs import RunStore
+    from engine.sweep import parse_grid, run_sweep, sweep_configs, sweep_report, write_manifest
+
+    base = RunConfig(model=ModelConfig(backbone="small_cnn"),
+                     data=DataConfig(train_size=128, test_size=64),
+                     train=TrainConfig(epochs=1, batch_size=32))
+    grid = parse_grid(["model.head=loss_attention,mean", "loss.gamma_max=0,0.1"])
+    configs = sweep_configs(base, grid, "ab")
+    assert len(configs) == 4 and configs[1].loss.gamma_max == 0.1
+    assert all("sweep:ab" in c.tags for c in configs)
+    store = RunStore(tmp_path)
+    run_sweep(store, configs[:2], parallel=2, log=lambda m: None)   # background processes
+    run_sweep(store, configs, parallel=1, progress_bar=False, log=lambda m: None)  # the rest
+    assert "train.lr" in sweep_report(store, "ab")["fields"]   # no manifest: all varied
+    write_manifest(store, "ab", grid)
+    report = sweep_report(store, "ab")
+    assert report["fields"] == ["model.head", "loss.gamma_max"]
+    assert "train.lr" in report["derived_fields"]    # Mean-pooling's Adam recipe
+    assert len(report["rows"]) == 4 and all(r["state"] == "finished" for r in report["rows"])
+    assert all("f_paper" in r for r in report["rows"])
+    assert (tmp_path / "_sweeps" / "ab" / "report.csv").is_file()
+    with pytest.raises(ValueError, match="--grid"):
+        parse_grid(["gamma=0,1"])
+
+
+def _untrained_checkpoint(path, model_cfg, data_cfg):
+    model = build_model(model_cfg)
+    run = RunConfig(model=model.config, data=data_cfg)
+    atomic_torch_save(make_checkpoint(config_to_dict(run), model), path)
+
+
+@needs_data
+def test_tiny_imagenet_slice_end_to_end(tmp_path):
+    from engine.__main__ import main
+
+    ckpt = tmp_path / "tiny.pt"
+    _untrained_checkpoint(ckpt, ModelConfig(backbone="small_cnn", num_classes=10, input_size=64),
+                          DataConfig(dataset="tiny_imagenet", root=data_root()))
+    assert main(["evaluate", str(ckpt), "--faithfulness-images", "6", "--out",
+                 str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["images"] == 500
+    assert report["groups"] == ["image", "patch", "localization", "faithfulness"]
+    row = report["by_xi"][0]
+    assert 0 <= row["localization"]["gt_known_loc"] <= 1 and "recall" in row["patch"]
+
+
+@needs_data
+def test_coco_slice_end_to_end(tmp_path):
+    ckpt = tmp_path / "coco.pt"
+    _untrained_checkpoint(ckpt, ModelConfig(backbone="small_cnn", num_classes=80, input_size=64),
+                          DataConfig(dataset="coco", root=data_root(), test_split="val2017"))
+    model, meta = load_model(ckpt)
+    data = load_split(DataConfig(**meta["run_config"]["data"]), "test")
+    report = evaluate_model(model, data, CPU, faithfulness_images=4)
+    assert report["groups"] == ["image", "patch", "faithfulness"]  # no localization: multi-label
+    image = report["by_xi"][0]["image"]
+    assert image["classes_with_positives"] == 47 and 0 <= image["map"] <= 1
+    assert 0 <= image["map_11point_paper"] <= 1
+    assert report["by_xi"][0]["patch"]["positive_patches"] > 0

@@ -1,0 +1,196 @@
+"""Known-answer tests of every evaluation metric, on hand-built tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine import metrics as M
+from engine.explain import (
+    average_drop_increase,
+    coverage,
+    deletion_insertion,
+    energy_pointing,
+    patch_map,
+    pointing_game,
+)
+from engine.models.geometry import PatchGrid
+
+NAN = float("nan")
+
+
+def grid_2x2():
+    """Four 10x10 patches tiling a 20x20 image, row-major."""
+    boxes = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]])
+    return PatchGrid(2, 2, (20, 20), (20, 20), boxes)
+
+
+def test_classification_metrics():
+    logits = torch.tensor([[3.0, 1, 0, 0, 0, 0, 0], [0, 3, 2, 1, 0, 0, 0],
+                           [-3, -2, -1, 1, 2, 3, 4]])
+    out = M.classification_metrics(logits, torch.tensor([0, 2, 0]))
+    assert out["accuracy"] == pytest.approx(1 / 3)
+    assert out["top5"] == pytest.approx(2 / 3)  # class 0 is 7th for image 2
+    assert out["confusion"][0] == [1, 0, 0, 0, 0, 0, 1] and out["confusion"][2][1] == 1
+    assert out["per_class_accuracy"][0] == 0.5 and out["per_class_accuracy"][2] == 0.0
+    assert math.isnan(out["per_class_accuracy"][1])  # no image of class 1
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([1, 1, 0, 1, 0, 0, 1, 0, 0, 0], 1.0),       # boundary only at recall 1; p[0] fills the rest
+    ([0, 1, 1, 1, 1, 1, 1, 1, 1, 1], (8 / 9) / 11),  # top item negative: p[0] = 0 for 10 buckets
+    ([1] * 10, 1.0),
+    ([0] * 10, 0.0),                              # no positives: 0, as the released code
+])
+def test_paper_11point_ap_known_answers(labels, expected):
+    scores = np.arange(10, 0, -1, dtype=float)
+    assert M.paper_11point_ap(scores, np.array(labels)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_multilabel_metrics():
+    scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.1, 0.9, 0.3], [0.2, 0.2, 0.4]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0]])
+    out = M.multilabel_metrics(scores, targets)
+    # class 0: ranks +,-,+,- ... scores 0.9(+),0.8(-),0.2(+),0.1(-): AP = (1 + 2/3)/2
+    assert out["per_class_ap"][0] == pytest.approx((1 + 2 / 3) / 2)
+    assert out["per_class_ap"][1] == pytest.approx(1.0)
+    assert math.isnan(out["per_class_ap"][2]) and out["classes_with_positives"] == 2
+    assert out["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert out["per_class_ap_11point_paper"][2] == 0.0  # empty column counts 0 in the paper mAP
+
+
+def test_box_patch_overlap_more_than_half():
+    boxes = torch.tensor([[0.0, 0, 10, 10],    # patch 0 entirely
+                          [0.0, 0, 14, 10],    # patch 1 by 40 %: no
+                          [0.0, 0, 15, 10],    # patch 1 by exactly 50 %: no (strictly more)
+                          [0.0, 0, 16, 10]])   # patch 1 by 60 %: yes
+    out = M.box_patch_overlap(grid_2x2().boxes, boxes)
+    assert out.tolist() == [[True, False, False, False], [True, False, False, False],
+                            [True, False, False, False], [True, True, False, False]]
+
+
+def test_patch_ground_truth_uses_boxes_of_image_classes():
+    box_data = torch.tensor([[0.0, 0, 0, 10, 10],     # image 0, class 0 (its label)
+                             [1.0, 10, 10, 20, 20],   # image 0, class 1 (not its label)
+                             [1.0, 0, 10, 20, 20]])   # image 1, class 1
+    offsets = torch.tensor([0, 2, 3])
+    grid = grid_2x2().boxes
+    single = M.patch_ground_truth(grid, box_data, offsets, torch.tensor([0, 1]), False)
+    assert single.tolist() == [[True, False, False, False], [False, False, True, True]]
+    multi_targets = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    multi = M.patch_ground_truth(grid, box_data, offsets, multi_targets, True)
+    assert multi[0].tolist() == [True, False, False, True]
+    only1 = M.patch_ground_truth(grid, box_data, offsets, multi_targets, True, class_index=1)
+    assert only1[0].tolist() == [False, False, False, True]
+
+
+def test_label_agreement():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])
+    assert M.label_agreement(logits, torch.tensor([1]), False).tolist() == [[False, True]]
+    multi = torch.tensor([[[1.0, -1.0], [-1.0, -1.0]]])
+    assert M.label_agreement(multi, torch.tensor([[1.0, 0.0]]), True).tolist() == [[True, False]]
+
+
+def test_patch_prf_both_definitions():
+    sel = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    agr = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    gt = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    out = M.patch_prf(sel, agr, gt)
+    # paper: TP = sel&agr&gt = 1 (image 0, patch 0); sel&agr = 3; positives = 3
+    assert out["precision_paper"] == pytest.approx(1 / 3)
+    assert out["recall_paper"] == pytest.approx(1 / 3)
+    assert out["f_paper"] == pytest.approx(1 / 3)
+    # location only: sel&gt = 2 of 4 selected; recall 2 of 3
+    assert out["precision"] == pytest.approx(0.5) and out["recall"] == pytest.approx(2 / 3)
+    assert out["f"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert out["selected_per_image"] == 2.0
+    none = M.patch_prf(torch.zeros(1, 4, dtype=torch.bool), agr[:1], gt[:1])
+    assert math.isnan(none["precision"]) and none["recall"] == 0.0 and math.isnan(none["f"])
+
+
+def test_pr_curve_ap():
+    scores = torch.tensor([[0.9, 0.8, 0.3, 0.1]])
+    assert M.pr_curve(scores, torch.tensor([[True, True, False, False]]))["ap"] == 1.0
+    assert M.pr_curve(scores, torch.tensor([[False, True, False, True]]))["ap"] == \
+        pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert math.isnan(M.pr_curve(scores, torch.zeros(1, 4, dtype=torch.bool))["ap"])
+
+
+def test_image_pr_curves_per_class_and_micro():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.6, 0.0]])
+    targets = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 1, 0]])
+    curves = M.image_pr_curves(scores, targets, ["a", "b", "c"])
+    assert [c["class"] for c in curves["per_class"]] == ["a", "b"]   # "c" has no positives
+    assert curves["per_class"][0]["ap"] == 1.0                       # a: 0.9 ranks first
+    assert curves["per_class"][1]["ap"] == 1.0                       # b: 0.8, 0.6 over 0.1
+    # micro: ranking 0.9+ 0.8+ 0.7- 0.6+ ... -> AP = (1 + 1 + 3/4) / 3
+    assert curves["overall"]["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
+
+
+def test_localization_known_answer():
+    grid = grid_2x2().boxes
+    selected = torch.tensor([[True, True, False, False],    # box (0,0,20,10)
+                             [False, False, False, True],   # box (10,10,20,20)
+                             [False, False, False, False]])  # nothing selected
+    box, found = M.selection_boxes(selected, grid)
+    assert box[0].tolist() == [0, 0, 20, 10] and found.tolist() == [True, True, False]
+    box_data = torch.tensor([[0.0, 0, 0, 20, 12],   # image 0: IoU 200/240 > 0.5
+                             [1.0, 0, 0, 20, 20],   # image 1: IoU 100/400
+                             [1.0, 10, 10, 20, 20],  # image 1 (class 1 again): IoU 1
+                             [0.0, 0, 0, 20, 20]])  # image 2
+    offsets = torch.tensor([0, 1, 3, 4])
+    out = M.localization_metrics(selected, grid, predicted=torch.tensor([0, 0, 0]),
+                                 targets=torch.tensor([0, 1, 0]), box_data=box_data,
+                                 box_offsets=offsets)
+    assert out["gt_known_loc"] == pytest.approx(2 / 3)   # images 0 and 1
+    assert out["top1_loc"] == pytest.approx(1 / 3)       # image 1's class is wrong
+    assert out["mean_iou"] == pytest.approx((200 / 240 + 1 + 0) / 3)
+    assert out["no_selection"] == 1
+
+
+def test_patch_map_averages_overlaps():
+    boxes = torch.tensor([[0, 0, 6, 4], [4, 0, 10, 4]])  # overlap in columns 4-5
+    grid = PatchGrid(1, 2, (5, 10), (5, 10), boxes)
+    painted = patch_map(torch.tensor([[1.0, 0.0]]), grid)[0]
+    assert painted[0, :4].tolist() == [1, 1, 1, 1]
+    assert painted[0, 4:6].tolist() == [0.5, 0.5] and painted[0, 6:].sum() == 0
+    assert painted[4].sum() == 0  # row 4 lies in no box
+    assert coverage(grid).sum() == 2 * 24
+
+
+def test_pointing_and_energy():
+    maps = torch.zeros(2, 20, 20)
+    maps[0, 2, 2] = 1.0        # inside the box
+    maps[1, 15, 15] = 1.0      # centre (15.5, 15.5): 14.85 px from the box corner (5, 5)
+    boxes = [torch.tensor([[0.0, 0, 5, 5]]), torch.tensor([[0.0, 0, 5, 5]])]
+    assert pointing_game(maps, boxes).tolist() == [1.0, 1.0]
+    assert pointing_game(maps, boxes, tolerance=10).tolist() == [1.0, 0.0]
+    assert math.isnan(pointing_game(maps[:1], [torch.zeros(0, 4)])[0])
+    flat = torch.ones(1, 20, 20)
+    assert energy_pointing(flat, [torch.tensor([[0.0, 0, 10, 10]])]).item() == pytest.approx(0.25)
+
+
+def brightness(pixels, classes):
+    """A stand-in scorer: the image's mean brightness."""
+    return pixels.mean((1, 2, 3))
+
+
+def test_average_drop_and_increase():
+    pixels = torch.ones(2, 3, 4, 4)
+    maps = torch.stack([torch.full((4, 4), 0.5), torch.ones(4, 4)])
+    drop, increase = average_drop_increase(brightness, pixels, maps, torch.zeros(2).long())
+    assert drop.tolist() == [0.5, 0.0] and increase.tolist() == [0.0, 0.0]
+    darker = torch.full((1, 3, 4, 4), 0.5)
+    _, up = average_drop_increase(brightness, darker, torch.ones(1, 4, 4), torch.zeros(1).long(),
+                                  base=torch.tensor([0.25]))
+    assert up.tolist() == [1.0]
+
+
+def test_deletion_and_insertion_auc():
+    pixels = torch.ones(1, 3, 8, 8)
+    maps = torch.rand(1, 8, 8)
+    deletion, insertion = deletion_insertion(brightness, pixels, maps, torch.zeros(1).long(),
+                                             steps=8)
+    assert deletion.item() == pytest.approx(0.5)   # brightness falls linearly 1 -> 0
+    assert insertion.item() == pytest.approx(1.0)  # a blurred all-ones image is all ones

@@ -1,0 +1,169 @@
+"""Plotly figure builders for the pages (Streamlit-free, unit-tested directly).
+
+One continuous colour scale (``COLORSCALE``, the same viridis as the overlays) for every heat map,
+with fixed ranges for rates in [0, 1], so two heat maps side by side can be compared by colour;
+one qualitative palette for runs and methods, assigned by name so a run keeps its colour.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+COLORSCALE = "Viridis"
+PALETTE = qualitative.D3
+TEMPLATE = "plotly_white"
+
+
+def color_for(name: str, names: Sequence[str]) -> str:
+    """A stable colour per name within a list (its position in the sorted list)."""
+    order = sorted(set(names))
+    return PALETTE[order.index(name) % len(PALETTE)] if name in order else PALETTE[0]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, title=title, height=height,
+                      margin={"l": 50, "r": 20, "t": 50 if title else 20, "b": 40},
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def training_curves(metrics: list[dict], metric_name: str = "test_acc") -> go.Figure:
+    """Loss (train, and test where recorded) and the main metric against epoch, one run."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", metric_name))
+    epochs = [r["epoch"] + 1 for r in metrics]
+    series = [("train_loss", 1, PALETTE[0]), ("test_loss", 1, PALETTE[1]),
+              ("train_acc", 2, PALETTE[0]), (metric_name, 2, PALETTE[1])]
+    for key, col, colour in series:
+        values = [r.get(key) for r in metrics]
+        if any(_finite(v) for v in values):
+            fig.add_trace(go.Scatter(x=epochs, y=values, name=key, mode="lines+markers",
+                                     line={"color": colour}), row=1, col=col)
+    fig.update_xaxes(title_text="epoch")
+    return _layout(fig)
+
+
+def metric_overlay(runs: dict[str, list[dict]], key: str) -> go.Figure:
+    """One line per run of ``key`` against epoch (the Runs page's overlay)."""
+    fig = go.Figure()
+    names = list(runs)
+    for name, rows in runs.items():
+        fig.add_trace(go.Scatter(x=[r["epoch"] + 1 for r in rows], y=[r.get(key) for r in rows],
+                                 name=name, mode="lines+markers",
+                                 line={"color": color_for(name, names)}))
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text=key)
+    return _layout(fig)
+
+
+def grid_heatmap(rows: list[dict], x_field: str, y_field: str, value: str,
+                 title: str | None = None) -> go.Figure:
+    """Heat map of ``value`` over two swept fields; cells without a value are blank. Rates in
+    [0, 1] use the fixed range so that heat maps compare by colour."""
+    xs = sorted({json_key(r.get(x_field)) for r in rows}, key=_sort_key)
+    ys = sorted({json_key(r.get(y_field)) for r in rows}, key=_sort_key)
+    z = [[None] * len(xs) for _ in ys]
+    for r in rows:
+        v = r.get(value)
+        if _finite(v):
+            z[ys.index(json_key(r.get(y_field)))][xs.index(json_key(r.get(x_field)))] = v
+    flat = [v for line in z for v in line if v is not None]
+    rate = bool(flat) and all(0 <= v <= 1 for v in flat)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[str(x) for x in xs], y=[str(y) for y in ys], colorscale=COLORSCALE,
+        zmin=0 if rate else None, zmax=1 if rate else None,
+        text=[[("" if v is None else f"{v:.3f}") for v in line] for line in z],
+        texttemplate="%{text}", hovertemplate=f"{x_field}=%{{x}}<br>{y_field}=%{{y}}<br>"
+        f"{value}=%{{z:.4f}}<extra></extra>"))
+    fig.update_xaxes(title_text=x_field, type="category")
+    fig.update_yaxes(title_text=y_field, type="category")
+    return _layout(fig, title or value, height=320)
+
+
+def json_key(value):
+    """A hashable, printable form of a config value (lists become tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _sort_key(value):
+    return (0, value, "") if isinstance(value, int | float) else (1, 0, str(value))
+
+
+def pr_figure(curves: dict, title: str, classes: Sequence[str] | None = None) -> go.Figure:
+    """Precision against recall: the overall curve (bold) and the chosen classes' curves, with
+    AP in each legend entry."""
+    fig = go.Figure()
+    per_class = curves.get("per_class", [])
+    names = [c["class"] for c in per_class]
+    for curve in per_class:
+        if classes is not None and curve["class"] not in classes:
+            continue
+        fig.add_trace(go.Scatter(x=curve["recall"], y=curve["precision"], mode="lines",
+                                 name=f"{curve['class']} (AP {curve['ap']:.3f})",
+                                 line={"color": color_for(curve["class"], names), "width": 1.5}))
+    overall = curves.get("overall")
+    if overall and overall.get("recall"):
+        fig.add_trace(go.Scatter(x=overall["recall"], y=overall["precision"], mode="lines",
+                                 name=f"overall (AP {overall['ap']:.3f})",
+                                 line={"color": "black", "width": 3}))
+    fig.update_xaxes(title_text="recall", range=[0, 1.02])
+    fig.update_yaxes(title_text="precision", range=[0, 1.02])
+    return _layout(fig, title, height=420)
+
+
+def patch_bars(values: Sequence[float], weights: Sequence[float], selected: Sequence[bool],
+               label: str) -> go.Figure:
+    """Per-patch values (e.g. the logit for one class), coloured by weight; selected patches
+    outlined."""
+    fig = go.Figure(go.Bar(
+        x=list(range(len(values))), y=list(values),
+        marker={"color": list(weights), "colorscale": COLORSCALE, "cmin": 0,
+                "cmax": max(max(weights, default=0), 1e-9), "colorbar": {"title": "weight"},
+                "line": {"color": ["black" if s else "rgba(0,0,0,0)" for s in selected],
+                         "width": 1.5}},
+        hovertemplate="patch %{x}<br>" + label + " %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(title_text="patch (row-major)")
+    fig.update_yaxes(title_text=label)
+    return _layout(fig, height=300)
+
+
+def stride_time_figure(rows: list[dict]) -> go.Figure:
+    """Accuracy against seconds per epoch, marker size by peak memory, one point per plan."""
+    fig = go.Figure()
+    points = [r for r in rows if _finite(r.get("epoch_s")) and _finite(r.get("accuracy"))]
+    memory = [r.get("memory_mb") or 0 for r in points]
+    top = max(memory, default=0) or 1
+    names = [str(r["plan"]) for r in points]
+    for r, mem in zip(points, memory, strict=True):
+        fig.add_trace(go.Scatter(
+            x=[r["epoch_s"]], y=[r["accuracy"]], mode="markers+text", text=[str(r["plan"])],
+            textposition="top center", name=str(r["plan"]),
+            marker={"size": 12 + 30 * mem / top, "color": color_for(str(r["plan"]), names)},
+            hovertemplate=f"plan {r['plan']}<br>%{{x:.1f}} s/epoch<br>accuracy %{{y:.4f}}<br>"
+            f"memory {mem:.0f} MB<extra></extra>"))
+    fig.update_xaxes(title_text="seconds per epoch (this machine)")
+    fig.update_yaxes(title_text="test accuracy")
+    return _layout(fig, height=380)
+
+
+def bench_figure(rows: list[dict]) -> go.Figure:
+    """Images/s (bars) and peak memory (markers, right axis) per stride plan."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    plans = [str(r["plan"]) for r in rows]
+    fig.add_trace(go.Bar(x=plans, y=[r.get("images_per_s") for r in rows], name="images/s",
+                         marker_color=PALETTE[0]), secondary_y=False)
+    fig.add_trace(go.Scatter(x=plans, y=[r.get("memory_mb") for r in rows], name="peak MB",
+                             mode="markers", marker={"size": 12, "color": PALETTE[1]}),
+                  secondary_y=True)
+    fig.update_yaxes(title_text="forward+backward images/s", secondary_y=False)
+    fig.update_yaxes(title_text="peak memory (MB)", secondary_y=True)
+    fig.update_xaxes(title_text="stride plan", type="category")
+    return _layout(fig, height=340)

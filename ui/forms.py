@@ -1,0 +1,96 @@
+"""The run-settings form shared by Train, Sweep and Stride / time, and run-status widgets."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from engine.config import RunConfig, config_from_dict
+from engine.data import list_datasets
+from engine.device import DEVICE_CHOICES
+from engine.models import list_backbones, list_heads
+from engine.runs import Run
+from ui.state import keep
+
+HEAD_LABELS = {
+    "loss_attention": "Loss-Attention (conv)",
+    "capsule_loss_attention": "Loss-Attention (capsule)",
+    "mean": "Mean pooling",
+    "attention": "Attention (Ilse)",
+    "gated_attention": "Gated attention (Ilse)",
+    "dynamic_routing": "Dynamic routing",
+    "plain": "Plain backbone",
+}
+
+
+def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True) -> dict:
+    """Draw the settings (inside the caller's form) and return them as a RunConfig dict."""
+    datasets, backbones = list_datasets(), list_backbones()
+    c1, c2, c3 = st.columns(3)
+    data = {"dataset": c1.selectbox("Data set", datasets,
+                                    **keep(f"{prefix}_dataset", "digits", datasets))}
+    model = {"backbone": c2.selectbox("Backbone", backbones,
+                                      **keep(f"{prefix}_backbone", "small_cnn", backbones))}
+    if heads:
+        names = list_heads()
+        model["head"] = c3.selectbox("Head", names, format_func=lambda h: HEAD_LABELS.get(h, h),
+                                     **keep(f"{prefix}_head", "loss_attention", names))
+    loss, train = {}, {}
+    c1, c2, c3, c4 = st.columns(4)
+    if gamma_xi:
+        loss["gamma_max"] = c1.number_input("γmax", 0.0, 10.0, step=0.05, format="%.3f",
+                                            **keep(f"{prefix}_gamma", 0.1))
+        model["xi"] = c2.number_input("ξ", 0.0, 1.0, step=0.05, format="%.2f",
+                                      **keep(f"{prefix}_xi", 0.1))
+    train["epochs"] = int(c3.number_input("Epochs", 1, 1000, step=1,
+                                          **keep(f"{prefix}_epochs", 5)))
+    train["batch_size"] = int(c4.number_input("Batch", 1, 4096, step=16,
+                                              **keep(f"{prefix}_batch", 128)))
+    c1, c2, c3, c4 = st.columns(4)
+    train_size = int(c1.number_input("Train images (0: all)", 0, 10_000_000, step=1000,
+                                     **keep(f"{prefix}_train_size", 4000)))
+    test_size = int(c2.number_input("Test images (0: all)", 0, 10_000_000, step=500,
+                                    **keep(f"{prefix}_test_size", 1000)))
+    data.update(train_size=train_size or None, test_size=test_size or None)
+    train["device"] = c3.selectbox("Device", DEVICE_CHOICES,
+                                   **keep(f"{prefix}_device", "auto", DEVICE_CHOICES))
+    train["seed"] = int(c4.number_input("Seed", 0, 2**31 - 1, step=1,
+                                        **keep(f"{prefix}_seed", 0)))
+    root = st.text_input("Data folder (for data sets on disk; empty: $LOSSATTN_DATA)",
+                         **keep(f"{prefix}_root", ""))
+    if root.strip():
+        data["root"] = root.strip()
+    return {"model": model, "data": data, "loss": loss, "train": train}
+
+
+def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = ()) -> RunConfig:
+    """A validated RunConfig (ConfigError names the bad field)."""
+    return config_from_dict(RunConfig, {**settings, "name": name or None, "tags": list(tags)})
+
+
+def progress_of(run: Run) -> tuple[float, str]:
+    """(fraction done, a line of text) from a run's status."""
+    status = run.status()
+    epochs = status.get("epochs") or run.config().train.epochs
+    done = status.get("epochs_done") or 0
+    steps, step = status.get("steps") or 0, status.get("step") or 0
+    fraction = min(1.0, (done + (step / steps if steps else 0)) / max(epochs, 1))
+    state = status.get("state", "?")
+    text = f"{state}: epoch {min(done + 1, epochs) if state == 'running' else done}/{epochs}"
+    if state == "running" and steps:
+        text += f", step {step}/{steps}"
+    if status.get("images_per_s"):
+        text += f", {status['images_per_s']:.0f} img/s"
+    if state == "running" and status.get("eta_s") is not None:
+        text += f", ETA {format_seconds(status['eta_s'])}"
+    if status.get("best_metric") is not None:
+        text += f"; best {status.get('metric_name', 'metric')} {status['best_metric']:.4f}"
+    return fraction, text
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,0 +1,246 @@
+"""What every page shares: remembered choices, cached models and data, the error guard.
+
+Streamlit drops a widget's key when the user leaves its page, so a choice that must survive a
+page change is kept under a plain session key and copied into the widget each time it is drawn
+(:func:`keep`). Models and data sets are cached per process and keyed by file path and mtime, so a
+retrained run is picked up and two browser sessions share one copy; explanation hooks mutate a
+model, so a lock comes with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import streamlit as st
+
+from engine.config import DataConfig, config_from_dict
+from engine.runs import RunStore
+
+if TYPE_CHECKING:  # torch and the models load on the pages that need them, not on Home
+    from engine.data.base import ImageSet
+    from engine.evaluate import Collected
+    from engine.models import PatchModel
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIR = PROJECT_ROOT / "checkpoints"
+MODEL_KEY = "model_source"  # the model every explaining page works on
+log = logging.getLogger("lossattn.app")
+
+
+# ----------------------------------------------------------------------------------------------
+# Choices that survive page changes
+
+
+def keep(key: str, default, options=None, low=None, high=None):
+    """Widget kwargs ``key=..., on_change=...`` whose value lives on under ``key`` after the
+    widget's own key (``w_<key>``) is dropped. Use: ``st.slider(..., **keep("xi", 0.1))``.
+
+    A remembered value that the widget can no longer take (not among ``options``, or outside
+    ``low``..``high``, e.g. after switching to a model with other classes) falls back to the
+    default or is clamped, instead of failing."""
+    widget = f"w_{key}"
+    value = st.session_state.get(key, default)
+    if options is not None and isinstance(value, list):  # a multiselect keeps what still exists
+        value = [v for v in value if v in options]
+    elif options is not None and value not in options:
+        value = default
+    if low is not None and value < low:
+        value = low
+    if high is not None and value > high:
+        value = high
+    st.session_state[key] = value
+    st.session_state[widget] = st.session_state[key]
+
+    def copy_back() -> None:
+        st.session_state[key] = st.session_state[widget]
+
+    return {"key": widget, "on_change": copy_back}
+
+
+def remembered(key: str, default=None):
+    return st.session_state.get(key, default)
+
+
+def remember(key: str, value) -> None:
+    st.session_state[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors for people
+
+
+@contextlib.contextmanager
+def guard(what: str = "This page"):
+    """Show an error as a message, never a traceback. Expected errors (a bad value, a missing
+    file, an unusable checkpoint: every engine error is a ValueError) show their own message;
+    anything else is logged with its traceback on the server and summarised on the page."""
+    try:
+        yield
+    except ValueError as exc:
+        st.error(str(exc))
+    except (OSError, RuntimeError, KeyError, TypeError, IndexError) as exc:
+        log.exception("%s failed", what)
+        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run tiny tensor work (re-decoding cached patch logits on a slider move) on one thread.
+
+    On a busy machine (a run training beside the app) two OpenMP threads make a 1 ms op take
+    10-20 ms while they wait for a core; one thread does not wait. Process-wide, so two
+    sessions overlapping here only cost speed, never correctness."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run store and the models
+
+
+@st.cache_resource
+def _store(root: str) -> RunStore:
+    return RunStore(root)
+
+
+def store() -> RunStore:
+    from engine.runs import default_runs_root
+
+    return _store(str(default_runs_root().resolve()))
+
+
+@dataclass
+class LoadedModel:
+    model: PatchModel
+    checkpoint: dict
+    lock: threading.Lock
+    path: str
+
+    @property
+    def data_config(self) -> DataConfig:
+        return config_from_dict(DataConfig, self.checkpoint["run_config"]["data"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.checkpoint.get("classes") or [])
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model...")
+def _load(path: str, mtime_ns: int) -> LoadedModel:
+    del mtime_ns  # part of the cache key: a rewritten checkpoint is loaded again
+    from engine.checkpoint import load_model
+
+    model, ckpt = load_model(path)
+    model.eval()
+    return LoadedModel(model, ckpt, threading.Lock(), path)
+
+
+def loaded_model(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is gone (deleted run?); pick another model")
+    return _load(str(path), path.stat().st_mtime_ns)
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading the test images...")
+def _test_set(data_json: str) -> ImageSet:
+    import json
+
+    from engine.data import load_split
+
+    return load_split(config_from_dict(DataConfig, json.loads(data_json)), "test")
+
+
+def test_set(cfg: DataConfig) -> ImageSet:
+    import json
+
+    from engine.config import config_to_dict
+
+    return _test_set(json.dumps(config_to_dict(cfg), sort_keys=True))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Running the model over the test images...")
+def _collected(path: str, mtime_ns: int, data_json: str, limit: int) -> tuple[ImageSet, Collected]:
+    del mtime_ns
+    import torch
+
+    from engine.evaluate import collect
+
+    loaded = _load(path, Path(path).stat().st_mtime_ns)
+    data = _test_set(data_json)
+    if limit and len(data) > limit:
+        data = data.subset(torch.arange(limit))
+    with loaded.lock:
+        return data, collect(loaded.model, data, torch.device("cpu"))
+
+
+def collected_test_set(loaded: LoadedModel, limit: int = 1000) -> tuple[ImageSet, Collected]:
+    """The model's test set (the first ``limit`` images) and its ξ cache."""
+    import json
+
+    from engine.config import config_to_dict
+
+    data_json = json.dumps(config_to_dict(loaded.data_config), sort_keys=True)
+    return _collected(loaded.path, Path(loaded.path).stat().st_mtime_ns, data_json, limit)
+
+
+def model_sources() -> dict[str, str]:
+    """Label -> checkpoint path: the shipped models, then every run with a best checkpoint."""
+    sources = {f"shipped: {p.stem}": str(p) for p in sorted(SHIPPED_DIR.glob("*.pt"))}
+    for row in store().list():
+        run = store().get(row["name"])
+        if run.best_checkpoint.is_file():
+            sources[f"run: {row['name']}"] = str(run.best_checkpoint)
+    return sources
+
+
+def current_model_path() -> str | None:
+    """The checkpoint chosen in the sidebar (the first shipped model by default)."""
+    sources = model_sources()
+    label = remembered(MODEL_KEY)
+    if label not in sources:
+        label = next(iter(sources), None)
+        remember(MODEL_KEY, label)
+    return sources.get(label) if label else None
+
+
+def require_model_path() -> str:
+    """The chosen checkpoint; with none at all, say so on the page and stop it there."""
+    path = current_model_path()
+    if path is None:
+        st.info("No model yet: train one on the Train page.")
+        st.stop()
+    return path
+
+
+def model_picker() -> None:
+    """The sidebar's model choice, shared by the explaining pages."""
+    sources = model_sources()
+    if not sources:
+        st.sidebar.warning("No model yet: train one on the Train page.")
+        return
+    labels = list(sources)
+    current = remembered(MODEL_KEY)
+    if current not in labels:
+        remember(MODEL_KEY, labels[0])
+    st.sidebar.selectbox("Model to explain", labels, **keep(MODEL_KEY, labels[0]),
+                         help="The shipped model, or the best checkpoint of any run.")
+
+
+def device_badge() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    return f"CPU ({torch.get_num_threads()} threads)"

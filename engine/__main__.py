@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_BENCH_MODELS = "small_cnn/loss_attention,resnet18/loss_attention"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_small_cnn_la.pt"
 
 
 def _model_list(text: str) -> list[tuple[str, str]]:
@@ -385,6 +386,26 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_eval(args: argparse.Namespace) -> int:
+    from engine.bench import bench_evaluation
+    from engine.checkpoint import load_model
+    from engine.config import DataConfig, config_from_dict
+    from engine.data import load_split
+    from engine.device import resolve_device
+
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint)
+    fields = {**ckpt["run_config"]["data"], "test_size": args.images}
+    data = load_split(config_from_dict(DataConfig, fields), "test")  # generated / cached first
+    result = bench_evaluation(model.to(device), data, device,
+                              _parse_floats(args.xi_grid, "--xi-grid"))
+    for key, value in result.items():
+        print(f"{key:20s} {value:.2f}" if isinstance(value, float) else f"{key:20s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_mil(args: argparse.Namespace) -> int:
     """Cross-validate MIL methods on MIL data sets and write the results table (issue #6)."""
     import dataclasses
@@ -485,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[runs_dir],
                        help="image, patch, localization and faithfulness metrics of a model")
     p.add_argument("source", help="a checkpoint .pt file, or a run name (its best checkpoint)")
-    p.add_argument("--dataset", help="evaluate on another registered data set")
+    p.add_argument("--dataset", "--data", dest="dataset",
+                   help="evaluate on another registered data set")
     p.add_argument("--data-root")
     p.add_argument("--test-size", type=int)
     p.add_argument("--set", action="append", metavar="data.FIELD=VALUE")
@@ -554,6 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("bench-eval", help="seconds for patch metrics over N images at a ξ grid")
+    p.add_argument("checkpoint", nargs="?", default=str(SHIPPED_CHECKPOINT))
+    p.add_argument("--images", type=int, default=10_000)
+    p.add_argument("--xi-grid", default=",".join(f"{v / 10:g}" for v in range(11)))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench_eval)
     return parser
 
 

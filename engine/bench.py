@@ -277,3 +277,28 @@ def stride_summary(runs) -> list[dict]:
                      "memory_mb": max(memory) if memory else None,
                      "epochs": len(metrics), "state": run.status().get("state")})
     return rows
+
+
+def bench_evaluation(model, data, device: torch.device, xi_grid: list[float]) -> dict:
+    """Seconds for patch metrics over ``data`` at every ξ of ``xi_grid`` (issue #4's budget).
+
+    One pass of the backbone caches the per-patch logits and norms; each ξ then re-decodes that
+    cache. The backbone's forward calls are counted, so the figure shows the grid did not re-run
+    it. Patch precision-recall curves are left out: they are one extra pass over the cache, not a
+    per-ξ cost."""
+    from engine.evaluate import evaluate_model
+
+    batches = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    try:
+        report = evaluate_model(model, data, device, xi_grid=xi_grid, groups=["image", "patch"],
+                                pr_curves=False)
+    finally:
+        hook.remove()
+    timing = report["timing"]
+    per_xi = timing["metrics_s_per_xi"]
+    return {"images": len(data), "xi_values": len(per_xi),
+            "backbone_images": sum(batches), "backbone_calls": len(batches),
+            "backbone_pass_s": timing["collect_s"], "metrics_all_xi_s": sum(per_xi),
+            "metrics_per_xi_s": statistics.median(per_xi),
+            "total_s": timing["collect_s"] + sum(per_xi), "threads": torch.get_num_threads()}

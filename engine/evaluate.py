@@ -125,12 +125,12 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
     chosen = resolve_groups(model, data, groups)
     if faithfulness_images and "faithfulness" not in chosen:
         chosen.append("faithfulness")
-    collected = collect(model, data, device)
-    default_xi = model.config.xi
-    grid_values = sorted({default_xi, *(xi_grid or [])}) if model.xi_dependent else [default_xi]
-    for xi in grid_values:
+    for xi in xi_grid or []:  # before the backbone pass: a typo should not cost minutes
         if not 0.0 <= xi <= 1.0:
             raise EvaluationError(f"xi values must lie in [0, 1]; got {xi}")
+    default_xi = model.config.xi
+    grid_values = sorted({default_xi, *(xi_grid or [])}) if model.xi_dependent else [default_xi]
+    collected = collect(model, data, device)
     gt = None
     if "patch" in chosen:
         gt = M.patch_ground_truth(collected.grid.boxes, data.box_data, data.box_offsets,

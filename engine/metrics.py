@@ -30,12 +30,15 @@ from engine.device import autocast
 
 
 def selection_mask(weights: torch.Tensor, selection: str) -> torch.Tensor:
-    """Selected patches: weight > 0 (Loss-Attention) or > 1/M (baselines, METHOD.md)."""
+    """Selected patches: weight > 0 (Loss-Attention), > 1/M (the attention baselines, METHOD.md)
+    or every patch (Mean-pooling, whose uniform weights use every patch alike)."""
     if selection == "positive":
         return weights > 0
     if selection == "above_uniform":
         return weights > 1.0 / weights.shape[1]
-    raise ValueError(f"selection must be 'positive' or 'above_uniform'; got {selection!r}")
+    if selection == "all":
+        return torch.ones_like(weights, dtype=torch.bool)
+    raise ValueError(f"selection must be 'positive', 'above_uniform' or 'all'; got {selection!r}")
 
 
 def average_precision_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -148,13 +151,16 @@ def paper_11point_ap(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels) > 0
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     hits = labels[order]
-    n_pos = np.float32(hits.sum())
+    # The released code divides a Python float by a float32 tensor, which torch computes as
+    # count * reciprocal(n_pos) in float32. For some positive counts (41, 47, 55, ...) that never
+    # reaches exactly 1.0, so the last bucket is never set: reproduced, as the paper's numbers are.
+    inverse = np.float32(1) / np.float32(hits.sum()) if hits.any() else np.float32(np.inf)
     precision = np.zeros(len(hits), dtype=np.float32)
     bounds = np.zeros(12, dtype=np.int64)
     bucket = 0
     for count, rank in enumerate(np.flatnonzero(hits), start=1):
-        precision[rank] = np.float32(count) / np.float32(rank + 1)
-        recall = np.float32(count) / n_pos
+        precision[rank] = np.float32(count / (rank + 1))  # double division, stored as float32
+        recall = np.float32(count) * inverse
         inside = np.float32(0.1 * bucket) < recall < np.float32(0.1 * (bucket + 1))
         if inside or recall == np.float32(1.0):
             bucket += 1

@@ -211,3 +211,28 @@ def test_env_data_root_is_searched(tmp_path, monkeypatch):
     with pytest.raises(DataError) as info:
         load_split(DataConfig(dataset="svhn"), "test")
     assert str(tmp_path) in str(info.value) and os.path.join("data") in str(info.value)
+
+
+def test_svhn_download_fetches_both_splits(tmp_path, monkeypatch):
+    """--download must fetch the train split as well as the test split (separate files)."""
+    import torchvision
+    from scipy.io import savemat
+
+    calls = []
+
+    class FakeSVHN:  # stands in for the network: writes what torchvision would
+        def __init__(self, root, split, download):
+            calls.append(split)
+            rng = np.random.default_rng(len(calls))
+            n = 5 if split == "train" else 3
+            savemat(Path(root) / f"{split}_32x32.mat",
+                    {"X": rng.integers(0, 255, (32, 32, 3, n), dtype=np.uint8),
+                     "y": np.array([[10], [1], [2], [3], [4]][:n])})
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    cfg = DataConfig(dataset="svhn", root=str(tmp_path), download=True)
+    train = load_split(cfg, "train")
+    test = load_split(cfg, "test")
+    assert sorted(calls) == ["test", "train"]
+    assert (len(train), len(test)) == (5, 3)
+    assert train.targets.tolist() == [0, 1, 2, 3, 4]  # label 10 is the digit 0

@@ -84,8 +84,8 @@ def test_cli_evaluate_writes_reports(tmp_path, capsys):
     from engine.__main__ import main
 
     out = tmp_path / "eval"
-    assert main(["evaluate", str(SHIPPED), "--test-size", "200", "--xi-grid", "0,1",
-                 "--out", str(out)]) == 0
+    assert main(["evaluate", str(SHIPPED), "--data", "digits", "--test-size", "200",
+                 "--xi-grid", "0,1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert len(report["by_xi"]) == 3
     lines = (out / "metrics.csv").read_text().splitlines()
@@ -95,6 +95,9 @@ def test_cli_evaluate_writes_reports(tmp_path, capsys):
     assert main(["evaluate", str(SHIPPED), "--metrics", "faithfulness,bogus"]) == 2
     assert "unknown metric" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", str(SHIPPED), "--data", "mnist"]) == 2
+    assert "digits" in capsys.readouterr().err  # the unknown name is answered with the known ones
     assert main(["evaluate", str(SHIPPED), "--xi-grid", "0,2", "--test-size", "50",
                  "--out", str(out)]) == 2
 
@@ -160,3 +163,18 @@ def test_coco_slice_end_to_end(tmp_path):
     assert image["classes_with_positives"] == 47 and 0 <= image["map"] <= 1
     assert 0 <= image["map_11point_paper"] <= 1
     assert report["by_xi"][0]["patch"]["positive_patches"] > 0
+
+
+def test_bench_eval_runs_the_backbone_once_for_a_whole_xi_grid(shipped, capsys, tmp_path):
+    from engine.__main__ import main
+    from engine.bench import bench_evaluation
+
+    model, data = shipped
+    grid = [v / 10 for v in range(11)]
+    result = bench_evaluation(model, data, CPU, grid)
+    assert result["images"] == result["backbone_images"] == len(data)  # each image once
+    assert result["xi_values"] == 11 and result["total_s"] >= result["backbone_pass_s"] > 0
+    out = tmp_path / "bench.json"
+    assert main(["bench-eval", "--images", "100", "--xi-grid", "0,1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["backbone_images"] == 100
+    assert main(["bench-eval", "--images", "100", "--xi-grid", "0,3"]) == 2  # ξ outside [0, 1]

@@ -48,6 +48,59 @@ def test_paper_11point_ap_known_answers(labels, expected):
     assert M.paper_11point_ap(scores, np.array(labels)) == pytest.approx(expected, abs=1e-6)
 
 
+def _released_ap(scores, labels):
+    """The released utils/calculate_AP.py algorithm, run through torch tensors as its source does
+    (float32 tensors, Python-float counters): the reference the port must equal."""
+    weights, truth = torch.tensor(scores, dtype=torch.float32), torch.tensor(labels)
+    _, index = weights.sort(descending=True, stable=True)
+    n, ten = len(scores), (truth > 0).sum().float()
+    p, r = torch.zeros(n), torch.zeros(n)
+    bounds, p_max = torch.zeros(12).long(), torch.zeros(11)
+    count, bucket = 0.0, 0
+    for i in range(n):
+        if truth[index[i]] > 0:
+            count += 1
+            p[i] = count / (i + 1)
+            r[i] = count / ten
+            if (r[i] > 0.1 * bucket) and (r[i] < 0.1 * (bucket + 1)) or r[i] == 1.0:
+                bucket += 1
+                bounds[bucket] = i
+    for i in range(11):
+        p_max[i] = p[bounds[i + 1]] if bounds[i + 1] == 0 else max(p[bounds[i]:bounds[i + 1]])
+    return float(p_max.mean())
+
+
+def test_paper_11point_ap_equals_the_released_arithmetic():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n = int(rng.integers(20, 300))
+        labels = (rng.random(n) < rng.uniform(0.05, 0.6)).astype(int)
+        scores = rng.permutation(n).astype(float)
+        assert M.paper_11point_ap(scores, labels) == pytest.approx(_released_ap(scores, labels),
+                                                                   abs=1e-6)
+    # 41 positives: in float32, 41 * (1/41) < 1, so the last bucket is never set and falls back to
+    # the precision at rank 0 (0 here, a negative on top), unlike exact division.
+    labels = np.array([0] + [1] * 41 + [0] * 8)
+    scores = np.arange(50, 0, -1, dtype=float)
+    assert M.paper_11point_ap(scores, labels) == pytest.approx(_released_ap(scores, labels))
+    assert np.float32(41) * (np.float32(1) / np.float32(41)) != 1.0
+    # With 40 positives, 40 * fl(1/40) == 1: the same ranking sets its last bucket, scoring higher.
+    assert np.float32(40) * (np.float32(1) / np.float32(40)) == 1.0
+    forty = M.paper_11point_ap(scores, np.array([0] + [1] * 40 + [0] * 9))
+    assert forty > M.paper_11point_ap(scores, labels) + 0.05
+
+
+def test_selection_mask_rules():
+    weights = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert M.selection_mask(weights, "positive").tolist() == [[True, True, True, False],
+                                                              [True, True, True, True]]
+    assert M.selection_mask(weights, "above_uniform").tolist() == [[True, True, False, False],
+                                                                   [False, False, False, False]]
+    assert M.selection_mask(weights, "all").all()
+    with pytest.raises(ValueError, match="selection"):
+        M.selection_mask(weights, "top")
+
+
 def test_multilabel_metrics():
     scores = np.array([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.1, 0.9, 0.3], [0.2, 0.2, 0.4]])
     targets = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0]])
@@ -194,3 +247,18 @@ def test_deletion_and_insertion_auc():
                                              steps=8)
     assert deletion.item() == pytest.approx(0.5)   # brightness falls linearly 1 -> 0
     assert insertion.item() == pytest.approx(1.0)  # a blurred all-ones image is all ones
+
+
+def test_deletion_and_insertion_follow_the_map_ranking():
+    """Left half bright, right half black. A map that ranks the bright half first removes the
+    evidence at once (low deletion AUC) and restores it at once (high insertion AUC)."""
+    pixels = torch.zeros(1, 3, 8, 8)
+    pixels[..., :4] = 1.0
+    good = torch.zeros(1, 8, 8)
+    good[..., :4] = 1.0
+    classes = torch.zeros(1).long()
+    d_good, i_good = deletion_insertion(brightness, pixels, good, classes, steps=2)
+    d_bad, i_bad = deletion_insertion(brightness, pixels, 1 - good, classes, steps=2)
+    # Scores 0.5, 0, 0 -> trapezoid mean (0.25 + 0 + 0) / 2; reversed: 0.5, 0.5, 0 -> 0.375.
+    assert d_good.item() == pytest.approx(0.125) and d_bad.item() == pytest.approx(0.375)
+    assert i_good.item() > 0.5 > i_bad.item()

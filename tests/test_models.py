@@ -29,9 +29,15 @@ def _step(cfg, batch, size):
 def _check(model, out, batch):
     assert out.logits.shape == (batch, model.config.num_classes)
     assert torch.isfinite(out.logits).all()
+    # Every parameter takes part in the loss (a detached path would leave a grad of None), and
+    # the gradient reaches both ends of the network.
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            assert torch.isfinite(p.grad).all(), name
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    first = next(p for p in model.backbone.parameters())
+    assert first.grad.abs().sum() > 0, "no gradient reached the backbone's first layer"
+    last = list(model.head.parameters())[-1]  # the classifier (Dynamic Routing: the scale)
+    assert last.grad.abs().sum() > 0, "no gradient reached the head's last parameter"
     if out.grid is None:
         assert out.patch_logits is None and out.patch_weights is None
         return
@@ -68,6 +74,17 @@ def test_paper_backbones_every_head(backbone, head, size):
 def test_paper_backbone_batch_of_one(head):
     model, out = _step(ModelConfig(backbone="resnet18", head=head), 1, 32)
     _check(model, out, 1)
+
+
+@pytest.mark.parametrize("head", PATCH_HEADS)
+def test_xi_dependent_flag_tells_whether_xi_acts(head):
+    """Evaluation sweeps ξ only for heads that say ξ acts: the flag must tell the truth."""
+    model = build_model(ModelConfig(backbone="small_cnn", head=head)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        low, high = model(x, xi=0.0), model(x, xi=1.0)
+    changed = not torch.equal(low.patch_weights, high.patch_weights)
+    assert model.xi_dependent == changed == model.regularised
 
 
 def test_every_registered_backbone_is_covered():

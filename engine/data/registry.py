@@ -219,14 +219,18 @@ def _download(cfg: DataConfig, dataset_cls: str, **kwargs) -> None:
                         "Put the files there by hand instead.") from exc
 
 
-def _with_download(locate, dataset_cls: str, **kwargs):
+def _with_download(locate, dataset_cls: str, *calls: dict):
+    """``locate``, falling back to torchvision's download when the config asks for it. One
+    download per entry of ``calls`` (keyword arguments of the torchvision class): SVHN ships its
+    train and test splits as separate files, each its own download."""
     def locate_or_download(cfg):
         try:
             return locate(cfg)
         except DataError:
             if not cfg.download:
                 raise
-            _download(cfg, dataset_cls, **kwargs)
+            for kwargs in calls or ({},):
+                _download(cfg, dataset_cls, **kwargs)
             return locate(cfg)
     return locate_or_download
 
@@ -281,7 +285,8 @@ register_dataset(DatasetSpec(
     native_size=32, mean=SVHN_MEAN, std=SVHN_STD, augment=Augment(4, False), has_boxes=False,
     locate=_with_download(lambda cfg: find_folder(
         data_bases(cfg), lambda p: (p / "test_32x32.mat").is_file(), "SVHN",
-        "Expected train_32x32.mat and test_32x32.mat. " + _DOWNLOAD_HINT), "SVHN", split="test"),
+        "Expected train_32x32.mat and test_32x32.mat. " + _DOWNLOAD_HINT), "SVHN",
+        {"split": "train"}, {"split": "test"}),
     read=_read_svhn, sources=("train_32x32.mat", "test_32x32.mat")))
 
 TINY_MEAN, TINY_STD = (0.480, 0.448, 0.398), (0.277, 0.269, 0.282)

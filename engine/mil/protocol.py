@@ -239,7 +239,7 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
     learns only from its own ``fit`` bags in the chunk: the rows of its validation and test bags
     are replaced by zeros before its first layer and their bags are masked out of its loss, so
     they contribute exactly nothing. Each member keeps the parameters of its epoch with the lowest
-    (validation error, validation loss). Returns (model with those parameters, scalers, info).
+    (validation error, validation loss), chosen among its epochs up to its own early stop. Returns (model with those parameters, scalers, info).
     """
     members = len(plans)
     scalers = [Standardiser.fit(data.features[data.rows(p.fit)]) for p in plans]
@@ -261,6 +261,10 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
     best_err = torch.full((members,), math.inf)
     best_loss = torch.full((members,), math.inf)
     best_epoch = torch.zeros(members, dtype=torch.long)
+    # A member whose own patience has run out keeps its choice for good, although the group goes
+    # on while other members improve: otherwise how long it trains would depend on the other
+    # members' validation curves, and their fit bags include this member's test bags.
+    stopped = torch.zeros(members, dtype=torch.bool)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # A chunk of all bags holds about batch_bags of each member's fit bags.
     chunk = max(1, round(config.batch_bags * data.n_bags / np.mean([len(p.fit) for p in plans])))
@@ -294,6 +298,7 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
             better = losses < best_loss
         else:
             better = torch.ones(members, dtype=torch.bool)
+        better &= ~stopped
         if better.any():
             best_err = torch.where(better, errors, best_err)
             best_loss = torch.where(better, losses, best_loss)
@@ -303,7 +308,8 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
                 best_state[name] = torch.where(keep, value.detach(), best_state[name])
         if on_epoch is not None:
             on_epoch(epoch)
-        if int((epoch - best_epoch).min()) >= config.patience:
+        stopped |= (epoch - best_epoch) >= config.patience
+        if bool(stopped.all()):
             break
     model.load_state_dict(best_state)
     model.eval()

@@ -7,8 +7,8 @@ another ξ cheaply. ``decode`` runs in fp32 even under autocast: the threshold c
 
 Class attributes say how the rest of the engine treats a head:
 ``regularised``: the patch-loss term of Eqs. 9/10 applies (Loss-Attention heads only, METHOD.md);
-``selection``: which patches count as selected, ``"positive"`` (weight > 0) or
-``"above_uniform"`` (weight > 1/M, the baselines).
+``selection``: which patches count as selected, ``"positive"`` (weight > 0),
+``"above_uniform"`` (weight > 1/M, the attention baselines) or ``"all"`` (Mean-pooling).
 """
 
 from __future__ import annotations
@@ -146,7 +146,12 @@ class LossAttentionHead(PoolingHead):
 
 
 class MeanPoolingHead(PoolingHead):
-    """Baseline: α_m = 1/M."""
+    """Baseline: α_m = 1/M.
+
+    Every patch enters the decision with the same weight, so every patch counts as selected:
+    the baselines' "> 1/M" rule would select none and leave patch precision undefined."""
+
+    selection = "all"
 
     def weights(self, tokens, patch_logits, theta):
         return tokens.new_full(tokens.shape[:2], 1.0 / tokens.shape[1])
@@ -218,6 +223,7 @@ class CapsuleLossAttentionHead(Head):
 
     regularised = True
     selection = "positive"
+    xi_dependent = True
 
     def __init__(self, cfg: ModelConfig, cin: int) -> None:
         super().__init__()

@@ -68,10 +68,14 @@ def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: 
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
     # The package prints progress bars (ScoreCAM); the context manager releases its hooks.
+    maps = None
     with cls(model=LogitsOnly(model), target_layers=[model.backbone]) as cam, \
             contextlib.redirect_stderr(io.StringIO()):
         cam.batch_size = 128
         maps = cam(input_tensor=x, targets=targets)
+    if maps is None:  # the package's __exit__ swallows an IndexError (a class out of range)
+        raise ValueError(f"{method} could not explain classes {classes.tolist()} of a model with "
+                         f"{model.config.num_classes} classes")
     return scale_maps(torch.from_numpy(maps).float())
 
 

@@ -45,7 +45,15 @@ def class_options(classes: list[str]) -> list[str]:
     return ["any", *classes]
 
 
-def pick_test_image(out, data) -> int | None:
+@st.cache_data(max_entries=64, show_spinner=False)
+def gallery_png(model_path: str, shown: tuple[int, ...], framed: int, _data) -> bytes:
+    """The strip of thumbnails, encoded once per (model, images shown, framed one): moving ξ
+    re-draws the page but rarely changes the strip. ``_data`` is not hashed; the test set is
+    fixed by the model path."""
+    return png_bytes(gallery_strip([to_hwc(_data.images[i]) for i in shown], framed))
+
+
+def pick_test_image(out, data, model_path: str) -> int | None:
     """Filters and a gallery; returns the index (in ``data``) of the image to show."""
     c1, c2, c3 = st.columns(3)
     names = class_options(data.classes)
@@ -66,7 +74,7 @@ def pick_test_image(out, data) -> int | None:
     start = (position // GALLERY) * GALLERY
     shown = indices[start:start + GALLERY].tolist()
     # One strip image rather than twelve: one media file per rerun keeps the slider quick.
-    st.image(gallery_strip([to_hwc(data.images[i]) for i in shown], position - start),
+    st.image(gallery_png(model_path, tuple(shown), position - start, data),
              caption=f"images #{start}-#{start + len(shown) - 1} of the filtered list; "
              f"the framed one (#{position}) is shown below")
     return int(indices[position])
@@ -132,12 +140,12 @@ def show_story(model, out, index: int, classes: list[str], multilabel: bool,
 
 
 @st.fragment
-def explore_test_set(model, data, collected) -> None:
+def explore_test_set(model, data, collected, model_path: str) -> None:
     xi = st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
                    **keep("xi", float(model.config.xi)))
     with single_threaded():
         out = decode(model, collected, xi)
-    index = pick_test_image(out, data)
+    index = pick_test_image(out, data, model_path)
     if index is None:
         return
     target = data.targets[index]
@@ -174,7 +182,7 @@ with guard("The Patch Explorer"):
     sources = ["test set", "upload your own"]
     source = st.radio("Images", sources, horizontal=True, **keep("ex_source", sources[0], sources))
     if source == "test set":
-        explore_test_set(model, data, collected)
+        explore_test_set(model, data, collected, path)
     else:
         upload = st.file_uploader("An image (any format, size and mode)", key="ex_upload")
         if upload is not None:

@@ -58,6 +58,10 @@ def test_faithfulness_in_report_and_cam_hooks_released(shipped):
     maps = cam_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), "gradcam")
     assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1
     assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
+    # A failing explanation: a clear error, and the hooks are released on that path too.
+    with pytest.raises(ValueError, match="could not explain classes"):
+        cam_maps(model, torch.randn(1, 3, 32, 32), torch.tensor([99]), "gradcam++")
+    assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
 
 
 def test_missing_capabilities_are_clear_errors(shipped):

@@ -214,6 +214,7 @@ def test_csv_loads_with_and_without_header(tmp_path):
     ("1,2,a,1\n1,2,,1\n", ["line 2: empty bag id"]),
     ("1,2,a,3\n", ["0/1"]),
     ("f,bag,label\n", ["no instance rows"]),
+    ("1,2,a,pos\n1,2,a,1\n", ["line 1"]),  # a bad first row is an error, not a header
 ])
 def test_csv_errors_name_the_file_and_the_problem(tmp_path, text, words):
     path = tmp_path / "bags.csv"

@@ -70,9 +70,11 @@ def test_paper_backbones_every_head(backbone, head, size):
         assert tuple(fmap.shape[-2:]) == out.grid.feature_size
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg11_bn"])
 @pytest.mark.parametrize("head", ["loss_attention", "capsule_loss_attention"])
-def test_paper_backbone_batch_of_one(head):
-    model, out = _step(ModelConfig(backbone="resnet18", head=head), 1, 32)
+@pytest.mark.parametrize("size", [32, 64])
+def test_paper_backbone_batch_of_one(backbone, head, size):
+    model, out = _step(ModelConfig(backbone=backbone, head=head, input_size=size), 1, size)
     _check(model, out, 1)
 
 

@@ -226,11 +226,15 @@ def _number(cell: str, path: Path, line: int, column: int) -> float:
 
 
 def _is_header(row: list[str]) -> bool:
-    try:
-        float(row[-1])
-        return False
-    except ValueError:
-        return True
+    """A header names its columns: no feature cell is a number. (A data row with one bad cell
+    is not a header; it gets the bad-cell error instead of being dropped.)"""
+    def numeric(cell: str) -> bool:
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+    return not any(numeric(c) for c in row[:-2] or row)
 
 
 def load_csv(path: str | Path, name: str | None = None) -> MilDataset:

@@ -1,1 +1,3 @@
-"""Loss-Attention Studio engine: models, losses, training and evaluation. Never imports streamlit."""
+"""Loss-Attention Studio engine: models, losses, training and evaluation.
+
+Never imports streamlit."""

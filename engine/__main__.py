@@ -379,11 +379,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     result = bench_training(DataConfig(dataset=args.dataset, root=args.data_root),
                             ModelConfig(backbone=args.backbone, head=args.head),
                             resolve_device(args.device), args.batch, args.steps)
-    for key, value in result.items():
-        print(f"{key:28s} {value:.1f}" if isinstance(value, float) else f"{key:28s} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return _report_bench(result, args.json, digits=1)
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
@@ -399,10 +395,17 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
     data = load_split(config_from_dict(DataConfig, fields), "test")  # generated / cached first
     result = bench_evaluation(model.to(device), data, device,
                               _parse_floats(args.xi_grid, "--xi-grid"))
+    return _report_bench(result, args.json, digits=2)
+
+
+def _report_bench(result: dict, json_path: str | None, digits: int) -> int:
+    """One ``key value`` line per figure, and the figures as JSON when asked."""
+    width = max(map(len, result)) + 2
     for key, value in result.items():
-        print(f"{key:20s} {value:.2f}" if isinstance(value, float) else f"{key:20s} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        shown = f"{value:.{digits}f}" if isinstance(value, float) else value
+        print(f"{key:{width}s} {shown}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -419,7 +422,8 @@ def cmd_mil(args: argparse.Namespace) -> int:
         try:
             values["hidden"] = tuple(int(v) for v in values["hidden"].split(","))
         except ValueError:
-            raise ValueError(f"--hidden must be comma-separated ints; got {args.hidden!r}") from None
+            raise ValueError(f"--hidden must be comma-separated ints; got {args.hidden!r}"
+                             ) from None
     methods = parse_methods(args.method)
     config = MilConfig(method=methods[0], **values)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -144,7 +144,8 @@ class LossConfig:
     """The Loss-Attention objective (paper Eqs. 9/10) and its Gaussian ramp-up."""
 
     multilabel: bool = False
-    """False: softmax CE (Eq. 9). True: BCE with the min-over-positive-labels patch term (Eq. 10)."""
+    """False: softmax CE (Eq. 9). True: BCE with the min-over-positive-labels patch term
+    (Eq. 10)."""
     gamma_max: float = 0.1
     """Weight of the patch-loss term once the ramp-up is over (γmax >= 0)."""
     ramp_epochs: int | None = None

@@ -329,8 +329,8 @@ class RunStore:
         row = {**row, "tags": json.dumps(row.get("tags", []))}
         placeholders = ", ".join("?" for _ in _COLUMNS)
         with closing(self._connect()) as conn, conn:
-            conn.execute(f"INSERT OR REPLACE INTO runs{INDEX_VERSION} ({', '.join(_COLUMNS)}) VALUES "
-                         f"({placeholders})", tuple(row.get(c) for c in _COLUMNS))
+            conn.execute(f"INSERT OR REPLACE INTO runs{INDEX_VERSION} ({', '.join(_COLUMNS)}) "
+                         f"VALUES ({placeholders})", tuple(row.get(c) for c in _COLUMNS))
 
     def _rows(self) -> dict[str, dict]:
         return {r[0]: dict(zip(_COLUMNS, r, strict=True))

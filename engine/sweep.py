@@ -68,7 +68,8 @@ def _short(value) -> str:
 def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> list[RunConfig]:
     """One validated RunConfig per grid cell."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", sweep):
-        raise ConfigError(f"sweep name must be 1-41 letters, digits, '.', '_' or '-'; got {sweep!r}")
+        raise ConfigError(f"sweep name must be 1-41 letters, digits, '.', '_' or '-'; "
+                          f"got {sweep!r}")
     base_dict = config_to_dict(base)
     configs = []
     for i, values in enumerate(itertools.product(*(v for _, v in grid))):

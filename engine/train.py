@@ -522,7 +522,8 @@ def _accumulate(sums, terms, y, multilabel: bool) -> None:
 def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel) -> dict:
     seen = max(sums["seen"].item(), 1.0)
     row = {"epoch": epoch, "lr": lr, "patch_weight": patch_weight,
-           "train_loss": sums["loss"].item() / seen, "train_image_loss": sums["image"].item() / seen,
+           "train_loss": sums["loss"].item() / seen,
+           "train_image_loss": sums["image"].item() / seen,
            "train_patch_loss": sums["patch"].item() / seen, "epoch_s": seconds,
            "images_per_s": seen / max(seconds, 1e-9)}
     if not multilabel:

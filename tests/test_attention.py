@@ -28,7 +28,7 @@ def test_threshold_denominators():
 
 
 @pytest.mark.parametrize("theta, expected", [
-    (0.0, [0.25, 0.0, 0.5, 0.25]),            # xi = 0: every non-zero-norm patch, weight = norm share
+    (0.0, [0.25, 0.0, 0.5, 0.25]),            # xi = 0: every non-zero-norm patch, its norm share
     (0.1, [3 / 14, 0.0, 8 / 14, 3 / 14]),     # t = [.15, 0, .4, .15] / .7
     (0.25, [0.0, 0.0, 1.0, 0.0]),             # xi = 1 with M = 4: only the above-average patch
     (0.004, [0.246 / 0.988, 0.0, 0.496 / 0.988, 0.246 / 0.988]),  # "feature_map" theta, 0.4/100

@@ -44,3 +44,15 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "engine", "models"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "loss_attention" in proc.stdout
+
+
+def test_bench_train_reports_loader_model_and_step_rates(tmp_path, capsys):
+    out = tmp_path / "bt.json"
+    assert main(["bench-train", "--steps", "2", "--batch", "16", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    for key in ("loader_images_per_s", "model_images_per_s", "train_step_images_per_s"):
+        assert result[key] > 0 and key in printed
+    # Loading a batch is cheaper than training on it: the figure must tell them apart.
+    assert result["loader_images_per_s"] > result["train_step_images_per_s"]

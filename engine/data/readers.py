@@ -85,7 +85,8 @@ def load_image(path: Path, size: int, policy: str
     left, top = (crop[0], crop[1]) if crop else (0, 0)
 
     def transform(box: tuple[float, ...]) -> tuple[float, ...] | None:
-        x0, y0, x1, y1 = box[0] * sx - left, box[1] * sy - top, box[2] * sx - left, box[3] * sy - top
+        x0, y0 = box[0] * sx - left, box[1] * sy - top
+        x1, y1 = box[2] * sx - left, box[3] * sy - top
         cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, size), min(y1, size)
         if cx1 <= cx0 or cy1 <= cy0:
             return None
@@ -210,7 +211,8 @@ def resize_tensor_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def read_tiny_imagenet(root: Path, split: str, size: int, policy: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor,
+                                  torch.Tensor]:
     wnids = [w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()]
     index = {w: i for i, w in enumerate(wnids)}
     names = dict.fromkeys(wnids, "")

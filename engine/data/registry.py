@@ -253,8 +253,9 @@ CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 register_dataset(DatasetSpec(
     name="cifar10", description="CIFAR-10 python batches (full or partial)", multilabel=False,
     native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True), has_boxes=False,
-    locate=_with_download(_cifar_locator("cifar-10-batches-py", ("batches.meta", "test_batch"), "CIFAR-10"),
-                          "CIFAR10"),
+    locate=_with_download(
+        _cifar_locator("cifar-10-batches-py", ("batches.meta", "test_batch"), "CIFAR-10"),
+        "CIFAR10"),
     read=_read_cifar("cifar10", "data_batch_*", "test_batch", "labels", "batches.meta",
                      "label_names", CIFAR_MEAN, CIFAR_STD),
     sources=("data_batch_1", "data_batch_5", "test_batch")))
@@ -262,7 +263,8 @@ register_dataset(DatasetSpec(
     name="cifar100", description="CIFAR-100 python files (CIFAR-10 statistics, as the paper)",
     multilabel=False, native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True),
     has_boxes=False,
-    locate=_with_download(_cifar_locator("cifar-100-python", ("meta", "test"), "CIFAR-100"), "CIFAR100"),
+    locate=_with_download(_cifar_locator("cifar-100-python", ("meta", "test"), "CIFAR-100"),
+                          "CIFAR100"),
     read=_read_cifar("cifar100", "train", "test", "fine_labels", "meta", "fine_label_names",
                      CIFAR_MEAN, CIFAR_STD),
     sources=("train", "test")))

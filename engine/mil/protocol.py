@@ -239,7 +239,8 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
     learns only from its own ``fit`` bags in the chunk: the rows of its validation and test bags
     are replaced by zeros before its first layer and their bags are masked out of its loss, so
     they contribute exactly nothing. Each member keeps the parameters of its epoch with the lowest
-    (validation error, validation loss), chosen among its epochs up to its own early stop. Returns (model with those parameters, scalers, info).
+    (validation error, validation loss), chosen among its epochs up to its own early stop.
+    Returns (model with those parameters, scalers, info).
     """
     members = len(plans)
     scalers = [Standardiser.fit(data.features[data.rows(p.fit)]) for p in plans]

@@ -26,7 +26,8 @@ from engine.models.registry import (
 
 __all__ = [
     "LayerGeom", "LogitsOnly", "MapGeom", "PatchGrid", "PatchModel", "PatchOutput",
-    "backbone_descriptions", "backbone_spec", "build_model", "capsule_attention", "compose", "count_parameters",
+    "backbone_descriptions", "backbone_spec", "build_model", "capsule_attention", "compose",
+    "count_parameters",
     "head_spec", "list_backbones", "list_heads", "loss_attention_weights", "patch_grid",
     "resolve_config", "safe_norm", "threshold", "threshold_weights",
 ]

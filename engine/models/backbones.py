@@ -78,7 +78,8 @@ class ResNet18(TracedBackbone):
         self.stem_norm = stem_norm
         cin, stages = 64, []
         for width, stride in zip(self.widths, stride_plan):
-            stages.append(nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width, 1)))
+            stages.append(nn.Sequential(BasicBlock(cin, width, stride),
+                                        BasicBlock(width, width, 1)))
             cin = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = cin

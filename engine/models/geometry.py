@@ -53,7 +53,8 @@ class LayerGeom:
         return self.dilation[axis] * (self.kernel[axis] - 1) + 1
 
     def out_size(self, size: int, axis: int) -> int:
-        return (size + 2 * self.padding[axis] - self.effective_kernel(axis)) // self.stride[axis] + 1
+        span = size + 2 * self.padding[axis] - self.effective_kernel(axis)
+        return span // self.stride[axis] + 1
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,8 @@ class CapsuleLossAttentionHead(Head):
 
     @staticmethod
     def unused_shortcut_params(cfg: ModelConfig) -> int:
-        """Parameters of the released code's unused shortcut convs (P->R 1x1 with bias, per unit)."""
+        """Parameters of the released code's unused shortcut convs (P->R 1x1 with bias, per
+        unit)."""
         return cfg.caps_dim * (cfg.primary_caps * cfg.caps_channels + cfg.caps_channels)
 
     def patch_geom(self) -> LayerGeom:

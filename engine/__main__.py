@@ -365,9 +365,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  measured {result.model} [{result.mode}]: {result.images_per_s:.1f} img/s",
                   file=sys.stderr, flush=True)
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results_as_dicts(results), fh, indent=2)
+    if args.json:  # atomic: the Stride / time page polls this file
+        from engine.runs import write_json_atomic
+
+        write_json_atomic(Path(args.json), results_as_dicts(results))
     return 0
 
 
@@ -405,7 +406,9 @@ def _report_bench(result: dict, json_path: str | None, digits: int) -> int:
         shown = f"{value:.{digits}f}" if isinstance(value, float) else value
         print(f"{key:{width}s} {shown}")
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        from engine.runs import write_json_atomic
+
+        write_json_atomic(Path(json_path), result)
     return 0
 
 

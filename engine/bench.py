@@ -51,6 +51,8 @@ class BenchResult:
     step_ms: float
     peak_mem_mb: float
     memory_kind: str
+    stride_plan: str = "default"
+    """The backbone's per-stage strides, e.g. "1,2,1" ("default": the backbone's own)."""
 
 
 def modes_for(device: torch.device, compare_fp32: bool, compile_: bool) -> list[BenchMode]:
@@ -137,10 +139,11 @@ def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: in
     else:
         peak, kind = rss.peak - rss.base, "process RSS increase"
     step = statistics.median(times)
-    name = f"{cfg.backbone}/{cfg.head}" + (
-        f" stride {','.join(map(str, cfg.stride_plan))}" if cfg.stride_plan else "")
+    plan = ",".join(map(str, cfg.stride_plan)) if cfg.stride_plan else "default"
+    name = f"{cfg.backbone}/{cfg.head}" + (f" stride {plan}" if cfg.stride_plan else "")
     result = BenchResult(name, mode.name, str(device), batch, cfg.input_size,
-                         count_parameters(model), batch / step, step * 1000, peak / 2**20, kind)
+                         count_parameters(model), batch / step, step * 1000, peak / 2**20, kind,
+                         plan)
     del model, run, out, loss
     return result
 

@@ -15,10 +15,20 @@ import time
 from pathlib import Path
 
 from engine.config import RunConfig
-from engine.runs import Run, RunStore
+from engine.runs import Run, RunStore, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTING = "starting"
+
+
+def _detached(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (it outlives the app and a closed tab), its output
+    appended to ``log_path``."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def spawn(store: RunStore, run: Run, *, resume: bool = False,
@@ -34,10 +44,7 @@ def spawn(store: RunStore, run: Run, *, resume: bool = False,
     # immediate failure) always come after this one and win.
     run.stop_path.unlink(missing_ok=True)  # a stale request must not stop the new process
     run.update_status(state="running", reason=STARTING, pid=None, launched=time.time())
-    with open(run.path / "process.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=PROJECT_ROOT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+    proc = _detached(cmd, run.path / "process.log", env)
     if run.raw_status().get("reason") == STARTING:
         run.update_status(pid=proc.pid)
     store.index(run)
@@ -48,15 +55,9 @@ def spawn_cli(args: list[str], folder: Path, **info) -> int:
     """Start ``python -m engine <args>`` in the background for work that is not a training run
     (a sweep, a benchmark). Its output goes to ``folder/process.log`` and its pid (plus
     ``info``) to ``folder/process.json``, for :func:`cli_process` to read."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "process.log", "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=PROJECT_ROOT, start_new_session=True)
-    (folder / "process.json").write_text(json.dumps({"pid": proc.pid, "started": time.time(),
-                                                     **info}))
+    proc = _detached([sys.executable, "-m", "engine", *args], folder / "process.log")
+    write_json_atomic(folder / "process.json", {"pid": proc.pid, "started": time.time(), **info})
     return proc.pid
 
 

@@ -46,8 +46,11 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("LOSSATTN_RUNS", "runs")).expanduser()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
+    """JSON via temp file + rename: a page polling ``path`` never reads half a file.
+    ``durable=False`` skips the fsyncs, for files that are rewritten often."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=True).encode()),
+                 durable=durable)
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -25,7 +25,7 @@ import torch
 
 from engine import jobs
 from engine.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from engine.runs import Run, RunStore
+from engine.runs import Run, RunStore, write_json_atomic
 from engine.train import prepare_run_config, train_run
 
 DEFAULT_GRID = [("loss.gamma_max", [0.0, 0.1]), ("model.xi", [0.0, 0.1])]
@@ -107,7 +107,7 @@ def write_manifest(store: RunStore, sweep: str, grid: list[tuple[str, list]]) ->
     changes the recipe's lr and optimizer; those are reported as derived, not as the grid)."""
     folder = sweep_folder(store, sweep)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "grid.json").write_text(json.dumps({"sweep": sweep, "grid": grid}))
+    write_json_atomic(folder / "grid.json", {"sweep": sweep, "grid": grid})
 
 
 def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
@@ -132,7 +132,7 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
         raise ConfigError(f"sweep {sweep!r} is already running")
     write_manifest(store, sweep, grid)
     folder = sweep_folder(store, sweep)
-    (folder / "base.json").write_text(json.dumps(config_to_dict(base), indent=1))
+    write_json_atomic(folder / "base.json", config_to_dict(base))
     args = ["sweep", "--runs-dir", str(store.root.resolve()), "--config",
             str((folder / "base.json").resolve()), "--sweep-name", sweep, "--parallel",
             str(parallel), "--quiet"]
@@ -284,7 +284,7 @@ def sweep_report(store: RunStore, sweep: str, device: torch.device | None = None
     out = sweep_table(store, sweep, lambda run: evaluate_cell(run, device))
     folder = sweep_folder(store, sweep)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(json_safe(out), indent=1))
+    write_json_atomic(folder / "report.json", json_safe(out))
     write_csv(folder / "report.csv", out["rows"])
     out["folder"] = str(folder)
     return out

@@ -4,6 +4,9 @@ The backbone runs once over the test images (cached); the ξ slider re-decodes t
 logits inside a fragment, so only the picture and its numbers redraw.
 """
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import streamlit as st
 import torch
@@ -103,13 +106,14 @@ def show_story(model, out, index: int, classes: list[str], multilabel: bool,
     picture = patch_overlay(image, story.grid.boxes.numpy(), story.grid.rows, story.grid.cols,
                             values, true_boxes=[b for _, b in boxes],
                             selection_box=story.selection_box, focus_patch=focus_patch)
+    picture_png = png_bytes(picture)  # shown and offered for download: encoded once
     left, right = st.columns([3, 2])
     with left:
-        st.image(png_bytes(picture), caption=f"{name}: weights ({scaling}) over "
+        st.image(picture_png, caption=f"{name}: weights ({scaling}) over "
                  f"{story.grid.rows}x{story.grid.cols} patches; red: true box, blue: box of the "
                  "selected patches", width=420)
         d1, d2 = st.columns(2)
-        d1.download_button("Overlay PNG", png_bytes(picture), f"{name}-xi{xi:.2f}.png",
+        d1.download_button("Overlay PNG", picture_png, f"{name}-xi{xi:.2f}.png",
                            "image/png", key="ex_dl_png")
         d2.download_button("Weights CSV", csv_bytes(patch_rows(story, classes, klass)),
                            f"{name}-xi{xi:.2f}-weights.csv", "text/csv", key="ex_dl_csv")
@@ -156,13 +160,26 @@ def explore_test_set(model, data, collected, model_path: str) -> None:
                to_hwc(data.images[index]), truth, boxes, f"test{index}", xi)
 
 
+@st.cache_resource(max_entries=8, show_spinner=False)
+def upload_cache(model_path: str, mtime_ns: int, digest: str, name: str, _payload: bytes,
+                 _model, _data):
+    """The uploaded image as a model input and its ξ cache: the backbone runs once per
+    (checkpoint, upload), and a ξ move only re-decodes. A bad file raises and is not cached."""
+    del model_path, mtime_ns, digest  # the cache key
+    image = image_from_bytes(_payload, _data.input_size, name)
+    return image, single_image_cache(_model, image, _data)
+
+
 @st.fragment
-def explore_upload(model, data, upload) -> None:
+def explore_upload(model, data, upload, model_path: str) -> None:
     xi = st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
                    **keep("xi", float(model.config.xi)))
     with guard("The uploaded image"):
-        image = image_from_bytes(upload.getvalue(), data.input_size, upload.name)
-        out = decode(model, single_image_cache(model, image, data), xi)
+        payload = upload.getvalue()
+        image, collected = upload_cache(model_path, Path(model_path).stat().st_mtime_ns,
+                                        hashlib.sha256(payload).hexdigest(), upload.name,
+                                        payload, model, data)
+        out = decode(model, collected, xi)
         show_story(model, out, 0, data.classes, data.multilabel, to_hwc(image),
                    "unknown (your image)", [], "upload", xi)
 
@@ -186,7 +203,7 @@ with guard("The Patch Explorer"):
     else:
         upload = st.file_uploader("An image (any format, size and mode)", key="ex_upload")
         if upload is not None:
-            explore_upload(model, data, upload)
+            explore_upload(model, data, upload, path)
         else:
             st.caption(f"It is resized (shorter side) and centre-cropped to "
                        f"{data.input_size[0]}x{data.input_size[1]}, as the model expects.")

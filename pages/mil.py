@@ -11,7 +11,6 @@ import streamlit as st
 
 from engine.mil.data import EMBEDDED, available_mil_datasets, mil_data_root
 from engine.mil.experiment import (
-    experiment_rows,
     experiment_status,
     list_experiments,
     mil_root,
@@ -20,7 +19,7 @@ from engine.mil.experiment import (
 )
 from engine.mil.models import MIL_METHODS
 from engine.mil.paper import PAPER_ACCURACY
-from engine.mil.protocol import MilConfig, read_bag_weights, table_rows
+from engine.mil.protocol import MilConfig, read_bag_weights, read_results, table_rows
 from engine.runs import default_runs_root
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +228,7 @@ try:
         choice = st.selectbox("Experiment", choices, key="mil_experiment")
         folder = experiment_folder(choice)
         progress(folder)
-        rows = experiment_rows(folder)
+        rows = read_results(folder)
         results(rows)
         st.subheader("Instance weights of the test bags")
         weight_browser(folder, rows)

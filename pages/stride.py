@@ -55,7 +55,7 @@ def bench_results() -> None:
     result = folder / "bench.json"
     info = jobs.cli_process(folder)
     if result.is_file():
-        rows = [{"plan": r["model"].split(" stride ")[-1], "images_per_s": r["images_per_s"],
+        rows = [{"plan": r["stride_plan"], "images_per_s": r["images_per_s"],
                  "memory_mb": r["peak_mem_mb"], "step_ms": r["step_ms"], "params": r["params"],
                  "device": r["device"]} for r in json.loads(result.read_text())]
         st.plotly_chart(bench_figure(rows), key="st_bench_fig")

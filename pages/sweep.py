@@ -12,7 +12,6 @@ from engine.sweep import (
     stop_sweep,
     sweep_folder,
     sweep_process,
-    sweep_process_alive,
     sweep_runs,
     sweep_table,
 )
@@ -54,9 +53,10 @@ def progress(sweep: str) -> None:
     with guard("The sweep's progress"):
         runs = sweep_runs(store(), sweep)
         states = [r.status().get("state") for r in runs]
-        cells = sweep_process(store(), sweep).get("cells") or len(runs)
+        process = sweep_process(store(), sweep)  # process.json, read once per tick
+        cells = process.get("cells") or len(runs)
         done = states.count("finished")
-        alive = sweep_process_alive(store(), sweep)
+        alive = bool(process.get("alive"))
         st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
                     + (", training in the background" if alive else ""))
         if "failed" in states:

@@ -37,7 +37,7 @@ def live_panel(name: str) -> None:
         run = store().get(name)
         status = run.status()
         state = status.get("state")
-        fraction, text = progress_of(run)
+        fraction, text = progress_of(run, status)
         st.progress(fraction, text=text)
         if state == "failed":
             st.error(f"Run failed: {status.get('reason') or 'see the log'}")

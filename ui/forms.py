@@ -69,9 +69,8 @@ def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = (
     return config_from_dict(RunConfig, {**settings, "name": name or None, "tags": list(tags)})
 
 
-def progress_of(run: Run) -> tuple[float, str]:
-    """(fraction done, a line of text) from a run's status."""
-    status = run.status()
+def progress_of(run: Run, status: dict) -> tuple[float, str]:
+    """(fraction done, a line of text) from a run's status (read once by the caller)."""
     epochs = status.get("epochs") or run.config().train.epochs
     done = status.get("epochs_done") or 0
     steps, step = status.get("steps") or 0, status.get("step") or 0

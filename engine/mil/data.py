@@ -84,11 +84,6 @@ class MilDataset:
     def bag_sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
-    def bag_index(self) -> np.ndarray:
-        """(n_instances,) the bag of every instance row."""
-        return np.repeat(np.arange(self.n_bags), self.bag_sizes)
-
     def bag(self, k: int) -> np.ndarray:
         return self.features[self.offsets[k]:self.offsets[k + 1]]
 

@@ -24,7 +24,6 @@ from engine.mil.protocol import (
     cross_validate,
     default_threads,
     read_progress,
-    read_results,
     write_progress,
     write_results,
 )
@@ -194,7 +193,3 @@ def stop_experiment(folder: str | Path) -> bool:
     write_progress(Path(folder), state="stopped", error="stopped by the user",
                    finished=time.time())
     return True
-
-
-def experiment_rows(folder: str | Path) -> list[dict]:
-    return read_results(folder)

@@ -34,10 +34,9 @@ from engine.fsutil import atomic_write
 from engine.mil.data import BENCHMARKS, MilDataset
 from engine.mil.models import MIL_METHODS, MilNet, mil_loss
 from engine.mil.paper import format_paper, paper_accuracy
+from engine.runs import write_json_atomic
 
 SELECTIONS = ("error_loss", "error_last", "loss", "last")
-RESULT_FIELDS = ("dataset", "method", "accuracy_mean", "accuracy_std", "paper", "folds_done",
-                 "seconds")
 
 
 def _check(ok: bool, field_name: str, allowed: str, value) -> None:
@@ -420,15 +419,11 @@ def bag_weights(data: MilDataset, results: list[FoldResult]) -> list[dict]:
 # Result folders: results.json / .csv / .md, weights_*.json, progress.json
 
 
-def _write_json(path: Path, data) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()), durable=False)
-
-
 def write_progress(folder: Path, **fields) -> None:
     """Merge ``fields`` into ``progress.json`` (atomic, so a polling page never reads half)."""
     current = read_progress(folder)
     current.update(fields, updated=time.time())
-    _write_json(folder / "progress.json", current)
+    write_json_atomic(folder / "progress.json", current, durable=False)
 
 
 def read_progress(folder: str | Path) -> dict:
@@ -516,7 +511,8 @@ def write_results(folder: str | Path, rows: list[dict], note: str = "") -> list[
     folder.mkdir(parents=True, exist_ok=True)
     for r in rows:
         if "bag_weights" in r:
-            _write_json(weights_path(folder, r["dataset"], r["method"]), r["bag_weights"])
+            write_json_atomic(weights_path(folder, r["dataset"], r["method"]), r["bag_weights"],
+                              durable=False)
     new = {(r["dataset"], r["method"]): {k: v for k, v in r.items() if k != "bag_weights"}
            for r in rows}
     merged = [r for r in read_results(folder) if (r["dataset"], r["method"]) not in new]
@@ -526,7 +522,7 @@ def write_results(folder: str | Path, rows: list[dict], note: str = "") -> list[
     order = {m: i for i, m in enumerate(MIL_METHODS)}
     merged.sort(key=lambda r: (sets.get(r["dataset"], 99), r["dataset"],
                                order.get(r["method"], 99)))
-    _write_json(folder / "results.json", {"rows": merged})
+    write_json_atomic(folder / "results.json", {"rows": merged}, durable=False)
     buf = io.StringIO()
     table = table_rows(merged)
     writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["dataset"])

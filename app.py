@@ -7,7 +7,8 @@ explain, the device, the run folder) are drawn here, once.
 
 import streamlit as st
 
-from ui.state import device_badge, guard, model_picker, store
+from engine.runs import default_runs_root
+from ui.state import device_badge, guard, model_picker
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 
@@ -36,8 +37,8 @@ PAGES = {
 }
 
 navigation = st.navigation(PAGES)
-with st.sidebar, guard("The sidebar"):
+with st.sidebar, guard("The sidebar", stop=False):
     model_picker()
 navigation.run()
 # After the page, so that the page never waits for torch to import just for this line.
-st.sidebar.caption(f"{device_badge()} · runs in `{store().root}`")
+st.sidebar.caption(f"{device_badge()} · runs in `{default_runs_root()}`")

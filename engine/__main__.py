@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from engine.config import DataConfig
     from engine.data import dataset_spec, list_datasets, load_split
 
@@ -70,12 +73,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise ValueError("data check needs a data set name (see: python -m engine data list)")
     cfg = DataConfig(dataset=args.dataset, root=args.data_root, input_size=args.input_size,
                      download=args.download)
+    cfg = dataclasses.replace(cfg, skip_unreadable=args.skip_unreadable)
     for split in ("train", "test"):
         data = load_split(cfg, split)
         boxes = (f", {data.box_data.shape[0]} boxes" if data.has_boxes else ", no boxes")
+        skipped = (f"; {len(data.skipped)} missing or unreadable image(s) skipped, e.g. "
+                   f"{data.skipped[0]}" if data.skipped else "")
         print(f"{args.dataset}/{split}: {len(data)} images {tuple(data.images.shape[1:])}, "
               f"{data.num_classes} classes{boxes}; classes: {data.classes[:10]}"
-              f"{' ...' if data.num_classes > 10 else ''}")
+              f"{' ...' if data.num_classes > 10 else ''}{skipped}")
     return 0
 
 
@@ -97,27 +103,13 @@ TRAIN_FLAGS = {
 }
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def build_run_config(args: argparse.Namespace):
     """RunConfig from an optional JSON file, then the flags, then ``--set`` overrides."""
-    from engine.config import ConfigError, RunConfig, config_from_dict
+    from engine.config import ConfigError, RunConfig, config_from_dict, parse_setting
 
     data: dict = {}
     if args.config:
-        try:
-            data = json.loads(Path(args.config).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {args.config}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {args.config} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {args.config} must hold a JSON object")
+        data = _read_config_file(args.config)
     for flag, (section, key, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -129,17 +121,39 @@ def build_run_config(args: argparse.Namespace):
     if args.download:
         data.setdefault("data", {})["download"] = True
     for item in args.set or []:
-        path, sep, value = item.partition("=")
-        section, dot, key = path.partition(".")
-        if not sep or not dot or section not in ("model", "data", "loss", "train"):
-            raise ConfigError(f"--set needs section.field=value with section model, data, loss "
-                              f"or train; got {item!r}")
-        data.setdefault(section, {})[key] = _parse_value(value)
+        section, key, value = parse_setting(item, "--set")
+        section_data = data.setdefault(section, {})
+        if not isinstance(section_data, dict):
+            raise ConfigError(f"--set {item}: the config's {section} section is not an object")
+        section_data[key] = value
     if args.name:
         data["name"] = args.name
     if args.tag:
-        data["tags"] = list(data.get("tags", [])) + args.tag
-    return config_from_dict(RunConfig, data)
+        data["tags"] = list(data.get("tags") or []) + args.tag
+    try:
+        return config_from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}" + (f" (config file {args.config}, then the flags)"
+                                      if args.config else "")) from None
+
+
+def _read_config_file(path: str) -> dict:
+    from engine.config import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object; it holds a "
+                          f"{type(data).__name__}")
+    for section in ("model", "data", "loss", "train"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"config file {path}: section {section!r} must be a JSON object; "
+                              f"got {data[section]!r:.60}")
+    return data
 
 
 def _store(args: argparse.Namespace):
@@ -149,7 +163,7 @@ def _store(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine import jobs
+    from engine import launch
     from engine.runs import Run, RunStore
     from engine.train import init_distributed, prepare_run_config, train_run
 
@@ -163,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = build_run_config(args)
     store = _store(args)
     if args.background:
-        run = jobs.launch(store, config)
+        run = launch.launch(store, config)
         print(f"started run {run.name} in the background: {run.path}")
         return 0
     dist = init_distributed()
@@ -227,7 +241,8 @@ def load_source(source: str, runs_dir: str | None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.config import DataConfig, config_from_dict
+    from engine.checkpoint import check_classes
+    from engine.config import DataConfig, config_from_dict, parse_setting
     from engine.data import load_split
     from engine.device import resolve_device
     from engine.evaluate import EvaluationError, evaluate_model, format_summary, write_report
@@ -239,14 +254,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             data_fields[key] = getattr(args, flag)
     for item in args.set or []:
-        path, sep, value = item.partition("=")
-        if not sep or not path.startswith("data."):
-            raise ValueError(f"evaluate --set takes data.FIELD=VALUE; got {item!r}")
-        data_fields[path[5:]] = _parse_value(value)
-    data = load_split(config_from_dict(DataConfig, data_fields), args.split)
+        _, key, value = parse_setting(item, "evaluate --set", sections=("data",))
+        data_fields[key] = value
+    data = load_split(config_from_dict(DataConfig, data_fields, section="data"), args.split)
     if data.num_classes != model.config.num_classes:
         raise EvaluationError(f"the model predicts {model.config.num_classes} classes but "
                               f"{data.name} has {data.num_classes}")
+    check_classes(ckpt.get("classes"), data.classes, f"the model {args.source}",
+                  force=args.allow_class_mismatch)
     xi_grid = _parse_floats(args.xi_grid, "--xi-grid") if args.xi_grid else None
     report = evaluate_model(model.to(device), data, device, xi_grid=xi_grid,
                             groups=args.metrics, faithfulness_images=args.faithfulness_images)
@@ -272,6 +287,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         parse_grid,
         run_sweep,
         sweep_configs,
+        sweep_job,
         sweep_report,
         write_manifest,
     )
@@ -283,10 +299,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         parallel = args.parallel
         if parallel == "auto":
             parallel = max(1, torch.cuda.device_count())
+        elif not parallel.isdigit() or int(parallel) < 1:
+            raise ValueError(f"--parallel must be a positive int or auto; got {parallel!r}")
         print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
         write_manifest(store, args.sweep_name, grid)
-        run_sweep(store, configs, int(parallel), progress_bar=not args.quiet,
-                  log=lambda m: print(m, file=sys.stderr))
+        # The sweep's own job, in the foreground too: the Sweep page sees it and can stop it.
+        with sweep_job(store, args.sweep_name).attach(finish=True, kind="sweep",
+                                                      cells=len(configs)):
+            run_sweep(store, configs, int(parallel), progress_bar=not args.quiet,
+                      log=lambda m: print(m, file=sys.stderr))
     report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
     print(format_sweep(report))
     print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
@@ -294,12 +315,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine import jobs
+    from engine import launch
     from engine.train import train_run
 
     store = _store(args)
     if args.background:
-        run = jobs.resume(store, args.name)
+        run = launch.resume(store, args.name)
         print(f"resumed run {run.name} in the background")
         return 0
     run = store.get(args.name)
@@ -366,7 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
     print(format_table(results))
     if args.json:  # atomic: the Stride / time page polls this file
-        from engine.runs import write_json_atomic
+        from engine.fsutil import write_json_atomic
 
         write_json_atomic(Path(args.json), results_as_dicts(results))
     return 0
@@ -406,7 +427,7 @@ def _report_bench(result: dict, json_path: str | None, digits: int) -> int:
         shown = f"{value:.{digits}f}" if isinstance(value, float) else value
         print(f"{key:{width}s} {shown}")
     if json_path:
-        from engine.runs import write_json_atomic
+        from engine.fsutil import write_json_atomic
 
         write_json_atomic(Path(json_path), result)
     return 0
@@ -457,6 +478,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (before the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered backbones and heads")
@@ -468,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root")
     p.add_argument("--input-size", type=int)
     p.add_argument("--download", action="store_true")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="count missing or unreadable images instead of failing on them")
     p.set_defaults(func=cmd_data)
 
     runs_dir = argparse.ArgumentParser(add_help=False)
@@ -526,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure faithfulness on this many images (e.g. 200)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="report folder (default: the run's eval/ or ./eval-NAME)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate on data whose class names differ from the model's")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", parents=[runs_dir],
@@ -595,20 +622,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. An expected error (a bad value, file, checkpoint or run: every engine
+    error is a ValueError, and OSError) prints one line and returns 2; anything else prints one
+    line and returns 1. Tracebacks only with ``--debug``. A process started as a background job
+    (:mod:`engine.jobs`) records in its job folder how it ended."""
+    from engine import jobs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     for name in ("batch", "steps", "input_size", "num_classes"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    job = jobs.spawned_job()
     try:
-        return args.func(args)
-    except ValueError as exc:  # config, data, checkpoint and run errors: a message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with job.attach() if job else contextlib.nullcontext():
+            code = args.func(args)
+            if job:
+                job.complete(code)
+            return code
+    except jobs.JobStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as exc:  # expected: a message a person can act on
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # unforeseen: still one line, and a way to see more
+        if debug:
+            raise
+        print(f"error: unexpected {exc.__class__.__name__}: {_one_line(exc)} (run with --debug "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

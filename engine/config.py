@@ -10,17 +10,108 @@ checkpoint alone can rebuild it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from engine.inputs import RESIZE_POLICIES
 
 XI_DENOMINATORS = ("patches", "feature_map")
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the allowed values."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Types: JSON, a command line or a form can give any value; each field takes only its own type
+
+
+def check_types(obj: Any, section: str = "") -> None:
+    """Check every field of the dataclass ``obj`` against its annotation (bool, int, float,
+    str, ``X | None``, ``tuple[T, ...]``, ``tuple[T1, T2]``); lists become tuples. A wrong type
+    raises :class:`ConfigError` naming ``section.field`` and what is allowed, so that e.g.
+    ``train.compile="no"`` is refused instead of read as true."""
+    hints = _type_hints(type(obj))
+    prefix = f"{section}." if section else ""
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            continue  # nested sections check themselves
+        value = getattr(obj, f.name)
+        ok, converted = _conform(value, hint)
+        if not ok:
+            raise ConfigError(f"{prefix}{f.name} must be {_describe(hint)}; got {value!r:.80}")
+        if converted is not value:
+            setattr(obj, f.name, converted)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether ``value`` has type ``hint``, the value with lists made tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            ok, converted = _conform(value, arm)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+            value)
+        return ok, value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, value
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) != len(value):
+            return False, value
+        parts = [_conform(v, a) for v, a in zip(value, arms, strict=True)]
+        return all(ok for ok, _ in parts), tuple(v for _, v in parts)
+    return True, value  # a type this checker does not know: the field's own checks apply
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return {type(None): "null", bool: "true or false", int: "an int", float: "a finite number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+@contextlib.contextmanager
+def section_errors(section: str) -> Iterator[None]:
+    """Prefix a field's error with its section (``model.xi must be ...``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        text = str(exc)
+        if not text.startswith(f"{section}."):
+            raise ConfigError(f"{section}.{text}") from None
+        raise
 
 
 def _check(ok: bool, field_name: str, allowed: str, value: Any) -> None:
@@ -99,12 +190,10 @@ class ModelConfig:
     """timm backbones only: load pretrained weights (needs them cached or a network)."""
 
     def __post_init__(self) -> None:
-        self.input_size = _pair(self.input_size, "input_size")
-        if isinstance(self.stride_plan, list):
-            self.stride_plan = tuple(self.stride_plan)
-        if isinstance(self.plain_hidden, list):
-            self.plain_hidden = tuple(self.plain_hidden)
-        self.validate()
+        with section_errors("model"):
+            self.input_size = _pair(self.input_size, "input_size")
+            check_types(self)
+            self.validate()
 
     def validate(self) -> None:
         from engine.models.registry import check_backbone_name, check_head_name
@@ -153,6 +242,11 @@ class LossConfig:
     epochs (80 when the run length is unknown). ``0``: full weight from epoch 1."""
 
     def __post_init__(self) -> None:
+        with section_errors("loss"):
+            check_types(self)
+            self._check_ranges()
+
+    def _check_ranges(self) -> None:
         g = self.gamma_max
         _check(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
                and g >= 0, "gamma_max", "a finite number >= 0", g)
@@ -161,7 +255,6 @@ class LossConfig:
         _check(isinstance(self.multilabel, bool), "multilabel", "true or false", self.multilabel)
 
 
-RESIZE_POLICIES = ("squash", "center_crop")
 
 
 @dataclass
@@ -195,8 +288,21 @@ class DataConfig:
     """As ``train_split`` (COCO ``val2017``, image folders ``test`` or ``val``)."""
     seed: int = 0
     """Seed of the digit generator and of subsets / folder splits."""
+    skip_unreadable: bool = False
+    """An image that the annotations or folders list but that is missing or unreadable is an
+    error (naming up to 10 such files). True: leave such images out; how many were left out is
+    recorded in the run's status and shown by ``data check`` and the Runs page."""
+    crowd_boxes: bool = False
+    """COCO: count crowd regions (``iscrowd=1``) as ground-truth boxes for patch metrics and
+    localization. COCO's own evaluation does not (the default); their classes always count
+    in the image-level labels."""
 
     def __post_init__(self) -> None:
+        with section_errors("data"):
+            check_types(self)
+            self._check_ranges()
+
+    def _check_ranges(self) -> None:
         from engine.data.registry import check_dataset_name
 
         check_dataset_name(self.dataset)
@@ -256,8 +362,11 @@ class TrainConfig:
     """Also checkpoint mid-epoch this often, so a killed run loses at most this much work."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.milestones, list):
-            self.milestones = tuple(self.milestones)
+        with section_errors("train"):
+            check_types(self)
+            self._check_ranges()
+
+    def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size", "micro_batches"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, "a positive int", value)
@@ -309,12 +418,11 @@ class RunConfig:
                           ("train", TrainConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, config_from_dict(cls, value))
+                setattr(self, name, config_from_dict(cls, value, section=name))
             elif not isinstance(value, cls):
-                raise ConfigError(f"{name} must be a {cls.__name__} or a JSON object")
-        if isinstance(self.tags, list):
-            self.tags = tuple(self.tags)
-        _check(all(isinstance(t, str) for t in self.tags), "tags", "a list of strings", self.tags)
+                raise ConfigError(f"{name} must be a JSON object (the {name} section); got "
+                                  f"{value!r:.60}")
+        check_types(self)
         _check(self.name is None or (isinstance(self.name, str)
                                      and re.fullmatch(RUN_NAME_PATTERN, self.name) is not None),
                "name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit "
@@ -322,6 +430,34 @@ class RunConfig:
 
 
 T = TypeVar("T")
+SECTIONS = ("model", "data", "loss", "train")
+
+
+def split_setting(item: str, flag: str, sections: tuple[str, ...] = SECTIONS
+                  ) -> tuple[str, str, str]:
+    """``"section.field=text"`` -> (section, field, text); the one parser of such settings
+    (``train --set``, ``evaluate --set``, sweep grids)."""
+    path, sep, text = str(item).partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or section not in sections or not key:
+        raise ConfigError(f"{flag} needs {'|'.join(sections)}.FIELD=VALUE; got {item!r}")
+    return section, key, text
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value: JSON where it parses (numbers, true/false, null, lists), else the
+    text itself (``model.head=mean``). Types are then checked by the config."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def parse_setting(item: str, flag: str, sections: tuple[str, ...] = SECTIONS
+                  ) -> tuple[str, str, Any]:
+    section, key, text = split_setting(item, flag, sections)
+    return section, key, parse_value(text)
+
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -329,14 +465,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
     """Rebuild a config, refusing unknown fields so that a typo is never silently ignored."""
+    what = section or cls.__name__
     if not isinstance(data, dict):
-        raise ConfigError(f"{cls.__name__} must be a JSON object; got {type(data).__name__}")
+        raise ConfigError(f"{what} must be a JSON object; got {type(data).__name__}")
     known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(str(k) for k in set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown field(s) {unknown} for {cls.__name__}; known fields: {known}")
+        raise ConfigError(f"unknown field(s) {unknown} in {what}; known fields: {known}")
     return cls(**data)
 
 
@@ -356,6 +493,7 @@ __all__ = [
     "RECIPES",
     "RESIZE_POLICIES",
     "RUN_NAME_PATTERN",
+    "SECTIONS",
     "XI_DENOMINATORS",
     "ConfigError",
     "DataConfig",
@@ -367,4 +505,7 @@ __all__ = [
     "config_from_json",
     "config_to_dict",
     "config_to_json",
+    "parse_setting",
+    "parse_value",
+    "split_setting",
 ]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 
 
 def _umask() -> int:
@@ -26,7 +31,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.",
+                               suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -53,3 +59,50 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: str | Path, data: Any, *, durable: bool = True) -> None:
+    """JSON via temp file + rename: a page polling ``path`` never reads half a file.
+    ``durable=False`` skips the fsyncs, for files that are rewritten often."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=True).encode()),
+                 durable=durable)
+
+
+def remove_temp_files(folder: str | Path, *, older_than_s: float = 0.0,
+                      recursive: bool = True) -> int:
+    """Delete what interrupted :func:`atomic_write` calls left behind (``.NAME.XXXX.tmp``);
+    returns the bytes freed. Call it only where no writer can be active, or with an age limit
+    longer than any write takes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    freed, now = 0, time.time()
+    pattern = f"{TEMP_PREFIX}*{TEMP_SUFFIX}"
+    for path in (folder.rglob(pattern) if recursive else folder.glob(pattern)):
+        try:
+            info = path.stat()
+            if path.is_file() and now - info.st_mtime >= older_than_s:
+                path.unlink()
+                freed += info.st_size
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return freed
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed) for the body's duration, so
+    that read-modify-write of a shared file by two processes never loses an update."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): writers are rare enough to go unlocked
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

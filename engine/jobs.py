@@ -1,100 +1,443 @@
-"""Background training processes: start, stop and watch runs without blocking the caller.
+"""Background jobs: one folder per job, started, watched and stopped by this module alone.
 
-A run trains in its own process (``python -m engine train --run-dir ...``) in a new session, so
-it survives the app's script reruns and a closed browser tab; the app and the CLI only read
-files. The child's own stdout/stderr go to ``process.log`` in the run directory, so a crash
-before the trainer's logging starts is still on record.
+Training runs, sweeps, MIL experiments and benchmarks all run in processes of their own, so
+that they outlive the app's script reruns and a closed tab. Each has a job folder::
+
+    status.json   state, reason, the process's identity, and the job's own progress fields
+    process.log   the process's stdout and stderr (a crash before logging starts is on record)
+    STOP          present while a stop is requested
+    .lock         serialises read-modify-write of status.json between the job and its starter
+
+plus whatever the job itself writes (a run's config and checkpoints, a sweep's report, ...).
+
+States: ``created`` -> ``starting`` -> ``running`` -> ``finished`` | ``stopped`` | ``failed``.
+
+Process identity: a pid alone is not a process. A pid is recycled once its process has ended,
+so a stale pid in a status file may name an unrelated process. A job therefore records its
+process as (pid, creation time). A process counts as the job's only while both match, and no
+signal is ever sent otherwise (nor to pid <= 1). The starter records the identity the moment the
+child exists, so a job whose process is gone shows as ended at the next look.
+
+Stopping: the STOP file, then SIGTERM to the verified process. A job's process installs its
+SIGTERM handler before it marks itself running (:meth:`Job.attach`), and checks the STOP file
+right after. So a stop during start-up always ends as ``stopped``. A process killed before its
+handler existed is shown as stopped when a stop was requested, and as failed otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from engine.config import RunConfig
-from engine.runs import Run, RunStore, write_json_atomic
+from engine.fsutil import locked, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STARTING = "starting"
+JOB_ENV = "LOSSATTN_JOB_DIR"
+"""Set in a spawned process's environment: the job folder it belongs to."""
+STATES = ("created", "starting", "running", "finished", "stopped", "failed")
+ACTIVE = ("starting", "running")
+START_GRACE_S = 30.0
+"""How long a job may say ``starting`` with no process recorded (its starter died mid-start)."""
+_CREATE_TIME_TOLERANCE_S = 1.0
+"""Creation times are read as wall-clock seconds; a clock step can move them slightly."""
 
 
-def _detached(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
-    """Start ``cmd`` in its own session (it outlives the app and a closed tab), its output
-    appended to ``log_path``."""
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+class JobError(ValueError):
+    """A job cannot be started or stopped; the message says why."""
 
 
-def spawn(store: RunStore, run: Run, *, resume: bool = False,
-          env: dict[str, str] | None = None) -> int:
-    """Start the trainer for ``run`` in the background; returns its pid. ``env`` adds to the
-    environment (e.g. ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
-    from engine.train import check_startable
-
-    check_startable(run, resume)  # refuse here, where the caller can show the message
-    cmd = [sys.executable, "-m", "engine", "train", "--run-dir", str(run.path.resolve()),
-           "--quiet"] + (["--resume"] if resume else [])
-    # Marked before the child exists, so that the child's own status writes (even an
-    # immediate failure) always come after this one and win.
-    run.stop_path.unlink(missing_ok=True)  # a stale request must not stop the new process
-    run.update_status(state="running", reason=STARTING, pid=None, launched=time.time())
-    proc = _detached(cmd, run.path / "process.log", env)
-    if run.raw_status().get("reason") == STARTING:
-        run.update_status(pid=proc.pid)
-    store.index(run)
-    return proc.pid
+class JobStopped(BaseException):  # a control-flow signal, like KeyboardInterrupt
+    """Raised in a job's main thread by SIGTERM (or a STOP file) outside cooperative loops."""
 
 
-def spawn_cli(args: list[str], folder: Path, **info) -> int:
-    """Start ``python -m engine <args>`` in the background for work that is not a training run
-    (a sweep, a benchmark). Its output goes to ``folder/process.log`` and its pid (plus
-    ``info``) to ``folder/process.json``, for :func:`cli_process` to read."""
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = _detached([sys.executable, "-m", "engine", *args], folder / "process.log")
-    write_json_atomic(folder / "process.json", {"pid": proc.pid, "started": time.time(), **info})
-    return proc.pid
+# ----------------------------------------------------------------------------------------------
+# Process identity
 
 
-def cli_process(folder: Path) -> dict:
-    """What :func:`spawn_cli` recorded, with ``alive``; {} if nothing was started there."""
-    import json
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as (pid, creation time): survives pid reuse."""
 
-    from engine.runs import pid_alive
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        """The identity of the live process ``pid`` now (None if there is none)."""
+        import psutil
+
+        if not _valid_pid(pid):
+            return None
+        try:
+            return cls(pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+
+    @classmethod
+    def current(cls) -> ProcessIdentity:
+        identity = cls.of(os.getpid())
+        assert identity is not None
+        return identity
+
+    @classmethod
+    def parse(cls, value: Any) -> ProcessIdentity | None:
+        """From a status file's ``process`` field; ``None`` stays None. Raises ValueError."""
+        if value is None:
+            return None
+        ok = (isinstance(value, dict) and _valid_pid(value.get("pid"))
+              and _is_number(value.get("create_time")))
+        if not ok:
+            raise ValueError("must be {'pid': an int > 1, 'create_time': a number}")
+        return cls(int(value["pid"]), float(value["create_time"]))
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "create_time": self.create_time}
+
+    def _process(self):
+        """The psutil process if it is still this one (not a zombie, pid not reused)."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            same = abs(proc.create_time() - self.create_time) <= _CREATE_TIME_TOLERANCE_S
+            if not same or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    def alive(self) -> bool:
+        return self._process() is not None
+
+    def matches(self, other: ProcessIdentity | None) -> bool:
+        """The same process (creation times compared within the clock tolerance)."""
+        return other is not None and other.pid == self.pid and abs(
+            other.create_time - self.create_time) <= _CREATE_TIME_TOLERANCE_S
+
+    def is_current(self) -> bool:
+        return self.pid == os.getpid() and self.alive()
+
+    def signal(self, sig: int = signal.SIGTERM) -> bool:
+        """Send ``sig`` only if this process still exists; returns whether it was sent."""
+        import psutil
+
+        if not _valid_pid(self.pid):  # never 0, -1 or init: they address many processes
+            return False
+        proc = self._process()
+        if proc is None:
+            return False
+        try:
+            proc.send_signal(sig)  # psutil re-checks that the pid was not reused meanwhile
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied as exc:
+            raise JobError(f"not allowed to signal process {self.pid}: {exc}") from None
+        return True
+
+
+def _valid_pid(pid: Any) -> bool:
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 1
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Status files: validated on read, so a malformed field is named instead of crashing a reader
+
+_NUMBER_FIELDS = ("created", "updated", "launched", "started", "finished", "duration_s", "eta_s",
+                  "images_per_s", "best_metric", "last_metric", "fraction", "seconds")
+_INT_FIELDS = ("epochs", "epochs_done", "epoch", "step", "steps", "best_epoch", "task", "tasks",
+               "cells", "world", "params", "train_images", "test_images", "cpu_threads",
+               "skipped_train", "skipped_test")
+_TEXT_FIELDS = ("reason", "metric_name", "device", "command", "current", "kind")
+
+
+def check_status(data: Any, where: str) -> tuple[dict, list[str]]:
+    """The fields of a status file that have the right type, and a message per bad field.
+
+    ``where`` names the file in the messages. A legacy bare ``pid`` (no creation time) cannot be
+    verified, so it is dropped: such a process is never signalled."""
+    if not isinstance(data, dict):
+        return {}, [f"{where} must hold a JSON object"]
+    good, problems = {}, []
+    for key, value in data.items():
+        problem = _field_problem(key, value)
+        if problem:
+            problems.append(f"{where}: field {key!r} {problem}; got {value!r:.60}")
+        elif key != "pid":
+            good[key] = value
+    return good, problems
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    if value is None:
+        return "must be set" if key == "state" else None
+    if key == "state":
+        return None if value in STATES else f"must be one of {list(STATES)}"
+    if key == "process":
+        try:
+            ProcessIdentity.parse(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if key in _NUMBER_FIELDS and not (_is_number(value) or value is None):
+        return "must be a number"
+    if key in _INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
+        return "must be an int"
+    if key in _TEXT_FIELDS and not isinstance(value, str):
+        return "must be text"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The job folder
+
+
+class Job:
+    """A job folder. Reading never changes it; writers go through :meth:`update` (locked)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def status_path(self) -> Path:
+        return self.folder / "status.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "process.log"
+
+    @property
+    def stop_path(self) -> Path:
+        return self.folder / "STOP"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / ".lock"
+
+    # -- status -----------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.status_path.is_file()
+
+    def _read_json(self) -> Any:
+        return json.loads(self.status_path.read_text())
+
+    def raw_status(self) -> dict:
+        """The status file as written, with malformed fields reported as a failure."""
+        try:
+            data = self._read_json()
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            return {"state": "failed", "reason": f"{self.status_path} is unreadable ({exc})"}
+        good, problems = check_status(data, str(self.status_path))
+        if problems:
+            good.update(state="failed", reason="; ".join(problems))
+        return good
+
+    def update(self, **fields: Any) -> dict:
+        """Merge ``fields`` into status.json (atomic write, serialised with other writers)."""
+        with locked(self.lock_path):
+            return self._merge(fields)
+
+    def _merge(self, fields: dict) -> dict:
+        try:
+            current = self._read_json()
+        except (OSError, ValueError):
+            current = {}
+        if not isinstance(current, dict):
+            current = {}
+        current.pop("pid", None)  # a legacy bare pid is never trusted again
+        status = {**current, **fields, "updated": time.time()}
+        write_json_atomic(self.status_path, status)
+        return status
+
+    def process(self) -> ProcessIdentity | None:
+        """The recorded process (None if none is recorded or the field is malformed)."""
+        try:
+            return ProcessIdentity.parse(self.raw_status().get("process"))
+        except ValueError:
+            return None
+
+    def alive(self) -> bool:
+        """Whether the job's own process is running now."""
+        process = self.process()
+        return process is not None and process.alive()
+
+    def status(self) -> dict:
+        """The status as a person should read it: an active job whose process has gone is
+        ``stopped`` (a stop was requested) or ``failed``, at once."""
+        status = self.raw_status()
+        if status.get("state") not in ACTIVE:
+            return status
+        process = self.process()
+        if process is None:
+            waited = time.time() - float(status.get("launched") or status.get("updated") or 0.0)
+            if waited < START_GRACE_S:
+                return status
+            return {**status, "state": "failed",
+                    "reason": "never started: no process was recorded for it"}
+        if process.alive():
+            return status
+        during = " during start-up" if status.get("state") == "starting" else ""
+        if self.stop_requested():
+            return {**status, "state": "stopped",
+                    "reason": f"stopped{during} (the process ended after a stop request)"}
+        last = self.last_output_line()
+        return {**status, "state": "failed",
+                "reason": f"process ended unexpectedly{during}"
+                          + (f": {last}" if last else " (killed?)")}
+
+    def last_output_line(self) -> str:
+        """The last non-empty line the process printed (a crash's error message)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 4096))
+                lines = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stop_path.touch()
+
+    def stop_requested(self) -> bool:
+        return self.stop_path.exists()
+
+    def clear_stop(self) -> None:
+        self.stop_path.unlink(missing_ok=True)
+
+    def stop(self) -> bool:
+        """Ask the job to stop (STOP file + SIGTERM to its verified process). Returns whether it
+        was active. A stale or foreign pid is never signalled."""
+        if self.status().get("state") not in ACTIVE:
+            return False
+        self.request_stop()
+        process = self.process()
+        if process is not None:
+            process.signal(signal.SIGTERM)
+        return True
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def spawn(self, args: list[str], env: dict[str, str] | None = None,
+              **fields: Any) -> ProcessIdentity:
+        """Start ``python -m engine <args>`` as this job, in its own session, and record its
+        identity at once. ``fields`` go into the status (e.g. ``kind``, ``cells``)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with locked(self.lock_path):
+            if self.status().get("state") in ACTIVE:
+                process = self.process()
+                raise JobError(f"{self.folder.name} is already running"
+                               + (f" (pid {process.pid})" if process else ""))
+            self.clear_stop()  # a stale request must not stop the new process
+            self._merge({"state": "starting", "reason": "starting", "process": None,
+                         "launched": time.time(), **fields})
+        cmd = [sys.executable, "-m", "engine", *args]
+        with open(self.log_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=PROJECT_ROOT, start_new_session=True,
+                env={**os.environ, **(env or {}), JOB_ENV: str(self.folder.resolve())})
+        identity = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, time.time())
+        with locked(self.lock_path):
+            if self.raw_status().get("process") is None:  # the child may have recorded itself
+                self._merge({"process": identity.to_dict()})
+        return identity
+
+    @contextlib.contextmanager
+    def attach(self, finish: bool = False, **fields: Any) -> Iterator[Job]:
+        """Run the body as this job's process: SIGTERM raises :class:`JobStopped` (installed
+        before the job is marked running), the job is marked ``running`` with this process's
+        identity, and a pending STOP request stops it at once. On the way out, a job that is
+        still active is marked ``stopped`` (JobStopped, KeyboardInterrupt), ``failed`` (any
+        other exception), ``finished`` (``finish``) or left for :meth:`complete`. Nested
+        attaches of one job are fine."""
+        me = ProcessIdentity.current()
+        with _raise_on_sigterm():
+            with locked(self.lock_path):
+                other = self.process()
+                if (self.status().get("state") in ACTIVE and other is not None
+                        and not me.matches(other) and other.alive()):
+                    raise JobError(f"{self.folder.name} is already running (pid {other.pid})")
+                self._merge({"state": "running", "reason": "", "process": me.to_dict(),
+                             "started": time.time(), **fields})
+            try:
+                if self.stop_requested():
+                    raise JobStopped("stop requested before the job started")
+                yield self
+            except (JobStopped, KeyboardInterrupt) as exc:
+                self._end_if_active(me, "stopped", str(exc) or "stopped on request")
+                raise
+            except BaseException as exc:
+                self._end_if_active(me, "failed", f"{exc.__class__.__name__}: {exc}")
+                raise
+            if finish:
+                self._end_if_active(me, "finished", "")
+
+    def complete(self, code: int = 0, reason: str = "") -> None:
+        """Mark the job finished (``code`` 0) or failed, unless the job already ended itself."""
+        me = ProcessIdentity.current()
+        if code == 0:
+            self._end_if_active(me, "finished", reason)
+        else:
+            self._end_if_active(me, "failed", reason or f"exit code {code}")
+
+    def _end_if_active(self, me: ProcessIdentity, state: str, reason: str) -> None:
+        with locked(self.lock_path):
+            status = self.raw_status()
+            recorded = self.process()
+            if status.get("state") in ACTIVE and (recorded is None or me.matches(recorded)):
+                self._merge({"state": state, "reason": reason, "finished": time.time()})
+                if state == "stopped":
+                    self.clear_stop()
+
+
+@contextlib.contextmanager
+def _raise_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`JobStopped` in the main thread while the body runs."""
+    def handler(signum, frame):
+        raise JobStopped("stopped by SIGTERM")
 
     try:
-        info = json.loads((folder / "process.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {**info, "alive": pid_alive(info.get("pid"))}
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a test harness): no handler, nothing to restore
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def launch(store: RunStore, config: RunConfig) -> Run:
-    """Resolve ``config`` against its data, create the run, and train it in the background."""
-    from engine.train import prepare_run_config
-
-    run = store.create(prepare_run_config(config))
-    spawn(store, run)
-    return run
+def spawned_job() -> Job | None:
+    """The job this process was spawned for (``$LOSSATTN_JOB_DIR``), if any."""
+    folder = os.environ.get(JOB_ENV)
+    return Job(folder) if folder else None
 
 
-def resume(store: RunStore, name: str) -> Run:
-    run = store.get(name)
-    spawn(store, run, resume=True)
-    return run
-
-
-def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> dict:
-    """Block until the run leaves the running state (for scripts and tests)."""
+def wait(job: Job, timeout: float = 600.0, poll: float = 0.2) -> dict:
+    """Block until the job is no longer active (for scripts and tests); returns its status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = run.status()
-        if status.get("state") != "running":
+        status = job.status()
+        if status.get("state") not in ACTIVE:
             return status
         time.sleep(poll)
-    raise TimeoutError(f"run {run.name} still running after {timeout:.0f} s")
+    raise TimeoutError(f"{job.folder.name} still running after {timeout:.0f} s")

@@ -1,20 +1,23 @@
 """The run store: one directory per run, and an SQLite index that is only a cache.
 
-A run directory holds::
+A run directory is a job folder (:mod:`engine.jobs`) that also holds::
 
     config.json      the resolved RunConfig (what was trained, exactly)
-    status.json      state, reason, pid, progress (rewritten atomically)
+    status.json      state, reason, the trainer's process identity, progress (atomic rewrites)
     metrics.jsonl    one JSON line per finished epoch (appended, fsync'd)
-    log.txt          the trainer's log
+    log.txt          the trainer's log; process.log: its raw stdout/stderr
     STOP             present while a stop is requested
     checkpoints/last.pt, checkpoints/best.pt   (written atomically)
 
-States: ``created`` -> ``running`` -> ``finished`` | ``stopped`` | ``failed``. A run whose status
-says running but whose process is gone is reported as ``failed`` ("process ended unexpectedly")
-and can be resumed from its last checkpoint.
+States: ``created`` -> ``starting`` -> ``running`` -> ``finished`` | ``stopped`` | ``failed``. A run
+whose status says running but whose process is gone is reported as ``failed`` ("process ended
+unexpectedly") at once, and can be resumed from its last checkpoint.
 
-``index.sqlite`` (WAL mode) lists runs for fast tables; :meth:`RunStore.rebuild_index` recreates it
-from the directories, and a missing or damaged index is rebuilt automatically.
+The store's own files live outside the run namespace: a run name starts with a letter or digit,
+and the store's files start with '.' or '_' (``.index.sqlite``, ``_sweeps/``, ``_mil/``,
+``_bench/``). So no run name can collide with them. ``.index.sqlite`` (WAL mode) lists runs for
+fast tables. :meth:`RunStore.rebuild_index` recreates it from the directories, and a missing or
+damaged index is rebuilt automatically.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import time
 from contextlib import closing
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import RUN_NAME_PATTERN, RunConfig, config_from_dict, config_to_dict
-from engine.fsutil import atomic_write
+from engine.fsutil import atomic_write, write_json_atomic
+from engine.jobs import ACTIVE, Job
 
-STATES = ("created", "running", "stopped", "finished", "failed")
-ACTIVE_STATES = ("created", "running")
-INDEX_VERSION = 1  # part of the table name: a new schema starts a fresh table
+INDEX_NAME = ".index.sqlite"
+LEGACY_INDEX = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal")
+INDEX_VERSION = 2  # part of the table name: a new schema starts a fresh table
 
 
 class RunError(ValueError):
@@ -46,35 +49,13 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("LOSSATTN_RUNS", "runs")).expanduser()
 
 
-def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
-    """JSON via temp file + rename: a page polling ``path`` never reads half a file.
-    ``durable=False`` skips the fsyncs, for files that are rewritten often."""
-    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, sort_keys=True).encode()),
-                 durable=durable)
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 class Run:
     """A run directory. Reading never changes it; writers are the trainer and the store."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.name = self.path.name
+        self.job = Job(self.path)
 
     @property
     def config_path(self) -> Path:
@@ -82,7 +63,7 @@ class Run:
 
     @property
     def status_path(self) -> Path:
-        return self.path / "status.json"
+        return self.job.status_path
 
     @property
     def metrics_path(self) -> Path:
@@ -94,7 +75,7 @@ class Run:
 
     @property
     def stop_path(self) -> Path:
-        return self.path / "STOP"
+        return self.job.stop_path
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -113,47 +94,42 @@ class Run:
             return config_from_dict(RunConfig, json.loads(self.config_path.read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise RunError(f"run {self.name}: cannot read {self.config_path}: {exc}") from exc
+        except ValueError as exc:  # a config that parses but does not validate
+            raise RunError(f"run {self.name}: {self.config_path} is not a valid run config: "
+                           f"{exc}") from exc
 
     def config_dict(self) -> dict:
+        """The config as plain JSON for tables ({} where unreadable; non-object sections are
+        left out), without validating it."""
         try:
-            return json.loads(self.config_path.read_text())
+            data = json.loads(self.config_path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items()
+                if k not in ("model", "data", "loss", "train") or isinstance(v, dict)}
 
     def raw_status(self) -> dict:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {"state": "failed", "reason": "status.json is missing or unreadable"}
+        status = self.job.raw_status()
+        return status or {"state": "failed",
+                          "reason": f"{self.status_path} is missing; resume starts over"}
 
     def status(self) -> dict:
-        """The status, with a dead 'running' process reported as failed."""
-        status = self.raw_status()
-        starting = status.get("reason") == "starting" and time.time() - status.get(
-            "launched", 0.0) < 60.0  # pid not recorded yet
-        if status.get("state") == "running" and not starting and not pid_alive(status.get("pid")):
-            last = self.last_output_line()
-            status = {**status, "state": "failed",
-                      "reason": "process ended unexpectedly" + (f": {last}" if last else
-                                                                " (killed?)")
-                                + "; resume continues from the last checkpoint"}
+        """The status, with a run whose process has gone reported as failed (or stopped)."""
+        status = self.job.status() if self.job.exists() else self.raw_status()
+        if status.get("state") == "failed" and status.get("reason", "").startswith(
+                "process ended"):
+            status = {**status, "reason": status["reason"]
+                      + "; resume continues from the last checkpoint"}
         return status
 
     def last_output_line(self) -> str:
         """Last non-empty line the process printed (a crash's error message)."""
-        try:
-            with open(self.path / "process.log", "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 4096))
-                lines = fh.read().decode(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+        return self.job.last_output_line()
 
     def update_status(self, **fields: Any) -> dict:
-        status = {**self.raw_status(), **fields, "updated": time.time()}
-        write_json_atomic(self.status_path, status)
-        return status
+        return self.job.update(**fields)
 
     def status_mtime(self) -> float:
         try:
@@ -170,9 +146,11 @@ class Run:
             return rows
         for line in lines:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def append_metrics(self, row: dict) -> None:
@@ -188,10 +166,10 @@ class Run:
         atomic_write(self.metrics_path, lambda fh: fh.write(text.encode()))
 
     def request_stop(self) -> None:
-        self.stop_path.touch()
+        self.job.request_stop()
 
     def stop_requested(self) -> bool:
-        return self.stop_path.exists()
+        return self.job.stop_requested()
 
     def summary(self) -> dict:
         """One row for tables and the index."""
@@ -208,14 +186,18 @@ class Run:
             "metric_name": status.get("metric_name", ""),
             "best_metric": status.get("best_metric"), "best_epoch": status.get("best_epoch"),
             "last_metric": status.get("last_metric"),
-            "duration_s": status.get("duration_s", 0.0), "pid": status.get("pid"),
-            "tags": list(cfg.get("tags", [])), "status_mtime": self.status_mtime(),
+            "duration_s": status.get("duration_s", 0.0),
+            "pid": (status.get("process") or {}).get("pid"),
+            "skipped": (status.get("skipped_train") or 0) + (status.get("skipped_test") or 0),
+            "tags": [str(t) for t in cfg.get("tags", []) if isinstance(t, str)]
+            if isinstance(cfg.get("tags"), list) else [],
+            "status_mtime": self.status_mtime(),
         }
 
 
 _COLUMNS = ("name", "state", "reason", "created", "updated", "dataset", "backbone", "head",
             "gamma_max", "xi", "epochs", "epochs_done", "metric_name", "best_metric",
-            "best_epoch", "last_metric", "duration_s", "pid", "tags", "status_mtime")
+            "best_epoch", "last_metric", "duration_s", "pid", "skipped", "tags", "status_mtime")
 
 
 class RunStore:
@@ -224,7 +206,11 @@ class RunStore:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_runs_root()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.index_path = self.root / "index.sqlite"
+        self.index_path = self.root / INDEX_NAME
+        for legacy in LEGACY_INDEX:  # an older layout kept its index among the runs
+            path = self.root / legacy
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -280,24 +266,17 @@ class RunStore:
     def delete(self, name: str) -> None:
         """Remove a run; a live run must be stopped first."""
         run = self.get(name)
-        status = run.status()
-        if status.get("state") == "running":
-            raise RunError(f"run {name!r} is running (pid {status.get('pid')}); stop it first")
+        if run.status().get("state") in ACTIVE:
+            process = run.job.process()
+            raise RunError(f"run {name!r} is running"
+                           + (f" (pid {process.pid})" if process else "") + "; stop it first")
         shutil.rmtree(run.path)
         self._execute(f"DELETE FROM runs{INDEX_VERSION} WHERE name = ?", (name,))
 
     def stop(self, name: str) -> bool:
-        """Ask a running run to stop (stop file + SIGTERM). Returns whether it was running."""
-        run = self.get(name)
-        status = run.status()
-        if status.get("state") != "running":
-            return False
-        run.request_stop()
-        try:
-            os.kill(int(status["pid"]), signal.SIGTERM)
-        except (ProcessLookupError, KeyError, TypeError, ValueError):
-            pass
-        return True
+        """Ask a running run to stop (stop file + SIGTERM to its verified trainer). Returns
+        whether it was running; a stale or foreign pid is never signalled."""
+        return self.get(name).job.stop()
 
     # -- index ------------------------------------------------------------------------------
 
@@ -321,7 +300,7 @@ class RunStore:
         return []
 
     def _reset_index(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{self.index_path}{suffix}").unlink(missing_ok=True)
         with closing(self._connect()):
             pass
@@ -364,7 +343,7 @@ class RunStore:
         for row in rows.values():
             if isinstance(row["tags"], str):
                 row["tags"] = json.loads(row["tags"] or "[]")
-            if row["state"] == "running":  # the index may be stale about a dead process
+            if row["state"] in ACTIVE:  # the index may be stale about a dead process
                 live = Run(self.root / row["name"]).status()
                 row["state"], row["reason"] = live.get("state"), live.get("reason", "")
             out.append(row)

@@ -13,7 +13,6 @@ precision / recall / F at the run's ξ, localization where defined) and writes
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -23,13 +22,22 @@ import time
 
 import torch
 
-from engine import jobs
-from engine.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from engine.runs import Run, RunStore, write_json_atomic
+from engine.config import (
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    parse_value,
+    split_setting,
+)
+from engine.fsutil import write_json_atomic
+from engine.jobs import ACTIVE, Job, JobStopped
+from engine.launch import start
+from engine.runs import Run, RunStore
 from engine.train import prepare_run_config, train_run
 
 DEFAULT_GRID = [("loss.gamma_max", [0.0, 0.1]), ("model.xi", [0.0, 0.1])]
-SECTIONS = ("model", "data", "loss", "train")
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
@@ -39,26 +47,17 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     that is itself a JSON array (``model.stride_plan=[[1,1,1,1],[1,2,1,1]]``) is taken whole."""
     grid = []
     for item in items:
-        path, sep, text = item.partition("=")
-        section, dot, key = path.partition(".")
-        if not sep or not dot or section not in SECTIONS or not key:
-            raise ConfigError(f"--grid needs section.field=v1,v2 with section in {list(SECTIONS)}; "
-                              f"got {item!r}")
+        section, key, text = split_setting(item, "--grid")
         if text.strip().startswith("[["):
-            values = json.loads(text)
+            values = parse_value(text)
+            if not isinstance(values, list):
+                raise ConfigError(f"--grid {section}.{key}: {text!r} is not a JSON list of lists")
         else:
-            values = [_value(v) for v in text.split(",") if v.strip()]
+            values = [parse_value(v) for v in text.split(",") if v.strip()]
         if not values:
-            raise ConfigError(f"--grid {path} has no values")
-        grid.append((path, values))
+            raise ConfigError(f"--grid {section}.{key} has no values")
+        grid.append((f"{section}.{key}", values))
     return grid
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text.strip()
 
 
 def _short(value) -> str:
@@ -93,7 +92,7 @@ def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
     state = run.status().get("state")
     if state == "finished":
         return None
-    if state == "running":
+    if state in ACTIVE:
         raise ConfigError(f"run {config.name} of this sweep is running; stop it or wait")
     return run, state != "created"
 
@@ -122,13 +121,14 @@ def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
 def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]], sweep: str,
                  parallel: int | str = 1) -> int:
     """Train and tabulate a sweep in a background process (``python -m engine sweep``); returns
-    its pid. The cells are ordinary runs, so progress is read from the run store; the process's
-    own output goes to ``_sweeps/<sweep>/process.log``."""
+    its pid. The cells are ordinary runs, so progress is read from the run store; the sweep's
+    own job folder is ``_sweeps/<sweep>/`` (status, process.log, STOP)."""
     configs = sweep_configs(base, grid, sweep)  # validate here, where the caller shows errors
     for config in configs:
-        if store.exists(config.name) and store.get(config.name).status().get("state") == "running":
+        if store.exists(config.name) and store.get(config.name).status().get("state") in ACTIVE:
             raise ConfigError(f"run {config.name} of sweep {sweep!r} is already running")
-    if sweep_process_alive(store, sweep):
+    job = sweep_job(store, sweep)
+    if job.status().get("state") in ACTIVE:
         raise ConfigError(f"sweep {sweep!r} is already running")
     write_manifest(store, sweep, grid)
     folder = sweep_folder(store, sweep)
@@ -138,7 +138,7 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
             str(parallel), "--quiet"]
     for field, values in grid:
         args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
-    return jobs.spawn_cli(args, folder, cells=len(configs))
+    return job.spawn(args, kind="sweep", cells=len(configs)).pid
 
 
 def _nested(values: list) -> bool:
@@ -149,24 +149,23 @@ def _csv(values: list) -> str:
     return ",".join(v if isinstance(v, str) else json.dumps(v) for v in values)
 
 
-def sweep_process(store: RunStore, sweep: str) -> dict:
-    """``{"pid", "started", "cells", "alive"}`` of the sweep's background process, or {}."""
-    return jobs.cli_process(sweep_folder(store, sweep))
+def sweep_job(store: RunStore, sweep: str) -> Job:
+    """The sweep's own job (the process that trains its cells one after another)."""
+    return Job(sweep_folder(store, sweep))
+
+
+def sweep_status(store: RunStore, sweep: str) -> dict:
+    """The sweep process's status (state, cells, reason); {} if it was never started."""
+    return sweep_job(store, sweep).status()
 
 
 def sweep_process_alive(store: RunStore, sweep: str) -> bool:
-    return bool(sweep_process(store, sweep).get("alive"))
+    return sweep_status(store, sweep).get("state") in ACTIVE
 
 
 def stop_sweep(store: RunStore, sweep: str) -> None:
-    """Stop the background process (no new cells start) and the cell that is training."""
-    import os
-    import signal
-
-    pid = sweep_process(store, sweep).get("pid")
-    if sweep_process_alive(store, sweep):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+    """Stop the sweep's process (no new cells start) and every cell that is training."""
+    sweep_job(store, sweep).stop()
     for run in sweep_runs(store, sweep):
         store.stop(run.name)
 
@@ -186,7 +185,8 @@ def list_sweeps(store: RunStore) -> list[str]:
 def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
               progress_bar: bool = True, log=print) -> list[Run]:
     """Train every cell. ``parallel`` > 1: that many background processes at once, each pinned
-    to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``)."""
+    to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``). A stop (SIGTERM or the sweep's
+    STOP file) stops the cell in training and raises :class:`engine.jobs.JobStopped`."""
     pending = [(c, _runnable(store, c)) for c in configs]
     todo = [item for _, item in pending if item is not None]
     for config, item in pending:
@@ -199,27 +199,35 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
                               on_status=store.index)
             log(f"{run.name}: {state}")
             if state == "stopped":  # a stop request (SIGTERM, stop file) stops the sweep too
-                log("sweep stopped; run it again to resume")
-                break
+                raise JobStopped(f"stopped at cell {run.name}; run the sweep again to resume")
     else:
-        gpus = torch.cuda.device_count()
-        active: dict[int, Run] = {}
-        queue = list(todo)
+        _run_parallel(store, todo, parallel, log)
+    return [store.get(c.name) for c in configs]
+
+
+def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, log) -> None:
+    gpus = torch.cuda.device_count()
+    active: dict[int, Run] = {}
+    queue = list(todo)
+    try:
         while queue or active:
             for slot in range(parallel):
                 if slot not in active and queue:
                     run, resume = queue.pop(0)
                     env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {}
-                    jobs.spawn(store, run, resume=resume, env=env)
+                    start(store, run, resume=resume, env=env)
                     active[slot] = run
                     log(f"{run.name}: started (slot {slot})")
             for slot, run in list(active.items()):
                 state = run.status().get("state")
-                if state != "running":
+                if state not in ACTIVE:
                     log(f"{run.name}: {state}")
                     del active[slot]
             time.sleep(0.5)
-    return [store.get(c.name) for c in configs]
+    except (JobStopped, KeyboardInterrupt):
+        for run in active.values():  # the cells are processes of their own: stop them too
+            run.job.stop()
+        raise
 
 
 def sweep_runs(store: RunStore, sweep: str) -> list[Run]:

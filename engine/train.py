@@ -34,6 +34,7 @@ import torch
 
 from engine.checkpoint import (
     atomic_torch_save,
+    check_classes,
     load_checkpoint,
     load_state,
     make_checkpoint,
@@ -42,6 +43,8 @@ from engine.config import ConfigError, RunConfig, config_to_dict
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream
 from engine.device import autocast, peak_memory_mb, resolve_device
+from engine.fsutil import remove_temp_files
+from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import Criterion, scaled_ramp_epochs
 from engine.metrics import evaluate, main_metric
 from engine.models import build_model, resolve_config
@@ -247,7 +250,12 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
 
     ``console``: also log to stderr (default: with the progress bar); the run's log.txt gets
     everything regardless. ``on_status(run)`` is called after each status write (the CLI passes
-    the run store's index update).
+    the run store's index update). ``spawned``: this process was started for this run by
+    :func:`engine.launch.start`, which did the checks and marked it as starting.
+
+    The run is this process's job from the first line (:meth:`engine.jobs.Job.attach`): SIGTERM
+    during start-up ends it as ``stopped``, and any error ends it as ``failed`` with the reason;
+    it is never left saying ``running`` without a process.
     """
     dist = dist or Dist()
     handlers = _setup_logging(run, dist, console=progress_bar if console is None else console)
@@ -261,37 +269,57 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
     try:
         if dist.is_main:  # refusals (finished, running, ...) leave the run exactly as it was
             check_startable(run, resume, spawned)
-    except RunError:
+            if not spawned:  # a stale request; engine.launch.start clears it before spawning
+                run.job.clear_stop()
+        job = run.job.attach() if dist.is_main else contextlib.nullcontext()
+        with job:
+            return _train_guarded(run, resume, progress_bar, dist, set_status)
+    finally:
         _teardown_logging(handlers)
-        raise
+
+
+def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist, set_status) -> str:
+    """:func:`_train`, with every way it can end written to the run's status."""
     try:
-        cfg = run.config()
-        set_status(state="running", pid=os.getpid(), reason="", started=time.time())
-        return _train(run, cfg, resume, progress_bar, dist, set_status, spawned)
+        set_status(reason="")  # attach marked the run running; this also updates the index
+        if dist.is_main:
+            freed = remove_temp_files(run.path)
+            if freed:
+                log.info("removed %.1f MB of temp files left by an interrupted write", freed / 1e6)
+        return _train(run, run.config(), resume, progress_bar, dist, set_status)
+    except JobStopped:  # SIGTERM outside the step loop, where StopSignal is not listening
+        log.info("stopped during start-up")
+        set_status(state="stopped", reason="stopped during start-up, outside a training step; "
+                   "resume continues from the last checkpoint")
+        if dist.is_main:
+            run.job.clear_stop()
+        return "stopped"
     except NonFiniteLoss as exc:
         log.error("%s", exc)
         set_status(state="failed", reason=str(exc))
         return "failed"
-    except (ValueError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # any error must end as failed, never as running
         log.exception("training failed")
         set_status(state="failed", reason=f"{exc.__class__.__name__}: {exc}")
         return "failed"
-    finally:
-        _teardown_logging(handlers)
 
 
 def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
     """Refuse to start a run that is running, finished (resume) or already started (train).
 
-    ``spawned``: this process was started by :func:`engine.jobs.spawn`, which did the check and
-    marked the run as starting."""
+    ``spawned``: this process was started for this run by :func:`engine.launch.start`, which did
+    the check and marked the run as starting."""
     raw = run.raw_status()
-    if spawned and raw.get("state") == "running" and raw.get("reason") == "starting":
-        return
+    if spawned and raw.get("state") in ACTIVE:  # running: this process's own job attach
+        recorded = run.job.process()
+        if recorded is None or recorded.matches(ProcessIdentity.current()):
+            return
     status = run.status()
     state = status.get("state")
-    if state == "running":
-        raise RunError(f"run {run.name} is already running (pid {status.get('pid')})")
+    if state in ACTIVE:
+        process = run.job.process()
+        raise RunError(f"run {run.name} is already running"
+                       + (f" (pid {process.pid})" if process else ""))
     if resume:
         if state == "finished":
             raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "
@@ -303,7 +331,7 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
 
 
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
-           set_status, spawned: bool) -> str:
+           set_status) -> str:
     from tqdm import tqdm
 
     tc = cfg.train
@@ -318,6 +346,7 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
     if train_set.num_classes != cfg.model.num_classes:
         raise ConfigError(f"the data set has {train_set.num_classes} classes but the run's model "
                           f"has num_classes={cfg.model.num_classes}")
+    set_status(skipped_train=len(train_set.skipped), skipped_test=len(test_set.skipped))
     model = build_model(cfg.model).to(device)
     if cuda and tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -328,6 +357,9 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
     progress = Progress()
     if resume and run.last_checkpoint.is_file():
         ckpt = load_checkpoint(run.last_checkpoint)
+        check_classes(ckpt.get("classes"), train_set.classes, str(run.last_checkpoint),
+                      hint="The run's data changed since this checkpoint: restore it, or "
+                           "start a new run on the new data.")
         load_state(model, ckpt, run.last_checkpoint)
         optimizer.load_state_dict(ckpt["optimizer"])
         progress = Progress(**ckpt["progress"])
@@ -337,8 +369,6 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
         log.info("no checkpoint yet: %s restarts from the beginning", run.name)
     if dist.is_main:
         run.keep_metrics_before(progress.epoch)
-        if not spawned:  # a stale request; engine.jobs clears it before starting a process
-            run.stop_path.unlink(missing_ok=True)
 
     net = model
     if dist.world > 1:
@@ -435,7 +465,7 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
                         set_status(state="stopped", reason="stopped on request",
                                    duration_s=progress.total_seconds)
                         if dist.is_main:
-                            run.stop_path.unlink(missing_ok=True)
+                            run.job.clear_stop()
                         return "stopped"
             bar.close()
             epoch_seconds = time.monotonic() - started

@@ -161,24 +161,25 @@ def explore_test_set(model, data, collected, model_path: str) -> None:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def upload_cache(model_path: str, mtime_ns: int, digest: str, name: str, _payload: bytes,
-                 _model, _data):
+def upload_cache(model_path: str, mtime_ns: int, digest: str, name: str, policy: str,
+                 _payload: bytes, _model, _data):
     """The uploaded image as a model input and its ξ cache: the backbone runs once per
-    (checkpoint, upload), and a ξ move only re-decodes. A bad file raises and is not cached."""
+    (checkpoint, upload), and a ξ move only re-decodes. A bad file raises and is not cached.
+    The image is prepared exactly as the model's training images were (``policy``)."""
     del model_path, mtime_ns, digest  # the cache key
-    image = image_from_bytes(_payload, _data.input_size, name)
+    image = image_from_bytes(_payload, _data.input_size, name, policy)
     return image, single_image_cache(_model, image, _data)
 
 
 @st.fragment
-def explore_upload(model, data, upload, model_path: str) -> None:
+def explore_upload(model, data, upload, model_path: str, policy: str) -> None:
     xi = st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
                    **keep("xi", float(model.config.xi)))
-    with guard("The uploaded image"):
+    with guard("The uploaded image", stop=False):
         payload = upload.getvalue()
         image, collected = upload_cache(model_path, Path(model_path).stat().st_mtime_ns,
                                         hashlib.sha256(payload).hexdigest(), upload.name,
-                                        payload, model, data)
+                                        policy, payload, model, data)
         out = decode(model, collected, xi)
         show_story(model, out, 0, data.classes, data.multilabel, to_hwc(image),
                    "unknown (your image)", [], "upload", xi)
@@ -202,8 +203,11 @@ with guard("The Patch Explorer"):
         explore_test_set(model, data, collected, path)
     else:
         upload = st.file_uploader("An image (any format, size and mode)", key="ex_upload")
+        policy = loaded.data_config.resize
         if upload is not None:
-            explore_upload(model, data, upload, path)
+            explore_upload(model, data, upload, path, policy)
         else:
-            st.caption(f"It is resized (shorter side) and centre-cropped to "
-                       f"{data.input_size[0]}x{data.input_size[1]}, as the model expects.")
+            how = ("squashed (both sides scaled)" if policy == "squash"
+                   else "centre-cropped (shorter side scaled)")
+            st.caption(f"It is turned upright (EXIF), {how} to {data.input_size[0]}x"
+                       f"{data.input_size[1]}, exactly as the model's training images were.")

@@ -24,7 +24,7 @@ st.caption("M patches, ξ ∈ [0, 1] the threshold (ξ = 0 keeps every patch, ξ
 if st.button("Open the Patch Explorer on the shipped model", type="primary", key="home_go"):
     st.switch_page("pages/explorer.py")
 
-with guard("The model card"):
+with guard("The model card", stop=False):
     cards = sorted(Path(SHIPPED_DIR).glob("*.md"))
     cards = [c for c in cards if c.name.lower() != "readme.md"]
     if cards:

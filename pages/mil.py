@@ -9,7 +9,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.mil.data import EMBEDDED, available_mil_datasets, mil_data_root
+from engine.mil.data import EMBEDDED, available_mil_datasets
 from engine.mil.experiment import (
     experiment_status,
     list_experiments,
@@ -21,6 +21,8 @@ from engine.mil.models import MIL_METHODS
 from engine.mil.paper import PAPER_ACCURACY
 from engine.mil.protocol import MilConfig, read_bag_weights, read_results, table_rows
 from engine.runs import default_runs_root
+from ui.forms import data_folder_picker
+from ui.state import guard, keep
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = PROJECT_ROOT / "results" / "mil"
@@ -28,20 +30,6 @@ SHIPPED_LABEL = "results/mil (shipped with the repository)"
 METHOD_TEXT = {"loss_attention": "Loss-Attention (AAAI 2020)", "attention": "Attention (Ilse)",
                "gated_attention": "Gated attention (Ilse)", "mean": "Mean pooling",
                "tip_threshold": "TIP ℓ2,1 + threshold"}
-
-
-def show_error(what: str, exc: Exception) -> None:
-    """A message, never a traceback."""
-    if isinstance(exc, ValueError):
-        st.error(str(exc))
-    else:
-        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {exc}")
-
-
-def keep_valid(key: str, options: list) -> None:
-    """A remembered choice that is no longer offered falls back to the first option."""
-    if st.session_state.get(key) not in options:
-        st.session_state[key] = options[0]
 
 
 def runs_root() -> Path:
@@ -54,41 +42,37 @@ def runs_root() -> Path:
 
 def launch_form() -> None:
     with st.container(border=True):
-        root = st.text_input("Data folder (holding mil/musk1/... ; default $LOSSATTN_DATA)",
-                             key="mil_data_root",
-                             value=str(mil_data_root() or ""))
-        available = available_mil_datasets(root or None)
+        root, problem = data_folder_picker("mil", "Data folder (holding mil/musk1/...)")
+        available = available_mil_datasets(root)
         if available == [EMBEDDED]:
-            st.caption("Only the embedded digit bags are available: point the data folder (or "
-                       "LOSSATTN_DATA) at a folder with mil/musk1/X.mat, Bag2.mat, BagI.mat, ...")
-        # A set may vanish when the folder changes: keep only what is still offered.
-        chosen = st.session_state.setdefault("mil_datasets", [EMBEDDED])
-        st.session_state["mil_datasets"] = [d for d in chosen if d in available]
-        st.session_state.setdefault("mil_methods", ["loss_attention"])
+            st.caption("Only the embedded digit bags are available: pick a data root with "
+                       "mil/musk1/X.mat, Bag2.mat, BagI.mat, ... (or set LOSSATTN_DATA).")
         c1, c2 = st.columns(2)
-        datasets = c1.multiselect("Data sets", available, key="mil_datasets")
+        datasets = c1.multiselect("Data sets", available,
+                                  **keep("mil_datasets", [EMBEDDED], available))
         methods = c2.multiselect("Methods", list(MIL_METHODS),
                                  format_func=lambda m: METHOD_TEXT.get(m, m),
-                                 key="mil_methods")
+                                 **keep("mil_methods", ["loss_attention"], list(MIL_METHODS)))
         c1, c2, c3, c4 = st.columns(4)
-        folds = c1.number_input("Folds", 2, 20, 10, key="mil_folds")
-        repeats = c2.number_input("Repetitions", 1, 10, 5, key="mil_repeats")
-        epochs = c3.number_input("Most epochs", 1, 500, MilConfig.epochs, key="mil_epochs")
-        name = c4.text_input("Experiment name", time.strftime("mil-%Y%m%d-%H%M%S"),
-                             key="mil_name")
+        folds = c1.number_input("Folds", 2, 20, **keep("mil_folds", 10, low=2, high=20))
+        repeats = c2.number_input("Repetitions", 1, 10, **keep("mil_repeats", 5, low=1, high=10))
+        epochs = c3.number_input("Most epochs", 1, 500,
+                                 **keep("mil_epochs", MilConfig.epochs, low=1, high=500))
+        name = c4.text_input("Experiment name", **keep("mil_name",
+                                                       time.strftime("mil-%Y%m%d-%H%M%S")))
         start = st.button("Start cross-validation", type="primary", key="mil_start")
     if start:
-        try:
+        with guard("Starting the experiment", stop=False):
+            if problem:
+                raise ValueError(problem)
             if not datasets or not methods:
                 raise ValueError("Pick at least one data set and one method.")
             config = MilConfig(folds=int(folds), repeats=int(repeats), epochs=int(epochs))
             start_experiment(runs_root(), name.strip(), datasets, methods, config,
-                             data_root=root or None)
+                             data_root=str(root) if root else None)
             st.session_state["mil_experiment"] = name.strip()
             st.success(f"Started {name.strip()}: {len(datasets) * len(methods)} cross-validations "
                        "in the background; progress below.")
-        except (ValueError, OSError) as exc:
-            show_error("Starting the experiment", exc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,13 +85,13 @@ def experiment_folder(choice: str) -> Path:
 
 @st.fragment(run_every=2.0)
 def progress(folder: Path) -> None:
-    try:
+    with guard("Reading the progress", stop=False):
         status = experiment_status(folder)
         state = status.get("state")
         if not status:
             return
         fraction = float(status.get("fraction") or 0.0)
-        if state == "running":
+        if state in ("starting", "running"):
             current = status.get("current") or "starting"
             st.progress(min(1.0, fraction), text=f"{fraction:.0%} - {current} "
                         f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})")
@@ -115,9 +99,9 @@ def progress(folder: Path) -> None:
                 stop_experiment(folder)
                 st.rerun(scope="app")
         elif state == "failed":
-            st.error(f"The experiment failed: {status.get('error')}")
+            st.error(f"The experiment failed: {status.get('reason')}")
         elif state == "stopped":
-            st.warning(f"Stopped ({status.get('error') or 'by the user'}) at {fraction:.0%}.")
+            st.warning(f"Stopped ({status.get('reason') or 'by the user'}) at {fraction:.0%}.")
         elif state == "finished":
             st.caption(f"Finished in {status.get('seconds', '?')} s.")
         seen = st.session_state.setdefault("mil_seen", {})
@@ -127,8 +111,6 @@ def progress(folder: Path) -> None:
             seen[key] = mark
             st.rerun(scope="app")
         seen[key] = mark
-    except (ValueError, OSError) as exc:
-        show_error("Reading the progress", exc)
 
 
 def paper_table() -> list[dict]:
@@ -180,10 +162,9 @@ def weight_browser(folder: Path, rows: list[dict]) -> None:
         return
     pairs = [f"{r['dataset']} / {r['method']}" for r in rows]
     c1, c2 = st.columns([2, 1])
-    keep_valid("mil_pair", pairs)
-    pair = c1.selectbox("Data set / method", pairs, key="mil_pair")
-    which = c2.selectbox("Bags", ["all", "positive", "negative", "misclassified"],
-                         key="mil_filter")
+    pair = c1.selectbox("Data set / method", pairs, **keep("mil_pair", pairs[0], pairs))
+    kinds = ["all", "positive", "negative", "misclassified"]
+    which = c2.selectbox("Bags", kinds, **keep("mil_filter", "all", kinds))
     dataset, method = pair.split(" / ")
     bags = read_bag_weights(folder, dataset, method)
     if which == "positive":
@@ -196,8 +177,7 @@ def weight_browser(folder: Path, rows: list[dict]) -> None:
         st.info("No bag of that kind (weights are kept for the first repetition's test folds).")
         return
     numbers = [b["bag"] for b in bags]
-    keep_valid("mil_bag", numbers)
-    number = st.selectbox("Bag", numbers, key="mil_bag")
+    number = st.selectbox("Bag", numbers, **keep("mil_bag", numbers[0], numbers))
     bag = bags[numbers.index(number)]
     verdict = "right" if (bag["probability"] >= 0.5) == (bag["label"] == 1) else "wrong"
     st.caption(f"Bag {bag['bag']}: label {bag['label']}, P(positive) {bag['probability']:.3f} "
@@ -215,22 +195,20 @@ st.title("MIL: multiple-instance learning")
 st.caption("Loss-Attention (AAAI 2020) on MUSK1/2, FOX, TIGER, ELEPHANT and embedded digit bags: "
            "repeated stratified 10-fold cross-validation; standardisation and model selection "
            "use the training folds only. Runs in a background process; leave the page freely.")
-try:
-    launch_form()
-    st.divider()
+launch_form()
+st.divider()
+with guard("The MIL page"):
     choices = list_experiments(runs_root())
     if SHIPPED.is_dir():
         choices.append(SHIPPED_LABEL)
     if not choices:
-        st.info("No MIL experiment yet: start one above (digit bags take about a minute).")
-    else:
-        keep_valid("mil_experiment", choices)
-        choice = st.selectbox("Experiment", choices, key="mil_experiment")
-        folder = experiment_folder(choice)
-        progress(folder)
-        rows = read_results(folder)
-        results(rows)
-        st.subheader("Instance weights of the test bags")
-        weight_browser(folder, rows)
-except (ValueError, OSError) as exc:
-    show_error("The MIL page", exc)
+        st.info("No MIL experiment yet: start one above.")
+        st.stop()
+    choice = st.selectbox("Experiment", choices, **keep("mil_experiment", choices[0], choices))
+    folder = experiment_folder(choice)
+progress(folder)
+with guard("The MIL results"):
+    rows = read_results(folder)
+    results(rows)
+    st.subheader("Instance weights of the test bags")
+    weight_browser(folder, rows)

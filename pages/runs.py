@@ -22,6 +22,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
         else r["best_epoch"] + 1, "last": r["last_metric"],
         "minutes": round((r["duration_s"] or 0) / 60, 2),
         "created": datetime.datetime.fromtimestamp(r["created"] or 0).strftime("%Y-%m-%d %H:%M"),
+        "skipped images": r.get("skipped") or 0,
         "tags": ", ".join(r["tags"]), "note": r["reason"],
     } for r in rows]
 
@@ -71,7 +72,7 @@ if chosen:
             sure = st.checkbox("Yes, delete their folders and checkpoints", key="runs_delete_ok")
             if st.button("Delete", disabled=not (victims and sure), key="runs_delete"):
                 for name in victims:
-                    with guard(f"Deleting {name}"):
+                    with guard(f"Deleting {name}", stop=False):
                         store().delete(name)
                         st.toast(f"Deleted {name}")
                 st.session_state["runs_chosen"] = [n for n in chosen if n not in victims]

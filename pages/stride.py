@@ -6,8 +6,8 @@ import time
 
 import streamlit as st
 
-from engine import jobs
 from engine.bench import parse_stride_plans, stride_summary
+from engine.jobs import ACTIVE, Job
 from engine.models import list_backbones, list_heads
 from engine.sweep import launch_sweep, list_sweeps, sweep_process_alive, sweep_runs
 from ui.figures import bench_figure, stride_time_figure
@@ -31,13 +31,14 @@ def bench_section() -> None:
     plans = st.text_input("Stride plans (per-stage strides; ';' between plans)",
                           **keep(f"st_plans_{backbone}", DEFAULT_PLANS[backbone]))
     if st.button("Measure on this machine", key="st_measure"):
-        with guard("The benchmark"):
+        with guard("The benchmark", stop=False):
             parsed = parse_stride_plans(plans)
             folder = store().root / "_bench" / time.strftime("%Y%m%d-%H%M%S")
-            jobs.spawn_cli(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
-                            ";".join(",".join(map(str, p)) for p in parsed), "--input-size",
-                            str(size), "--batch", str(batch), "--steps", "3", "--device", "auto",
-                            "--json", str((folder / "bench.json").resolve())], folder)
+            Job(folder).spawn(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
+                               ";".join(",".join(map(str, p)) for p in parsed), "--input-size",
+                               str(size), "--batch", str(batch), "--steps", "3", "--device",
+                               "auto", "--json", str((folder / "bench.json").resolve())],
+                              kind="bench")
             remember(BENCH_KEY, str(folder))
     bench_results()
 
@@ -53,20 +54,18 @@ def bench_results() -> None:
         return
     folder = Path(folder)
     result = folder / "bench.json"
-    info = jobs.cli_process(folder)
+    status = Job(folder).status()
     if result.is_file():
         rows = [{"plan": r["stride_plan"], "images_per_s": r["images_per_s"],
                  "memory_mb": r["peak_mem_mb"], "step_ms": r["step_ms"], "params": r["params"],
                  "device": r["device"]} for r in json.loads(result.read_text())]
         st.plotly_chart(bench_figure(rows), key="st_bench_fig")
         st.dataframe(rows, hide_index=True)
-    elif info.get("alive"):
+    elif status.get("state") in ACTIVE:
         st.progress(0.5, text="Measuring in the background...")
     else:
-        log = (folder / "process.log").read_text(errors="replace") if (
-            folder / "process.log").is_file() else ""
-        st.error("The benchmark ended without a result: " + (log.strip().splitlines() or
-                                                            ["no output"])[-1])
+        st.error("The benchmark ended without a result: "
+                 + (status.get("reason") or Job(folder).last_output_line() or "no output"))
 
 
 def accuracy_section() -> None:
@@ -81,7 +80,7 @@ def accuracy_section() -> None:
         name = st.text_input("Sweep name", **keep("st_tr_name", "stride"))
         go = st.button("Train the plans", key="st_tr_launch")
     if go:
-        with guard("Launching"):
+        with guard("Launching", stop=False):
             grid = [("model.stride_plan", [list(p) for p in parse_stride_plans(plans)])]
             launch_sweep(store(), config_of(settings), grid, name.strip())
             remember("st_sweep", name.strip())
@@ -99,7 +98,7 @@ def accuracy_section() -> None:
 
 
 st.title("Stride / time")
-with guard("Stride / time"):
+with guard("Stride / time: speed", stop=False):
     bench_section()
-with guard("Stride / time"):
+with guard("Stride / time: accuracy", stop=False):
     accuracy_section()

@@ -3,6 +3,7 @@ heat maps of accuracy and patch precision / recall / F."""
 
 import streamlit as st
 
+from engine.jobs import ACTIVE
 from engine.sweep import (
     evaluate_cell,
     launch_sweep,
@@ -11,8 +12,8 @@ from engine.sweep import (
     read_manifest,
     stop_sweep,
     sweep_folder,
-    sweep_process,
     sweep_runs,
+    sweep_status,
     sweep_table,
 )
 from ui.figures import grid_heatmap
@@ -36,7 +37,7 @@ def launch_form() -> None:
         name = c3.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
         submitted = st.button("Launch sweep", type="primary", key="sw_launch")
     if submitted:
-        with guard("Launching the sweep"):
+        with guard("Launching the sweep", stop=False):
             grid = parse_grid([f"loss.gamma_max={gammas.replace(' ', '')}",
                                f"model.xi={xis.replace(' ', '')}"])
             for field, values in grid:
@@ -50,13 +51,13 @@ def launch_form() -> None:
 
 @st.fragment(run_every=2.0)
 def progress(sweep: str) -> None:
-    with guard("The sweep's progress"):
+    with guard("The sweep's progress", stop=False):
         runs = sweep_runs(store(), sweep)
         states = [r.status().get("state") for r in runs]
-        process = sweep_process(store(), sweep)  # process.json, read once per tick
+        process = sweep_status(store(), sweep)  # the sweep's job status, read once per tick
         cells = process.get("cells") or len(runs)
         done = states.count("finished")
-        alive = bool(process.get("alive"))
+        alive = process.get("state") in ACTIVE
         st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
                     + (", training in the background" if alive else ""))
         if "failed" in states:

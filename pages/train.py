@@ -1,12 +1,12 @@
 """Train: launch a run in the background and watch it live; stop and resume it.
 
-Training never runs in this script: :func:`engine.jobs.launch` starts its own process, which goes
+Training never runs in this script: :func:`engine.launch.launch` starts its own process, which goes
 on when the tab closes. The live panel is a fragment that re-reads the run's files every second.
 """
 
 import streamlit as st
 
-from engine import jobs
+from engine import launch
 from engine.metrics import main_metric
 from ui.figures import training_curves
 from ui.forms import config_of, progress_of, run_settings
@@ -21,16 +21,16 @@ def launch_form() -> None:
         name = st.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
         submitted = st.button("Launch training", type="primary", key="tr_launch")
     if submitted:
-        with guard("Launching"):
+        with guard("Launching", stop=False):
             config = config_of(settings, name.strip() or None)
-            run = jobs.launch(store(), config)
+            run = launch.launch(store(), config)
             remember(LIVE_KEY, run.name)
             st.success(f"Run {run.name} started in the background.")
 
 
 @st.fragment(run_every=1.0)
 def live_panel(name: str) -> None:
-    with guard("The live view"):
+    with guard("The live view", stop=False):
         if not store().exists(name):
             st.warning(f"Run {name} no longer exists (deleted).")
             return
@@ -50,7 +50,7 @@ def live_panel(name: str) -> None:
             store().stop(name)
             st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
         if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):
-            jobs.resume(store(), name)
+            launch.resume(store(), name)
             st.toast(f"Resumed {name}.")
         metrics = run.metrics()
         if metrics:

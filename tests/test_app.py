@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import jobs
+from engine import launch as background
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.runs import RunStore
 
@@ -44,8 +44,8 @@ def tiny_run(root: Path, name: str, **model) -> str:
     config = RunConfig(name=name, model=ModelConfig(backbone="small_cnn", **model),
                        data=DataConfig(train_size=64, test_size=32),
                        train=TrainConfig(epochs=1, batch_size=32))
-    run = jobs.launch(store, config)
-    assert jobs.wait(run, timeout=120)["state"] == "finished"
+    run = background.launch(store, config)
+    assert background.wait(run, timeout=120)["state"] == "finished"
     return name
 
 
@@ -103,7 +103,7 @@ def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
     assert not at.exception and not errors(at)
     assert any("ui-run started" in s.value for s in at.success)
     run = RunStore(runs_root).get("ui-run")
-    assert jobs.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=120)["state"] == "finished"
     at.run()
     assert at.selectbox(key="w_tr_watch").value == "ui-run"
     assert any("finished" in p.proto.text for p in at.get("progress"))

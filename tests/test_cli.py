@@ -32,7 +32,7 @@ def test_bench_reports_throughput_and_memory(tmp_path, capsys):
 def test_errors_are_messages_not_tracebacks(capsys):
     assert main(["bench", "--models", "resnet19/loss_attention"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: backbone must be one of") and "Traceback" not in err
+    assert err.startswith("error: model.backbone must be one of") and "Traceback" not in err
     assert main(["bench", "--models", "small_cnn"]) == 2
     assert "BACKBONE/HEAD" in capsys.readouterr().err
     assert main(["bench", "--batch", "0"]) == 2

@@ -115,10 +115,18 @@ def _write_images(folder: Path) -> None:
 def test_image_folder_any_size_and_mode(tmp_path):
     _write_images(tmp_path / "imgs")
     cfg = DataConfig(dataset="image_folder", root=str(tmp_path / "imgs"), input_size=24)
+    with pytest.raises(DataError, match=r"\d of \d+ listed image\(s\) are missing or "
+                                        r"unreadable: .*broken.png.*skip_unreadable"):
+        load_split(cfg, "train"), load_split(cfg, "test")
+    cfg = DataConfig(dataset="image_folder", root=str(tmp_path / "imgs"), input_size=24,
+                     skip_unreadable=True)
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     assert train.classes == ["cat", "dog"]
     assert train.images.shape[1:] == (3, 24, 24)
-    assert len(train) + len(test) == 12  # broken.png skipped, notes.txt ignored
+    assert len(train) + len(test) == 12  # broken.png skipped (when allowed), notes.txt ignored
+    skipped = [s.split(":")[0] for s in train.skipped + test.skipped]
+    assert sorted(Path(s).parent.name + "/" + Path(s).name for s in skipped) == [
+        "cat/broken.png", "dog/broken.png"]
     assert not train.has_boxes
 
 
@@ -193,15 +201,20 @@ def test_coco_val_slice():
     test = load_split(cfg, "test")
     assert len(test) == 24 and test.num_classes == 80 and test.multilabel
     assert test.classes[0] == "person"
-    assert test.box_data.shape[0] == 223  # every annotation, the 2 crowd regions included
+    # COCO's convention: the 2 crowd regions are not ground-truth boxes (opt in to count them)
+    assert test.box_data.shape[0] == 221
+    crowd = load_split(DataConfig(dataset="coco", root=data_root(), test_split="val2017",
+                                  crowd_boxes=True), "test")
+    assert crowd.box_data.shape[0] == 223
     assert test.images.shape[1:] == (3, 64, 64)
-    for i in range(len(test)):  # multi-hot label = classes of the image's boxes
-        assert set(test.boxes(i)[:, 0].long().tolist()) == set(
+    for i in range(len(test)):  # multi-hot label = classes of every annotation, crowd included
+        assert set(crowd.boxes(i)[:, 0].long().tolist()) == set(
             torch.nonzero(test.targets[i]).flatten().tolist())
     assert int(test.targets.sum(0).gt(0).sum()) == 47
     cropped = load_split(DataConfig(dataset="coco", root=data_root(), test_split="val2017",
                                     resize="center_crop"), "test")
-    assert cropped.box_data.shape[0] <= 223
+    assert cropped.box_data.shape[0] < 221  # a crop drops boxes...
+    assert torch.equal(cropped.targets, test.targets)  # ...but never an image-level label
     with pytest.raises(DataError, match="instances_train2017.json"):
         load_split(cfg, "train")
 

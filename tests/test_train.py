@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import jobs
+from engine import launch as background
 from engine.checkpoint import CheckpointError, load_checkpoint, load_model, load_state
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.models import build_model
@@ -80,10 +80,10 @@ def test_run_directory_contents(reference, tmp_path):
 
 def test_stop_and_resume_continue_the_same_curves(reference, tmp_path):
     store = RunStore(tmp_path)
-    run = jobs.launch(store, small_config("stopped", epochs=3))
+    run = background.launch(store, small_config("stopped", epochs=3))
     wait_for(run, lambda s: len(run.metrics()) >= 1)  # stop somewhere after epoch 0
     assert store.stop(run.name)
-    status = jobs.wait(run, timeout=120)
+    status = background.wait(run, timeout=120)
     assert status["state"] == "stopped", status
     assert not run.stop_path.exists()  # handled, so it cannot stop the resumed process
     assert 1 <= len(run.metrics()) < 3
@@ -97,12 +97,12 @@ def test_stop_and_resume_continue_the_same_curves(reference, tmp_path):
 
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(reference, tmp_path):
     store = RunStore(tmp_path)
-    run = jobs.launch(store, small_config("killed", epochs=3))
+    run = background.launch(store, small_config("killed", epochs=3))
     # The epoch's metrics line is written before its checkpoint (a kill in between redoes it).
     wait_for(run, lambda s: len(run.metrics()) >= 1 and run.last_checkpoint.exists())
-    os.kill(run.raw_status()["pid"], signal.SIGSTOP)  # freeze it to read what a kill leaves
+    os.kill(run.job.process().pid, signal.SIGSTOP)  # freeze it to read what a kill leaves
     saved = run.last_checkpoint.read_bytes()
-    os.kill(run.raw_status()["pid"], signal.SIGKILL)
+    os.kill(run.job.process().pid, signal.SIGKILL)
     status = wait_for(run, lambda s: s["state"] != "running")
     assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
     assert run.last_checkpoint.read_bytes() == saved  # nothing older is lost or corrupted
@@ -169,7 +169,7 @@ def test_refusals_leave_runs_untouched(reference, tmp_path):
     with pytest.raises(RunError, match="finished"):
         train_run(reference, resume=True, progress_bar=False)
     with pytest.raises(RunError, match="finished"):
-        jobs.resume(store, "reference")
+        background.resume(store, "reference")
     assert reference.status_path.read_text() == before
     with pytest.raises(RunError, match="already exists"):
         store.create(small_config("reference"))
@@ -184,16 +184,17 @@ def test_refusals_leave_runs_untouched(reference, tmp_path):
 def test_checkpoint_errors(reference, tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(reference.best_checkpoint.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project.*damaged"):
         load_checkpoint(corrupt)
     foreign = tmp_path / "foreign.pt"
     torch.save(build_model(ModelConfig(backbone="small_cnn")).state_dict(), foreign)
-    with pytest.raises(CheckpointError, match="not a Loss-Attention Studio checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(foreign)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "loss-attention-studio/checkpoint", "obj": Path("x")}, unsafe)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project") as info:
         load_checkpoint(unsafe)
+    assert "weights_only" not in str(info.value)  # never advice to load it unsafely
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     other = build_model(ModelConfig(backbone="small_cnn", head="attention", num_classes=10))
@@ -203,6 +204,7 @@ def test_checkpoint_errors(reference, tmp_path):
 
 def test_index_is_a_rebuildable_cache(reference, tmp_path):
     store = RunStore(reference.path.parent)
+    assert store.index_path.name == ".index.sqlite"  # outside the run namespace
     store.index_path.write_bytes(b"this is not sqlite")
     for suffix in ("-wal", "-shm"):
         Path(f"{store.index_path}{suffix}").unlink(missing_ok=True)
@@ -327,6 +329,6 @@ def test_crash_in_background_process_is_reported(tmp_path):
     run = store.create(prepare_run_config(config))
     for path in folder.rglob("*.png"):  # the data disappears before the run starts
         path.unlink()
-    jobs.spawn(store, run)
-    status = jobs.wait(run, timeout=120)
+    background.start(store, run)
+    status = background.wait(run, timeout=120)
     assert status["state"] == "failed" and "no image files" in status["reason"]

@@ -143,11 +143,13 @@ def test_images_of_any_mode_become_rgb_inputs():
     assert inputs.image_from_bytes(_png(palette, "GIF"), (6, 6)).shape == (3, 6, 6)
 
 
-def test_wide_image_is_centre_cropped():
+def test_wide_image_by_the_models_resize_policy():
     wide = np.zeros((32, 64, 3), np.uint8)
     wide[:, 32:] = 255
-    out = inputs.image_from_bytes(_png(Image.fromarray(wide)), (32, 32))
+    out = inputs.image_from_bytes(_png(Image.fromarray(wide)), (32, 32), policy="center_crop")
     assert (out[:, :, :16] == 0).all() and (out[:, :, 16:] == 255).all()
+    squashed = inputs.image_from_bytes(_png(Image.fromarray(wide)), (32, 32))  # the default
+    assert (squashed[:, :, :15] == 0).all() and (squashed[:, :, 17:] == 255).all()
 
 
 def test_bad_uploads_are_clear_errors(monkeypatch):

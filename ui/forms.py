@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
-from engine.config import RunConfig, config_from_dict
-from engine.data import list_datasets
+from engine.config import ConfigError, RunConfig, config_from_dict
+from engine.data import DataError, list_datasets
+from engine.data.roots import data_roots, folder_in_root, shown_relative
 from engine.device import DEVICE_CHOICES
 from engine.models import list_backbones, list_heads
 from engine.runs import Run
@@ -57,16 +59,50 @@ def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True) -> d
                                    **keep(f"{prefix}_device", "auto", DEVICE_CHOICES))
     train["seed"] = int(c4.number_input("Seed", 0, 2**31 - 1, step=1,
                                         **keep(f"{prefix}_seed", 0)))
-    root = st.text_input("Data folder (for data sets on disk; empty: $LOSSATTN_DATA)",
-                         **keep(f"{prefix}_root", ""))
-    if root.strip():
-        data["root"] = root.strip()
-    return {"model": model, "data": data, "loss": loss, "train": train}
+    settings = {"model": model, "data": data, "loss": loss, "train": train}
+    root, problem = data_folder_picker(prefix)
+    if problem:
+        settings["problem"] = problem  # launching is refused with it
+    elif root is not None:
+        data["root"] = str(root)
+    return settings
+
+
+DEFAULT_ROOT = "default (search every data root)"
+
+
+def data_folder_picker(prefix: str, label: str = "Data folder") -> tuple[Path | None, str | None]:
+    """A folder inside one of the data roots (engine.data.roots): never any other path of the
+    server. Returns (folder, None); (None, None) for the default search (the engine then looks
+    in $LOSSATTN_DATA and ./data); (None, message) for a sub-folder outside its root, the
+    message also shown at the field."""
+    roots = data_roots()
+    labels = [DEFAULT_ROOT, *[r.label for r in roots]]
+    c1, c2 = st.columns([1, 2])
+    choice = c1.selectbox(f"{label}: root", labels, **keep(f"{prefix}_root", DEFAULT_ROOT, labels),
+                          help="Data is read only inside the data roots: $LOSSATTN_DATA, ./data "
+                               "and the folders in $LOSSATTN_DATA_ROOTS.")
+    sub = c2.text_input("Sub-folder inside the root (optional)", **keep(f"{prefix}_sub", ""),
+                        disabled=choice == DEFAULT_ROOT)
+    if not roots:
+        st.caption("No data root exists yet: set LOSSATTN_DATA (or LOSSATTN_DATA_ROOTS), or "
+                   "make ./data. The embedded digits need none.")
+    if choice == DEFAULT_ROOT:
+        return None, None
+    root = next(r for r in roots if r.label == choice)
+    try:
+        return folder_in_root(root, sub), None
+    except DataError as exc:
+        st.error(shown_relative(str(exc)))
+        return None, str(exc)
 
 
 def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = ()) -> RunConfig:
     """A validated RunConfig (ConfigError names the bad field)."""
-    return config_from_dict(RunConfig, {**settings, "name": name or None, "tags": list(tags)})
+    if settings.get("problem"):
+        raise ConfigError(settings["problem"])
+    sections = {k: v for k, v in settings.items() if k != "problem"}
+    return config_from_dict(RunConfig, {**sections, "name": name or None, "tags": list(tags)})
 
 
 def progress_of(run: Run, status: dict) -> tuple[float, str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import streamlit as st
 
 from engine.config import DataConfig, config_from_dict
-from engine.runs import RunStore
+from engine.runs import Run, RunStore
 
 if TYPE_CHECKING:  # torch and the models load on the pages that need them, not on Home
     from engine.data.base import ImageSet
@@ -75,17 +75,27 @@ def remember(key: str, value) -> None:
 
 
 @contextlib.contextmanager
-def guard(what: str = "This page"):
-    """Show an error as a message, never a traceback. Expected errors (a bad value, a missing
-    file, an unusable checkpoint: every engine error is a ValueError) show their own message;
-    anything else is logged with its traceback on the server and summarised on the page."""
+def guard(what: str = "This page", stop: bool = True):
+    """Show an error as a message, never a traceback, then stop the page (``st.stop()``), so
+    that no later line runs without what the guarded block was to produce. ``stop=False``
+    for a self-contained block (a launch form, one item of a loop, a fragment).
+
+    Expected errors (a bad value, a missing file, an unusable checkpoint: every engine error is
+    a ValueError) show their own message; anything else is logged with its traceback on the
+    server and summarised on the page. Paths inside the data roots are shown relative to them."""
+    from engine.data.roots import shown_relative
+
     try:
         yield
     except ValueError as exc:
-        st.error(str(exc))
-    except (OSError, RuntimeError, KeyError, TypeError, IndexError) as exc:
+        st.error(shown_relative(str(exc)))
+    except Exception as exc:  # anything unforeseen: a message here, the traceback in the log
         log.exception("%s failed", what)
-        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {exc}")
+        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {shown_relative(str(exc))}")
+    else:
+        return
+    if stop:
+        st.stop()
 
 
 @contextlib.contextmanager
@@ -198,10 +208,16 @@ def collected_test_set(loaded: LoadedModel, limit: int = 1000) -> tuple[ImageSet
 def model_sources() -> dict[str, str]:
     """Label -> checkpoint path: the shipped models, then every run with a best checkpoint."""
     sources = {f"shipped: {p.stem}": str(p) for p in sorted(SHIPPED_DIR.glob("*.pt"))}
-    for row in store().list():
-        run = store().get(row["name"])
-        if run.best_checkpoint.is_file():
-            sources[f"run: {row['name']}"] = str(run.best_checkpoint)
+    try:
+        runs = store()
+        rows = runs.list()
+    except (OSError, ValueError) as exc:  # a broken run store must not hide the shipped models
+        log.warning("run store unusable (%s); offering the shipped models only", exc)
+        return sources
+    for row in rows:
+        best = Run(runs.root / row["name"]).best_checkpoint
+        if best.is_file():
+            sources[f"run: {row['name']}"] = str(best)
     return sources
 
 

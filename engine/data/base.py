@@ -40,6 +40,9 @@ class ImageSet:
     std: tuple[float, ...]
     box_data: torch.Tensor | None = None
     box_offsets: torch.Tensor | None = None
+    skipped: tuple[str, ...] = ()
+    """``"file: reason"`` of each listed image that was missing or unreadable and left out
+    (only with ``data.skip_unreadable``; otherwise such a file is an error)."""
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -84,20 +87,23 @@ class ImageSet:
             box_data = torch.cat(parts) if parts else self.box_data[:0]
             box_offsets = pack_offsets([len(p) for p in parts])
         return ImageSet(self.name, self.split, self.images[indices], self.targets[indices],
-                        self.classes, self.multilabel, self.mean, self.std, box_data, box_offsets)
+                        self.classes, self.multilabel, self.mean, self.std, box_data, box_offsets,
+                        self.skipped)
 
     def state(self) -> dict:
         """Plain dict of tensors and primitives (loads with ``weights_only=True``)."""
         return {"name": self.name, "split": self.split, "images": self.images,
                 "targets": self.targets, "classes": list(self.classes),
                 "multilabel": self.multilabel, "mean": list(self.mean), "std": list(self.std),
-                "box_data": self.box_data, "box_offsets": self.box_offsets}
+                "box_data": self.box_data, "box_offsets": self.box_offsets,
+                "skipped": list(self.skipped)}
 
     @classmethod
     def from_state(cls, state: dict) -> ImageSet:
         return cls(state["name"], state["split"], state["images"], state["targets"],
                    list(state["classes"]), bool(state["multilabel"]), tuple(state["mean"]),
-                   tuple(state["std"]), state["box_data"], state["box_offsets"])
+                   tuple(state["std"]), state["box_data"], state["box_offsets"],
+                   tuple(state.get("skipped", ())))
 
 
 def pack_offsets(counts: list[int]) -> torch.Tensor:

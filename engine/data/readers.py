@@ -1,4 +1,4 @@
-"""Readers of the real data sets in their original layouts, into :class:`ImageSet`.
+"""Readers of the real data sets in their original layouts, into arrays (:class:`Decoded`).
 
 Every reader returns images already at the model input size (uint8) and boxes transformed the
 same way, in half-open input-pixel coordinates. Missing or malformed files raise
@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.data.base import ImageSet, pack_boxes
+from engine.data.base import pack_boxes
+from engine.inputs import BoxTransform, ImageInputError, load_for_model
 
 log = logging.getLogger(__name__)
 
@@ -28,99 +31,106 @@ class DataError(ValueError):
     """A data set is missing, incomplete or malformed; the message says where and what."""
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a reader prepares images: the model input side, the resize policy
+    (``DataConfig.resize``), whether unreadable files may be skipped, and whether COCO crowd
+    regions count as boxes."""
+
+    size: int
+    policy: str = "squash"
+    skip_unreadable: bool = False
+    crowd_boxes: bool = False
+
+
+@dataclass
+class Decoded:
+    """What a reader returns: arrays only. The registry adds the data set's name, statistics
+    and label kind, which every reader of one data set shares."""
+
+    images: torch.Tensor
+    """uint8 (N, C, H, W) at the input size."""
+    targets: torch.Tensor
+    classes: list[str]
+    box_data: torch.Tensor | None = None
+    box_offsets: torch.Tensor | None = None
+    skipped: tuple[str, ...] = ()
+    """``"file: reason"`` of each listed image left out (``skip_unreadable``)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding data folders
+
+MAX_WALK_FOLDERS = 2000
+"""How many folders a search for a data set may look into before it gives up (a data root set
+to ``/`` must fail fast, not walk the disk)."""
 
 
 def find_folder(bases: Iterable[Path], is_match: Callable[[Path], bool], what: str,
                 hint: str, depth: int = 2) -> Path:
     """The first folder that ``is_match`` accepts among ``bases`` and their sub-folders down to
     ``depth`` levels (breadth first, sorted), so a root above the data set's folder works."""
-    looked = []
+    looked, visited = [], 0
     for base in bases:
         looked.append(str(base))
         level = [base] if base.is_dir() else []
         for _ in range(depth + 1):
             for folder in level:
+                visited += 1
+                if visited > MAX_WALK_FOLDERS:
+                    raise DataError(f"{what} not found within the first {MAX_WALK_FOLDERS} "
+                                    f"folders under {looked}; point the data root closer to the "
+                                    "data set")
                 if is_match(folder):
                     return folder
-            level = [c for f in level for c in sorted(f.iterdir())
-                     if c.is_dir() and not c.name.startswith(".")]
+            level = [c for f in level for c in _subfolders(f)]
     raise DataError(f"{what} not found: looked in {looked} and their sub-folders. {hint}")
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible sub-folders, sorted; an unreadable folder has none."""
+    try:
+        return sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError:
+        return []
+
+
 # ----------------------------------------------------------------------------------------------
-# Decoding and resizing images
+# Decoding images (engine.inputs does the work, for data sets and uploads alike)
 
 
-def resize_plan(width: int, height: int, size: int, policy: str
-                ) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-    """(resized width, height) and the crop box applied afterwards (None: no crop)."""
-    if policy == "squash":
-        return (size, size), None
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return (new_w, new_h), (left, top, left + size, top + size)
+def decode_files(paths: list[Path], size: int, policy: str, what: str, skip: bool
+                 ) -> tuple[list[np.ndarray], list[BoxTransform], list[int], list[str]]:
+    """Decode many files. Returns the pixels, box transforms and indices of the readable ones,
+    and ``"file: reason"`` for each file that is missing or unreadable.
 
-
-def load_image(path: Path, size: int, policy: str
-               ) -> tuple[np.ndarray, Callable[[tuple[float, ...]], tuple[float, ...] | None]]:
-    """Decode any image file to RGB uint8 (size, size, 3); also return the box transform.
-
-    The transform maps an (x0, y0, x1, y1) box of the original image to the output image,
-    clipped to it; it returns None for a box that keeps less than half its area after a crop.
-    """
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        width, height = img.size
-        (new_w, new_h), crop = resize_plan(width, height, size, policy)
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-        if crop is not None:
-            img = img.crop(crop)
-        pixels = np.asarray(img, dtype=np.uint8)
-    sx, sy = new_w / width, new_h / height
-    left, top = (crop[0], crop[1]) if crop else (0, 0)
-
-    def transform(box: tuple[float, ...]) -> tuple[float, ...] | None:
-        x0, y0 = box[0] * sx - left, box[1] * sy - top
-        x1, y1 = box[2] * sx - left, box[3] * sy - top
-        cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, size), min(y1, size)
-        if cx1 <= cx0 or cy1 <= cy0:
-            return None
-        if (cx1 - cx0) * (cy1 - cy0) < 0.5 * (x1 - x0) * (y1 - y0):
-            return None
-        return (cx0, cy0, cx1, cy1)
-
-    return pixels, transform
+    A file that cannot be read is an error naming up to 10 of them, unless ``skip`` (the
+    ``data.skip_unreadable`` setting), which drops them and reports how many."""
+    images, transforms, kept, bad = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            pixels, transform = load_for_model(path, size, policy)
+        except ImageInputError as exc:
+            bad.append(f"{path}: {str(exc).removeprefix(path.name).strip()}")
+            continue
+        images.append(pixels)
+        transforms.append(transform)
+        kept.append(i)
+    if bad and not skip:
+        raise DataError(f"{what}: {len(bad)} of {len(paths)} listed image(s) are missing or "
+                        f"unreadable: " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                        + ". Fix or remove them, or set data.skip_unreadable=true to go on "
+                        "without them (the count is recorded with the run).")
+    if bad:
+        log.warning("%s: skipped %d missing or unreadable image(s): %s", what, len(bad),
+                    "; ".join(bad[:5]))
+    return images, transforms, kept, bad
 
 
 def _stack(images: list[np.ndarray]) -> torch.Tensor:
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-
-
-def _decode_all(paths: list[Path], size: int, policy: str, what: str) -> tuple[
-        list[np.ndarray], list[Callable], list[int]]:
-    """Decode many files; unreadable ones are skipped and reported (indices of the kept ones)."""
-    from PIL import UnidentifiedImageError
-
-    images, transforms, kept, bad = [], [], [], []
-    for i, path in enumerate(paths):
-        try:
-            pixels, transform = load_image(path, size, policy)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            bad.append(f"{path.name} ({exc.__class__.__name__})")
-            continue
-        images.append(pixels)
-        transforms.append(transform)
-        kept.append(i)
-    if bad:
-        log.warning("%s: skipped %d unreadable image(s): %s", what, len(bad), ", ".join(bad[:5]))
-    return images, transforms, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,17 +194,33 @@ def label_names(meta: Path, key: str, count: int) -> list[str]:
 
 
 def read_svhn(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from scipy.io import loadmat
-
-    try:
-        mat = loadmat(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable SVHN .mat file: {exc}") from exc
+    mat = read_mat(path, "SVHN")
     if "X" not in mat or "y" not in mat:
         raise DataError(f"{path}: expected variables 'X' and 'y'")
-    images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
-    labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1) % 10)  # label 10 is digit 0
+    x, y = mat["X"], mat["y"]
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: 'X' must be a 32x32x3xN image array; got "
+                        f"{getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: 'y' must hold one number per image ({x.shape[3]})")
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8))
+    labels = torch.from_numpy(y.astype(np.int64).reshape(-1) % 10)  # label 10 is digit 0
     return images, labels
+
+
+def read_mat(path: Path, what: str) -> dict:
+    """A MATLAB file's variables; an empty, text or damaged file is a DataError naming it."""
+    from scipy.io import loadmat
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; expected a MATLAB .mat file ({what})")
+    try:
+        return loadmat(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # scipy raises many types for a damaged file
+        raise DataError(f"{path} is not a readable MATLAB .mat file ({what}): "
+                        f"{exc.__class__.__name__}") from exc
 
 
 def resize_tensor_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -210,21 +236,24 @@ def resize_tensor_images(images: torch.Tensor, size: int) -> torch.Tensor:
 # Tiny ImageNet (original layout, with boxes)
 
 
-def read_tiny_imagenet(root: Path, split: str, size: int, policy: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor,
-                                  torch.Tensor]:
+def _tiny_classes(root: Path) -> tuple[list[str], list[str]]:
+    """(wnids, readable names) from wnids.txt and words.txt."""
     wnids = [w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()]
-    index = {w: i for i, w in enumerate(wnids)}
     names = dict.fromkeys(wnids, "")
     words = root / "words.txt"
     if words.is_file():
-        for line in words.read_text().splitlines():
+        for line in words.read_text(errors="replace").splitlines():
             wnid, _, text = line.partition("\t")
             if wnid in names:
                 names[wnid] = text.split(",")[0].strip()
-    classes = [names[w] or w for w in wnids]
+    return wnids, [names[w] or w for w in wnids]
 
-    entries: list[tuple[Path, int, tuple[float, float, float, float]]] = []
+
+def _tiny_entries(root: Path, split: str, wnids: list[str]
+                  ) -> list[tuple[Path, int, tuple[float, ...]]]:
+    """(image path, class, inclusive box) per listed image of the split."""
+    index = {w: i for i, w in enumerate(wnids)}
+    entries = []
     if split == "train":
         for wnid in wnids:
             box_file = root / "train" / wnid / f"{wnid}_boxes.txt"
@@ -232,25 +261,36 @@ def read_tiny_imagenet(root: Path, split: str, size: int, policy: str
                 raise DataError(f"Tiny ImageNet: missing {box_file}")
             for line in box_file.read_text().splitlines():
                 parts = line.split()
-                if len(parts) != 5:
-                    continue
-                path = root / "train" / wnid / "images" / parts[0]
-                entries.append((path, index[wnid], tuple(float(v) for v in parts[1:])))
-    else:
-        ann = root / "val" / "val_annotations.txt"
-        if not ann.is_file():
-            raise DataError(f"Tiny ImageNet: missing {ann} (the val split is the test set)")
-        for line in ann.read_text().splitlines():
-            parts = line.split()
-            if len(parts) != 6 or parts[1] not in index:
-                continue
+                if len(parts) == 5:
+                    entries.append((root / "train" / wnid / "images" / parts[0], index[wnid],
+                                    _numbers(parts[1:], box_file)))
+        return entries
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DataError(f"Tiny ImageNet: missing {ann} (the val split is the test set)")
+    for line in ann.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[1] in index:
             entries.append((root / "val" / "images" / parts[0], index[parts[1]],
-                            tuple(float(v) for v in parts[2:])))
+                            _numbers(parts[2:], ann)))
+    return entries
+
+
+def _numbers(texts: list[str], where: Path) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in texts)
+    except ValueError:
+        raise DataError(f"{where}: expected numbers, got {' '.join(texts)!r}") from None
+
+
+def read_tiny_imagenet(root: Path, split: str, opts: ReadOptions) -> Decoded:
+    wnids, classes = _tiny_classes(root)
+    entries = _tiny_entries(root, split, wnids)
     if not entries:
         raise DataError(f"Tiny ImageNet under {root}: no {split} images listed")
-
-    images, transforms, kept = _decode_all([e[0] for e in entries], size, policy,
-                                           f"tiny_imagenet/{split}")
+    images, transforms, kept, skipped = decode_files(
+        [e[0] for e in entries], opts.size, opts.policy, f"tiny_imagenet/{split}",
+        opts.skip_unreadable)
     labels, boxes = [], []
     for transform, i in zip(transforms, kept, strict=True):
         _, label, (x0, y0, x1, y1) = entries[i]
@@ -258,81 +298,101 @@ def read_tiny_imagenet(root: Path, split: str, size: int, policy: str
         box = transform((x0, y0, x1 + 1.0, y1 + 1.0))  # the files give inclusive corners
         boxes.append([(float(label), *box)] if box is not None else [])
     box_data, box_offsets = pack_boxes(boxes)
-    return _stack(images), torch.tensor(labels, dtype=torch.long), classes, box_data, box_offsets
+    return Decoded(_stack(images), torch.tensor(labels, dtype=torch.long), classes, box_data,
+                   box_offsets, tuple(skipped))
 
 
 # ----------------------------------------------------------------------------------------------
 # COCO (pycocotools): 80 classes multi-hot, a box per annotation
 
 
-def read_coco(root: Path, split: str, size: int, policy: str
-              ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-    """Images with at least one annotation. Crowd annotations count: their class is in the
-    image (multi-hot label) and their box marks where (one box for the crowd region)."""
+def coco_image_dir(root: Path, split: str) -> Path | None:
+    return next((d for d in (root / split, root / "images" / split) if d.is_dir()), None)
+
+
+def _open_coco(root: Path, split: str):
     from pycocotools.coco import COCO
 
     ann_file = root / "annotations" / f"instances_{split}.json"
     if not ann_file.is_file():
         raise DataError(f"COCO: missing {ann_file}")
-    image_dir = next((d for d in (root / split, root / "images" / split) if d.is_dir()), None)
-    if image_dir is None:
-        raise DataError(f"COCO: no image folder {root / split} (or {root / 'images' / split})")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(str(ann_file))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"COCO: {ann_file} is not a valid instances file: {exc}") from exc
+            return COCO(str(ann_file))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise DataError(f"COCO: {ann_file} is not a valid instances file: "
+                        f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def read_coco(root: Path, split: str, opts: ReadOptions) -> Decoded:
+    """Images with at least one annotation, as in COCO's own conventions:
+
+    - the image-level labels (multi-hot) come from every annotation of the image, crowd ones
+      included, and a crop never drops one;
+    - crowd regions (``iscrowd=1``) are not ground-truth boxes for patch metrics and
+      localization, as in COCO's evaluation (``opts.crowd_boxes`` counts them)."""
+    coco = _open_coco(root, split)
+    image_dir = coco_image_dir(root, split)
+    if image_dir is None:
+        raise DataError(f"COCO: no image folder {root / split} (or {root / 'images' / split})")
     cat_ids = sorted(coco.getCatIds())
     column = {cat: i for i, cat in enumerate(cat_ids)}
     classes = [coco.loadCats(c)[0]["name"] for c in cat_ids]
 
     image_ids = sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=i))
     paths = [image_dir / coco.loadImgs(i)[0]["file_name"] for i in image_ids]
-    images, transforms, kept = _decode_all(paths, size, policy, f"coco/{split}")
+    images, transforms, kept, skipped = decode_files(paths, opts.size, opts.policy,
+                                                     f"coco/{split}", opts.skip_unreadable)
     targets = torch.zeros(len(kept), len(classes))
     boxes = []
     for row, (transform, i) in enumerate(zip(transforms, kept, strict=True)):
         image_boxes = []
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_ids[i])):
-            x, y, w, h = ann["bbox"]
-            box = transform((x, y, x + w, y + h))
-            if box is None:
-                continue  # cropped away (center_crop): the class may still count via another box
             k = column[ann["category_id"]]
             targets[row, k] = 1.0
-            image_boxes.append((float(k), *box))
+            if ann.get("iscrowd", 0) and not opts.crowd_boxes:
+                continue
+            x, y, w, h = ann["bbox"]
+            box = transform((x, y, x + w, y + h))
+            if box is not None:  # None: cropped away (center_crop); the label stays
+                image_boxes.append((float(k), *box))
         boxes.append(image_boxes)
     box_data, box_offsets = pack_boxes(boxes)
-    return _stack(images), targets, classes, box_data, box_offsets
+    return Decoded(_stack(images), targets, classes, box_data, box_offsets, tuple(skipped))
 
 
 # ----------------------------------------------------------------------------------------------
 # Image folders: one sub-folder per class
 
+MAX_CLASS_FOLDERS = 10_000
+"""Folders an image-folder walk may enter (a root set to ``/`` fails fast instead)."""
+
 
 def list_class_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [p.name for p in _subfolders(folder)]
     if not classes:
         raise DataError(f"image folder {folder}: expected one sub-folder per class; found none")
-    files = [(path, k) for k, name in enumerate(classes)
-             for path in sorted((folder / name).rglob("*"))
-             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
+    files, visited = [], 0
+    for k, name in enumerate(classes):
+        for current, dirs, names in os.walk(folder / name):
+            visited += 1
+            if visited > MAX_CLASS_FOLDERS:
+                raise DataError(f"image folder {folder}: more than {MAX_CLASS_FOLDERS} folders "
+                                "below it; is it really one sub-folder per class?")
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [(Path(current) / n, k) for n in sorted(names)
+                      if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
     if not files:
         raise DataError(f"image folder {folder}: no image files ({sorted(IMAGE_SUFFIXES)}) in "
-                        f"its class sub-folders {classes}")
+                        f"its {len(classes)} class sub-folders")
     return classes, files
 
 
-def read_image_files(files: list[tuple[Path, int]], size: int, policy: str, what: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    images, _, kept = _decode_all([f for f, _ in files], size, policy, what)
+def read_image_files(files: list[tuple[Path, int]], classes: list[str], opts: ReadOptions,
+                     what: str) -> Decoded:
+    images, _, kept, skipped = decode_files([f for f, _ in files], opts.size, opts.policy, what,
+                                            opts.skip_unreadable)
     if not images:
         raise DataError(f"{what}: none of the {len(files)} files could be read as an image")
-    return _stack(images), torch.tensor([files[i][1] for i in kept], dtype=torch.long)
-
-
-def as_imageset(name: str, split: str, images: torch.Tensor, targets: torch.Tensor,
-                classes: list[str], multilabel: bool, mean, std, box_data=None, box_offsets=None
-                ) -> ImageSet:
-    return ImageSet(name, split, images, targets, list(classes), multilabel, tuple(mean),
-                    tuple(std), box_data, box_offsets)
+    return Decoded(_stack(images), torch.tensor([files[i][1] for i in kept], dtype=torch.long),
+                   classes, skipped=tuple(skipped))

@@ -2,8 +2,12 @@
 
 ``load_split(DataConfig, "train" | "test")`` returns an :class:`ImageSet` at the model input size.
 A decoded split is cached on disk (``$LOSSATTN_CACHE``, default ``~/.cache/loss-attention-studio``)
-keyed by the source folder, its files' modification times and every setting that changes the
-pixels, so the second load of Tiny ImageNet or COCO takes a moment instead of a decode pass.
+so that the second load of Tiny ImageNet or COCO takes a moment instead of a decode pass.
+
+The cache key is what was read: the path, size and modification time of every file the split
+is made from (each data set's ``manifest``: its annotation files and the whole image folders,
+so an added, replaced, edited or newly present image changes the key), plus every setting that
+changes the pixels. A stale cache is therefore never served.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ import torch
 
 from engine.data import digits, readers
 from engine.data.base import Augment, ImageSet
-from engine.data.readers import DataError, as_imageset, find_folder
-from engine.fsutil import atomic_write
+from engine.data.readers import DataError, Decoded, ReadOptions, find_folder
+from engine.fsutil import atomic_write, remove_temp_files
 
 if TYPE_CHECKING:
     from engine.config import DataConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one decode path (engine.inputs), manifest keys, skipped files
 SPLITS = ("train", "test")
+STALE_TEMP_S = 3600.0
+"""Temp files of interrupted cache writes older than this are removed (no write takes so long)."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,10 @@ class DatasetSpec:
     has_boxes: bool
     locate: Callable[[DataConfig], Path | None]
     """The folder holding the files (``None`` for generated sets); raises DataError if absent."""
-    read: Callable[[DataConfig, Path | None, str, int], ImageSet]
-    """``read(cfg, folder, split, size)``."""
-    sources: tuple[str, ...] = ()
-    """Files (relative to the folder) whose modification times key the cache."""
+    read: Callable[[DataConfig, Path | None, str, ReadOptions], Decoded]
+    """``read(cfg, folder, split, options)``: the split's arrays."""
+    manifest: Callable[[DataConfig, Path, str], list[Path]] = lambda cfg, folder, split: [folder]
+    """Files and folders (walked whole) that the split is read from; they key the cache."""
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
@@ -104,18 +110,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOSSATTN_CACHE", "~/.cache/loss-attention-studio")).expanduser()
 
 
+def fingerprint(paths: list[Path]) -> str:
+    """A digest of every file's path, size and modification time under ``paths`` (folders are
+    walked whole; a missing path counts as missing, so its later arrival changes the digest)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        for entry in _walk_files(path):
+            digest.update(entry.encode())
+    return digest.hexdigest()
+
+
+def _walk_files(path: Path):
+    """``"path size mtime_ns"`` per file at or under ``path``, in a stable order."""
+    try:
+        info = path.stat()
+    except OSError:
+        yield f"{path}\tmissing\n"
+        return
+    if not path.is_dir():
+        yield f"{path}\t{info.st_size}\t{info.st_mtime_ns}\n"
+        return
+    for current, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(current, name)
+            try:
+                stat = os.stat(full)
+            except OSError:
+                continue
+            yield f"{full}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+
+
 def _cache_key(cfg: DataConfig, spec: DatasetSpec, folder: Path | None, split: str,
                size: int) -> str:
-    stamp = {}
-    if folder is not None:
-        for rel in spec.sources:
-            path = folder / rel
-            stamp[rel] = path.stat().st_mtime_ns if path.exists() else None
     key = {"v": CACHE_VERSION, "dataset": spec.name, "split": split, "size": size,
-           "resize": cfg.resize, "folder": str(folder.resolve()) if folder else None,
-           "stamp": stamp, "split_name": cfg.train_split if split == "train" else cfg.test_split}
+           "resize": cfg.resize, "skip_unreadable": cfg.skip_unreadable,
+           "crowd_boxes": cfg.crowd_boxes, "folder": str(folder.resolve()) if folder else None,
+           "split_name": cfg.train_split if split == "train" else cfg.test_split}
     if folder is None:  # generated: the generator's settings are the source
         key.update(seed=cfg.seed, count=_digit_count(cfg, split), gen=digits.GENERATOR_VERSION)
+    else:
+        key["files"] = fingerprint(spec.manifest(cfg, folder, split))
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -132,6 +167,7 @@ def _load_cached(path: Path) -> ImageSet | None:
 
 def _save_cached(path: Path, data: ImageSet) -> None:
     try:
+        remove_temp_files(path.parent, older_than_s=STALE_TEMP_S, recursive=False)
         atomic_write(path, lambda fh: torch.save(data.state(), fh), durable=False)
     except OSError as exc:
         log.warning("could not write the data cache %s (%s); continuing without", path, exc)
@@ -147,7 +183,11 @@ def load_split(cfg: DataConfig, split: str, *, use_cache: bool = True) -> ImageS
     path = cache_dir() / f"{spec.name}-{split}-{_cache_key(cfg, spec, folder, split, size)}.pt"
     data = _load_cached(path) if use_cache else None
     if data is None:
-        data = spec.read(cfg, folder, split, size)
+        options = ReadOptions(size, cfg.resize, cfg.skip_unreadable, cfg.crowd_boxes)
+        decoded = spec.read(cfg, folder, split, options)
+        data = ImageSet(spec.name, split, decoded.images, decoded.targets, list(decoded.classes),
+                        spec.multilabel, tuple(spec.mean), tuple(spec.std), decoded.box_data,
+                        decoded.box_offsets, tuple(decoded.skipped))
         if use_cache:
             _save_cached(path, data)
     if len(data) == 0:
@@ -181,8 +221,9 @@ def _digit_count(cfg: DataConfig, split: str) -> int:
 
 
 def _read_digits(multilabel: bool):
-    def read(cfg, folder, split, size):
-        return digits.generate(split, _digit_count(cfg, split), size, multilabel, cfg.seed)
+    def read(cfg, folder, split, opts):
+        data = digits.generate(split, _digit_count(cfg, split), opts.size, multilabel, cfg.seed)
+        return Decoded(data.images, data.targets, data.classes, data.box_data, data.box_offsets)
     return read
 
 
@@ -236,16 +277,15 @@ def _with_download(locate, dataset_cls: str, *calls: dict):
 
 
 def _read_cifar(name: str, train_files: str, test_files: str, label_key: str, meta: str,
-                meta_key: str, mean, std):
-    def read(cfg, folder, split, size):
+                meta_key: str):
+    def read(cfg, folder, split, opts):
         pattern = train_files if split == "train" else test_files
         files = sorted(folder.glob(pattern))
         if not files:
             raise DataError(f"{name}: no {pattern} files in {folder}")
         images, labels = readers.read_cifar_batches(files, label_key)
         classes = readers.label_names(folder / meta, meta_key, int(labels.max()) + 1)
-        images = readers.resize_tensor_images(images, size)
-        return as_imageset(name, split, images, labels, classes, False, mean, std)
+        return Decoded(readers.resize_tensor_images(images, opts.size), labels, classes)
     return read
 
 
@@ -257,29 +297,25 @@ register_dataset(DatasetSpec(
         _cifar_locator("cifar-10-batches-py", ("batches.meta", "test_batch"), "CIFAR-10"),
         "CIFAR10"),
     read=_read_cifar("cifar10", "data_batch_*", "test_batch", "labels", "batches.meta",
-                     "label_names", CIFAR_MEAN, CIFAR_STD),
-    sources=("data_batch_1", "data_batch_5", "test_batch")))
+                     "label_names")))
 register_dataset(DatasetSpec(
     name="cifar100", description="CIFAR-100 python files (CIFAR-10 statistics, as the paper)",
     multilabel=False, native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True),
     has_boxes=False,
     locate=_with_download(_cifar_locator("cifar-100-python", ("meta", "test"), "CIFAR-100"),
                           "CIFAR100"),
-    read=_read_cifar("cifar100", "train", "test", "fine_labels", "meta", "fine_label_names",
-                     CIFAR_MEAN, CIFAR_STD),
-    sources=("train", "test")))
+    read=_read_cifar("cifar100", "train", "test", "fine_labels", "meta", "fine_label_names")))
 
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)
 
 
-def _read_svhn(cfg, folder, split, size):
+def _read_svhn(cfg, folder, split, opts):
     path = folder / f"{split}_32x32.mat"
     if not path.is_file():
         raise DataError(f"SVHN: missing {path}")
     images, labels = readers.read_svhn(path)
-    images = readers.resize_tensor_images(images, size)
-    return as_imageset("svhn", split, images, labels, [str(d) for d in range(10)], False,
-                       SVHN_MEAN, SVHN_STD)
+    return Decoded(readers.resize_tensor_images(images, opts.size), labels,
+                   [str(d) for d in range(10)])
 
 
 register_dataset(DatasetSpec(
@@ -289,16 +325,10 @@ register_dataset(DatasetSpec(
         data_bases(cfg), lambda p: (p / "test_32x32.mat").is_file(), "SVHN",
         "Expected train_32x32.mat and test_32x32.mat. " + _DOWNLOAD_HINT), "SVHN",
         {"split": "train"}, {"split": "test"}),
-    read=_read_svhn, sources=("train_32x32.mat", "test_32x32.mat")))
+    read=_read_svhn,
+    manifest=lambda cfg, folder, split: [folder / f"{split}_32x32.mat"]))
 
 TINY_MEAN, TINY_STD = (0.480, 0.448, 0.398), (0.277, 0.269, 0.282)
-
-
-def _read_tiny(folder: Path, split: str, size: int, policy: str) -> ImageSet:
-    images, labels, classes, box_data, box_offsets = readers.read_tiny_imagenet(
-        folder, split, size, policy)
-    return as_imageset("tiny_imagenet", split, images, labels, classes, False, TINY_MEAN,
-                       TINY_STD, box_data, box_offsets)
 
 
 register_dataset(DatasetSpec(
@@ -309,19 +339,19 @@ register_dataset(DatasetSpec(
         data_bases(cfg), lambda p: (p / "wnids.txt").is_file() and (p / "val").is_dir(),
         "Tiny ImageNet", "Expected wnids.txt, train/ and val/ (the original tiny-imagenet-200 "
         "layout); point LOSSATTN_DATA or --data-root at it."),
-    read=lambda cfg, folder, split, size: _read_tiny(folder, split, size, cfg.resize),
-    sources=("wnids.txt", "val/val_annotations.txt")))
+    read=lambda cfg, folder, split, opts: readers.read_tiny_imagenet(folder, split, opts),
+    manifest=lambda cfg, folder, split: [folder / "wnids.txt", folder / "words.txt",
+                                         folder / ("train" if split == "train" else "val")]))
 
 
 def _coco_split(cfg: DataConfig, split: str) -> str:
     return (cfg.train_split or "train2017") if split == "train" else (cfg.test_split or "val2017")
 
 
-def _read_coco(cfg, folder, split, size):
-    images, targets, classes, box_data, box_offsets = readers.read_coco(
-        folder, _coco_split(cfg, split), size, cfg.resize)
-    return as_imageset("coco", split, images, targets, classes, True, (0.5,) * 3, (0.5,) * 3,
-                       box_data, box_offsets)
+def _coco_manifest(cfg: DataConfig, folder: Path, split: str) -> list[Path]:
+    name = _coco_split(cfg, split)
+    images = readers.coco_image_dir(folder, name) or folder / name
+    return [folder / "annotations" / f"instances_{name}.json", images]
 
 
 register_dataset(DatasetSpec(
@@ -332,7 +362,9 @@ register_dataset(DatasetSpec(
         data_bases(cfg), lambda p: any((p / "annotations").glob("instances_*.json")), "COCO",
         "Expected annotations/instances_<split>.json and an image folder <split>/; point "
         "LOSSATTN_DATA or --data-root at it."),
-    read=_read_coco, sources=("annotations",)))
+    read=lambda cfg, folder, split, opts: readers.read_coco(folder, _coco_split(cfg, split),
+                                                             opts),
+    manifest=_coco_manifest))
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -344,7 +376,7 @@ def _folder_split(cfg: DataConfig, folder: Path, split: str) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_dir()), None)
 
 
-def _read_folder(cfg, folder, split, size):
+def _read_folder(cfg, folder, split, opts):
     split_dir = _folder_split(cfg, folder, split)
     if split_dir is not None:
         classes, files = readers.list_class_folder(split_dir)
@@ -363,9 +395,7 @@ def _read_folder(cfg, folder, split, size):
         files = [files[i] for i in chosen]
         if not files:
             raise DataError(f"image folder {folder}: too few images for a train/test split")
-    images, labels = readers.read_image_files(files, size, cfg.resize, f"image folder {folder}")
-    return as_imageset("image_folder", split, images, labels, classes, False, IMAGENET_MEAN,
-                       IMAGENET_STD)
+    return readers.read_image_files(files, classes, opts, f"image folder {folder}")
 
 
 def _locate_folder(cfg: DataConfig) -> Path:
@@ -381,5 +411,4 @@ def _locate_folder(cfg: DataConfig) -> Path:
 register_dataset(DatasetSpec(
     name="image_folder", description="Your images: root/<class>/*.jpg, or root/train|test/<class>",
     multilabel=False, native_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    augment=Augment(4, True), has_boxes=False, locate=_locate_folder, read=_read_folder,
-    sources=(".", "train", "test", "val")))
+    augment=Augment(4, True), has_boxes=False, locate=_locate_folder, read=_read_folder))

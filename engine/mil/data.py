@@ -153,10 +153,15 @@ def _mat_variable(path: Path, wanted: str) -> np.ndarray:
     if not path.is_file():
         raise MilDataError(f"{path}: file missing (a miproblems folder holds X.mat, Bag2.mat and "
                            "BagI.mat)")
+    if path.stat().st_size == 0:
+        raise MilDataError(f"{path}: empty file; expected a MATLAB .mat file")
     try:
         content = scipy.io.loadmat(str(path))
-    except (ValueError, TypeError, OSError, NotImplementedError) as exc:
-        raise MilDataError(f"{path}: not a readable MATLAB file ({exc})") from None
+    except OSError as exc:
+        raise MilDataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except Exception as exc:  # scipy raises many types for text or damaged files
+        raise MilDataError(f"{path}: not a readable MATLAB .mat file "
+                           f"({exc.__class__.__name__})") from exc
     names = [k for k in content if not k.startswith("__")]
     match = [k for k in names if k.lower() == wanted.lower()]
     if not match:

@@ -1,9 +1,9 @@
 """A MIL experiment: several data sets x methods, cross-validated, written to one results folder.
 
 This is what ``python -m engine mil`` runs, in the foreground or (from the app) as a background
-process under ``<run store>/_mil/<name>/``. The folder's ``progress.json`` tells a poller which
-(data set, method) is running and how far the whole experiment is; ``results.*`` grow as each
-pair finishes.
+process under ``<run store>/_mil/<name>/``. The results folder is the experiment's job folder
+(:mod:`engine.jobs`): its ``status.json`` tells a poller which (data set, method) is running and
+how far the whole experiment is, and ``results.*`` grow as each pair finishes.
 """
 
 from __future__ import annotations
@@ -11,22 +11,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from engine.jobs import ACTIVE, Job, JobError
 from engine.mil.data import BENCHMARKS, load_mil_dataset
 from engine.mil.models import MIL_METHODS
-from engine.mil.protocol import (
-    MilConfig,
-    cross_validate,
-    default_threads,
-    read_progress,
-    write_progress,
-    write_results,
-)
+from engine.mil.protocol import MilConfig, cross_validate, default_threads, write_results
 
 MIL_FOLDER = "_mil"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
@@ -57,44 +50,37 @@ def run_experiment(datasets: Sequence[str], methods: Sequence[str], config: MilC
                    out: str | Path, data_root: str | None = None, threads: int = 0,
                    log: Callable[[str], None] = print) -> list[dict]:
     """Cross-validate every (data set, method) with ``config`` (its ``method`` is replaced);
-    results are merged into ``out`` after each pair. Returns the new rows (without weights)."""
+    results are merged into ``out`` after each pair. Returns the new rows (without weights).
+
+    ``out`` is this experiment's job folder: its status says how far it is, and a stop
+    (SIGTERM, its STOP file) or an error ends it as ``stopped`` or ``failed``."""
     out = Path(out)
     torch.set_num_threads(threads or default_threads())
+    # Every set is read before anything is written: a bad name or file leaves ``out`` alone.
+    loaded = {d: load_mil_dataset(d, data_root, seed=config.seed) for d in datasets}
     tasks = [(d, m) for d in datasets for m in methods]
-    started = time.time()
-    write_progress(out, state="running", started=started, tasks=len(tasks), task=0,
-                   fraction=0.0, current=None, error=None, finished=None,
-                   datasets=list(datasets), methods=list(methods), config=config.to_dict())
+    job = Job(out)
     rows = []
-    try:
-        cache: dict[str, object] = {}
+    with job.attach(finish=True, kind="mil", tasks=len(tasks), task=0, fraction=0.0,
+                    current=None, datasets=list(datasets), methods=list(methods),
+                    config=config.to_dict()):
+        started = time.time()
         for i, (dataset, method) in enumerate(tasks):
-            if dataset not in cache:
-                cache = {dataset: load_mil_dataset(dataset, data_root, seed=config.seed)}
-            data = cache[dataset]
-            cfg = dataclasses.replace(config, method=method)
+            data = loaded[dataset]
+            label = f"{data.name}/{method}"
 
-            def progress(fraction: float, i: int = i, label: str = f"{data.name}/{method}"
-                         ) -> None:
-                write_progress(out, task=i, current=label,
-                               fraction=round((i + fraction) / len(tasks), 4))
+            def progress(fraction: float, i: int = i, label: str = label) -> None:
+                job.update(task=i, current=label, fraction=round((i + fraction) / len(tasks), 4))
 
             progress(0.0)
-            row = cross_validate(data, cfg, progress)
+            row = cross_validate(data, dataclasses.replace(config, method=method), progress)
             row["threads"] = torch.get_num_threads()
             write_results(out, [row])
             rows.append({k: v for k, v in row.items() if k != "bag_weights"})
             log(f"{data.name:10s} {method:16s} accuracy {row['accuracy_mean']:.3f} ± "
                 f"{row['accuracy_std']:.3f}  ({row['folds_done']} folds, {row['seconds']:.0f} s)")
-    except Exception as exc:
-        write_progress(out, state="failed", error=f"{exc.__class__.__name__}: {exc}",
-                       traceback=traceback.format_exc(limit=5), finished=time.time())
-        raise
-    except KeyboardInterrupt:
-        write_progress(out, state="stopped", error="interrupted", finished=time.time())
-        raise
-    write_progress(out, state="finished", task=len(tasks), fraction=1.0, current=None,
-                   finished=time.time(), seconds=round(time.time() - started, 1))
+        job.update(task=len(tasks), fraction=1.0, current=None,
+                   seconds=round(time.time() - started, 1))
     return rows
 
 
@@ -139,57 +125,25 @@ def start_experiment(runs_root: str | Path, name: str, datasets: Sequence[str],
                      threads: int = 0) -> Path:
     """Start the experiment in a background process; returns its folder. Refuses a name that
     is taken by an experiment still running."""
-    from engine import jobs
-
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(f"experiment name must be 1-80 letters, digits, '.', '_' or '-', "
                          f"starting with a letter or digit; got {name!r}")
     folder = mil_root(runs_root) / name
-    if experiment_alive(folder):
-        raise ValueError(f"experiment {name!r} is still running; stop it or pick another name")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_progress(folder, state="running", fraction=0.0, task=0, tasks=len(datasets) *
-                   len(methods), current="starting", error=None, started=time.time())
-    jobs.spawn_cli(cli_args(datasets, methods, config, folder.resolve(), data_root, threads),
-                   folder, kind="mil", datasets=list(datasets), methods=list(methods))
+    job = Job(folder)
+    if job.status().get("state") in ACTIVE:
+        raise JobError(f"experiment {name!r} is still running; stop it or pick another name")
+    job.spawn(cli_args(datasets, methods, config, folder.resolve(), data_root, threads),
+              kind="mil", fraction=0.0, task=0, tasks=len(datasets) * len(methods),
+              current="starting", datasets=list(datasets), methods=list(methods))
     return folder
 
 
-def experiment_alive(folder: Path) -> bool:
-    from engine import jobs
-
-    return bool(jobs.cli_process(folder).get("alive"))
-
-
 def experiment_status(folder: str | Path) -> dict:
-    """progress.json, with a started-but-vanished process reported as failed."""
-    folder = Path(folder)
-    progress = read_progress(folder)
-    if progress.get("state") == "running" and not experiment_alive(folder):
-        from engine import jobs
-
-        if jobs.cli_process(folder):  # it was started, and its process is gone
-            log = folder / "process.log"
-            tail = log.read_text(errors="replace")[-600:] if log.is_file() else ""
-            progress = {**progress, "state": "failed",
-                        "error": progress.get("error") or f"process ended unexpectedly. {tail}"}
-    return progress
+    """The experiment's status (``state``, ``reason``, ``fraction``, ``task``, ``current``);
+    one whose process has gone is reported as failed (or stopped) at once."""
+    return Job(folder).status()
 
 
 def stop_experiment(folder: str | Path) -> bool:
-    """Ask the experiment's process to stop (SIGTERM to its session). False if not running."""
-    import os
-    import signal
-
-    from engine import jobs
-
-    info = jobs.cli_process(Path(folder))
-    if not info.get("alive"):
-        return False
-    try:
-        os.killpg(info["pid"], signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return False
-    write_progress(Path(folder), state="stopped", error="stopped by the user",
-                   finished=time.time())
-    return True
+    """Ask the experiment's process to stop. False if it was not running."""
+    return Job(folder).stop()

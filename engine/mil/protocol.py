@@ -12,7 +12,8 @@ For every test fold, the training folds alone decide everything the model sees:
 Everything is seeded: the folds by ``seed``, every fold's initialisation, dropout and batch order
 by ``(seed, repeat, fold)``. Results go to a folder as ``results.json``, ``results.csv`` and
 ``results.md`` (the paper's numbers beside), per-bag instance weights of the first repetition as
-``weights_<dataset>_<method>.json``, and ``progress.json`` that a page can poll.
+``weights_<dataset>_<method>.json``; the folder's ``status.json`` (engine.jobs) is what a page
+polls.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import ConfigError
-from engine.fsutil import atomic_write
+from engine.config import ConfigError, check_types
+from engine.fsutil import atomic_write, write_json_atomic
 from engine.mil.data import BENCHMARKS, MilDataset
 from engine.mil.models import MIL_METHODS, MilNet, mil_loss
 from engine.mil.paper import format_paper, paper_accuracy
-from engine.runs import write_json_atomic
 
 SELECTIONS = ("error_loss", "error_last", "loss", "last")
 
@@ -83,6 +83,7 @@ class MilConfig:
     """Folds trained side by side as one batched network (0: all folds of all repeats)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self.method in MIL_METHODS, "method", f"one of {list(MIL_METHODS)}", self.method)
         for name, low in (("folds", 2), ("repeats", 1), ("epochs", 1), ("patience", 1),
                           ("batch_bags", 1), ("parallel_folds", 0)):
@@ -416,21 +417,7 @@ def bag_weights(data: MilDataset, results: list[FoldResult]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Result folders: results.json / .csv / .md, weights_*.json, progress.json
-
-
-def write_progress(folder: Path, **fields) -> None:
-    """Merge ``fields`` into ``progress.json`` (atomic, so a polling page never reads half)."""
-    current = read_progress(folder)
-    current.update(fields, updated=time.time())
-    write_json_atomic(folder / "progress.json", current, durable=False)
-
-
-def read_progress(folder: str | Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "progress.json").read_text())
-    except (OSError, ValueError):
-        return {}
+# Result folders: results.json / .csv / .md, weights_*.json (status.json: engine.jobs)
 
 
 def read_results(folder: str | Path) -> list[dict]:

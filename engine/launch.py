@@ -1,0 +1,44 @@
+"""Training runs in the background: start, launch, resume and wait, for the app and the CLI.
+
+A run trains in its own process (``python -m engine train --run-dir ...``), started as the run
+folder's job (:mod:`engine.jobs`), so it survives the app's script reruns and a closed tab, and
+the app and the CLI only read files.
+"""
+
+from __future__ import annotations
+
+from engine.config import RunConfig
+from engine.jobs import ProcessIdentity
+from engine.jobs import wait as wait_job
+from engine.runs import Run, RunStore
+from engine.train import check_startable, prepare_run_config
+
+
+def start(store: RunStore, run: Run, *, resume: bool = False,
+          env: dict[str, str] | None = None) -> ProcessIdentity:
+    """Start the trainer of ``run`` in its own process; returns the process's identity. ``env``
+    adds to its environment (e.g. ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
+    check_startable(run, resume)  # refuse here, where the caller can show the message
+    args = ["train", "--run-dir", str(run.path.resolve()), "--quiet"]
+    identity = run.job.spawn(args + (["--resume"] if resume else []), env=env)
+    store.index(run)
+    return identity
+
+
+def launch(store: RunStore, config: RunConfig) -> Run:
+    """Resolve ``config`` against its data, create the run, and train it in the background."""
+    run = store.create(prepare_run_config(config))
+    start(store, run)
+    return run
+
+
+def resume(store: RunStore, name: str) -> Run:
+    run = store.get(name)
+    start(store, run, resume=True)
+    return run
+
+
+def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> dict:
+    """Block until the run is no longer running (for scripts and tests); returns its status."""
+    wait_job(run.job, timeout, poll)
+    return run.status()

@@ -16,14 +16,11 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError, ModelConfig, config_from_dict
+from engine.errors import CheckpointError
 from engine.fsutil import atomic_write
 
 FORMAT = "loss-attention-studio/checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message says which file and why."""
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -21,13 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from engine.errors import ConfigError
 from engine.inputs import RESIZE_POLICIES
 
 XI_DENOMINATORS = ("patches", "feature_map")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the allowed values."""
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,10 +194,10 @@ class ModelConfig:
             self.validate()
 
     def validate(self) -> None:
-        from engine.models.registry import check_backbone_name, check_head_name
-
-        check_backbone_name(self.backbone)
-        check_head_name(self.head)
+        """Types and ranges. The backbone and head names are checked by the model registry
+        when the model is resolved or built (:func:`engine.models.resolve_config`)."""
+        _check(bool(self.backbone), "backbone", "a backbone name", self.backbone)
+        _check(bool(self.head), "head", "a head name", self.head)
         for name in ("num_classes", "in_chans", "primary_caps", "primary_dim", "caps_channels",
                      "caps_dim", "attention_hidden", "routing_iters"):
             value = getattr(self, name)
@@ -255,8 +253,6 @@ class LossConfig:
         _check(isinstance(self.multilabel, bool), "multilabel", "true or false", self.multilabel)
 
 
-
-
 @dataclass
 class DataConfig:
     """Which data set, where it lives and how it is prepared."""
@@ -303,9 +299,8 @@ class DataConfig:
             self._check_ranges()
 
     def _check_ranges(self) -> None:
-        from engine.data.registry import check_dataset_name
-
-        check_dataset_name(self.dataset)
+        # The name is checked by the data registry when the data set is asked for.
+        _check(bool(self.dataset), "dataset", "a data set name", self.dataset)
         _check(self.input_size is None or (_is_int(self.input_size) and self.input_size >= 8),
                "input_size", "None or an int >= 8", self.input_size)
         for name in ("train_size", "test_size"):
@@ -336,7 +331,7 @@ class TrainConfig:
     """``"sgd"``: the paper's Loss-Attention recipe (SGD, momentum 0.9, lr 0.1, decays x0.1 at
     50 % and 75 % of the epochs). ``"adam"``: the paper's Mean-pooling / Dynamic Routing recipe
     (lr ramped up to 0.003 over 40 % of the epochs, flat, then x0.1 at 60 % and 80 %; β2 0.99 ->
-    0.999 after the ramp). ``"auto"``: adam for ``mean`` and ``dynamic_routing``, else sgd."""
+    0.999 after the ramp). ``"auto"``: the head's own (its spec's ``recipe``)."""
     lr: float | None = None
     """Peak learning rate; ``None``: the recipe's (sgd 0.1, adam 0.003)."""
     momentum: float = 0.9
@@ -387,16 +382,8 @@ class TrainConfig:
                self.micro_batches)
         _check(_is_number(self.checkpoint_minutes) and self.checkpoint_minutes > 0,
                "checkpoint_minutes", "a number > 0", self.checkpoint_minutes)
-        from engine.device import DEVICE_CHOICES
-
         _check(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
                f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
-
-    def resolved_recipe(self, head: str) -> str:
-        if self.recipe != "auto":
-            return self.recipe
-        return "adam" if head in ("mean", "dynamic_routing") else "sgd"
-
 
 @dataclass
 class RunConfig:
@@ -459,7 +446,6 @@ def parse_setting(item: str, flag: str, sections: tuple[str, ...] = SECTIONS
     return section, key, parse_value(text)
 
 
-
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain JSON-safe dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -477,18 +463,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
     return cls(**data)
 
 
-def config_to_json(cfg: Any) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
-
-
-def config_from_json(cls: type[T], text: str) -> T:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{cls.__name__} is not valid JSON: {exc}") from exc
-    return config_from_dict(cls, data)
-
-
 __all__ = [
     "RECIPES",
     "RESIZE_POLICIES",
@@ -502,9 +476,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "config_from_dict",
-    "config_from_json",
     "config_to_dict",
-    "config_to_json",
     "parse_setting",
     "parse_value",
     "split_setting",

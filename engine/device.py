@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+from engine.config import DEVICE_CHOICES
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -25,13 +25,10 @@ import torch
 from engine import metrics as M
 from engine.data.base import BatchStream, ImageSet
 from engine.device import autocast
+from engine.errors import EvaluationError
 from engine.models import PatchGrid, PatchModel, PatchOutput
 
 GROUPS = ("image", "patch", "localization", "faithfulness")
-
-
-class EvaluationError(ValueError):
-    """A metric cannot be computed for this model or data; the message says what is missing."""
 
 
 @dataclass

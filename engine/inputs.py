@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import ImageInputError
+
 RESIZE_POLICIES = ("squash", "center_crop")
 """How an image of another shape becomes the square model input (``DataConfig.resize``)."""
 MAX_BYTES = 20 * 2**20
@@ -41,10 +43,6 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _EXIF_ORIENTATION = 0x0112
 
 BoxTransform = Callable[[tuple[float, ...]], tuple[float, float, float, float] | None]
-
-
-class ImageInputError(ValueError):
-    """The file cannot be used as an image; the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.errors import JobError
 from engine.fsutil import locked, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,6 @@ START_GRACE_S = 30.0
 """How long a job may say ``starting`` with no process recorded (its starter died mid-start)."""
 _CREATE_TIME_TOLERANCE_S = 1.0
 """Creation times are read as wall-clock seconds; a clock step can move them slightly."""
-
-
-class JobError(ValueError):
-    """A job cannot be started or stopped; the message says why."""
 
 
 class JobStopped(BaseException):  # a control-flow signal, like KeyboardInterrupt
@@ -404,9 +401,9 @@ class Job:
             status = self.raw_status()
             recorded = self.process()
             if status.get("state") in ACTIVE and (recorded is None or me.matches(recorded)):
-                self._merge({"state": state, "reason": reason, "finished": time.time()})
-                if state == "stopped":
+                if state == "stopped":  # first: whoever sees "stopped" sees it handled
                     self.clear_stop()
+                self._merge({"state": state, "reason": reason, "finished": time.time()})
 
 
 @contextlib.contextmanager

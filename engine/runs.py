@@ -33,16 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import RUN_NAME_PATTERN, RunConfig, config_from_dict, config_to_dict
+from engine.errors import RunError
 from engine.fsutil import atomic_write, write_json_atomic
 from engine.jobs import ACTIVE, Job
 
 INDEX_NAME = ".index.sqlite"
 LEGACY_INDEX = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal")
 INDEX_VERSION = 2  # part of the table name: a new schema starts a fresh table
-
-
-class RunError(ValueError):
-    """A run operation cannot be done; the message says why."""
 
 
 def default_runs_root() -> Path:

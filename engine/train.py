@@ -47,7 +47,7 @@ from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import Criterion, scaled_ramp_epochs
 from engine.metrics import evaluate, main_metric
-from engine.models import build_model, resolve_config
+from engine.models import build_model, head_spec, resolve_config
 from engine.runs import Run, RunError
 
 log = logging.getLogger("engine.train")
@@ -76,7 +76,7 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
     loss = cfg.loss
     ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
     loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)
-    recipe = cfg.train.resolved_recipe(model.head)
+    recipe = head_spec(model.head).recipe if cfg.train.recipe == "auto" else cfg.train.recipe
     defaults = RECIPE_DEFAULTS[recipe]
     train = type(cfg.train)(**{
         **asdict(cfg.train), "recipe": recipe,
@@ -289,10 +289,10 @@ def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist, set_s
         return _train(run, run.config(), resume, progress_bar, dist, set_status)
     except JobStopped:  # SIGTERM outside the step loop, where StopSignal is not listening
         log.info("stopped during start-up")
+        if dist.is_main:  # first: whoever sees "stopped" sees the request handled
+            run.job.clear_stop()
         set_status(state="stopped", reason="stopped during start-up, outside a training step; "
                    "resume continues from the last checkpoint")
-        if dist.is_main:
-            run.job.clear_stop()
         return "stopped"
     except NonFiniteLoss as exc:
         log.error("%s", exc)
@@ -462,10 +462,10 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
                         progress.total_seconds += progress.epoch_seconds
                         log.info("stopped at epoch %d step %d; checkpoint saved", epoch,
                                  progress.step)
+                        if dist.is_main:  # first: whoever sees "stopped" sees it handled
+                            run.job.clear_stop()
                         set_status(state="stopped", reason="stopped on request",
                                    duration_s=progress.total_seconds)
-                        if dist.is_main:
-                            run.job.clear_stop()
                         return "stopped"
             bar.close()
             epoch_seconds = time.monotonic() - started

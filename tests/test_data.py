@@ -158,8 +158,10 @@ def test_corrupt_cifar_batch(tmp_path):
 
 
 def test_unknown_dataset_lists_known():
+    cfg = DataConfig(dataset="mnist")  # a name is the registry's to check, when it is asked for
     with pytest.raises(ConfigError) as info:
-        DataConfig(dataset="mnist")
+        load_split(cfg, "test")
+    assert str(info.value).startswith("data.dataset must be one of")
     for name in ("digits", "cifar10", "tiny_imagenet", "coco", "image_folder"):
         assert name in str(info.value)
 

@@ -249,7 +249,8 @@ def test_loader_and_upload_give_the_same_input(mode, fmt, policy, tmp_path):
     suffix = {"JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
     path = _save(image, tmp_path / "imgs" / "x" / f"0{suffix.get(fmt, '.png')}", fmt)
     _save(Image.new("RGB", (8, 8)), tmp_path / "imgs" / "y" / "0.png")
-    from engine.data.readers import ReadOptions, list_class_folder, read_image_files
+    from engine.data.image_folder import list_class_folder, read_image_files
+    from engine.data.readers import ReadOptions
 
     classes, files = list_class_folder(tmp_path / "imgs")
     loaded = read_image_files(files, classes, ReadOptions(16, policy), "test").images[0]

@@ -225,11 +225,23 @@ def test_lr_recipes():
     assert [lr_at(e, sgd) for e in (0, 99, 100, 149, 150)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001])
     adam = TrainConfig(epochs=200, recipe="adam", lr=0.003)
-    assert lr_at(0, adam) == pytest.approx(0.003 * 2.718281828 ** -5)
+    assert lr_at(0, adam) == pytest.approx(2.02138e-05, rel=1e-5)  # 0.003 e^-5, by hand
+    assert lr_at(40, adam) == pytest.approx(8.59514e-04, rel=1e-5)  # 0.003 e^-1.25
     assert [lr_at(e, adam) for e in (80, 119, 120, 160)] == pytest.approx(
         [0.003, 0.003, 0.0003, 0.00003])
-    assert TrainConfig().resolved_recipe("mean") == "adam"
-    assert TrainConfig().resolved_recipe("loss_attention") == "sgd"
+
+
+@pytest.mark.parametrize("head, recipe, lr, weight_decay", [
+    ("loss_attention", "sgd", 0.1, 5e-4), ("capsule_loss_attention", "sgd", 0.1, 5e-4),
+    ("attention", "sgd", 0.1, 5e-4), ("gated_attention", "sgd", 0.1, 5e-4),
+    ("plain", "sgd", 0.1, 5e-4), ("mean", "adam", 0.003, 0.0),
+    ("dynamic_routing", "adam", 0.003, 0.0)])
+def test_auto_recipe_is_the_papers_for_each_head(head, recipe, lr, weight_decay):
+    """The paper trains Mean-pooling and Dynamic Routing with Adam, the others with SGD."""
+    cfg = prepare_run_config(RunConfig(
+        model=ModelConfig(backbone="small_cnn", head=head), data=DataConfig(test_size=32),
+        train=TrainConfig(epochs=2)))
+    assert (cfg.train.recipe, cfg.train.lr, cfg.train.weight_decay) == (recipe, lr, weight_decay)
 
 
 def _free_port():

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.base import ImageSet, pack_boxes
+from engine.data.base import Augment, ImageSet, pack_boxes
+from engine.data.readers import Decoded
+from engine.data.registry import register_dataset
 
 GENERATOR_VERSION = 1
 CLASSES = [str(d) for d in range(10)]
@@ -126,3 +128,33 @@ def generate(split: str, count: int, canvas: int, multilabel: bool, seed: int) -
     name = "digits_multilabel" if multilabel else "digits"
     return ImageSet(name, split, pixels.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
                     CLASSES, multilabel, MEAN, STD, box_data, box_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: the embedded default, single- and multi-label
+
+DIGIT_COUNTS = {"train": 12_000, "test": 3_000}
+
+
+def digit_count(cfg, split: str) -> int:
+    given = cfg.train_size if split == "train" else cfg.test_size
+    return given or DIGIT_COUNTS[split]
+
+
+def _generated(cfg, split: str) -> dict:
+    """What a generated split's pixels depend on (the cache key)."""
+    return {"seed": cfg.seed, "count": digit_count(cfg, split), "gen": GENERATOR_VERSION}
+
+
+def _register(name: str, multilabel: bool, description: str) -> None:
+    @register_dataset(name, description=description, multilabel=multilabel, native_size=32,
+                      mean=MEAN, std=STD, augment=Augment(crop_pad=2, flip=False),
+                      has_boxes=True, locate=lambda cfg: None, generated=_generated)
+    def read(cfg, folder, split, opts) -> Decoded:
+        data = generate(split, digit_count(cfg, split), opts.size, multilabel, cfg.seed)
+        return Decoded(data.images, data.targets, data.classes, data.box_data, data.box_offsets)
+
+
+_register("digits", False, "Embedded default: a cluttered handwritten digit, boxes")
+_register("digits_multilabel", True,
+          "Embedded default: 1-3 cluttered handwritten digits, multi-label, boxes")

@@ -1,5 +1,8 @@
 """Registry of data sets, where their files are looked for, and the decoded-set cache.
 
+Each data set is a module of its own (``engine/data/<family>.py``) that registers its reader
+with :func:`register_dataset`; this module imports none of them (``engine.data`` does).
+
 ``load_split(DataConfig, "train" | "test")`` returns an :class:`ImageSet` at the model input size.
 A decoded split is cached on disk (``$LOSSATTN_CACHE``, default ``~/.cache/loss-attention-studio``)
 so that the second load of Tiny ImageNet or COCO takes a moment instead of a decode pass.
@@ -25,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.data import digits, readers
 from engine.data.base import Augment, ImageSet
-from engine.data.readers import DataError, Decoded, ReadOptions, find_folder
+from engine.data.readers import Decoded, ReadOptions, find_folder
+from engine.errors import ConfigError, DataError
 from engine.fsutil import atomic_write, remove_temp_files
 
 if TYPE_CHECKING:
@@ -57,32 +60,35 @@ class DatasetSpec:
     """``read(cfg, folder, split, options)``: the split's arrays."""
     manifest: Callable[[DataConfig, Path, str], list[Path]] = lambda cfg, folder, split: [folder]
     """Files and folders (walked whole) that the split is read from; they key the cache."""
+    generated: Callable[[DataConfig, str], dict] | None = None
+    """For a generated set (``locate`` gives None): the settings that define a split's pixels;
+    they key the cache instead of files."""
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    if spec.name in _DATASETS:
-        raise ValueError(f"data set name {spec.name!r} is taken")
-    _DATASETS[spec.name] = spec
-    return spec
+def register_dataset(name: str, **spec):
+    """Function decorator: register ``read(cfg, folder, split, options) -> Decoded`` as the
+    reader of data set ``name``; ``spec`` holds the other :class:`DatasetSpec` fields."""
+    def decorate(read):
+        if name in _DATASETS:
+            raise ValueError(f"data set name {name!r} is taken")
+        _DATASETS[name] = DatasetSpec(name=name, read=read, **spec)
+        return read
+    return decorate
 
 
 def list_datasets() -> list[str]:
-    return list(_DATASETS)
+    """Registered names: the embedded (generated) sets first, as they need no files."""
+    return sorted(_DATASETS, key=lambda name: (_DATASETS[name].generated is None, name))
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-    check_dataset_name(name)
-    return _DATASETS[name]
-
-
-def check_dataset_name(name: object) -> None:
-    from engine.config import ConfigError
-
+def dataset_spec(name: object) -> DatasetSpec:
+    """The spec of a data set name; raises ConfigError for an unknown one."""
     if not isinstance(name, str) or name not in _DATASETS:
-        raise ConfigError(f"dataset must be one of {list(_DATASETS)}; got {name!r}")
+        raise ConfigError(f"data.dataset must be one of {list(_DATASETS)}; got {name!r}")
+    return _DATASETS[name]
 
 
 def data_bases(cfg: DataConfig) -> list[Path]:
@@ -148,7 +154,7 @@ def _cache_key(cfg: DataConfig, spec: DatasetSpec, folder: Path | None, split: s
            "crowd_boxes": cfg.crowd_boxes, "folder": str(folder.resolve()) if folder else None,
            "split_name": cfg.train_split if split == "train" else cfg.test_split}
     if folder is None:  # generated: the generator's settings are the source
-        key.update(seed=cfg.seed, count=_digit_count(cfg, split), gen=digits.GENERATOR_VERSION)
+        key["generated"] = spec.generated(cfg, split) if spec.generated else None
     else:
         key["files"] = fingerprint(spec.manifest(cfg, folder, split))
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -209,43 +215,19 @@ def describe(cfg: DataConfig) -> dict:
             "classes": data.classes, "has_boxes": data.has_boxes}
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# The built-in data sets
+# Helpers for the families: locating folders, downloads
 
-DIGIT_COUNTS = {"train": 12_000, "test": 3_000}
-
-
-def _digit_count(cfg: DataConfig, split: str) -> int:
-    given = cfg.train_size if split == "train" else cfg.test_size
-    return given or DIGIT_COUNTS[split]
+DOWNLOAD_HINT = ("Put the files there, point LOSSATTN_DATA or --data-root at their folder, or "
+                 "set download=True (--download) when online.")
 
 
-def _read_digits(multilabel: bool):
-    def read(cfg, folder, split, opts):
-        data = digits.generate(split, _digit_count(cfg, split), opts.size, multilabel, cfg.seed)
-        return Decoded(data.images, data.targets, data.classes, data.box_data, data.box_offsets)
-    return read
-
-
-for _multi in (False, True):
-    register_dataset(DatasetSpec(
-        name="digits_multilabel" if _multi else "digits",
-        description=("Embedded default: 1-3 cluttered handwritten digits, multi-label, boxes"
-                     if _multi else "Embedded default: a cluttered handwritten digit, boxes"),
-        multilabel=_multi, native_size=32, mean=digits.MEAN, std=digits.STD,
-        augment=Augment(crop_pad=2, flip=False), has_boxes=True,
-        locate=lambda cfg: None, read=_read_digits(_multi)))
-
-
-_DOWNLOAD_HINT = ("Put the files there, point LOSSATTN_DATA or --data-root at their folder, or "
-                  "set download=True (--download) when online.")
-
-
-def _cifar_locator(folder_name: str, markers: tuple[str, ...], label: str):
-    def locate(cfg):
-        return find_folder(data_bases(cfg), lambda p: all((p / m).is_file() for m in markers),
-                           label, f"Expected {folder_name}/ with {', '.join(markers)}. "
-                           + _DOWNLOAD_HINT)
+def locate_in_bases(is_match: Callable[[Path], bool], what: str, hint: str):
+    """A ``locate`` that searches the data bases (:func:`data_bases`) for a matching folder."""
+    def locate(cfg: DataConfig) -> Path:
+        return find_folder(data_bases(cfg), is_match, what, hint)
     return locate
 
 
@@ -260,7 +242,7 @@ def _download(cfg: DataConfig, dataset_cls: str, **kwargs) -> None:
                         "Put the files there by hand instead.") from exc
 
 
-def _with_download(locate, dataset_cls: str, *calls: dict):
+def with_download(locate, dataset_cls: str, *calls: dict):
     """``locate``, falling back to torchvision's download when the config asks for it. One
     download per entry of ``calls`` (keyword arguments of the torchvision class): SVHN ships its
     train and test splits as separate files, each its own download."""
@@ -274,141 +256,3 @@ def _with_download(locate, dataset_cls: str, *calls: dict):
                 _download(cfg, dataset_cls, **kwargs)
             return locate(cfg)
     return locate_or_download
-
-
-def _read_cifar(name: str, train_files: str, test_files: str, label_key: str, meta: str,
-                meta_key: str):
-    def read(cfg, folder, split, opts):
-        pattern = train_files if split == "train" else test_files
-        files = sorted(folder.glob(pattern))
-        if not files:
-            raise DataError(f"{name}: no {pattern} files in {folder}")
-        images, labels = readers.read_cifar_batches(files, label_key)
-        classes = readers.label_names(folder / meta, meta_key, int(labels.max()) + 1)
-        return Decoded(readers.resize_tensor_images(images, opts.size), labels, classes)
-    return read
-
-
-CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
-register_dataset(DatasetSpec(
-    name="cifar10", description="CIFAR-10 python batches (full or partial)", multilabel=False,
-    native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True), has_boxes=False,
-    locate=_with_download(
-        _cifar_locator("cifar-10-batches-py", ("batches.meta", "test_batch"), "CIFAR-10"),
-        "CIFAR10"),
-    read=_read_cifar("cifar10", "data_batch_*", "test_batch", "labels", "batches.meta",
-                     "label_names")))
-register_dataset(DatasetSpec(
-    name="cifar100", description="CIFAR-100 python files (CIFAR-10 statistics, as the paper)",
-    multilabel=False, native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True),
-    has_boxes=False,
-    locate=_with_download(_cifar_locator("cifar-100-python", ("meta", "test"), "CIFAR-100"),
-                          "CIFAR100"),
-    read=_read_cifar("cifar100", "train", "test", "fine_labels", "meta", "fine_label_names")))
-
-SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)
-
-
-def _read_svhn(cfg, folder, split, opts):
-    path = folder / f"{split}_32x32.mat"
-    if not path.is_file():
-        raise DataError(f"SVHN: missing {path}")
-    images, labels = readers.read_svhn(path)
-    return Decoded(readers.resize_tensor_images(images, opts.size), labels,
-                   [str(d) for d in range(10)])
-
-
-register_dataset(DatasetSpec(
-    name="svhn", description="SVHN cropped digits (train/test .mat; no flips)", multilabel=False,
-    native_size=32, mean=SVHN_MEAN, std=SVHN_STD, augment=Augment(4, False), has_boxes=False,
-    locate=_with_download(lambda cfg: find_folder(
-        data_bases(cfg), lambda p: (p / "test_32x32.mat").is_file(), "SVHN",
-        "Expected train_32x32.mat and test_32x32.mat. " + _DOWNLOAD_HINT), "SVHN",
-        {"split": "train"}, {"split": "test"}),
-    read=_read_svhn,
-    manifest=lambda cfg, folder, split: [folder / f"{split}_32x32.mat"]))
-
-TINY_MEAN, TINY_STD = (0.480, 0.448, 0.398), (0.277, 0.269, 0.282)
-
-
-register_dataset(DatasetSpec(
-    name="tiny_imagenet", description="Tiny ImageNet, original layout; val (with boxes) = test",
-    multilabel=False, native_size=64, mean=TINY_MEAN, std=TINY_STD, augment=Augment(4, True),
-    has_boxes=True,
-    locate=lambda cfg: find_folder(
-        data_bases(cfg), lambda p: (p / "wnids.txt").is_file() and (p / "val").is_dir(),
-        "Tiny ImageNet", "Expected wnids.txt, train/ and val/ (the original tiny-imagenet-200 "
-        "layout); point LOSSATTN_DATA or --data-root at it."),
-    read=lambda cfg, folder, split, opts: readers.read_tiny_imagenet(folder, split, opts),
-    manifest=lambda cfg, folder, split: [folder / "wnids.txt", folder / "words.txt",
-                                         folder / ("train" if split == "train" else "val")]))
-
-
-def _coco_split(cfg: DataConfig, split: str) -> str:
-    return (cfg.train_split or "train2017") if split == "train" else (cfg.test_split or "val2017")
-
-
-def _coco_manifest(cfg: DataConfig, folder: Path, split: str) -> list[Path]:
-    name = _coco_split(cfg, split)
-    images = readers.coco_image_dir(folder, name) or folder / name
-    return [folder / "annotations" / f"instances_{name}.json", images]
-
-
-register_dataset(DatasetSpec(
-    name="coco", description="COCO instances via pycocotools: 80 classes multi-hot, boxes",
-    multilabel=True, native_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, augment=Augment(4, True),
-    has_boxes=True,
-    locate=lambda cfg: find_folder(
-        data_bases(cfg), lambda p: any((p / "annotations").glob("instances_*.json")), "COCO",
-        "Expected annotations/instances_<split>.json and an image folder <split>/; point "
-        "LOSSATTN_DATA or --data-root at it."),
-    read=lambda cfg, folder, split, opts: readers.read_coco(folder, _coco_split(cfg, split),
-                                                             opts),
-    manifest=_coco_manifest))
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _folder_split(cfg: DataConfig, folder: Path, split: str) -> Path | None:
-    names = [cfg.train_split] if split == "train" and cfg.train_split else (
-        [cfg.test_split] if split == "test" and cfg.test_split else
-        (["train"] if split == "train" else ["test", "val"]))
-    return next((folder / n for n in names if (folder / n).is_dir()), None)
-
-
-def _read_folder(cfg, folder, split, opts):
-    split_dir = _folder_split(cfg, folder, split)
-    if split_dir is not None:
-        classes, files = readers.list_class_folder(split_dir)
-        train_dir = _folder_split(cfg, folder, "train")
-        if train_dir is not None and split == "test":
-            classes_train, _ = readers.list_class_folder(train_dir)
-            if classes != classes_train:
-                raise DataError(f"image folder {folder}: test classes {classes} differ from "
-                                f"train classes {classes_train}")
-    else:  # one folder of classes: a seeded 80/20 split
-        classes, files = readers.list_class_folder(folder)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(files), generator=gen).tolist()
-        cut = max(1, round(0.8 * len(files)))
-        chosen = sorted(order[:cut] if split == "train" else order[cut:])
-        files = [files[i] for i in chosen]
-        if not files:
-            raise DataError(f"image folder {folder}: too few images for a train/test split")
-    return readers.read_image_files(files, classes, opts, f"image folder {folder}")
-
-
-def _locate_folder(cfg: DataConfig) -> Path:
-    if not cfg.root:
-        raise DataError("image_folder needs root: a folder with train/ and test/ (or val/) "
-                        "sub-folders, or one sub-folder per class")
-    folder = Path(cfg.root).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist")
-    return folder
-
-
-register_dataset(DatasetSpec(
-    name="image_folder", description="Your images: root/<class>/*.jpg, or root/train|test/<class>",
-    multilabel=False, native_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    augment=Augment(4, True), has_boxes=False, locate=_locate_folder, read=_read_folder))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import MilDataError
+
 BENCHMARKS = ("musk1", "musk2", "fox", "tiger", "elephant")
 EMBEDDED = "digit_bags"
 MAT_FILES = (("X.mat", "X"), ("Bag2.mat", "Bag2"), ("BagI.mat", "bagI"))
@@ -35,10 +37,6 @@ EXPECTED_COUNTS = {
     "musk1": (92, 476, 166), "musk2": (102, 6598, 166), "fox": (200, 1320, 230),
     "tiger": (200, 1220, 230), "elephant": (200, 1391, 230),
 }
-
-
-class MilDataError(ValueError):
-    """A MIL data file is missing or malformed; the message names the file and the problem."""
 
 
 @dataclass

@@ -1,5 +1,10 @@
-"""Models: backbones, patch layers and heads behind one registry and ``build_model``."""
+"""Models: backbones, patch layers and heads behind one registry and ``build_model``.
 
+The families register themselves when imported: the import below is what fills the registry
+(a new family module is added to it).
+"""
+
+from engine.models import backbones, heads  # noqa: F401 - they register their classes
 from engine.models.attention import (
     capsule_attention,
     loss_attention_weights,

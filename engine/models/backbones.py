@@ -1,8 +1,10 @@
 """Backbones: a module mapping images to a feature map, and the geometry of that map.
 
-Every backbone has ``out_channels`` and ``feature_geom(input_size) -> MapGeom``. The project's own
-backbones derive that geometry from their real conv modules (``geometry_layers``), so a change to a
-layer's stride or padding changes the patch boxes with it.
+Every backbone has ``out_channels``, ``feature_geom(input_size) -> MapGeom`` and a
+``from_config(cfg)`` that the registry calls; each registers itself with
+:func:`~engine.models.registry.register_backbone`. The project's own backbones derive their
+geometry from their real conv modules (``geometry_layers``), so a change to a layer's stride or
+padding changes the patch boxes with it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from engine.errors import ConfigError
 from engine.models.geometry import LayerGeom, MapGeom, compose
+from engine.models.registry import register_backbone
+
+PAPER_PATCH = {"patch_kernel": 9, "patch_stride": 4, "patch_channels": 512}
+"""The paper's added patch layer: 9x9 conv, stride 4, 512 channels."""
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, bias: bool = False
@@ -57,6 +64,12 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+@register_backbone(
+    "resnet18",
+    description="ResNet18 modified as in the paper (all strides 1 at 32x32; layer2 stride 2 at "
+                "64x64)",
+    base_plan=(1, 1, 1, 1), upscale_order=(1, 2, 3, 0), baseline_plan=(1, 2, 2, 2),
+    patch_defaults=PAPER_PATCH, compare_plans=((1, 1, 1, 1), (1, 2, 1, 1), (1, 2, 2, 2)))
 class ResNet18(TracedBackbone):
     """CIFAR-style ResNet18 (3x3 stem, no stem max-pool), BasicBlocks [2, 2, 2, 2].
 
@@ -84,6 +97,10 @@ class ResNet18(TracedBackbone):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = cin
 
+    @classmethod
+    def from_config(cls, cfg) -> ResNet18:
+        return cls(cfg.in_chans, cfg.stride_plan, cfg.stem_norm)
+
     def geometry_layers(self) -> list[nn.Module]:
         layers: list[nn.Module] = [self.conv1]
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -98,6 +115,12 @@ class ResNet18(TracedBackbone):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+@register_backbone(
+    "vgg11_bn",
+    description="VGG11_bn modified as in the paper (max-pools and FC layers removed; 4th conv "
+                "stride 2 at 64x64)",
+    base_plan=(1,) * 8, upscale_order=(3, 5, 7, 1), baseline_plan=(1, 2, 2, 1, 2, 1, 2, 1),
+    patch_defaults=PAPER_PATCH, compare_plans=((1,) * 8, (1, 1, 1, 2, 1, 1, 1, 1)))
 class VGG11BN(TracedBackbone):
     """VGG11 with BatchNorm, as modified in the paper: every max-pool dropped, FC layers removed.
 
@@ -120,6 +143,10 @@ class VGG11BN(TracedBackbone):
         self.features = nn.Sequential(*layers)
         self.out_channels = cin
 
+    @classmethod
+    def from_config(cls, cfg) -> VGG11BN:
+        return cls(cfg.in_chans, cfg.stride_plan)
+
     def geometry_layers(self) -> list[nn.Module]:
         return [block[0] for block in self.features]
 
@@ -127,6 +154,12 @@ class VGG11BN(TracedBackbone):
         return self.features(x)
 
 
+@register_backbone(
+    "small_cnn",
+    description="3-layer CNN for CPU demos and tests (6x6 patches of 10x10 px at 32x32)",
+    base_plan=(1, 2, 1), upscale_order=(2, 0),
+    patch_defaults={"patch_kernel": 5, "patch_stride": 2, "patch_channels": 128},
+    compare_plans=((1, 2, 1), (2, 2, 1), (1, 1, 1)))
 class SmallCNN(TracedBackbone):
     """A few conv-BN-ReLU layers: the CPU-friendly backbone for demos, tests and the shipped model.
 
@@ -147,6 +180,10 @@ class SmallCNN(TracedBackbone):
         self.features = nn.Sequential(*layers)
         self.out_channels = cin
 
+    @classmethod
+    def from_config(cls, cfg) -> SmallCNN:
+        return cls(cfg.in_chans, cfg.stride_plan)
+
     def geometry_layers(self) -> list[nn.Module]:
         return [block[0] for block in self.features]
 
@@ -154,6 +191,18 @@ class SmallCNN(TracedBackbone):
         return self.features(x)
 
 
+def check_timm_name(model: str) -> None:
+    import timm
+
+    if not timm.is_model(model):
+        raise ConfigError(f"model.backbone 'timm:{model}': timm has no model {model!r} (see "
+                          "timm.list_models())")
+
+
+@register_backbone(
+    "timm:", prefix=True, check_name=check_timm_name,
+    description="any timm model as 'timm:<name>' (features_only; pretrained only if asked)",
+    patch_defaults={"patch_kernel": 3, "patch_stride": 1, "patch_channels": 512})
 class TimmBackbone(nn.Module):
     """Any timm model as a feature extractor (its last feature map).
 
@@ -185,6 +234,11 @@ class TimmBackbone(nn.Module):
         self.out_channels = int(self.body.feature_info.channels()[-1])
         self.reduction = int(self.body.feature_info.reduction()[-1])
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> TimmBackbone:
+        return cls(cfg.backbone.split(":", 1)[1], cfg.in_chans, cfg.timm_output_stride,
+                   cfg.pretrained)
 
     def _probe(self, input_size: tuple[int, int]) -> tuple[int, int]:
         device = next(self.parameters()).device

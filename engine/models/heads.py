@@ -28,6 +28,7 @@ from engine.models.attention import (
     threshold_weights,
 )
 from engine.models.geometry import LayerGeom
+from engine.models.registry import register_head
 
 
 class HeadOutput(NamedTuple):
@@ -122,6 +123,8 @@ class PoolingHead(Head):
         return HeadOutput(logits, patch_logits, alpha)
 
 
+@register_head("loss_attention", label="Loss-Attention (conv)",
+               description="Loss-Attention, conv patches (TIP Eq. 5)")
 class LossAttentionHead(PoolingHead):
     """TIP Eq. 5: weights from the ℓ2,1-normalised norms of the patch logits, thresholded by θ.
     No parameters of its own beyond the shared classifier."""
@@ -145,6 +148,8 @@ class LossAttentionHead(PoolingHead):
         return HeadOutput(torch.einsum("bm,bmk->bk", alpha, patch_logits), patch_logits, alpha)
 
 
+@register_head("mean", label="Mean pooling", recipe="adam",
+               description="Mean-pooling of patches (baseline)")
 class MeanPoolingHead(PoolingHead):
     """Baseline: α_m = 1/M.
 
@@ -157,6 +162,8 @@ class MeanPoolingHead(PoolingHead):
         return tokens.new_full(tokens.shape[:2], 1.0 / tokens.shape[1])
 
 
+@register_head("attention", label="Attention (Ilse)",
+               description="Attention pooling, Ilse et al. 2018 (baseline)")
 class AttentionHead(PoolingHead):
     """Baseline (Ilse et al. 2018): α = softmax_m(wᵀ tanh(V h_m)), hidden size D."""
 
@@ -172,6 +179,8 @@ class AttentionHead(PoolingHead):
         return torch.softmax(self.attention_w(self.scores(tokens)).squeeze(-1), dim=1)
 
 
+@register_head("gated_attention", label="Gated attention (Ilse)",
+               description="Gated-Attention pooling, Ilse et al. 2018 (baseline)")
 class GatedAttentionHead(AttentionHead):
     """Baseline (Ilse et al. 2018): α = softmax_m(wᵀ (tanh(V h_m) ⊙ sigm(U h_m)))."""
 
@@ -183,6 +192,8 @@ class GatedAttentionHead(AttentionHead):
         return torch.tanh(self.attention_v(tokens)) * torch.sigmoid(self.attention_u(tokens))
 
 
+@register_head("plain", label="Plain backbone", standard_backbone=True,
+               description="Global average pooling + linear, no patches (baseline)")
 class PlainHead(Head):
     """Baseline: global average pooling of the backbone map, optional MLP, linear classifier.
     No patches: patch logits and weights are ``None``."""
@@ -208,6 +219,8 @@ class PlainHead(Head):
         return HeadOutput(self.fc(self.mlp(tokens)), None, None)
 
 
+@register_head("capsule_loss_attention", label="Loss-Attention (capsule)",
+               description="Loss-Attention, capsules (TIP Eqs. 6, 11)")
 class CapsuleLossAttentionHead(Head):
     """TIP Eqs. 6 and 11: capsule Loss-Attention (METHOD.md §2).
 
@@ -296,6 +309,8 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return s * (sq / (1.0 + sq)) / sq.clamp_min(1e-12).sqrt()
 
 
+@register_head("dynamic_routing", label="Dynamic routing", recipe="adam",
+               description="Capsules with routing-by-agreement, Sabour et al. 2017 (baseline)")
 class DynamicRoutingHead(Head):
     """Baseline: routing-by-agreement (Sabour et al. 2017) on the modified capsule architecture.
 

@@ -312,7 +312,9 @@ class DataConfig:
                self.root)
 
 
-RECIPES = ("auto", "sgd", "adam")
+RECIPE_NAMES = ("sgd", "adam")
+"""The training recipes (engine.train.RECIPES); ``auto`` picks the head's own."""
+RECIPES = ("auto", *RECIPE_NAMES)
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
 
 
@@ -465,6 +467,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
 
 __all__ = [
     "RECIPES",
+    "RECIPE_NAMES",
     "RESIZE_POLICIES",
     "RUN_NAME_PATTERN",
     "SECTIONS",

@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Self
 
@@ -41,20 +42,17 @@ from engine.checkpoint import (
 )
 from engine.config import ConfigError, RunConfig, config_to_dict
 from engine.data import augment_of, describe, load_split
-from engine.data.base import BatchStream
+from engine.data.base import BatchStream, ImageSet
 from engine.device import autocast, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import Criterion, scaled_ramp_epochs
 from engine.metrics import evaluate, main_metric
 from engine.models import build_model, head_spec, resolve_config
+from engine.recipes import RECIPES, make_optimizer, set_epoch_hyperparameters
 from engine.runs import Run, RunError
 
 log = logging.getLogger("engine.train")
-
-RECIPE_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4},
-                   "adam": {"lr": 0.003, "weight_decay": 0.0}}
-
 
 # ----------------------------------------------------------------------------------------------
 # Config resolution
@@ -77,50 +75,15 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
     ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
     loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)
     recipe = head_spec(model.head).recipe if cfg.train.recipe == "auto" else cfg.train.recipe
-    defaults = RECIPE_DEFAULTS[recipe]
+    defaults = RECIPES[recipe]
     train = type(cfg.train)(**{
         **asdict(cfg.train), "recipe": recipe,
-        "lr": cfg.train.lr if cfg.train.lr is not None else defaults["lr"],
+        "lr": cfg.train.lr if cfg.train.lr is not None else defaults.lr,
         "weight_decay": (cfg.train.weight_decay if cfg.train.weight_decay is not None
-                         else defaults["weight_decay"])})
+                         else defaults.weight_decay)})
     data = type(cfg.data)(**{**asdict(cfg.data), "input_size": size})
     return RunConfig(name=cfg.name, model=model, data=data, loss=loss, train=train,
                      tags=cfg.tags, notes=cfg.notes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning rate
-
-
-def lr_at(epoch: int, cfg) -> float:
-    """Learning rate of an epoch (constant within it) for the resolved recipe of ``cfg``."""
-    peak, epochs = cfg.lr, cfg.epochs
-    if cfg.recipe == "sgd":
-        passed = sum(epoch >= round(m * epochs) for m in cfg.milestones)
-        return peak * cfg.lr_decay ** passed
-    ramp = max(1, round(0.4 * epochs))  # the paper's 80 of 200 epochs
-    if epoch < ramp:
-        return peak * math.exp(-5.0 * (1.0 - epoch / ramp) ** 2)
-    if epoch < round(0.6 * epochs):
-        return peak
-    return peak * (0.1 if epoch < round(0.8 * epochs) else 0.01)
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.recipe == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
-                            weight_decay=cfg.weight_decay)
-
-
-def set_epoch_hyperparameters(optimizer: torch.optim.Optimizer, epoch: int, cfg) -> float:
-    lr = lr_at(epoch, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if cfg.recipe == "adam":  # β2 0.99 -> 0.999 once the ramp-up is over (paper)
-            group["betas"] = (0.9, 0.999 if epoch >= round(0.4 * cfg.epochs) else 0.99)
-    return lr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,194 +293,273 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
         raise RunError(f"run {run.name} is {state}; use resume to continue it")
 
 
+@dataclass
+class Session:
+    """Everything one training process set up for a run: what the stages below share."""
+
+    run: Run
+    cfg: RunConfig
+    dist: Dist
+    device: torch.device
+    model: torch.nn.Module
+    net: torch.nn.Module
+    """The model as trained: wrapped in DDP and/or compiled where asked."""
+    optimizer: torch.optim.Optimizer
+    criterion: Criterion
+    train_set: ImageSet
+    test_set: ImageSet
+    progress: Progress
+    set_status: Callable[..., None]
+    images: torch.Tensor | None = None
+    """The training images and targets kept on the device (None: moved per batch)."""
+    targets: torch.Tensor | None = None
+    test_images: torch.Tensor | None = None
+
+    @property
+    def amp(self) -> bool:
+        return self.cfg.train.amp and self.device.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.cfg.train.channels_last and self.device.type == "cuda"
+
+    def save_last(self) -> None:
+        if self.dist.is_main:
+            atomic_torch_save(make_checkpoint(
+                config_to_dict(self.cfg), self.model, optimizer=self.optimizer.state_dict(),
+                progress=self.progress.as_dict(), rng=_rng_state(self.device),
+                classes=self.train_set.classes), self.run.last_checkpoint)
+
+
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
            set_status) -> str:
-    from tqdm import tqdm
+    """Set up, then epochs of steps, each epoch ending with its evaluation and checkpoints."""
+    s = _set_up(run, cfg, resume, dist, set_status)
+    reporter = Reporter(set_status, cfg.train, math.ceil(len(s.train_set) / cfg.train.batch_size))
+    with StopSignal() as stop:
+        for epoch in range(s.progress.epoch, cfg.train.epochs):
+            ended = _train_epoch(s, epoch, stop, reporter, progress_bar)
+            if ended is None:
+                return "stopped"
+            _end_epoch(s, epoch, *ended)
+    set_status(state="finished", reason="", duration_s=s.progress.total_seconds, eta_s=0.0)
+    return "finished"
 
+
+def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> Session:
+    """Device, data, model, optimizer; the checkpoint to resume from; DDP and compile."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    cuda = device.type == "cuda"
     torch.manual_seed(tc.seed)
-
     train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     if train_set.num_classes != cfg.model.num_classes:
         raise ConfigError(f"the data set has {train_set.num_classes} classes but the run's model "
                           f"has num_classes={cfg.model.num_classes}")
     set_status(skipped_train=len(train_set.skipped), skipped_test=len(test_set.skipped))
     model = build_model(cfg.model).to(device)
-    if cuda and tc.channels_last:
+    if device.type == "cuda" and tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, tc)
-    criterion = Criterion(cfg.loss, model.regularised)
-    metric_name = main_metric(cfg.loss.multilabel)
-
-    progress = Progress()
-    if resume and run.last_checkpoint.is_file():
-        ckpt = load_checkpoint(run.last_checkpoint)
-        check_classes(ckpt.get("classes"), train_set.classes, str(run.last_checkpoint),
-                      hint="The run's data changed since this checkpoint: restore it, or "
-                           "start a new run on the new data.")
-        load_state(model, ckpt, run.last_checkpoint)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        progress = Progress(**ckpt["progress"])
-        _restore_rng(ckpt["rng"], device)
-        log.info("resumed %s at epoch %d step %d", run.name, progress.epoch, progress.step)
-    elif resume:
-        log.info("no checkpoint yet: %s restarts from the beginning", run.name)
+    s = Session(run, cfg, dist, device, model, model, optimizer,
+                Criterion(cfg.loss, model.regularised), train_set, test_set, Progress(),
+                set_status)
+    if resume:
+        _resume_from_checkpoint(s)
     if dist.is_main:
-        run.keep_metrics_before(progress.epoch)
-
-    net = model
-    if dist.world > 1:
-        # 1x1-conv gradients have equivalent but differently written strides; nothing to fix.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None)
-    if tc.compile:
-        net = torch.compile(net)
-
-    keep = tc.data_on_device
-    if keep is None:
-        keep = cuda and train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]
-    images = train_set.images.to(device) if keep else None
-    targets = train_set.targets.to(device) if keep else None
-    test_images = test_set.images.to(device) if keep else None
-    augment = augment_of(cfg.data)
-    amp = tc.amp and cuda
+        run.keep_metrics_before(s.progress.epoch)
+    _wrap_for_speed(s)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("run %s: %s/%s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
              run.name, cfg.model.backbone, cfg.model.head, n_params / 1e6, device,
              cfg.data.dataset, len(train_set), len(test_set), tc.epochs)
-    set_status(epochs=tc.epochs, epochs_done=progress.epoch, metric_name=metric_name,
-               device=str(device), params=n_params, world=dist.world,
-               train_images=len(train_set), test_images=len(test_set),
-               cpu_threads=torch.get_num_threads())
-
-    last_checkpoint_time = time.monotonic()
-
-    def save_last():
-        if dist.is_main:
-            atomic_torch_save(make_checkpoint(
-                config_to_dict(cfg), model, optimizer=optimizer.state_dict(),
-                progress=progress.as_dict(), rng=_rng_state(device),
-                classes=train_set.classes), run.last_checkpoint)
-
-    with StopSignal() as stop:
-        for epoch in range(progress.epoch, tc.epochs):
-            lr = set_epoch_hyperparameters(optimizer, epoch, tc)
-            patch_weight = criterion.patch_weight(epoch)
-            stream = BatchStream(train_set, tc.batch_size, device, augment=augment, shuffle=True,
-                                 seed=tc.seed, epoch=epoch, start_step=progress.step,
-                                 rank=dist.rank, world=dist.world, images=images,
-                                 targets=targets)
-            net.train()
-            sums = {k: torch.tensor(v, device=device) for k, v in progress.sums.items()} or {
-                k: torch.zeros((), device=device)
-                for k in ("loss", "image", "patch", "correct", "seen")}
-            bar = tqdm(total=len(stream), initial=progress.step, desc=f"epoch {epoch + 1}/"
-                       f"{tc.epochs}", disable=not (progress_bar and dist.is_main), leave=False,
-                       dynamic_ncols=True)
-            resumed_seconds = progress.epoch_seconds  # time spent in this epoch before a resume
-            started = time.monotonic() - resumed_seconds
-            last_status = 0.0
-            for x, y, _ in stream:
-                if cuda and tc.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                terms = _step(net, model, optimizer, criterion, x, y, epoch, tc.micro_batches,
-                              amp, device, dist)
-                bad, wants_stop = _agree_flags(terms, stop.requested or (
-                    dist.is_main and run.stop_requested()), device, dist)
-                if bad:
-                    raise NonFiniteLoss(
-                        f"loss became non-finite at epoch {epoch} step {progress.step} "
-                        f"(lr {lr:g}); checkpoints are untouched. Try a lower lr or fp32.")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                _accumulate(sums, terms, y, cfg.loss.multilabel)
-                progress.step += 1
-                bar.update(1)
-                now = time.monotonic()
-                if now - last_status > 1.0:
-                    last_status = now
-                    elapsed = now - started
-                    done = progress.step - stream.start_step
-                    rate = done * tc.batch_size / max(elapsed - resumed_seconds, 1e-9)
-                    remaining = (len(stream) - progress.step
-                                 + (tc.epochs - epoch - 1) * len(stream)) * tc.batch_size
-                    bar.set_postfix(loss=f"{terms['loss'].item() / y.shape[0]:.3f}")
-                    set_status(epoch=epoch, step=progress.step, steps=len(stream),
-                               images_per_s=rate, eta_s=remaining / max(rate, 1e-9))
-                periodic = (now - last_checkpoint_time > 60 * tc.checkpoint_minutes
-                            and progress.step < len(stream))  # the epoch's end saves anyway
-                if wants_stop or periodic:
-                    progress.sums = {k: v.item() for k, v in sums.items()}
-                    progress.epoch_seconds = now - started
-                    save_last()
-                    last_checkpoint_time = now
-                    if wants_stop:
-                        bar.close()
-                        progress.total_seconds += progress.epoch_seconds
-                        log.info("stopped at epoch %d step %d; checkpoint saved", epoch,
-                                 progress.step)
-                        if dist.is_main:  # first: whoever sees "stopped" sees it handled
-                            run.job.clear_stop()
-                        set_status(state="stopped", reason="stopped on request",
-                                   duration_s=progress.total_seconds)
-                        return "stopped"
-            bar.close()
-            epoch_seconds = time.monotonic() - started
-            _reduce_sums(sums, dist)
-            row = _epoch_row(epoch, sums, lr, patch_weight, epoch_seconds, cfg.loss.multilabel)
-            row["peak_memory_mb"] = peak_memory_mb(device)
-            if dist.is_main:
-                row.update(evaluate(model, test_set, device, amp=amp, images=test_images))
-            _barrier(dist)
-            progress.total_seconds += epoch_seconds
-            progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
-            progress.epoch_seconds = 0.0
-            improved = False
-            if dist.is_main:
-                value = row.get(metric_name)
-                improved = value is not None and not math.isnan(value) and (
-                    progress.best_metric is None or value > progress.best_metric)
-                if improved:
-                    progress.best_metric, progress.best_epoch = value, epoch
-                row["time"] = time.time()
-                run.append_metrics(row)
-                save_last()
-                if improved:
-                    atomic_torch_save(make_checkpoint(
-                        config_to_dict(cfg), model, progress=progress.as_dict(), metrics=row,
-                        classes=train_set.classes), run.best_checkpoint)
-                last_checkpoint_time = time.monotonic()
-                log.info("epoch %d/%d  loss %.4f  %s %.4f  (best %.4f @ %d)  %.1fs  %.0f img/s",
-                         epoch + 1, tc.epochs, row["train_loss"], metric_name,
-                         row.get(metric_name, float("nan")), progress.best_metric or float("nan"),
-                         (progress.best_epoch or 0) + 1, epoch_seconds, row["images_per_s"])
-                set_status(epochs_done=epoch + 1, best_metric=progress.best_metric,
-                           best_epoch=progress.best_epoch, last_metric=row.get(metric_name),
-                           duration_s=progress.total_seconds, step=0)
-    set_status(state="finished", reason="", duration_s=progress.total_seconds, eta_s=0.0)
-    return "finished"
+    set_status(epochs=tc.epochs, epochs_done=s.progress.epoch,
+               metric_name=main_metric(cfg.loss.multilabel), device=str(device),
+               params=n_params, world=dist.world, train_images=len(train_set),
+               test_images=len(test_set), cpu_threads=torch.get_num_threads())
+    return s
 
 
-def _step(net, model, optimizer, criterion, x, y, epoch, micro_batches, amp, device, dist
-          ) -> dict[str, torch.Tensor]:
+def _resume_from_checkpoint(s: Session) -> None:
+    """Model, optimizer, progress and RNG from last.pt (a run without one starts over)."""
+    path = s.run.last_checkpoint
+    if not path.is_file():
+        log.info("no checkpoint yet: %s restarts from the beginning", s.run.name)
+        return
+    ckpt = load_checkpoint(path)
+    check_classes(ckpt.get("classes"), s.train_set.classes, str(path),
+                  hint="The run's data changed since this checkpoint: restore it, or start a "
+                       "new run on the new data.")
+    load_state(s.model, ckpt, path)
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.progress = Progress(**ckpt["progress"])
+    _restore_rng(ckpt["rng"], s.device)
+    log.info("resumed %s at epoch %d step %d", s.run.name, s.progress.epoch, s.progress.step)
+
+
+def _wrap_for_speed(s: Session) -> None:
+    """DDP across ranks, torch.compile, and the data on the GPU when it fits."""
+    tc, cuda = s.cfg.train, s.device.type == "cuda"
+    if s.dist.world > 1:
+        # 1x1-conv gradients have equivalent but differently written strides; nothing to fix.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        s.net = torch.nn.parallel.DistributedDataParallel(
+            s.model, device_ids=[s.device.index] if cuda else None)
+    if tc.compile:
+        s.net = torch.compile(s.net)
+    keep = tc.data_on_device
+    if keep is None:
+        keep = cuda and s.train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(s.device)[0]
+    if keep:
+        s.images = s.train_set.images.to(s.device)
+        s.targets = s.train_set.targets.to(s.device)
+        s.test_images = s.test_set.images.to(s.device)
+
+
+class Reporter:
+    """The run's live status: step, images/s and the ETA, written at most once a second."""
+
+    def __init__(self, set_status, tc, steps_per_epoch: int) -> None:
+        self.set_status, self.tc, self.steps = set_status, tc, steps_per_epoch
+        self.last = 0.0
+
+    def start_epoch(self, start_step: int, seconds_before: float) -> None:
+        """``seconds_before``: time this epoch already took before a resume."""
+        self.start_step, self.seconds_before = start_step, seconds_before
+        self.started = time.monotonic() - seconds_before
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def step(self, epoch: int, step: int) -> None:
+        now = time.monotonic()
+        if now - self.last <= 1.0:
+            return
+        self.last = now
+        rate = (step - self.start_step) * self.tc.batch_size / max(
+            self.elapsed() - self.seconds_before, 1e-9)
+        remaining = (self.steps - step + (self.tc.epochs - epoch - 1) * self.steps)
+        self.set_status(epoch=epoch, step=step, steps=self.steps, images_per_s=rate,
+                        eta_s=remaining * self.tc.batch_size / max(rate, 1e-9))
+
+
+def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
+                 progress_bar: bool) -> tuple[dict, float, float, float] | None:
+    """The epoch's steps from ``progress.step`` on. Returns (loss sums, lr, patch weight,
+    seconds), or None when a stop request ended the run (a checkpoint was written)."""
+    from tqdm import tqdm
+
+    tc, progress = s.cfg.train, s.progress
+    lr = set_epoch_hyperparameters(s.optimizer, epoch, tc)
+    patch_weight = s.criterion.patch_weight(epoch)
+    stream = BatchStream(s.train_set, tc.batch_size, s.device, augment=augment_of(s.cfg.data),
+                         shuffle=True, seed=tc.seed, epoch=epoch, start_step=progress.step,
+                         rank=s.dist.rank, world=s.dist.world, images=s.images,
+                         targets=s.targets)
+    s.net.train()
+    sums = _epoch_sums(progress.sums, s.device)
+    bar = tqdm(total=len(stream), initial=progress.step, desc=f"epoch {epoch + 1}/{tc.epochs}",
+               disable=not (progress_bar and s.dist.is_main), leave=False, dynamic_ncols=True)
+    reporter.start_epoch(progress.step, progress.epoch_seconds)
+    last_checkpoint = time.monotonic()
+    for x, y, _ in stream:
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        terms = _step(s, x, y, epoch)
+        bad, wants_stop = _agree_flags(terms, stop.requested or (
+            s.dist.is_main and s.run.stop_requested()), s.device, s.dist)
+        if bad:
+            raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {progress.step} "
+                                f"(lr {lr:g}); checkpoints are untouched. Try a lower lr or fp32.")
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        _accumulate(sums, terms, y, s.cfg.loss.multilabel)
+        progress.step += 1
+        bar.update(1)
+        reporter.step(epoch, progress.step)
+        periodic = (time.monotonic() - last_checkpoint > 60 * tc.checkpoint_minutes
+                    and progress.step < len(stream))  # the epoch's end saves anyway
+        if wants_stop or periodic:
+            progress.sums = {k: v.item() for k, v in sums.items()}
+            progress.epoch_seconds = reporter.elapsed()
+            s.save_last()
+            last_checkpoint = time.monotonic()
+            if wants_stop:
+                bar.close()
+                _stopped(s, epoch)
+                return None
+    bar.close()
+    return sums, lr, patch_weight, reporter.elapsed()
+
+
+def _epoch_sums(saved: dict[str, float], device: torch.device) -> dict[str, torch.Tensor]:
+    """Running sums of the epoch's training statistics (restored mid-epoch after a resume)."""
+    if saved:
+        return {k: torch.tensor(v, device=device) for k, v in saved.items()}
+    return {k: torch.zeros((), device=device)
+            for k in ("loss", "image", "patch", "correct", "seen")}
+
+
+def _stopped(s: Session, epoch: int) -> None:
+    s.progress.total_seconds += s.progress.epoch_seconds
+    log.info("stopped at epoch %d step %d; checkpoint saved", epoch, s.progress.step)
+    if s.dist.is_main:  # first: whoever sees "stopped" sees the request handled
+        s.run.job.clear_stop()
+    s.set_status(state="stopped", reason="stopped on request",
+                 duration_s=s.progress.total_seconds)
+
+
+def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: float,
+               seconds: float) -> None:
+    """Evaluate, append the metrics line, write last.pt (and best.pt when it improved)."""
+    cfg, progress, metric_name = s.cfg, s.progress, main_metric(s.cfg.loss.multilabel)
+    _reduce_sums(sums, s.dist)
+    row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel)
+    row["peak_memory_mb"] = peak_memory_mb(s.device)
+    if s.dist.is_main:
+        row.update(evaluate(s.model, s.test_set, s.device, amp=s.amp, images=s.test_images))
+    _barrier(s.dist)
+    progress.total_seconds += seconds
+    progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
+    progress.epoch_seconds = 0.0
+    if not s.dist.is_main:
+        return
+    value = row.get(metric_name)
+    improved = value is not None and not math.isnan(value) and (
+        progress.best_metric is None or value > progress.best_metric)
+    if improved:
+        progress.best_metric, progress.best_epoch = value, epoch
+    row["time"] = time.time()
+    s.run.append_metrics(row)
+    s.save_last()
+    if improved:
+        atomic_torch_save(make_checkpoint(
+            config_to_dict(cfg), s.model, progress=progress.as_dict(), metrics=row,
+            classes=s.train_set.classes), s.run.best_checkpoint)
+    log.info("epoch %d/%d  loss %.4f  %s %.4f  (best %.4f @ %d)  %.1fs  %.0f img/s",
+             epoch + 1, cfg.train.epochs, row["train_loss"], metric_name,
+             row.get(metric_name, float("nan")), progress.best_metric or float("nan"),
+             (progress.best_epoch or 0) + 1, seconds, row["images_per_s"])
+    s.set_status(epochs_done=epoch + 1, best_metric=progress.best_metric,
+                 best_epoch=progress.best_epoch, last_metric=row.get(metric_name),
+                 duration_s=progress.total_seconds, step=0)
+
+
+def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
     """Forward + backward of one global batch (split into micro-batches); returns loss sums."""
-    chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device), micro_batches)
+    chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device),
+                                s.cfg.train.micro_batches)
     chunks = [c for c in chunks if len(c)]
     totals = {"loss": 0.0, "image": 0.0, "patch": 0.0}
     logits = []
     for i, chunk in enumerate(chunks):
-        sync = i == len(chunks) - 1 or dist.world == 1
-        ctx = contextlib.nullcontext() if sync else net.no_sync()
-        with ctx:
-            with autocast(device, amp):
-                out = net(x[chunk])
-            terms = criterion(out, y[chunk], epoch)
+        sync = i == len(chunks) - 1 or s.dist.world == 1
+        with contextlib.nullcontext() if sync else s.net.no_sync():
+            with autocast(s.device, s.amp):
+                out = s.net(x[chunk])
+            terms = s.criterion(out, y[chunk], epoch)
             # Equal weight per micro-batch, exactly as DDP averages per-rank gradients.
             (terms.total / len(chunks)).backward()
         n = len(chunk)

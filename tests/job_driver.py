@@ -65,7 +65,7 @@ def main() -> int:
         pause_in_save(_run_dir(args), int(mode.split(":")[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    from engine.__main__ import main as engine_main
+    from engine.cli import main as engine_main
 
     return engine_main(args)
 

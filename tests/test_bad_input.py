@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.__main__ import main
 from engine.checkpoint import CheckpointError, load_checkpoint, load_state, state_mismatch
+from engine.cli import main
 from engine.config import (
     ConfigError,
     DataConfig,
@@ -232,7 +232,7 @@ def test_expected_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
-    from engine import __main__ as cli
+    from engine import cli
 
     def broken(args):
         raise KeyError("surprise")

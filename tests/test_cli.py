@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from engine.__main__ import main
+from engine.cli import main
 
 
 def test_models_lists_registries(capsys):

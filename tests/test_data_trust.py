@@ -16,7 +16,7 @@ from conftest import data_root, needs_data
 from PIL import Image
 
 from engine import inputs
-from engine.__main__ import main
+from engine.cli import main
 from engine.config import DataConfig
 from engine.data import DataError, load_split
 from engine.data.registry import fingerprint

@@ -85,7 +85,7 @@ def test_missing_capabilities_are_clear_errors(shipped):
 
 
 def test_cli_evaluate_writes_reports(tmp_path, capsys):
-    from engine.__main__ import main
+    from engine.cli import main
 
     out = tmp_path / "eval"
     assert main(["evaluate", str(SHIPPED), "--data", "digits", "--test-size", "200",
@@ -140,7 +140,7 @@ def _untrained_checkpoint(path, model_cfg, data_cfg):
 
 @needs_data
 def test_tiny_imagenet_slice_end_to_end(tmp_path):
-    from engine.__main__ import main
+    from engine.cli import main
 
     ckpt = tmp_path / "tiny.pt"
     _untrained_checkpoint(ckpt, ModelConfig(backbone="small_cnn", num_classes=10, input_size=64),
@@ -170,8 +170,8 @@ def test_coco_slice_end_to_end(tmp_path):
 
 
 def test_bench_eval_runs_the_backbone_once_for_a_whole_xi_grid(shipped, capsys, tmp_path):
-    from engine.__main__ import main
     from engine.bench import bench_evaluation
+    from engine.cli import main
 
     model, data = shipped
     grid = [v / 10 for v in range(11)]

@@ -212,8 +212,7 @@ def command_lines(draw, files: Path, runs: Path):
 def test_generated_command_lines_give_one_line_errors_and_lose_nothing(precious, monkeypatch):
     """Anything a valid command line would start (training, a sweep, a MIL run) is replaced by
     a stand-in: this test is about the input checks in front of them."""
-    from engine import __main__ as cli
-    from engine import train
+    from engine import cli, train
     from engine.mil import experiment
     from engine.runs import RunStore
 

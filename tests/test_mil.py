@@ -340,7 +340,7 @@ def test_results_folder_round_trip(tmp_path):
 
 
 def test_cli_writes_the_table(tmp_path, capsys):
-    from engine.__main__ import main
+    from engine.cli import main
 
     out = tmp_path / "mil"
     rc = main(["mil", "--dataset", "digit_bags", "--method", "loss_attention,mean", "--folds",

@@ -15,8 +15,9 @@ from engine import launch as background
 from engine.checkpoint import CheckpointError, load_checkpoint, load_model, load_state
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.models import build_model
+from engine.recipes import RECIPES, lr_at
 from engine.runs import RunError, RunStore
-from engine.train import lr_at, prepare_run_config, train_run
+from engine.train import prepare_run_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,6 +232,12 @@ def test_lr_recipes():
         [0.003, 0.003, 0.0003, 0.00003])
 
 
+def test_every_recipe_name_a_config_accepts_has_a_recipe():
+    from engine.config import RECIPE_NAMES
+
+    assert sorted(RECIPES) == sorted(RECIPE_NAMES)
+
+
 @pytest.mark.parametrize("head, recipe, lr, weight_decay", [
     ("loss_attention", "sgd", 0.1, 5e-4), ("capsule_loss_attention", "sgd", 0.1, 5e-4),
     ("attention", "sgd", 0.1, 5e-4), ("gated_attention", "sgd", 0.1, 5e-4),
@@ -277,7 +284,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
 
 
 def test_cli_train_resume_and_runs(tmp_path):
-    from engine.__main__ import main
+    from engine.cli import main
 
     common = ["--runs-dir", str(tmp_path)]
     assert main(["train", *common, "--name", "cli", "--backbone", "small_cnn", "--epochs", "1",

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from engine.config import RECIPE_NAMES
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig
 
-RECIPES = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def register_head(name: str, *, description: str, label: str, **spec):
     def decorate(cls):
         if name in _HEADS:
             raise ValueError(f"head name {name!r} is taken")
-        if spec.get("recipe", "sgd") not in RECIPES:
-            raise ValueError(f"head {name!r}: recipe must be one of {list(RECIPES)}")
+        if spec.get("recipe", "sgd") not in RECIPE_NAMES:
+            raise ValueError(f"head {name!r}: recipe must be one of {list(RECIPE_NAMES)}")
         _HEADS[name] = HeadSpec(name, description, label, cls, **spec)
         return cls
     return decorate

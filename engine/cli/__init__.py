@@ -1,0 +1,89 @@
+"""The command line, ``python -m engine <command>``: one module per command group, each with
+its parser and its handler side by side. Everything the app does is scriptable here.
+
+  models                      list backbones and heads
+  data list | check NAME      list data sets; check that one loads (counts, classes, boxes)
+  train [--config F] [flags]  create a run and train it (foreground with a progress bar, or
+                              --background); torchrun-compatible
+  resume NAME                 continue a stopped or killed run from its last checkpoint
+  runs [list|show|stop|delete|reindex]
+  export NAME --out F.pt      a run's best model as a small checkpoint with a model card
+  evaluate RUN_OR_CHECKPOINT  every metric, JSON + CSV report (--xi-grid, --faithfulness-images)
+  sweep --grid a.b=1,2 ...    train a grid of runs (γmax x ξ by default) and tabulate it
+  bench                       forward+backward images/s and peak memory per model
+  bench-train                 loader-only vs model-only vs full training step images/s
+  bench-eval                  patch metrics over N images at a ξ grid
+  mil --dataset D --method M  MIL 5 x 10-fold CV; results table beside the AAAI paper's
+
+Errors: an expected one (a bad value, file, checkpoint or run; every engine error is a
+ValueError, and OSError) prints one line and exits 2; anything else prints one line and exits 1.
+``--debug`` anywhere on the line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+
+from engine.cli import bench, evaluate, info, mil, runs, sweep
+
+GROUPS = (info, runs, evaluate, sweep, bench, mil)
+POSITIVE = ("batch", "steps", "input_size", "num_classes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (see the module docstring for exit codes). A process started as a
+    background job (:mod:`engine.jobs`) records in its job folder how it ended."""
+    from engine import jobs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    for name in POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    job = jobs.spawned_job()
+    try:
+        with job.attach() if job else contextlib.nullcontext():
+            code = args.func(args)
+            if job:
+                job.complete(code)
+            return code
+    except jobs.JobStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # expected: a message a person can act on
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # unforeseen: still one line, and a way to see more
+        if debug:
+            raise
+        print(f"error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return " ".join(text.split())

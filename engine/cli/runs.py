@@ -1,0 +1,208 @@
+"""``train``, ``resume``, ``runs`` and ``export``: one run's life, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.cli.common import command_line, quiet_parent, runs_dir_parent, store_of
+
+# Convenience flags: flag -> (section, field, type). Anything else: --set section.field=value.
+TRAIN_FLAGS = {
+    "dataset": ("data", "dataset", str), "data_root": ("data", "root", str),
+    "input_size": ("data", "input_size", int), "train_size": ("data", "train_size", int),
+    "test_size": ("data", "test_size", int),
+    "backbone": ("model", "backbone", str), "head": ("model", "head", str),
+    "xi": ("model", "xi", float), "xi_denominator": ("model", "xi_denominator", str),
+    "gamma_max": ("loss", "gamma_max", float), "ramp_epochs": ("loss", "ramp_epochs", int),
+    "epochs": ("train", "epochs", int), "batch_size": ("train", "batch_size", int),
+    "lr": ("train", "lr", float), "recipe": ("train", "recipe", str),
+    "seed": ("train", "seed", int), "device": ("train", "device", str),
+    "micro_batches": ("train", "micro_batches", int),
+}
+SWITCHES = {"compile": ("train", "compile", True), "no_amp": ("train", "amp", False),
+            "download": ("data", "download", True)}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that make a RunConfig (train and sweep share them)."""
+    p.add_argument("--config", help="RunConfig JSON file (sections model, data, loss, train)")
+    for flag, (section, key, kind) in TRAIN_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                       help=f"{section}.{key}")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="any other config field, e.g. --set model.stride_plan=[1,2,1,1]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--download", action="store_true", help="download CIFAR/SVHN if missing")
+    p.add_argument("--name", help="run name (default: made from data, model and time)")
+    p.add_argument("--tag", action="append", help="tag the run (repeatable)")
+
+
+def register(sub) -> None:
+    runs_dir, quiet = runs_dir_parent(), quiet_parent()
+    p = sub.add_parser("train", parents=[runs_dir, quiet], help="create a run and train it")
+    add_config_flags(p)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", parents=[runs_dir, quiet], help="continue a stopped run")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("runs", help="list, show, stop or delete runs")
+    p.set_defaults(func=cmd_runs, action="list", runs_dir=None)
+    actions = p.add_subparsers(dest="action")
+    for action, text in (("list", "table of runs"), ("reindex", "rebuild the SQLite index"),
+                         ("show", "status, config and last metrics of a run"),
+                         ("stop", "ask a running run to stop"), ("delete", "remove a run")):
+        a = actions.add_parser(action, parents=[runs_dir], help=text)
+        if action not in ("list", "reindex"):
+            a.add_argument("name")
+
+    p = sub.add_parser("export", parents=[runs_dir],
+                       help="write a run's best model as a small checkpoint + model card")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
+    p.set_defaults(func=cmd_export)
+
+
+def build_run_config(args: argparse.Namespace):
+    """RunConfig from an optional JSON file, then the flags, then ``--set`` overrides."""
+    from engine.config import ConfigError, RunConfig, config_from_dict, parse_setting
+
+    data: dict = read_config_file(args.config) if args.config else {}
+    for flag, (section, key, _) in TRAIN_FLAGS.items():
+        if getattr(args, flag) is not None:
+            data.setdefault(section, {})[key] = getattr(args, flag)
+    for flag, (section, key, value) in SWITCHES.items():
+        if getattr(args, flag):
+            data.setdefault(section, {})[key] = value
+    for item in args.set or []:
+        section, key, value = parse_setting(item, "--set")
+        data.setdefault(section, {})[key] = value
+    if args.name:
+        data["name"] = args.name
+    if args.tag:
+        data["tags"] = list(data.get("tags") or []) + args.tag
+    try:
+        return config_from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}" + (f" (config file {args.config}, then the flags)"
+                                      if args.config else "")) from None
+
+
+def read_config_file(path: str) -> dict:
+    from engine.config import SECTIONS, ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object; it holds a "
+                          f"{type(data).__name__}")
+    for section in SECTIONS:
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"config file {path}: section {section!r} must be a JSON object; "
+                              f"got {data[section]!r:.60}")
+    return data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine import launch
+    from engine.runs import Run, RunStore
+    from engine.train import train_run
+
+    if args.run_dir:  # an existing run directory (how engine.launch starts the trainer)
+        run = Run(Path(args.run_dir))
+        state = train_run(run, resume=args.resume, progress_bar=not args.quiet,
+                          on_status=RunStore(run.path.parent).index, spawned=True)
+        return 0 if state in ("finished", "stopped") else 1
+    config = build_run_config(args)
+    store = store_of(args)
+    if args.background:
+        run = launch.launch(store, config)
+        print(f"started run {run.name} in the background: {run.path}")
+        return 0
+    return _train_here(store, config, args.quiet)
+
+
+def _train_here(store, config, quiet: bool) -> int:
+    """Train in this process, on every rank when started by torchrun."""
+    from engine.train import init_distributed, prepare_run_config, train_run
+
+    dist = init_distributed()
+    name = [None]
+    if dist.is_main:
+        run = store.create(prepare_run_config(config))
+        run.update_status(command=command_line())
+        print(f"run {run.name}: {run.path}", file=sys.stderr)
+        name = [run.name]
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(name, src=0)
+        run = store.get(name[0])
+    state = train_run(run, progress_bar=not quiet, console=True, dist=dist,
+                      on_status=store.index)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    if dist.is_main:
+        print(f"run {run.name}: {state}", file=sys.stderr)
+    return 0 if state in ("finished", "stopped") else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine import launch
+    from engine.train import train_run
+
+    store = store_of(args)
+    if args.background:
+        run = launch.resume(store, args.name)
+        print(f"resumed run {run.name} in the background")
+        return 0
+    run = store.get(args.name)
+    state = train_run(run, resume=True, progress_bar=not args.quiet, console=True,
+                      on_status=store.index)
+    print(f"run {run.name}: {state}", file=sys.stderr)
+    return 0 if state in ("finished", "stopped") else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    if args.action == "list":
+        rows = store.list()
+        if not rows:
+            print(f"no runs in {store.root}")
+        for r in rows:
+            best = "" if r["best_metric"] is None else f"{r['metric_name']} {r['best_metric']:.4f}"
+            print(f"  {r['name']:48s} {r['state']:9s} {r['epochs_done']}/{r['epochs']} ep  "
+                  f"{r['dataset']}/{r['backbone']}/{r['head']}  {best}")
+    elif args.action == "reindex":
+        print(f"indexed {store.rebuild_index()} runs in {store.root}")
+    elif args.action == "show":
+        run = store.get(args.name)
+        print(json.dumps({"status": run.status(), "config": run.config_dict(),
+                          "metrics": run.metrics()[-3:]}, indent=2))
+    elif args.action == "stop":
+        print("stop requested" if store.stop(args.name) else f"run {args.name} is not running")
+    elif args.action == "delete":
+        store.delete(args.name)
+        print(f"deleted run {args.name}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.export import export_model
+
+    weights, card = export_model(store_of(args).get(args.name), args.out)
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {card}")
+    return 0

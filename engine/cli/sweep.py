@@ -1,0 +1,66 @@
+"""``sweep``: train a grid of runs (the paper's γmax x ξ by default) and tabulate it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.cli.common import runs_dir_parent, store_of
+from engine.cli.runs import add_config_flags, build_run_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", parents=[runs_dir_parent()],
+                       help="train a grid of runs and tabulate")
+    add_config_flags(p)
+    p.add_argument("--grid", action="append", metavar="SECTION.FIELD=V1,V2",
+                   help="a grid axis (repeatable); default: loss.gamma_max=0,0.1 and "
+                        "model.xi=0,0.1 (the paper's Table VI)")
+    p.add_argument("--sweep-name", default="sweep", help="names and tags the runs")
+    p.add_argument("--parallel", default="1",
+                   help="processes at once (auto: one per visible GPU)")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the table")
+    p.add_argument("--device-eval", default="auto", help="device for the report's evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _parallel(text: str) -> int:
+    if text == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--parallel must be a positive int or auto; got {text!r}")
+    return int(text)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from engine.device import resolve_device
+    from engine.sweep import (
+        DEFAULT_GRID,
+        format_sweep,
+        parse_grid,
+        run_sweep,
+        sweep_configs,
+        sweep_job,
+        sweep_report,
+        write_manifest,
+    )
+
+    store = store_of(args)
+    if not args.report_only:
+        grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+        configs = sweep_configs(build_run_config(args), grid, args.sweep_name)
+        parallel = _parallel(args.parallel)
+        print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
+        write_manifest(store, args.sweep_name, grid)
+        # The sweep's own job, in the foreground too: the Sweep page sees it and can stop it.
+        with sweep_job(store, args.sweep_name).attach(finish=True, kind="sweep",
+                                                      cells=len(configs)):
+            run_sweep(store, configs, parallel, progress_bar=not args.quiet,
+                      log=lambda m: print(m, file=sys.stderr))
+    report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+    print(format_sweep(report))
+    print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
+    return 0

@@ -8,7 +8,7 @@ explain, the device, the run folder) are drawn here, once.
 import streamlit as st
 
 from engine.runs import default_runs_root
-from ui.state import device_badge, guard, model_picker
+from ui.st_state import device_badge, guard, model_picker
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 

@@ -261,24 +261,44 @@ def parse_stride_plans(text: str) -> list[tuple[int, ...]]:
     return plans
 
 
+def format_plans(plans) -> str:
+    """The text :func:`parse_stride_plans` reads: ``"1,2,1; 2,2,1"``."""
+    return "; ".join(",".join(map(str, plan)) for plan in plans)
+
+
+def start_stride_bench(folder, backbone: str, head: str, plans: list[tuple[int, ...]],
+                       input_size: int, batch: int, steps: int = 3):
+    """Measure each stride plan in a background job (``python -m engine bench``) whose
+    results land in ``folder/bench.json``; returns the job."""
+    from pathlib import Path
+
+    from engine.jobs import Job
+
+    folder = Path(folder)
+    job = Job(folder)
+    job.spawn(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
+               format_plans(plans).replace(" ", ""), "--input-size", str(input_size),
+               "--batch", str(batch), "--steps", str(steps), "--device", "auto",
+               "--json", str((folder / "bench.json").resolve())], kind="bench")
+    return job
+
+
 def stride_summary(runs) -> list[dict]:
-    """Per run of a stride sweep: its plan, best test accuracy (or mAP), median seconds per
-    epoch and peak memory, from the run's own metrics (Table VII, measured here)."""
+    """Per run of a stride sweep: its plan, best test accuracy (or mAP, as the trainer recorded
+    it), median seconds per epoch and peak memory (Table VII, measured here)."""
     rows = []
     for run in runs:
         metrics = run.metrics()
         if not metrics:
             continue
-        cfg = run.config_dict()
-        plan = cfg["model"].get("stride_plan")
-        scores = [m.get("test_acc", m.get("test_map")) for m in metrics]
-        scores = [v for v in scores if v is not None]
+        plan = run.config_dict().get("model", {}).get("stride_plan")
+        status = run.status()
         memory = [m["peak_memory_mb"] for m in metrics if m.get("peak_memory_mb") is not None]
         rows.append({"run": run.name, "plan": ",".join(map(str, plan)) if plan else "default",
-                     "accuracy": max(scores) if scores else None,
-                     "epoch_s": statistics.median(m["epoch_s"] for m in metrics),
+                     "accuracy": status.get("best_metric"),
+                     "epoch_s": statistics.median(m.get("epoch_s", 0.0) for m in metrics),
                      "memory_mb": max(memory) if memory else None,
-                     "epochs": len(metrics), "state": run.status().get("state")})
+                     "epochs": len(metrics), "state": status.get("state")})
     return rows
 
 

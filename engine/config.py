@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.errors import ConfigError
-from engine.inputs import RESIZE_POLICIES
 
 XI_DENOMINATORS = ("patches", "feature_map")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+RESIZE_POLICIES = ("squash", "center_crop")
+"""How an image of another shape becomes the square model input (engine.inputs.fit)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ under ``auto``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -26,6 +25,7 @@ from engine import metrics as M
 from engine.data.base import BatchStream, ImageSet
 from engine.device import autocast
 from engine.errors import EvaluationError
+from engine.fsutil import csv_text
 from engine.models import PatchGrid, PatchModel, PatchOutput
 
 GROUPS = ("image", "patch", "localization", "faithfulness")
@@ -234,11 +234,7 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(json_safe(rows))
+    Path(path).write_text(csv_text(rows))
     return path
 
 

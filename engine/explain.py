@@ -29,10 +29,12 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.data.base import ImageSet, normalise
+from engine.data.base import ImageSet, model_input
 from engine.models import LogitsOnly, PatchGrid, PatchModel
 
-METHODS = ("loss_attention", "gradcam", "gradcam++", "scorecam")
+METHODS = {"loss_attention": "Loss-Attention", "gradcam": "Grad-CAM",
+           "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
+"""Explanation methods and their display names."""
 
 
 def coverage(grid: PatchGrid) -> torch.Tensor:
@@ -102,16 +104,14 @@ class Scorer:
     def __init__(self, model: PatchModel, data: ImageSet, device: torch.device,
                  batch_size: int = 256) -> None:
         self.model, self.device, self.batch_size = model, device, batch_size
-        self.multilabel = data.multilabel
-        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(data.std).view(1, -1, 1, 1)
+        self.data, self.multilabel = data, data.multilabel
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         scores = []
         for start in range(0, len(pixels), self.batch_size):
-            chunk = (pixels[start:start + self.batch_size] - self.mean) / self.std
-            logits = self.model(chunk.to(self.device)).logits.float().cpu()
+            chunk = model_input(self.data, pixels[start:start + self.batch_size], self.device)
+            logits = self.model(chunk).logits.float().cpu()
             probs = torch.sigmoid(logits) if self.multilabel else logits.softmax(1)
             scores.append(probs.gather(1, classes[start:start + self.batch_size, None]))
         return torch.cat(scores).squeeze(1)
@@ -207,15 +207,42 @@ def target_classes(data: ImageSet, indices: torch.Tensor, logits: torch.Tensor) 
     return masked.argmax(1)
 
 
+def classes_to_explain(data: ImageSet, indices: torch.Tensor, logits: torch.Tensor,
+                       choice: str) -> torch.Tensor:
+    """``"true"`` (the target class), ``"predicted"``, or one class name for every image."""
+    if choice == "predicted":
+        return logits.argmax(1)
+    if choice == "true":
+        return target_classes(data, indices, logits)
+    if choice not in data.classes:
+        raise ValueError(f"class to explain must be 'true', 'predicted' or one of "
+                         f"{data.classes[:10]}; got {choice!r}")
+    return torch.full((len(indices),), data.classes.index(choice))
+
+
+def compare_maps(model: PatchModel, data: ImageSet, indices: torch.Tensor, choice: str,
+                 methods: Sequence[str], xi: float | None = None) -> dict:
+    """Every method's map (numpy (B, H, W) in [0, 1]) of the images ``indices``, explaining
+    the class ``choice`` (:func:`classes_to_explain`); with the classes and predictions."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = model_input(data, data.images[indices], device)
+    with torch.no_grad():
+        logits = model(x, xi=xi).logits.float().cpu()
+    classes = classes_to_explain(data, indices, logits, choice)
+    maps = {m: explanation_maps(model, x, classes.to(device), m, xi=xi).cpu().numpy()
+            for m in methods}
+    return {"indices": indices.tolist(), "classes": classes.tolist(),
+            "predicted": logits.argmax(1).tolist(), "maps": maps}
+
+
 def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
                  indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
                  tolerance: float = 15.0, xi: float | None = None) -> dict:
     """Mean faithfulness metrics per method on the images ``indices`` of ``data``."""
     model.eval()
     pixels = data.images[indices].float() / 255.0
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    x = normalise(data.images[indices], mean, std).to(device)
+    x = model_input(data, data.images[indices], device)
     scorer = Scorer(model, data, device)
     with torch.no_grad():
         logits = model(x, xi=xi).logits.float().cpu()

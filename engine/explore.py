@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import metrics as M
-from engine.data.base import ImageSet, normalise
+from engine.data.base import ImageSet, model_input
 from engine.evaluate import Collected, outputs_at
 from engine.models import PatchGrid, PatchModel, PatchOutput
 
@@ -52,8 +52,7 @@ def single_image_cache(model: PatchModel, image: torch.Tensor, data: ImageSet) -
     """Cache for one uint8 (3, H, W) image, normalised like ``data``."""
     model.eval()
     device = next(model.parameters()).device
-    x = normalise(image[None].to(device), torch.tensor(data.mean, device=device).view(1, -1, 1, 1),
-                  torch.tensor(data.std, device=device).view(1, -1, 1, 1))
+    x = model_input(data, image[None], device)
     cache = {k: v.float().cpu() for k, v in model.xi_cache(x).items()}
     return Collected(cache, model.grid(tuple(image.shape[-2:])), 0.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.checkpoint import atomic_torch_save, load_checkpoint
+from engine.metric_table import metrics_of
 from engine.runs import Run
 
 
@@ -38,10 +39,9 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    for key in ("test_acc", "test_top5", "test_map", "test_loss", "patches_selected",
-                "max_weight", "train_acc", "images_per_s"):
-        if key in metrics:
-            lines.append(f"| {key} | {metrics[key]:.4f} |")
+    for metric in metrics_of("epoch"):
+        if metric.key in metrics and metric.key != "lr":
+            lines.append(f"| {metric.key} ({metric.label}) | {metrics[metric.key]:.4f} |")
     command = status.get("command")
     if command:
         lines += ["", "Reproduce (then `python -m engine export NAME --out FILE.pt`):", "",

@@ -61,6 +61,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV, with a column for every key any row has (in first-seen order), so that rows
+    of different kinds (a sweep over heads with and without patches) share one table. Missing
+    values and NaN / inf are empty cells."""
+    import csv
+    import io
+    import math
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                         for k, v in row.items()})
+    return buffer.getvalue()
+
+
 def write_json_atomic(path: str | Path, data: Any, *, durable: bool = True) -> None:
     """JSON via temp file + rename: a page polling ``path`` never reads half a file.
     ``durable=False`` skips the fsyncs, for files that are rewritten often."""

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.config import RESIZE_POLICIES
 from engine.errors import ImageInputError
 
-RESIZE_POLICIES = ("squash", "center_crop")
-"""How an image of another shape becomes the square model input (``DataConfig.resize``)."""
 MAX_BYTES = 20 * 2**20
 """Uploads only: data set files on disk may be larger."""
 MAX_PIXELS = 40_000_000  # well below PIL's bomb limit; a 6000x6000 photo still fits

@@ -104,10 +104,6 @@ def evaluate(model, data: ImageSet, device: torch.device, *, batch_size: int = 2
     return result
 
 
-def main_metric(multilabel: bool) -> str:
-    return "test_map" if multilabel else "test_acc"
-
-
 def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 

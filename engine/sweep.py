@@ -34,6 +34,7 @@ from engine.config import (
 from engine.fsutil import write_json_atomic
 from engine.jobs import ACTIVE, Job, JobStopped
 from engine.launch import start
+from engine.metric_table import metrics_of
 from engine.runs import Run, RunStore
 from engine.train import prepare_run_config, train_run
 
@@ -298,10 +299,9 @@ def sweep_report(store: RunStore, sweep: str, device: torch.device | None = None
     return out
 
 
-def format_sweep(report: dict, columns: tuple[str, ...] = (
-        "accuracy", "map", "precision_paper", "recall_paper", "f_paper", "precision", "recall",
-        "f", "gt_known_loc", "patches_per_image")) -> str:
+def format_sweep(report: dict) -> str:
     rows = report["rows"]
+    columns = [m.key for m in metrics_of("summary")]
     shown = [c for c in columns if any(c in r for r in rows)]
     header = [*report["fields"], *shown]
     lines = ["  ".join(f"{h:>16s}" for h in header)]

@@ -47,7 +47,8 @@ from engine.device import autocast, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import Criterion, scaled_ramp_epochs
-from engine.metrics import evaluate, main_metric
+from engine.metric_table import main_metric
+from engine.metrics import evaluate
 from engine.models import build_model, head_spec, resolve_config
 from engine.recipes import RECIPES, make_optimizer, set_epoch_hyperparameters
 from engine.runs import Run, RunError

@@ -6,19 +6,12 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from engine.data.base import normalise
-from engine.explain import METHODS, explanation_maps, faithfulness
+from engine.explain import METHODS, compare_maps, faithfulness
+from engine.metric_table import metrics_of
 from ui.overlay import enlarge, map_overlay, to_hwc
-from ui.state import guard, keep, loaded_model, require_model_path, test_set
+from ui.st_state import guard, keep, loaded_model, require_model_path, test_set
 
-LABELS = {"loss_attention": "Loss-Attention", "gradcam": "Grad-CAM",
-          "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
-COLUMNS = {"average_drop_pct": "Average Drop % (lower better)",
-           "increase_in_confidence_pct": "Increase in Confidence % (higher better)",
-           "deletion_auc": "deletion AUC (lower better)",
-           "insertion_auc": "insertion AUC (higher better)",
-           "pointing_game": "pointing game (higher better)",
-           "energy_pointing_game": "energy pointing (higher better)"}
+COLUMNS = {m.key: m.heading for m in metrics_of("faithfulness")}
 
 
 @st.cache_data(show_spinner="Computing the maps...", max_entries=16)
@@ -28,22 +21,8 @@ def _maps(path: str, mtime_ns: int, start: int, count: int, class_choice: str,
     loaded = loaded_model(path)
     data = test_set(loaded.data_config)
     indices = torch.arange(start, min(start + count, len(data)))
-    x = normalise(data.images[indices], torch.tensor(data.mean).view(1, -1, 1, 1),
-                  torch.tensor(data.std).view(1, -1, 1, 1))
     with loaded.lock:  # the CAM hooks attach to this shared model
-        with torch.no_grad():
-            logits = loaded.model(x, xi=xi).logits
-        if class_choice == "predicted":
-            classes = logits.argmax(1)
-        elif class_choice == "true":
-            from engine.explain import target_classes
-
-            classes = target_classes(data, indices, logits)
-        else:
-            classes = torch.full((len(indices),), data.classes.index(class_choice))
-        maps = {m: explanation_maps(loaded.model, x, classes, m, xi=xi).numpy() for m in methods}
-    return {"indices": indices.tolist(), "classes": classes.tolist(),
-            "predicted": logits.argmax(1).tolist(), "maps": maps}
+        return compare_maps(loaded.model, data, indices, class_choice, methods, xi)
 
 
 @st.cache_data(show_spinner="Measuring faithfulness (Score-CAM takes longest)...",
@@ -68,7 +47,7 @@ with guard("Compare maps"):
     has_patches = loaded.model.head.has_patches
     methods = [m for m in METHODS if has_patches or m != "loss_attention"]
     c1, c2, c3, c4 = st.columns(4)
-    chosen = c1.multiselect("Methods", methods, format_func=LABELS.get,
+    chosen = c1.multiselect("Methods", methods, format_func=METHODS.get,
                             **keep("cm_methods", methods, methods))
     start = int(c2.number_input("First test image", 0, len(data) - 1, step=1,
                                 **keep("cm_start", 0, low=0, high=len(data) - 1)))
@@ -87,7 +66,7 @@ with guard("Compare maps"):
     header = st.columns(len(chosen) + 1)
     header[0].markdown("**image**")
     for col, method in zip(header[1:], chosen, strict=True):
-        col.markdown(f"**{LABELS[method]}**")
+        col.markdown(f"**{METHODS[method]}**")
     for row, index in enumerate(result["indices"]):
         cols = st.columns(len(chosen) + 1)
         image = to_hwc(data.images[index])
@@ -111,7 +90,7 @@ with guard("Compare maps"):
         st.session_state["cm_measured"] = (path, n, tuple(chosen))
     if st.session_state.get("cm_measured") == (path, n, tuple(chosen)):
         report = _faithfulness(path, mtime, n, tuple(chosen), xi)
-        st.dataframe([{"method": LABELS[m], **{COLUMNS[k]: round(v, 4) for k, v in r.items()}}
+        st.dataframe([{"method": METHODS[m], **{COLUMNS[k]: round(v, 4) for k, v in r.items()}}
                       for m, r in report["methods"].items()], hide_index=True)
         st.caption(f"{report['images']} test images (a fixed random sample), "
                    f"class: {report['class']}.")

@@ -9,7 +9,7 @@ import torch
 
 from engine.evaluate import evaluate_model
 from ui.figures import pr_figure
-from ui.state import guard, keep, loaded_model, require_model_path, test_set
+from ui.st_state import guard, keep, loaded_model, require_model_path, test_set
 
 XI_POINTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 

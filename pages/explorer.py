@@ -32,7 +32,7 @@ from ui.overlay import (
     scale_weights,
     to_hwc,
 )
-from ui.state import (
+from ui.st_state import (
     collected_test_set,
     guard,
     keep,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.state import SHIPPED_DIR, guard
+from ui.st_state import SHIPPED_DIR, guard
 
 st.title("Loss-Attention Studio")
 st.markdown(

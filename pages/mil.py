@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import plotly.graph_objects as go
 import streamlit as st
 
+from engine.mil.config import MilConfig
 from engine.mil.data import EMBEDDED, available_mil_datasets
 from engine.mil.experiment import (
     experiment_status,
@@ -19,17 +19,15 @@ from engine.mil.experiment import (
 )
 from engine.mil.models import MIL_METHODS
 from engine.mil.paper import PAPER_ACCURACY
-from engine.mil.protocol import MilConfig, read_bag_weights, read_results, table_rows
+from engine.mil.results import read_bag_weights, read_results, table_rows
 from engine.runs import default_runs_root
-from ui.forms import data_folder_picker
-from ui.state import guard, keep
+from ui.figures import bag_weights_figure
+from ui.st_forms import data_folder_picker, show_job_end
+from ui.st_state import guard, keep
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = PROJECT_ROOT / "results" / "mil"
 SHIPPED_LABEL = "results/mil (shipped with the repository)"
-METHOD_TEXT = {"loss_attention": "Loss-Attention (AAAI 2020)", "attention": "Attention (Ilse)",
-               "gated_attention": "Gated attention (Ilse)", "mean": "Mean pooling",
-               "tip_threshold": "TIP ℓ2,1 + threshold"}
 
 
 def runs_root() -> Path:
@@ -51,7 +49,7 @@ def launch_form() -> None:
         datasets = c1.multiselect("Data sets", available,
                                   **keep("mil_datasets", [EMBEDDED], available))
         methods = c2.multiselect("Methods", list(MIL_METHODS),
-                                 format_func=lambda m: METHOD_TEXT.get(m, m),
+                                 format_func=lambda m: MIL_METHODS[m].label,
                                  **keep("mil_methods", ["loss_attention"], list(MIL_METHODS)))
         c1, c2, c3, c4 = st.columns(4)
         folds = c1.number_input("Folds", 2, 20, **keep("mil_folds", 10, low=2, high=20))
@@ -98,12 +96,9 @@ def progress(folder: Path) -> None:
             if st.button("Stop", key="mil_stop"):
                 stop_experiment(folder)
                 st.rerun(scope="app")
-        elif state == "failed":
-            st.error(f"The experiment failed: {status.get('reason')}")
-        elif state == "stopped":
-            st.warning(f"Stopped ({status.get('reason') or 'by the user'}) at {fraction:.0%}.")
-        elif state == "finished":
-            st.caption(f"Finished in {status.get('seconds', '?')} s.")
+        else:
+            show_job_end(status, "The experiment", f"It had done {fraction:.0%}.",
+                         f" in {status.get('seconds', '?')} s")
         seen = st.session_state.setdefault("mil_seen", {})
         key = str(folder)
         mark = (state, status.get("task"))
@@ -140,23 +135,6 @@ def results(rows: list[dict]) -> None:
 # Instance weights
 
 
-def weights_figure(bag: dict) -> go.Figure:
-    weights = bag["weights"]
-    labels = bag.get("instance_labels")
-    if labels is None:
-        colours, names = ["#4c78a8"] * len(weights), None
-    else:
-        colours = ["#e45756" if v else "#9d9d9d" for v in labels]
-        names = ["key instance" if v else "other" for v in labels]
-    fig = go.Figure(go.Bar(x=list(range(len(weights))), y=weights, marker_color=colours,
-                           hovertext=names))
-    fig.add_hline(y=1.0 / len(weights), line_dash="dot",
-                  annotation_text="uniform 1/N", annotation_position="top right")
-    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      xaxis_title="instance", yaxis_title="weight α", showlegend=False)
-    return fig
-
-
 def weight_browser(folder: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -184,7 +162,7 @@ def weight_browser(folder: Path, rows: list[dict]) -> None:
                f"({verdict}), {len(bag['weights'])} instances, test fold {bag['fold'] + 1} of "
                "the first repetition." + (" Red: instances of the target digit."
                                           if bag.get("instance_labels") is not None else ""))
-    st.plotly_chart(weights_figure(bag), key="mil_weights_chart")
+    st.plotly_chart(bag_weights_figure(bag), key="mil_weights_chart")
 
 
 # ----------------------------------------------------------------------------------------------

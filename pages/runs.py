@@ -4,13 +4,13 @@ import datetime
 
 import streamlit as st
 
+from engine.metric_table import label, metrics_of
 from engine.sweep import varied_fields
 from ui.figures import metric_overlay
 from ui.overlay import csv_bytes
-from ui.state import guard, keep, store
+from ui.st_state import guard, keep, store
 
-CURVE_KEYS = ("test_acc", "test_map", "test_loss", "train_loss", "train_acc",
-              "patches_selected", "max_weight", "epoch_s", "images_per_s", "lr")
+CURVE_KEYS = [m.key for m in metrics_of("epoch")]
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -51,10 +51,10 @@ if chosen:
         metrics = {n: run.metrics() for n, run in runs.items()}
         keys = [k for k in CURVE_KEYS if any(k in row for m in metrics.values() for row in m)]
         if keys:
-            key = st.selectbox("Curve", keys, **keep("runs_curve", keys[0], keys))
+            key = st.selectbox("Curve", keys, format_func=label,
+                               **keep("runs_curve", keys[0], keys))
             st.plotly_chart(metric_overlay(metrics, key), key="runs_overlay")
-        best = {n: max((r.get(k) for r in m for k in ("test_acc", "test_map")
-                        if r.get(k) is not None), default=None) for n, m in metrics.items()}
+        best = {r["name"]: r["best_metric"] for r in rows if r["name"] in runs}
         st.write("Best test metric: " + ", ".join(
             f"**{n}** {v:.4f}" if v is not None else f"**{n}** -" for n, v in best.items()))
         if len(runs) > 1:

@@ -6,22 +6,24 @@ import time
 
 import streamlit as st
 
-from engine.bench import parse_stride_plans, stride_summary
+from engine.bench import format_plans, parse_stride_plans, start_stride_bench, stride_summary
 from engine.jobs import ACTIVE, Job
-from engine.models import list_backbones, list_heads
+from engine.models import backbone_spec, list_backbones, list_heads
 from engine.sweep import launch_sweep, list_sweeps, sweep_process_alive, sweep_runs
 from ui.figures import bench_figure, stride_time_figure
-from ui.forms import config_of, run_settings
-from ui.state import device_badge, guard, keep, remember, remembered, store
+from ui.st_forms import config_of, run_settings
+from ui.st_state import device_badge, guard, keep, remember, remembered, store
 
-DEFAULT_PLANS = {"small_cnn": "1,2,1; 2,2,1; 1,1,1", "resnet18": "1,1,1,1; 1,2,1,1; 1,2,2,2",
-                 "vgg11_bn": "1,1,1,1,1,1,1,1; 1,1,1,2,1,1,1,1"}
 BENCH_KEY = "st_bench_folder"
+
+
+def default_plans(backbone: str) -> str:
+    return format_plans(backbone_spec(backbone).compare_plans)
 
 
 def bench_section() -> None:
     st.subheader("Speed and memory")
-    backbones = [b for b in list_backbones() if b in DEFAULT_PLANS]
+    backbones = [b for b in list_backbones() if backbone_spec(b).compare_plans]
     c1, c2, c3, c4 = st.columns(4)
     backbone = c1.selectbox("Backbone", backbones, **keep("st_backbone", "small_cnn", backbones))
     heads = list_heads()
@@ -29,16 +31,12 @@ def bench_section() -> None:
     size = c3.selectbox("Input size", [32, 64], **keep("st_size", 32, [32, 64]))
     batch = int(c4.number_input("Batch", 1, 1024, step=16, **keep("st_batch", 64)))
     plans = st.text_input("Stride plans (per-stage strides; ';' between plans)",
-                          **keep(f"st_plans_{backbone}", DEFAULT_PLANS[backbone]))
+                          **keep(f"st_plans_{backbone}", default_plans(backbone)))
     if st.button("Measure on this machine", key="st_measure"):
         with guard("The benchmark", stop=False):
             parsed = parse_stride_plans(plans)
             folder = store().root / "_bench" / time.strftime("%Y%m%d-%H%M%S")
-            Job(folder).spawn(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
-                               ";".join(",".join(map(str, p)) for p in parsed), "--input-size",
-                               str(size), "--batch", str(batch), "--steps", "3", "--device",
-                               "auto", "--json", str((folder / "bench.json").resolve())],
-                              kind="bench")
+            start_stride_bench(folder, backbone, head, parsed, size, batch)
             remember(BENCH_KEY, str(folder))
     bench_results()
 
@@ -76,7 +74,7 @@ def accuracy_section() -> None:
     with st.container(border=True):  # no st.form: its widgets could not remember values
         settings = run_settings("st_tr", heads=True)
         plans = st.text_input("Stride plans to train", **keep("st_tr_plans",
-                                                               DEFAULT_PLANS["small_cnn"]))
+                                                               default_plans("small_cnn")))
         name = st.text_input("Sweep name", **keep("st_tr_name", "stride"))
         go = st.button("Train the plans", key="st_tr_launch")
     if go:

@@ -4,6 +4,7 @@ heat maps of accuracy and patch precision / recall / F."""
 import streamlit as st
 
 from engine.jobs import ACTIVE
+from engine.metric_table import metrics_of
 from engine.sweep import (
     evaluate_cell,
     launch_sweep,
@@ -17,15 +18,12 @@ from engine.sweep import (
     sweep_table,
 )
 from ui.figures import grid_heatmap
-from ui.forms import config_of, run_settings
 from ui.overlay import csv_bytes
-from ui.state import guard, keep, remember, store
+from ui.st_forms import config_of, run_settings
+from ui.st_state import guard, keep, remember, store
 
 WATCH_KEY = "sw_watch"
-RATES = [("accuracy", "image accuracy"), ("map", "image mAP"),
-         ("precision_paper", "patch precision (paper)"), ("recall_paper", "patch recall (paper)"),
-         ("f_paper", "patch F (paper)"), ("precision", "patch precision (location)"),
-         ("recall", "patch recall (location)"), ("f", "patch F (location)")]
+RATES = [(m.key, m.label) for m in metrics_of("summary") if m.better == "higher"]
 
 
 def launch_form() -> None:

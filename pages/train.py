@@ -7,10 +7,11 @@ on when the tab closes. The live panel is a fragment that re-reads the run's fil
 import streamlit as st
 
 from engine import launch
-from engine.metrics import main_metric
+from engine.jobs import ACTIVE
+from engine.metric_table import main_metric
 from ui.figures import training_curves
-from ui.forms import config_of, progress_of, run_settings
-from ui.state import guard, keep, remember, store
+from ui.st_forms import config_of, progress_of, run_settings, show_job_end
+from ui.st_state import guard, keep, remember, store
 
 LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
 
@@ -39,14 +40,10 @@ def live_panel(name: str) -> None:
         state = status.get("state")
         fraction, text = progress_of(run, status)
         st.progress(fraction, text=text)
-        if state == "failed":
-            st.error(f"Run failed: {status.get('reason') or 'see the log'}")
-        elif state == "stopped":
-            st.info(f"Stopped: {status.get('reason', '')}. Resume continues the same curves.")
-        elif state == "finished":
-            st.success(f"Finished in {status.get('duration_s', 0):.0f} s.")
+        show_job_end(status, f"Run {name}", "Resume continues the same curves.",
+                     f" in {status.get('duration_s') or 0:.0f} s")
         c1, c2, _ = st.columns([1, 1, 4])
-        if c1.button("Stop", disabled=state != "running", key="tr_stop"):
+        if c1.button("Stop", disabled=state not in ACTIVE, key="tr_stop"):
             store().stop(name)
             st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
         if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):

@@ -37,3 +37,26 @@ if data_root() is None and REQUIRE_DATA:
 else:
     needs_data = pytest.mark.skipif(data_root() is None,
                                     reason="LOSSATTN_DATA is not set (real data slices absent)")
+
+
+def open_page(page: str | None = None, **state):
+    """The app under AppTest, on ``page`` (a file of pages/), with ``state`` in its session;
+    fails the test if anything raised."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def errors(at) -> list[str]:
+    """The error messages on the page."""
+    return [e.value for e in at.error]

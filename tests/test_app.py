@@ -6,14 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
+from conftest import errors, open_page
 
 from engine import launch as background
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "app.py")
 TINY = {"tr_train_size": 64, "tr_test_size": 32, "tr_epochs": 1, "tr_batch": 32}
 
 
@@ -24,19 +23,6 @@ def runs_root(tmp_path, monkeypatch):
     return root
 
 
-def open_page(page: str | None = None, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in state.items():
-        at.session_state[key] = value
-    at.run()
-    if page:
-        at.switch_page(f"pages/{page}.py").run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
-
-
-def errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
 
 
 def tiny_run(root: Path, name: str, **model) -> str:

@@ -6,15 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import errors, open_page
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.data.roots import DataRoot, data_roots, folder_in_root, shown_relative
 from engine.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "app.py")
 PAGES = ["home", "explorer", "compare", "curves", "train", "runs", "sweep", "stride", "mil",
          "transfer"]
 TINY = {"tr_train_size": 64, "tr_test_size": 32, "tr_epochs": 1, "tr_batch": 32}
@@ -37,19 +36,6 @@ def app_env(tmp_path, monkeypatch):
     return runs, data
 
 
-def open_page(page: str | None = None, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in state.items():
-        at.session_state[key] = value
-    at.run()
-    if page:
-        at.switch_page(f"pages/{page}.py").run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
-
-
-def errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from engine.config import (
     TrainConfig,
     config_from_dict,
 )
-from engine.mil.protocol import MilConfig
+from engine.mil.config import MilConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "digits_small_cnn_la.pt"

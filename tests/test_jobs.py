@@ -230,8 +230,8 @@ def test_a_second_start_is_refused_while_one_runs(tmp_path):
 
 
 def test_mil_experiment_stops_and_is_one_job(tmp_path):
+    from engine.mil.config import MilConfig
     from engine.mil.experiment import experiment_status, start_experiment, stop_experiment
-    from engine.mil.protocol import MilConfig
 
     folder = start_experiment(tmp_path, "long", ["digit_bags"], ["loss_attention"],
                               MilConfig(folds=2, repeats=5, epochs=500, patience=500))

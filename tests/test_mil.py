@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import needs_data
 
+from engine.mil.config import SELECTIONS, MilConfig
 from engine.mil.data import (
     EXPECTED_COUNTS,
     MilDataError,
@@ -28,16 +30,14 @@ from engine.mil.models import (
     tip_threshold_weights,
 )
 from engine.mil.protocol import (
-    MilConfig,
+    SELECT_RULES,
     Standardiser,
     cross_validate,
     fold_plans,
-    read_bag_weights,
-    read_results,
     seeded_members,
     train_members,
-    write_results,
 )
+from engine.mil.results import read_bag_weights, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"folds": 3, "repeats": 1, "epochs": 3, "patience": 3}
@@ -357,8 +357,7 @@ def test_cli_writes_the_table(tmp_path, capsys):
 # The real benchmark files
 
 
-@pytest.mark.skipif(not os.environ.get("LOSSATTN_DATA"),
-                    reason="LOSSATTN_DATA is not set (the MIL benchmark files are absent)")
+@needs_data
 @pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
 def test_benchmarks_load_with_the_readme_counts(name):
     data = load_mil_dataset(name, os.environ.get("LOSSATTN_DATA"))
@@ -379,3 +378,7 @@ def test_mil_page_smoke(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=30).run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def test_every_selection_a_config_accepts_has_a_rule():
+    assert sorted(SELECT_RULES) == sorted(SELECTIONS)

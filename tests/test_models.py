@@ -7,6 +7,7 @@ from engine.config import LossConfig, ModelConfig
 from engine.losses import Criterion
 from engine.models import (
     LogitsOnly,
+    backbone_spec,
     build_model,
     count_parameters,
     head_spec,
@@ -48,19 +49,11 @@ def _check(model, out, batch):
     assert out.grid.boxes.shape == (m, 4)
 
 
+# Parametrised over the registries: a new backbone or head is tested here without a new line.
+@pytest.mark.parametrize("backbone", list_backbones())
 @pytest.mark.parametrize("head", list_heads())
 @pytest.mark.parametrize("size", [32, 64])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_small_backbone_every_head(head, size, batch):
-    cfg = ModelConfig(backbone="small_cnn", head=head, input_size=size)
-    model, out = _step(cfg, batch, size)
-    _check(model, out, batch)
-
-
-@pytest.mark.parametrize("backbone", ["resnet18", "vgg11_bn"])
-@pytest.mark.parametrize("head", list_heads())
-@pytest.mark.parametrize("size", [32, 64])
-def test_paper_backbones_every_head(backbone, head, size):
+def test_every_backbone_with_every_head(backbone, head, size):
     cfg = ModelConfig(backbone=backbone, head=head, input_size=size)
     model, out = _step(cfg, 2, size)
     _check(model, out, 2)
@@ -70,10 +63,10 @@ def test_paper_backbones_every_head(backbone, head, size):
         assert tuple(fmap.shape[-2:]) == out.grid.feature_size
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "vgg11_bn"])
-@pytest.mark.parametrize("head", ["loss_attention", "capsule_loss_attention"])
+@pytest.mark.parametrize("backbone", list_backbones())
+@pytest.mark.parametrize("head", [h for h in list_heads() if head_spec(h).cls.regularised])
 @pytest.mark.parametrize("size", [32, 64])
-def test_paper_backbone_batch_of_one(backbone, head, size):
+def test_every_backbone_takes_a_batch_of_one(backbone, head, size):
     model, out = _step(ModelConfig(backbone=backbone, head=head, input_size=size), 1, size)
     _check(model, out, 1)
 
@@ -89,8 +82,19 @@ def test_xi_dependent_flag_tells_whether_xi_acts(head):
     assert model.xi_dependent == changed == model.regularised
 
 
-def test_every_registered_backbone_is_covered():
-    assert set(list_backbones()) == {"resnet18", "vgg11_bn", "small_cnn"}
+def test_registries_know_the_papers_models_and_their_display_text():
+    assert {"resnet18", "vgg11_bn", "small_cnn"} <= set(list_backbones())
+    assert {"loss_attention", "capsule_loss_attention", "mean", "attention", "gated_attention",
+            "dynamic_routing", "plain"} <= set(list_heads())
+    for head in list_heads():
+        spec = head_spec(head)
+        assert spec.label and spec.description and spec.recipe in ("sgd", "adam")
+    for backbone in list_backbones():  # every plan the Stride page offers builds, 32 and 64 px
+        for plan in backbone_spec(backbone).compare_plans:
+            for size in (32, 64):
+                with torch.device("meta"):
+                    build_model(ModelConfig(backbone=backbone, stride_plan=plan,
+                                            input_size=size))
 
 
 def test_timm_backbone():

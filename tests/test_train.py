@@ -328,7 +328,7 @@ def test_export_writes_small_checkpoint_and_card(reference, tmp_path):
     assert "optimizer" not in ckpt and ckpt["classes"][0] == "0"
     assert weights_path.stat().st_size < reference.last_checkpoint.stat().st_size
     text = card.read_text()
-    assert "small_cnn" in text and "| test_acc |" in text and "epochs" in text
+    assert "small_cnn" in text and "| test_acc (test accuracy) |" in text and "epochs" in text
     x = torch.zeros(1, 3, 32, 32)
     torch.testing.assert_close(model(x).logits, load_model(reference.best_checkpoint)[0](x).logits)
 

@@ -167,3 +167,21 @@ def bench_figure(rows: list[dict]) -> go.Figure:
     fig.update_yaxes(title_text="peak memory (MB)", secondary_y=True)
     fig.update_xaxes(title_text="stride plan", type="category")
     return _layout(fig, height=340)
+
+
+def bag_weights_figure(bag: dict) -> go.Figure:
+    """A MIL bag's instance weights as bars; the key (target) instances in red where known."""
+    weights = bag["weights"]
+    labels = bag.get("instance_labels")
+    if labels is None:
+        colours, names = ["#4c78a8"] * len(weights), None
+    else:
+        colours = ["#e45756" if v else "#9d9d9d" for v in labels]
+        names = ["key instance" if v else "other" for v in labels]
+    fig = go.Figure(go.Bar(x=list(range(len(weights))), y=weights, marker_color=colours,
+                           hovertext=names))
+    fig.add_hline(y=1.0 / len(weights), line_dash="dot",
+                  annotation_text="uniform 1/N", annotation_position="top right")
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      xaxis_title="instance", yaxis_title="weight α", showlegend=False)
+    return fig

@@ -7,11 +7,12 @@ empty; the scalings spread them out for the eye, and the legend says which one i
 
 from __future__ import annotations
 
-import csv
 import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from engine.fsutil import csv_text
 
 SCALINGS = ("raw", "min-max", "rank", "log")
 COLORMAP = "viridis"  # the one colour scale of every weight picture and heat map in the app
@@ -155,11 +156,5 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def csv_bytes(rows: list[dict]) -> bytes:
-    """Rows (dicts with the same keys) as UTF-8 CSV."""
-    if not rows:
-        return b""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
+    """Rows as UTF-8 CSV, a column for every key any row has (``engine.fsutil.csv_text``)."""
+    return csv_text(rows).encode() if rows else b""

@@ -1,5 +1,5 @@
 """``mil``: repeated k-fold cross-validation of MIL methods; the results table beside the AAAI
-paper's. Its flags are made from :class:`~engine.mil.protocol.MilConfig`'s fields."""
+paper's. Its flags are made from :class:`~engine.mil.config.MilConfig`'s fields."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _flag_type(hint):
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    from engine.mil.protocol import MilConfig
+    from engine.mil.config import MilConfig
 
     hints = typing.get_type_hints(MilConfig)
     for f in dataclasses.fields(MilConfig):
@@ -52,8 +52,8 @@ def register(sub) -> None:
 
 
 def cmd_mil(args: argparse.Namespace) -> int:
+    from engine.mil.config import MilConfig
     from engine.mil.experiment import parse_datasets, parse_methods, run_experiment
-    from engine.mil.protocol import MilConfig
 
     fields = {f.name for f in dataclasses.fields(MilConfig)} - {"method"}
     values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}

@@ -180,9 +180,17 @@ def apply_augment(images: torch.Tensor, augment: Augment, draw: AugmentDraw) -> 
     return images
 
 
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 normalised."""
-    return (images.float().div_(255.0) - mean) / std
+def model_input(data: ImageSet, images: torch.Tensor,
+                device: torch.device | None = None) -> torch.Tensor:
+    """The one way images become what a model of ``data`` takes: pixels scaled to [0, 1] (uint8
+    images are divided by 255; float images are taken as [0, 1] already), then normalised by the
+    data set's mean and std, on ``device`` (default: where the images are)."""
+    device = images.device if device is None else device
+    x = images.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 class BatchStream:
@@ -210,8 +218,6 @@ class BatchStream:
             self.order = torch.randperm(n, generator=gen)
         else:
             self.order = torch.arange(n)
-        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return math.ceil(len(self.data) / self.batch_size)
@@ -226,5 +232,5 @@ class BatchStream:
                 idx, draw = idx[part], draw.slice(part)
             on_device = idx.to(self.images.device)
             images = apply_augment(self.images[on_device], self.augment, draw)
-            x = normalise(images.to(self.device, non_blocking=True), self.mean, self.std)
+            x = model_input(self.data, images, self.device)
             yield x, self.targets[on_device].to(self.device, non_blocking=True), idx

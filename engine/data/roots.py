@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from engine.data.readers import DataError
+from engine.errors import DataError
 
 ROOTS_ENV = "LOSSATTN_DATA_ROOTS"
 

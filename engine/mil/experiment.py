@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from engine.jobs import ACTIVE, Job, JobError
+from engine.mil.config import MilConfig
 from engine.mil.data import BENCHMARKS, load_mil_dataset
 from engine.mil.models import MIL_METHODS
-from engine.mil.protocol import MilConfig, cross_validate, default_threads, write_results
+from engine.mil.protocol import cross_validate
+from engine.mil.results import default_threads, write_results
 
 MIL_FOLDER = "_mil"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"

@@ -19,16 +19,15 @@ Heads (``MIL_METHODS``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.attention import safe_norm
+from engine.models.attention import safe_norm, threshold_groups
 
-MIL_METHODS = ("loss_attention", "attention", "gated_attention", "mean", "tip_threshold")
-REGULARISED = ("loss_attention", "tip_threshold")
 _TINY = 1e-30
 
 
@@ -70,17 +69,19 @@ def loss_attention_weights(instance_logits: torch.Tensor, bag: torch.Tensor,
 def tip_threshold_weights(instance_logits: torch.Tensor, bag: torch.Tensor, n_bags: int,
                           xi: float) -> torch.Tensor:
     """TIP Eq. 5 on bags: â_n = ||o_n|| / Σ ||o_n'||, t_n = ReLU(â_n - ξ/N_bag), α = t / Σ t.
-    A bag whose weights would all be 0 keeps its top instance at weight 1 (never NaN)."""
+    A bag whose weights would all be 0 keeps its top instance at weight 1 (never NaN). The
+    threshold is the image model's own (``threshold_groups``), with bags for groups."""
     if not 0.0 <= xi <= 1.0:
         raise ValueError(f"xi must be in [0, 1]; got {xi!r}")
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return segment_sum(x, bag, n_bags)[bag]
+
     norms = safe_norm(instance_logits, dim=1)
-    scores = norms / segment_sum(norms, bag, n_bags)[bag].clamp_min(_TINY)
-    sizes = segment_sum(torch.ones_like(scores), bag, n_bags)
-    kept = F.relu(scores - xi / sizes[bag])
-    empty = segment_sum(kept, bag, n_bags)[bag] <= 0
-    top = scores == segment_max(scores, bag, n_bags)[bag]
-    kept = torch.where(empty, top.to(kept.dtype), kept)
-    return kept / segment_sum(kept, bag, n_bags)[bag].clamp_min(_TINY)
+    scores = norms / total(norms).clamp_min(_TINY)
+    sizes = total(torch.ones_like(scores))
+    return threshold_groups(scores, xi / sizes, total,
+                            lambda s: s == segment_max(s, bag, n_bags)[bag])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class MilNet(nn.Module):
         if method not in MIL_METHODS:
             raise ValueError(f"method must be one of {list(MIL_METHODS)}; got {method!r}")
         self.method, self.xi, self.members = method, xi, members
+        self.spec = MIL_METHODS[method]
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
@@ -159,32 +161,21 @@ class MilNet(nn.Module):
             width = h
         self.embed = nn.Sequential(*layers)
         self.classifier = MemberLinear(members, width, num_classes)
-        if method in ("attention", "gated_attention"):
+        if self.spec.gates >= 1:
             self.att_v = MemberLinear(members, width, attention_dim)
             self.att_w = MemberLinear(members, attention_dim, 1)
-        if method == "gated_attention":
+        if self.spec.gates >= 2:
             self.att_u = MemberLinear(members, width, attention_dim)
 
     @property
     def regularised(self) -> bool:
         """Whether the loss has the instance term λ Σ α CE(o_n, Y)."""
-        return self.method in REGULARISED
+        return self.spec.regularised
 
     def _weights(self, h: torch.Tensor, o: torch.Tensor, gbag: torch.Tensor,
                  n: int) -> torch.Tensor:
         """α of all rows, flat (F*N,), from embeddings h (F, N, d) and logits o (F, N, K)."""
-        flat_o = o.reshape(-1, o.shape[-1])
-        if self.method == "loss_attention":
-            return loss_attention_weights(flat_o, gbag, n)
-        if self.method == "tip_threshold":
-            return tip_threshold_weights(flat_o, gbag, n, self.xi)
-        if self.method == "mean":
-            ones = torch.ones_like(flat_o[:, 0])
-            return 1.0 / segment_sum(ones, gbag, n)[gbag]
-        gate = torch.tanh(self.att_v(h))
-        if self.method == "gated_attention":
-            gate = gate * torch.sigmoid(self.att_u(h))
-        return segment_softmax(self.att_w(gate).reshape(-1), gbag, n)
+        return self.spec.weights(self, h, o.reshape(-1, o.shape[-1]), gbag, n)
 
     def forward(self, x: torch.Tensor, bag: torch.Tensor, n_bags: int) -> MilOutput:
         """``x``: instances (N, D), or (F, N, D) for F members; ``bag``: (N,) or (F, N) long in
@@ -205,6 +196,46 @@ class MilNet(nn.Module):
         if single:
             out = MilOutput(out.logits[0], out.instance_logits[0], out.weights[0])
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The methods: one table entry each
+
+
+def _attention_weights(net: MilNet, h, flat_o, gbag, n):
+    """Ilse et al.: softmax over the bag of wᵀ tanh(V h), gated by sigm(U h) when gated."""
+    gate = torch.tanh(net.att_v(h))
+    if net.spec.gates >= 2:
+        gate = gate * torch.sigmoid(net.att_u(h))
+    return segment_softmax(net.att_w(gate).reshape(-1), gbag, n)
+
+
+def _mean_weights(net: MilNet, h, flat_o, gbag, n):
+    return 1.0 / segment_sum(torch.ones_like(flat_o[:, 0]), gbag, n)[gbag]
+
+
+@dataclass(frozen=True)
+class MilMethod:
+    name: str
+    label: str
+    """Display name (the MIL page)."""
+    regularised: bool
+    """The loss adds the instance term λ Σ α CE(o_n, Y)."""
+    weights: Callable
+    """``weights(net, h, flat_instance_logits, global_bag, n_bags) -> α`` (flat)."""
+    gates: int = 0
+    """Attention layers of its own: 0 none, 1 Ilse's attention, 2 the gated variant."""
+
+
+MIL_METHODS: dict[str, MilMethod] = {m.name: m for m in (
+    MilMethod("loss_attention", "Loss-Attention (AAAI 2020)", True,
+              lambda net, h, o, g, n: loss_attention_weights(o, g, n)),
+    MilMethod("attention", "Attention (Ilse)", False, _attention_weights, gates=1),
+    MilMethod("gated_attention", "Gated attention (Ilse)", False, _attention_weights, gates=2),
+    MilMethod("mean", "Mean pooling", False, _mean_weights),
+    MilMethod("tip_threshold", "TIP ℓ2,1 + threshold", True,
+              lambda net, h, o, g, n: tip_threshold_weights(o, g, n, net.xi)),
+)}
 
 
 # ----------------------------------------------------------------------------------------------

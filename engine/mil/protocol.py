@@ -18,99 +18,18 @@ polls.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.config import ConfigError, check_types
-from engine.fsutil import atomic_write, write_json_atomic
-from engine.mil.data import BENCHMARKS, MilDataset
-from engine.mil.models import MIL_METHODS, MilNet, mil_loss
-from engine.mil.paper import format_paper, paper_accuracy
-
-SELECTIONS = ("error_loss", "error_last", "loss", "last")
-
-
-def _check(ok: bool, field_name: str, allowed: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name} must be {allowed}; got {value!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclass
-class MilConfig:
-    """One cross-validation: which method, the protocol, and the training recipe."""
-
-    method: str = "loss_attention"
-    """One of ``engine.mil.models.MIL_METHODS``."""
-    folds: int = 10
-    repeats: int = 5
-    seed: int = 0
-    epochs: int = 100
-    """Most epochs per fold (AAAI Table A4: 100); early stopping may end sooner."""
-    patience: int = 30
-    """Stop after this many epochs without a better validation (error, loss)."""
-    lr: float = 5e-4
-    weight_decay: float = 5e-4
-    dropout: float = 0.5
-    lam: float = 0.1
-    """λ of the instance term (AAAI Table A4: 0.1); only Loss-Attention and tip_threshold."""
-    xi: float = 0.1
-    """ξ of ``tip_threshold`` (θ = ξ/N per bag)."""
-    hidden: tuple[int, ...] = (256, 128, 64)
-    batch_bags: int = 8
-    """Bags per optimiser step (the AAAI code used 1)."""
-    val_fraction: float = 0.1
-    """Share of the training folds' bags held out for model selection."""
-    select: str = "error_last"
-    """How the epoch is chosen on the validation split: ``"error_last"`` (lowest error, ties
-    going to the later epoch), ``"error_loss"`` (lowest error, ties by the lowest loss: the AAAI
-    supplement's words), ``"loss"`` (lowest loss) or ``"last"`` (no selection). With about 9
-    validation bags the loss favours early epochs; on MUSK1 and FOX ``error_loss`` lost 2 and
-    0.5 points against ``error_last`` (results/mil/results.md)."""
-    parallel_folds: int = 0
-    """Folds trained side by side as one batched network (0: all folds of all repeats)."""
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        _check(self.method in MIL_METHODS, "method", f"one of {list(MIL_METHODS)}", self.method)
-        for name, low in (("folds", 2), ("repeats", 1), ("epochs", 1), ("patience", 1),
-                          ("batch_bags", 1), ("parallel_folds", 0)):
-            value = getattr(self, name)
-            _check(_is_int(value) and value >= low, name, f"an int >= {low}", value)
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
-        for name in ("lr", "weight_decay", "lam"):
-            value = getattr(self, name)
-            ok = isinstance(value, int | float) and math.isfinite(value) and value >= 0
-            _check(ok and (name != "lr" or value > 0), name,
-                   "a positive number" if name == "lr" else "a number >= 0", value)
-        _check(isinstance(self.dropout, int | float) and 0 <= self.dropout < 1, "dropout",
-               "in [0, 1)", self.dropout)
-        _check(isinstance(self.xi, int | float) and 0 <= self.xi <= 1, "xi", "in [0, 1]",
-               self.xi)
-        _check(isinstance(self.val_fraction, int | float) and 0 < self.val_fraction < 0.5,
-               "val_fraction", "in (0, 0.5)", self.val_fraction)
-        _check(self.select in SELECTIONS, "select", f"one of {list(SELECTIONS)}", self.select)
-        self.hidden = tuple(self.hidden)
-        _check(len(self.hidden) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden),
-               "hidden", "one or more positive layer widths", self.hidden)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
+from engine.mil.config import MilConfig
+from engine.mil.data import MilDataset
+from engine.mil.models import MilNet, mil_loss
+from engine.mil.paper import paper_accuracy
 
 # ----------------------------------------------------------------------------------------------
 # Splits and standardisation
@@ -231,42 +150,95 @@ def seeded_members(in_features: int, config: MilConfig, seeds: list[int]) -> Mil
     return model
 
 
+SELECT_RULES: dict[str, Callable[..., torch.Tensor]] = {
+    # Which members' new epoch beats their best so far, from (errors, losses, best errors, best
+    # losses) on the validation split; one rule per MilConfig.select value.
+    "error_loss": lambda e, l, be, bl: (e < be) | ((e == be) & (l < bl)),
+    "error_last": lambda e, l, be, bl: e <= be,
+    "loss": lambda e, l, be, bl: l < bl,
+    "last": lambda e, l, be, bl: torch.ones_like(e, dtype=torch.bool),
+}
+
+
+class _Choice:
+    """Each member's chosen epoch and its parameters, up to the member's own early stop.
+
+    A member whose own patience has run out keeps its choice for good, although the group goes on
+    while other members improve: otherwise how long it trains would depend on the other members'
+    validation curves, and their fit bags include this member's test bags."""
+
+    def __init__(self, model: MilNet, config: MilConfig) -> None:
+        members = model.members
+        self.rule, self.patience = SELECT_RULES[config.select], config.patience
+        self.err = torch.full((members,), math.inf)
+        self.loss = torch.full((members,), math.inf)
+        self.epoch = torch.zeros(members, dtype=torch.long)
+        self.stopped = torch.zeros(members, dtype=torch.bool)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: MilNet, epoch: int, errors: torch.Tensor,
+               losses: torch.Tensor) -> bool:
+        """Record the epoch for the members it is better for; returns whether all stopped."""
+        better = self.rule(errors, losses, self.err, self.loss) & ~self.stopped
+        if better.any():
+            self.err = torch.where(better, errors, self.err)
+            self.loss = torch.where(better, losses, self.loss)
+            self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
+            for name, value in model.state_dict().items():
+                keep = better.view(-1, *([1] * (value.dim() - 1)))
+                self.state[name] = torch.where(keep, value.detach(), self.state[name])
+        self.stopped |= (epoch - self.epoch) >= self.patience
+        return bool(self.stopped.all())
+
+
+class _MemberBatches:
+    """Chunks of bags for all members at once, each member seeing only its own fit bags.
+
+    Every member standardises the rows with its own scaler (one fused pass: x * scale + shift);
+    the rows of its validation and test bags become zeros before its first layer, and their bags
+    are masked out of its loss, so they contribute exactly nothing."""
+
+    def __init__(self, data: MilDataset, plans: list[FoldPlan],
+                 scalers: list[Standardiser]) -> None:
+        self.data = data
+        self.scale = torch.from_numpy(1.0 / np.stack([s.std for s in scalers])).unsqueeze(1)
+        self.shift = torch.from_numpy(np.stack([-s.mean / s.std for s in scalers])).unsqueeze(1)
+        self.fit_mask = torch.zeros(len(plans), data.n_bags, dtype=torch.bool)
+        for f, p in enumerate(plans):
+            self.fit_mask[f, torch.from_numpy(p.fit)] = True
+        self.features = torch.from_numpy(data.features)
+        self.labels = torch.from_numpy(data.labels)
+
+    def __call__(self, bags: np.ndarray):
+        """(x (F, N, D), bag of each row, bag mask (F, B), bag labels), or None if no member
+        learns from any of ``bags``."""
+        data = self.data
+        rows = torch.from_numpy(data.rows(bags))
+        local = torch.from_numpy(np.repeat(np.arange(len(bags)), data.bag_sizes[bags]))
+        bag_mask = self.fit_mask[:, torch.from_numpy(bags)]
+        if not bag_mask.any():
+            return None
+        # where, not a product: nothing of a masked row, not even a NaN, reaches that member.
+        x = torch.where(bag_mask[:, local].unsqueeze(2),
+                        torch.addcmul(self.shift, self.features[rows], self.scale), 0.0)
+        return x, local, bag_mask, self.labels[rows.new_tensor(bags)]
+
+
 def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
                   on_epoch: Callable[[int], None] | None = None):
-    """Train one network per plan, side by side (one batched forward per step).
-
-    Each step draws a chunk of bags; every member standardises the rows with its own scaler and
-    learns only from its own ``fit`` bags in the chunk: the rows of its validation and test bags
-    are replaced by zeros before its first layer and their bags are masked out of its loss, so
-    they contribute exactly nothing. Each member keeps the parameters of its epoch with the lowest
-    (validation error, validation loss), chosen among its epochs up to its own early stop.
-    Returns (model with those parameters, scalers, info).
-    """
-    members = len(plans)
+    """Train one network per plan, side by side (one batched forward per step); each keeps
+    the parameters of its chosen epoch (:class:`_Choice`) and learns from its own fit bags only
+    (:class:`_MemberBatches`). Returns (model with those parameters, scalers, info)."""
     scalers = [Standardiser.fit(data.features[data.rows(p.fit)]) for p in plans]
-    # x_std = x * scale + shift: one fused pass over the (members, rows, features) input
-    scale = torch.from_numpy(1.0 / np.stack([s.std for s in scalers])).unsqueeze(1)
-    shift = torch.from_numpy(np.stack([-s.mean / s.std for s in scalers])).unsqueeze(1)
-    fit_mask = torch.zeros(members, data.n_bags, dtype=torch.bool)
-    for f, p in enumerate(plans):
-        fit_mask[f, torch.from_numpy(p.fit)] = True
+    batches = _MemberBatches(data, plans, scalers)
     val_inputs = _member_inputs(data, [p.val for p in plans], scalers)
-    features, labels = torch.from_numpy(data.features), torch.from_numpy(data.labels)
-
     model = seeded_members(data.n_features, config, [p.seed for p in plans])
     torch.manual_seed(plans[0].seed)  # dropout masks
     rng = np.random.default_rng(plans[0].seed)  # chunk order
     # The fused kernel updates the 50 members' parameters in one pass (4x faster on CPU).
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                            fused=True)
-    best_err = torch.full((members,), math.inf)
-    best_loss = torch.full((members,), math.inf)
-    best_epoch = torch.zeros(members, dtype=torch.long)
-    # A member whose own patience has run out keeps its choice for good, although the group goes
-    # on while other members improve: otherwise how long it trains would depend on the other
-    # members' validation curves, and their fit bags include this member's test bags.
-    stopped = torch.zeros(members, dtype=torch.bool)
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    choice = _Choice(model, config)
     # A chunk of all bags holds about batch_bags of each member's fit bags.
     chunk = max(1, round(config.batch_bags * data.n_bags / np.mean([len(p.fit) for p in plans])))
     epoch = 0
@@ -274,48 +246,25 @@ def train_members(data: MilDataset, plans: list[FoldPlan], config: MilConfig,
         model.train()
         order = rng.permutation(data.n_bags)
         for start in range(0, len(order), chunk):
-            bags = order[start:start + chunk]
-            rows = torch.from_numpy(data.rows(bags))
-            local = torch.from_numpy(np.repeat(np.arange(len(bags)), data.bag_sizes[bags]))
-            bag_mask = fit_mask[:, torch.from_numpy(bags)]
-            if not bag_mask.any():
+            batch = batches(order[start:start + chunk])
+            if batch is None:
                 continue
-            # Rows of bags a member may not learn from become zeros (where, not a product:
-            # nothing of them, not even a NaN, reaches that member).
-            x = torch.where(bag_mask[:, local].unsqueeze(2),
-                            torch.addcmul(shift, features[rows], scale), 0.0)
-            out = model(x, local, len(bags))
-            loss = mil_loss(out, labels[rows.new_tensor(bags)], local, config.lam,
-                            model.regularised, bag_mask)
+            x, local, bag_mask, labels = batch
+            out = model(x, local, bag_mask.shape[1])
+            loss = mil_loss(out, labels, local, config.lam, model.regularised, bag_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         _, errors, losses = _evaluate(model, val_inputs, config)
-        if config.select == "error_loss":
-            better = (errors < best_err) | ((errors == best_err) & (losses < best_loss))
-        elif config.select == "error_last":
-            better = errors <= best_err
-        elif config.select == "loss":
-            better = losses < best_loss
-        else:
-            better = torch.ones(members, dtype=torch.bool)
-        better &= ~stopped
-        if better.any():
-            best_err = torch.where(better, errors, best_err)
-            best_loss = torch.where(better, losses, best_loss)
-            best_epoch = torch.where(better, torch.full_like(best_epoch, epoch), best_epoch)
-            for name, value in model.state_dict().items():
-                keep = better.view(-1, *([1] * (value.dim() - 1)))
-                best_state[name] = torch.where(keep, value.detach(), best_state[name])
+        done = choice.update(model, epoch, errors, losses)
         if on_epoch is not None:
             on_epoch(epoch)
-        stopped |= (epoch - best_epoch) >= config.patience
-        if bool(stopped.all()):
+        if done:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(choice.state)
     model.eval()
-    return model, scalers, {"best_epoch": best_epoch.tolist(), "epochs_run": epoch,
-                            "fit_mask": fit_mask}
+    return model, scalers, {"best_epoch": choice.epoch.tolist(), "epochs_run": epoch,
+                            "fit_mask": batches.fit_mask}
 
 
 @dataclass
@@ -416,111 +365,3 @@ def bag_weights(data: MilDataset, results: list[FoldResult]) -> list[dict]:
     return sorted(bags, key=lambda b: b["bag"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Result folders: results.json / .csv / .md, weights_*.json (status.json: engine.jobs)
-
-
-def read_results(folder: str | Path) -> list[dict]:
-    """The result rows (without bag weights) of a results folder; [] if there are none."""
-    try:
-        rows = json.loads((Path(folder) / "results.json").read_text()).get("rows", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return rows if isinstance(rows, list) else []
-
-
-def weights_path(folder: str | Path, dataset: str, method: str) -> Path:
-    return Path(folder) / f"weights_{dataset}_{method}.json"
-
-
-def read_bag_weights(folder: str | Path, dataset: str, method: str) -> list[dict]:
-    """Per-bag instance weights written by :func:`write_results`; [] if absent."""
-    try:
-        return json.loads(weights_path(folder, dataset, method).read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def _pm(mean, std) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-
-
-def table_rows(rows: list[dict]) -> list[dict]:
-    """Flat rows for a table: measured and paper accuracy side by side, and the gap."""
-    out = []
-    for r in rows:
-        paper = paper_accuracy(r["dataset"], r["method"])
-        gap = None if paper is None else r["accuracy_mean"] - paper[0]
-        out.append({"dataset": r["dataset"], "method": r["method"],
-                    "measured": _pm(r["accuracy_mean"], r["accuracy_std"]),
-                    "paper": format_paper(r["dataset"], r["method"]),
-                    "gap": "-" if gap is None else f"{gap:+.3f}",
-                    "folds": f"{r['folds_done']}", "seconds": r.get("seconds")})
-    return out
-
-
-def results_markdown(rows: list[dict], title: str = "MIL benchmarks", note: str = "") -> str:
-    lines = [f"# {title}", "",
-             ("Accuracy, mean ± std over all test folds (repeated stratified k-fold CV), beside "
-              "the AAAI 2020 Loss-Attention paper's numbers. Gap = measured − paper."), ""]
-    if note:
-        lines += [note, ""]
-    lines += ["| data set | method | measured | paper | gap | folds | seconds |",
-              "|---|---|---|---|---|---|---|"]
-    for r in table_rows(rows):
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['measured']} | {r['paper']} | "
-                     f"{r['gap']} | {r['folds']} | {r['seconds']} |")
-    totals: dict[str, float] = {}
-    for r in rows:
-        totals[r["method"]] = totals.get(r["method"], 0.0) + float(r.get("seconds") or 0.0)
-    if totals:
-        threads = sorted({str(r.get("threads", "?")) for r in rows})
-        lines += ["", "Cross-validation time (training and testing, all folds), summed per "
-                  "method over its rows: " + ", ".join(f"{m} {t / 60:.1f} min"
-                                                         for m, t in totals.items())
-                  + f" (CPU, torch threads: {'/'.join(threads)})."]
-    if rows:
-        cfg = rows[0]["config"]
-        keys = [k for k in cfg if k != "method"]
-        lines += ["", "Settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(folder: str | Path, rows: list[dict], note: str = "") -> list[Path]:
-    """Merge ``rows`` into the folder's results (a (dataset, method) row replaces an older one)
-    and write results.json, results.csv, results.md and the bag weights."""
-    import csv
-    import io
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        if "bag_weights" in r:
-            write_json_atomic(weights_path(folder, r["dataset"], r["method"]), r["bag_weights"],
-                              durable=False)
-    new = {(r["dataset"], r["method"]): {k: v for k, v in r.items() if k != "bag_weights"}
-           for r in rows}
-    merged = [r for r in read_results(folder) if (r["dataset"], r["method"]) not in new]
-    merged += list(new.values())
-    # The paper's order: MUSK1, MUSK2, FOX, TIGER, ELEPHANT, then other sets by name.
-    sets = {d: i for i, d in enumerate(BENCHMARKS)}
-    order = {m: i for i, m in enumerate(MIL_METHODS)}
-    merged.sort(key=lambda r: (sets.get(r["dataset"], 99), r["dataset"],
-                               order.get(r["method"], 99)))
-    write_json_atomic(folder / "results.json", {"rows": merged}, durable=False)
-    buf = io.StringIO()
-    table = table_rows(merged)
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["dataset"])
-    writer.writeheader()
-    writer.writerows(table)
-    atomic_write(folder / "results.csv", lambda fh: fh.write(buf.getvalue().encode()),
-                 durable=False)
-    md = results_markdown(merged, note=note)
-    atomic_write(folder / "results.md", lambda fh: fh.write(md.encode()), durable=False)
-    return [folder / "results.json", folder / "results.csv", folder / "results.md"]
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

@@ -11,6 +11,8 @@ patch of an image, the arg-max patch is kept with weight 1. Weights are never Na
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -41,17 +43,29 @@ def _normalise(x: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
     return x / x.sum(dims, keepdim=True).clamp_min(_TINY)
 
 
-def keep_argmax_if_empty(kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """For images (rows) whose thresholded weights are all 0, keep the top-scoring patch at 1."""
-    empty = kept.sum(1, keepdim=True) <= 0
-    top = F.one_hot(scores.argmax(1), scores.shape[1]).to(kept.dtype)
-    return torch.where(empty, top, kept)
+def threshold_groups(scores: torch.Tensor, theta: float | torch.Tensor,
+                     total: Callable[[torch.Tensor], torch.Tensor],
+                     top: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The TIP threshold for any grouping of scores (the patches of an image, the instances of
+    a MIL bag): ReLU(score - θ); where a group keeps nothing, its top score is kept at 1; then
+    renormalised to sum 1 per group. ``total(x)`` gives every element its group's sum of ``x``
+    and ``top(scores)`` marks each group's top element."""
+    kept = F.relu(scores - theta)
+    kept = torch.where(total(kept) <= 0, top(scores).to(kept.dtype), kept)
+    return kept / total(kept).clamp_min(_TINY)
+
+
+def _row_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(1, keepdim=True)
+
+
+def _row_argmax(scores: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(scores.argmax(1), scores.shape[1])
 
 
 def threshold_weights(scores: torch.Tensor, theta: float) -> torch.Tensor:
     """Scores (B, M) summing to 1 per row -> ReLU(score - θ), guarded, renormalised to sum 1."""
-    kept = keep_argmax_if_empty(F.relu(scores - theta), scores)
-    return _normalise(kept, 1)
+    return threshold_groups(scores, theta, _row_sum, _row_argmax)
 
 
 def loss_attention_weights(patch_logits: torch.Tensor, theta: float) -> torch.Tensor:

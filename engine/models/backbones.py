@@ -69,7 +69,7 @@ class BasicBlock(nn.Module):
     description="ResNet18 modified as in the paper (all strides 1 at 32x32; layer2 stride 2 at "
                 "64x64)",
     base_plan=(1, 1, 1, 1), upscale_order=(1, 2, 3, 0), baseline_plan=(1, 2, 2, 2),
-    patch_defaults=PAPER_PATCH, compare_plans=((1, 1, 1, 1), (1, 2, 1, 1), (1, 2, 2, 2)))
+    patch_defaults=PAPER_PATCH, compare_plans=((1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 1, 2)))
 class ResNet18(TracedBackbone):
     """CIFAR-style ResNet18 (3x3 stem, no stem max-pool), BasicBlocks [2, 2, 2, 2].
 

@@ -11,19 +11,9 @@ from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import DataError, list_datasets
 from engine.data.roots import data_roots, folder_in_root, shown_relative
 from engine.device import DEVICE_CHOICES
-from engine.models import list_backbones, list_heads
+from engine.models import head_spec, list_backbones, list_heads
 from engine.runs import Run
-from ui.state import keep
-
-HEAD_LABELS = {
-    "loss_attention": "Loss-Attention (conv)",
-    "capsule_loss_attention": "Loss-Attention (capsule)",
-    "mean": "Mean pooling",
-    "attention": "Attention (Ilse)",
-    "gated_attention": "Gated attention (Ilse)",
-    "dynamic_routing": "Dynamic routing",
-    "plain": "Plain backbone",
-}
+from ui.st_state import keep
 
 
 def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True) -> dict:
@@ -36,7 +26,7 @@ def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True) -> d
                                       **keep(f"{prefix}_backbone", "small_cnn", backbones))}
     if heads:
         names = list_heads()
-        model["head"] = c3.selectbox("Head", names, format_func=lambda h: HEAD_LABELS.get(h, h),
+        model["head"] = c3.selectbox("Head", names, format_func=lambda h: head_spec(h).label,
                                      **keep(f"{prefix}_head", "loss_attention", names))
     loss, train = {}, {}
     c1, c2, c3, c4 = st.columns(4)
@@ -122,6 +112,18 @@ def progress_of(run: Run, status: dict) -> tuple[float, str]:
     if status.get("best_metric") is not None:
         text += f"; best {status.get('metric_name', 'metric')} {status['best_metric']:.4f}"
     return fraction, text
+
+
+def show_job_end(status: dict, what: str, after_stop: str = "", finished: str = "") -> None:
+    """The message for a background job that has ended (every job has one status schema:
+    engine.jobs); nothing while it is active."""
+    state, reason = status.get("state"), status.get("reason") or ""
+    if state == "failed":
+        st.error(f"{what} failed: {reason or 'see the log'}")
+    elif state == "stopped":
+        st.info(f"{what} stopped ({reason or 'on request'}). {after_stop}".strip())
+    elif state == "finished":
+        st.success(f"{what} finished{finished}.")
 
 
 def format_seconds(seconds: float) -> str:

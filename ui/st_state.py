@@ -83,19 +83,23 @@ def guard(what: str = "This page", stop: bool = True):
     Expected errors (a bad value, a missing file, an unusable checkpoint: every engine error is
     a ValueError) show their own message; anything else is logged with its traceback on the
     server and summarised on the page. Paths inside the data roots are shown relative to them."""
-    from engine.data.roots import shown_relative
-
     try:
         yield
     except ValueError as exc:
-        st.error(shown_relative(str(exc)))
+        st.error(_relative(str(exc)))
     except Exception as exc:  # anything unforeseen: a message here, the traceback in the log
         log.exception("%s failed", what)
-        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {shown_relative(str(exc))}")
+        st.error(f"{what} hit a problem: {exc.__class__.__name__}: {_relative(str(exc))}")
     else:
         return
     if stop:
         st.stop()
+
+
+def _relative(text: str) -> str:
+    from engine.data.roots import shown_relative  # here: the data package loads torch
+
+    return shown_relative(text)
 
 
 @contextlib.contextmanager

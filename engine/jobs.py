@@ -150,6 +150,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_bad_number(v: Any) -> bool:
+    """NaN and inf: written as null, since JSON has no such numbers (a metric can be NaN)."""
+    return isinstance(v, float) and not math.isfinite(v)
+
+
 # ----------------------------------------------------------------------------------------------
 # Status files: validated on read, so a malformed field is named instead of crashing a reader
 
@@ -158,7 +163,7 @@ _NUMBER_FIELDS = ("created", "updated", "launched", "started", "finished", "dura
 _INT_FIELDS = ("epochs", "epochs_done", "epoch", "step", "steps", "best_epoch", "task", "tasks",
                "cells", "world", "params", "train_images", "test_images", "cpu_threads",
                "skipped_train", "skipped_test")
-_TEXT_FIELDS = ("reason", "metric_name", "device", "command", "current", "kind")
+_TEXT_FIELDS = ("reason", "metric_name", "device", "command", "current", "kind", "warning")
 
 
 def check_status(data: Any, where: str) -> tuple[dict, list[str]]:
@@ -233,7 +238,12 @@ class Job:
         return json.loads(self.status_path.read_text())
 
     def raw_status(self) -> dict:
-        """The status file as written, with malformed fields reported as a failure."""
+        """The status file as written, without its malformed fields, which the reason names.
+
+        Only a malformed ``state`` or process identity makes the job ``failed`` (a process that
+        cannot be verified is never the job's): a bad progress field (written by another
+        version, say) must not hide a live job from Stop, nor let a second process start on
+        its folder."""
         try:
             data = self._read_json()
         except FileNotFoundError:
@@ -242,7 +252,12 @@ class Job:
             return {"state": "failed", "reason": f"{self.status_path} is unreadable ({exc})"}
         good, problems = check_status(data, str(self.status_path))
         if problems:
-            good.update(state="failed", reason="; ".join(problems))
+            note = "; ".join(problems)
+            unverifiable = (isinstance(data, dict) and data.get("process") is not None
+                            and "process" not in good)
+            if good.get("state") is None or unverifiable:
+                good["state"] = "failed"
+            good["reason"] = f"{good['reason']}; {note}" if good.get("reason") else note
         return good
 
     def update(self, **fields: Any) -> dict:
@@ -258,6 +273,7 @@ class Job:
         if not isinstance(current, dict):
             current = {}
         current.pop("pid", None)  # a legacy bare pid is never trusted again
+        fields = {k: None if _is_bad_number(v) else v for k, v in fields.items()}
         status = {**current, **fields, "updated": time.time()}
         write_json_atomic(self.status_path, status)
         return status
@@ -281,22 +297,22 @@ class Job:
         if status.get("state") not in ACTIVE:
             return status
         process = self.process()
+        if process is not None and process.alive():
+            return status
+        note = status.get("reason") if status.get("reason") not in ("", "starting") else None
         if process is None:
             waited = time.time() - float(status.get("launched") or status.get("updated") or 0.0)
             if waited < START_GRACE_S:
                 return status
-            return {**status, "state": "failed",
-                    "reason": "never started: no process was recorded for it"}
-        if process.alive():
-            return status
+            return _ended(status, "failed", "never started: no process was recorded for it",
+                          note)
         during = " during start-up" if status.get("state") == "starting" else ""
         if self.stop_requested():
-            return {**status, "state": "stopped",
-                    "reason": f"stopped{during} (the process ended after a stop request)"}
+            return _ended(status, "stopped",
+                          f"stopped{during} (the process ended after a stop request)", note)
         last = self.last_output_line()
-        return {**status, "state": "failed",
-                "reason": f"process ended unexpectedly{during}"
-                          + (f": {last}" if last else " (killed?)")}
+        return _ended(status, "failed", f"process ended unexpectedly{during}"
+                      + (f": {last}" if last else " (killed?)"), note)
 
     def last_output_line(self) -> str:
         """The last non-empty line the process printed (a crash's error message)."""
@@ -347,11 +363,15 @@ class Job:
             self._merge({"state": "starting", "reason": "starting", "process": None,
                          "launched": time.time(), **fields})
         cmd = [sys.executable, "-m", "engine", *args]
-        with open(self.log_path, "ab") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=PROJECT_ROOT, start_new_session=True,
-                env={**os.environ, **(env or {}), JOB_ENV: str(self.folder.resolve())})
+        try:
+            with open(self.log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=PROJECT_ROOT, start_new_session=True,
+                    env={**os.environ, **(env or {}), JOB_ENV: str(self.folder.resolve())})
+        except OSError as exc:  # no process exists: say so now, not after the start grace
+            self.update(state="failed", reason=f"could not start the process: {exc}")
+            raise
         identity = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, time.time())
         with locked(self.lock_path):
             if self.raw_status().get("process") is None:  # the child may have recorded itself
@@ -359,20 +379,25 @@ class Job:
         return identity
 
     @contextlib.contextmanager
-    def attach(self, finish: bool = False, **fields: Any) -> Iterator[Job]:
+    def attach(self, finish: bool = False, sigterm: bool = True,
+               **fields: Any) -> Iterator[Job]:
         """Run the body as this job's process: SIGTERM raises :class:`JobStopped` (installed
-        before the job is marked running), the job is marked ``running`` with this process's
-        identity, and a pending STOP request stops it at once. On the way out, a job that is
-        still active is marked ``stopped`` (JobStopped, KeyboardInterrupt), ``failed`` (any
-        other exception), ``finished`` (``finish``) or left for :meth:`complete`. Nested
-        attaches of one job are fine."""
+        before the job is marked running; ``sigterm=False`` keeps the default, e.g. for a
+        torchrun rank whose siblings must go down with it), the job is marked ``running`` with
+        this process's identity, and a pending STOP request stops it at once. A STOP file is a
+        request only for a process spawned for this job: anyone else finds a stale one and
+        clears it. On the way out, a job that is still active is marked ``stopped``
+        (JobStopped, KeyboardInterrupt), ``failed`` (any other exception), ``finished``
+        (``finish``) or left for :meth:`complete`. Nested attaches of one job are fine."""
         me = ProcessIdentity.current()
-        with _raise_on_sigterm():
+        with _raise_on_sigterm() if sigterm else contextlib.nullcontext():
             with locked(self.lock_path):
                 other = self.process()
                 if (self.status().get("state") in ACTIVE and other is not None
                         and not me.matches(other) and other.alive()):
                     raise JobError(f"{self.folder.name} is already running (pid {other.pid})")
+                if not self._spawned_here(me):
+                    self.clear_stop()
                 self._merge({"state": "running", "reason": "", "process": me.to_dict(),
                              "started": time.time(), **fields})
             try:
@@ -387,6 +412,14 @@ class Job:
                 raise
             if finish:
                 self._end_if_active(me, "finished", "")
+
+    def _spawned_here(self, me: ProcessIdentity) -> bool:
+        """Whether this process was started for this job (or already attached to it)."""
+        job = spawned_job()
+        if job is not None and job.folder.resolve() == self.folder.resolve():
+            return True
+        recorded = self.process()
+        return recorded is not None and me.matches(recorded)
 
     def complete(self, code: int = 0, reason: str = "") -> None:
         """Mark the job finished (``code`` 0) or failed, unless the job already ended itself."""
@@ -406,11 +439,21 @@ class Job:
                 self._merge({"state": state, "reason": reason, "finished": time.time()})
 
 
+def _ended(status: dict, state: str, reason: str, note: str | None) -> dict:
+    """The status of a job whose process has gone, keeping what the file had to say."""
+    return {**status, "state": state, "reason": reason + (f"; {note}" if note else "")}
+
+
 @contextlib.contextmanager
 def _raise_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises :class:`JobStopped` in the main thread while the body runs."""
+    """SIGTERM raises :class:`JobStopped` in the main thread while the body runs, once: a
+    second SIGTERM (a double click on Stop) must not break off the clean-up of the first."""
+    fired = []
+
     def handler(signum, frame):
-        raise JobStopped("stopped by SIGTERM")
+        if not fired:
+            fired.append(True)
+            raise JobStopped("stopped by SIGTERM")
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)

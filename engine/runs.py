@@ -23,6 +23,7 @@ damaged index is rebuilt automatically.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from engine.errors import RunError
 from engine.fsutil import atomic_write, write_json_atomic
 from engine.jobs import ACTIVE, Job
 
+log = logging.getLogger(__name__)
 INDEX_NAME = ".index.sqlite"
 LEGACY_INDEX = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal")
 INDEX_VERSION = 2  # part of the table name: a new schema starts a fresh table
@@ -88,7 +90,12 @@ class Run:
 
     def config(self) -> RunConfig:
         try:
-            return config_from_dict(RunConfig, json.loads(self.config_path.read_text()))
+            data = json.loads(self.config_path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("data"), dict):
+                # A run made before data.skip_unreadable existed skipped such images: it keeps
+                # doing so (and now counts them) rather than failing on resume.
+                data["data"].setdefault("skip_unreadable", True)
+            return config_from_dict(RunConfig, data)
         except (OSError, json.JSONDecodeError) as exc:
             raise RunError(f"run {self.name}: cannot read {self.config_path}: {exc}") from exc
         except ValueError as exc:  # a config that parses but does not validate
@@ -197,6 +204,19 @@ _COLUMNS = ("name", "state", "reason", "created", "updated", "dataset", "backbon
             "best_epoch", "last_metric", "duration_s", "pid", "skipped", "tags", "status_mtime")
 
 
+def _is_legacy_index(path: Path) -> bool:
+    """Whether ``path`` is this project's old index (an SQLite file with table ``runs1``), and
+    not someone else's file that happens to have the name."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                                     "name='runs1'").fetchall())
+    except sqlite3.Error:
+        return False
+
+
 class RunStore:
     """All runs under one root folder."""
 
@@ -204,10 +224,9 @@ class RunStore:
         self.root = Path(root) if root is not None else default_runs_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self.index_path = self.root / INDEX_NAME
-        for legacy in LEGACY_INDEX:  # an older layout kept its index among the runs
-            path = self.root / legacy
-            if path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
+        if _is_legacy_index(self.root / LEGACY_INDEX[0]):  # ours, from an older layout
+            for legacy in LEGACY_INDEX:
+                (self.root / legacy).unlink(missing_ok=True)
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -290,6 +309,8 @@ class RunStore:
             try:
                 with closing(self._connect()) as conn, conn:
                     return conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                raise  # locked or unopenable: busy now, not damaged; the callers fall back
             except sqlite3.DatabaseError:
                 if attempt:
                     raise
@@ -316,21 +337,42 @@ class RunStore:
                 for r in self._execute(f"SELECT {', '.join(_COLUMNS)} FROM runs{INDEX_VERSION}")}
 
     def index(self, run: Run) -> None:
+        """Refresh a run's row. The index is a cache: trouble with it is logged, never raised
+        (a trainer calls this on every status write)."""
         try:
-            self._upsert(run.summary())
-        except sqlite3.DatabaseError:
-            self._reset_index()
+            try:
+                self._upsert(run.summary())
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError:
+                self._reset_index()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("run index %s not updated (%s); it is rebuilt when next read",
+                        self.index_path, exc)
 
     def rebuild_index(self) -> int:
         self._reset_index()
         return len(self.names())
 
     def list(self) -> list[dict]:
-        """Rows of all runs, newest first, with live state (dead processes shown as failed)."""
+        """Rows of all runs, newest first, with live state (dead processes shown as failed).
+        Without a usable index (locked, unopenable) the rows come from the folders."""
+        try:
+            return self._list_indexed()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("run index %s unusable (%s); reading the run folders", self.index_path,
+                        exc)
+            rows = [Run(self.root / name).summary() for name in self.names()]
+            return sorted(rows, key=lambda r: r["created"] or 0.0, reverse=True)
+
+    def _list_indexed(self) -> list[dict]:
         names = set(self.names())
         rows = self._rows()
-        if set(rows) != names:  # runs added or removed behind the index's back
-            self.rebuild_index()
+        if set(rows) != names:  # runs added or removed behind the index's back: sync in place
+            for name in names - set(rows):
+                self._upsert(Run(self.root / name).summary())
+            for name in set(rows) - names:
+                self._execute(f"DELETE FROM runs{INDEX_VERSION} WHERE name = ?", (name,))
             rows = self._rows()
         for name, row in rows.items():  # status changed by a writer that did not index it
             if Run(self.root / name).status_mtime() != row["status_mtime"]:

@@ -67,9 +67,7 @@ def _short(value) -> str:
 
 def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> list[RunConfig]:
     """One validated RunConfig per grid cell."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", sweep):
-        raise ConfigError(f"sweep name must be 1-41 letters, digits, '.', '_' or '-'; "
-                          f"got {sweep!r}")
+    _check_name(sweep)
     base_dict = config_to_dict(base)
     configs = []
     for i, values in enumerate(itertools.product(*(v for _, v in grid))):
@@ -98,7 +96,17 @@ def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
     return run, state != "created"
 
 
+SWEEP_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
+
+
+def _check_name(sweep: object) -> None:
+    if not isinstance(sweep, str) or not re.fullmatch(SWEEP_NAME_PATTERN, sweep):
+        raise ConfigError(f"sweep name must be 1-41 letters, digits, '.', '_' or '-'; "
+                          f"got {sweep!r}")
+
+
 def sweep_folder(store: RunStore, sweep: str):
+    _check_name(sweep)  # a name (even from a run's tag) never leads out of _sweeps/
     return store.root / "_sweeps" / sweep
 
 
@@ -165,10 +173,16 @@ def sweep_process_alive(store: RunStore, sweep: str) -> bool:
 
 
 def stop_sweep(store: RunStore, sweep: str) -> None:
-    """Stop the sweep's process (no new cells start) and every cell that is training."""
-    sweep_job(store, sweep).stop()
+    """Stop the sweep's process (no new cells start) and every cell that is training. A cell
+    that the sweep's own process trains only gets the STOP request: one SIGTERM per process."""
+    job = sweep_job(store, sweep)
+    process = job.process()
+    job.stop()
     for run in sweep_runs(store, sweep):
-        store.stop(run.name)
+        if process is not None and process.matches(run.job.process()):
+            run.request_stop()
+        else:
+            store.stop(run.name)
 
 
 def list_sweeps(store: RunStore) -> list[str]:
@@ -178,8 +192,10 @@ def list_sweeps(store: RunStore) -> list[str]:
                                     reverse=True)] if folders.is_dir() else []
     for row in store.list():
         for tag in row["tags"]:
-            if tag.startswith("sweep:") and tag[6:] not in names:
-                names.append(tag[6:])
+            name = tag[6:]
+            if (tag.startswith("sweep:") and name not in names
+                    and re.fullmatch(SWEEP_NAME_PATTERN, name)):
+                names.append(name)
     return names
 
 
@@ -216,8 +232,8 @@ def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, 
                 if slot not in active and queue:
                     run, resume = queue.pop(0)
                     env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {}
+                    active[slot] = run  # before it starts: an error in between still stops it
                     start(store, run, resume=resume, env=env)
-                    active[slot] = run
                     log(f"{run.name}: started (slot {slot})")
             for slot, run in list(active.items()):
                 state = run.status().get("state")
@@ -225,8 +241,8 @@ def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, 
                     log(f"{run.name}: {state}")
                     del active[slot]
             time.sleep(0.5)
-    except (JobStopped, KeyboardInterrupt):
-        for run in active.values():  # the cells are processes of their own: stop them too
+    except BaseException:  # a stop or an error: the cells are processes of their own
+        for run in active.values():
             run.job.stop()
         raise
 

@@ -43,6 +43,7 @@ from engine.checkpoint import (
 from engine.config import ConfigError, RunConfig, config_to_dict
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream, ImageSet
+from engine.data.registry import CACHE_VERSION as DATA_VERSION
 from engine.device import autocast, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
@@ -233,9 +234,10 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
     try:
         if dist.is_main:  # refusals (finished, running, ...) leave the run exactly as it was
             check_startable(run, resume, spawned)
-            if not spawned:  # a stale request; engine.launch.start clears it before spawning
-                run.job.clear_stop()
-        job = run.job.attach() if dist.is_main else contextlib.nullcontext()
+        # Under torchrun, SIGTERM keeps its default (rank 0 ends at once and torchrun takes the
+        # other ranks down), rather than ending rank 0 cleanly while the others wait for it.
+        job = (run.job.attach(sigterm=dist.world == 1) if dist.is_main
+               else contextlib.nullcontext())
         with job:
             return _train_guarded(run, resume, progress_bar, dist, set_status)
     finally:
@@ -329,7 +331,8 @@ class Session:
             atomic_torch_save(make_checkpoint(
                 config_to_dict(self.cfg), self.model, optimizer=self.optimizer.state_dict(),
                 progress=self.progress.as_dict(), rng=_rng_state(self.device),
-                classes=self.train_set.classes), self.run.last_checkpoint)
+                classes=self.train_set.classes, data_version=DATA_VERSION),
+                self.run.last_checkpoint)
 
 
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
@@ -343,7 +346,8 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
             if ended is None:
                 return "stopped"
             _end_epoch(s, epoch, *ended)
-    set_status(state="finished", reason="", duration_s=s.progress.total_seconds, eta_s=0.0)
+        # Inside: a SIGTERM now only sets the flag, so a trained-out run always says finished.
+        set_status(state="finished", reason="", duration_s=s.progress.total_seconds, eta_s=0.0)
     return "finished"
 
 
@@ -393,6 +397,12 @@ def _resume_from_checkpoint(s: Session) -> None:
     check_classes(ckpt.get("classes"), s.train_set.classes, str(path),
                   hint="The run's data changed since this checkpoint: restore it, or start a "
                        "new run on the new data.")
+    if ckpt.get("data_version") != DATA_VERSION:
+        log.warning("%s was written when images were decoded differently (data pipeline %s, "
+                    "now %s): the resumed run goes on, but is not bit for bit the run an "
+                    "uninterrupted one would have been", path, ckpt.get("data_version", 1),
+                    DATA_VERSION)
+        s.set_status(warning="resumed across a change of the image decoding; not bit-exact")
     load_state(s.model, ckpt, path)
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.progress = Progress(**ckpt["progress"])

@@ -220,6 +220,7 @@ def test_config_file_errors_name_the_file(config, message, tmp_path, capsys):
     (["data", "check", "image_folder", "--data-root", "/nonexistent"], "does not exist"),
     (["mil", "--dataset", "nope", "--out"], "unknown MIL data set"),
     (["mil", "--epochs", "0", "--out"], "epochs must be an int >= 1"),
+    (["mil", "--threads", "-3", "--out"], "--threads must be >= 0"),
     (["bench-eval", "/dev/null"], "/dev/null is not a regular file"),
 ])
 def test_expected_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
@@ -260,3 +261,25 @@ def test_debug_flag_in_a_real_process_prints_the_traceback():
                           cwd=ROOT, check=False)
     assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1
     assert "Traceback" in loud.stderr and "RunError" in loud.stderr
+
+
+def test_runs_alone_lists_the_runs(tmp_path, capsys):
+    from engine.runs import RunStore
+
+    RunStore(tmp_path).create(RunConfig(name="listed"))
+    for argv in (["runs", "--runs-dir", str(tmp_path)],
+                 ["runs", "list", "--runs-dir", str(tmp_path)],
+                 ["runs", "--runs-dir", str(tmp_path), "list"]):
+        assert main(argv) == 0
+        assert "listed" in capsys.readouterr().out
+
+
+def test_sweep_names_from_tags_never_lead_out_of_the_sweep_folder(tmp_path):
+    from engine.runs import RunStore
+    from engine.sweep import list_sweeps, sweep_folder
+
+    store = RunStore(tmp_path)
+    store.create(RunConfig(name="tagged", tags=("sweep:../../escape", "sweep:fine")))
+    assert list_sweeps(store) == ["fine"]
+    with pytest.raises(ConfigError, match="sweep name"):
+        sweep_folder(store, "../../escape")

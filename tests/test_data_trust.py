@@ -362,3 +362,45 @@ def test_upload_errors_say_what_is_wrong_without_a_repr():
         with pytest.raises(inputs.ImageInputError, match=expected) as info:
             inputs.image_from_bytes(payload, (32, 32), "mine.png")
         assert "mine.png" in str(info.value) and " object at 0x" not in str(info.value)
+
+
+def test_folder_splits_are_cached_per_seed_and_never_overlap(tmp_path):
+    """A folder without train/test is split 80/20 by data.seed: the cache must tell seeds
+    apart, or a test split of one seed could meet the training split of another."""
+    root = tmp_path / "one"
+    for cls in ("a", "b"):
+        for i in range(10):
+            _save(Image.new("RGB", (8, 8), (i * 20, 40 if cls == "a" else 0, 0)),
+                  root / cls / f"{i}.png")
+
+    def split(seed, name):
+        data = load_split(DataConfig(dataset="image_folder", root=str(root), input_size=8,
+                                     seed=seed), name)
+        return {tuple(img.flatten().tolist()) for img in data.images}
+
+    test0 = split(0, "test")
+    test1 = split(1, "test")
+    assert test0 != test1  # different seeds, different splits (not one served from cache)
+    assert not split(1, "train") & test1 and not split(0, "train") & test0
+
+
+def test_cache_follows_linked_folders(tmp_path):
+    real = _folder(tmp_path / "real")
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "train").symlink_to(real / "train")
+    (root / "test").symlink_to(real / "test")
+    cfg = DataConfig(dataset="image_folder", root=str(root), input_size=16)
+    assert len(load_split(cfg, "train")) == 6
+    _save(Image.new("RGB", (9, 9)), real / "train" / "a" / "new.png")  # behind the link
+    assert len(load_split(cfg, "train")) == 7
+
+
+def test_fingerprint_gives_up_on_a_huge_tree(tmp_path, monkeypatch):
+    from engine.data import registry
+
+    monkeypatch.setattr(registry, "MAX_FINGERPRINT_FOLDERS", 5)
+    for i in range(8):
+        (tmp_path / f"d{i}").mkdir()
+    with pytest.raises(DataError, match="more than 5 folders"):
+        fingerprint([tmp_path])

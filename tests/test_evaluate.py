@@ -132,6 +132,22 @@ def test_sweep_trains_a_grid_and_tabulates(tmp_path):
         parse_grid(["gamma=0,1"])
 
 
+def test_a_sweep_is_finished_only_with_its_table(tmp_path, capsys):
+    """The sweep's job covers its report: "finished" means report.json is there."""
+    from engine.cli import main
+    from engine.runs import RunStore
+    from engine.sweep import sweep_folder, sweep_status
+
+    assert main(["sweep", "--runs-dir", str(tmp_path), "--sweep-name", "one", "--backbone",
+                 "small_cnn", "--epochs", "1", "--train-size", "64", "--test-size", "32",
+                 "--batch-size", "32", "--grid", "train.seed=0", "--quiet",
+                 "--device-eval", "cpu"]) == 0
+    status = sweep_status(RunStore(tmp_path), "one")
+    report = sweep_folder(RunStore(tmp_path), "one") / "report.json"
+    assert status["state"] == "finished" and report.is_file()
+    assert report.stat().st_mtime <= status["finished"]
+
+
 def _untrained_checkpoint(path, model_cfg, data_cfg):
     model = build_model(model_cfg)
     run = RunConfig(model=model.config, data=data_cfg)

@@ -13,7 +13,7 @@ import pytest
 
 from engine import launch as background
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from engine.jobs import ACTIVE, Job, JobError, ProcessIdentity, check_status, wait
+from engine.jobs import ACTIVE, Job, JobError, JobStopped, ProcessIdentity, check_status, wait
 from engine.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,28 +112,49 @@ def test_a_legacy_bare_pid_is_never_trusted(bystander, tmp_path):
 # Status files: a malformed field is named, never a traceback
 
 
-@pytest.mark.parametrize("content, field", [
-    ({"state": "running", "process": {"pid": "abc", "create_time": 1}}, "process"),
-    ({"state": "running", "pid": "abc"}, None),  # legacy: dropped, then never started
-    ({"state": "bogus"}, "state"),
-    ({"state": None}, "state"),
-    ({"state": "finished", "epochs_done": "x"}, "epochs_done"),
-    ({"state": "finished", "best_metric": "0.9"}, "best_metric"),
-    ({"state": "finished", "reason": 5}, "reason"),
-    ({"state": "finished", "eta_s": [1]}, "eta_s"),
-    ({"state": "finished", "skipped_train": 1.5}, "skipped_train"),
+@pytest.mark.parametrize("content, field, state", [
+    ({"state": "running", "process": {"pid": "abc", "create_time": 1}}, "process", "failed"),
+    ({"state": "running", "pid": "abc"}, None, "failed"),  # legacy: dropped, never started
+    ({"state": "bogus"}, "state", "failed"),
+    ({"state": None}, "state", "failed"),
+    ({"state": "finished", "epochs_done": "x"}, "epochs_done", "finished"),
+    ({"state": "finished", "best_metric": "0.9"}, "best_metric", "finished"),
+    ({"state": "stopped", "reason": 5}, "reason", "stopped"),
+    ({"state": "finished", "eta_s": [1]}, "eta_s", "finished"),
+    ({"state": "finished", "skipped_train": 1.5}, "skipped_train", "finished"),
 ])
-def test_malformed_status_fields_name_the_file(content, field, tmp_path):
+def test_malformed_status_fields_name_the_file(content, field, state, tmp_path):
+    """A bad field is named; only a bad state (or a process that cannot be verified) makes the
+    job failed: a bad progress field must not hide what the job is."""
     job = Job(tmp_path / "job")
     job.folder.mkdir()
     content = {**content, "launched": time.time() - 3600}
     job.status_path.write_text(json.dumps(content))
     status = job.status()
-    assert status["state"] == "failed"
+    assert status["state"] == state
     if field:
         assert str(job.status_path) in status["reason"] and repr(field) in status["reason"]
+        assert status.get(field) != content[field] or field == "state"  # not passed on
     good, problems = check_status(content, "status.json")
     assert ("pid" not in good) and (bool(problems) == (field is not None))
+
+
+def test_a_live_job_with_a_bad_field_stays_running_and_stoppable(tmp_path):
+    """A NaN metric (mAP with no positive) or another version's field must not make a live job
+    look dead: Stop must still reach it, and no second process may start on its folder."""
+    job = Job(tmp_path / "job")
+    with job.attach():
+        job.update(last_metric=float("nan"), best_metric=float("inf"))
+        assert json.loads(job.status_path.read_text())["last_metric"] is None  # written null
+        raw = json.loads(job.status_path.read_text())
+        raw["epochs_done"] = "three"  # as another version might write it
+        job.status_path.write_text(json.dumps(raw))
+        status = job.status()
+        assert status["state"] == "running" and "'epochs_done'" in status["reason"]
+        with pytest.raises(JobError, match="already running"):
+            job.spawn(["models"])
+        job.complete(0)
+    assert job.status()["state"] == "finished"
 
 
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", "null", "\x00\x01", '"running"'])
@@ -274,7 +295,7 @@ def test_sweep_stop_stops_its_process_and_cell(tmp_path):
     assert "running" not in states and "stopped" in states
 
 
-def test_attach_marks_every_ending(tmp_path):
+def test_attach_marks_every_ending(tmp_path, monkeypatch):
     ok = Job(tmp_path / "ok")
     with ok.attach(finish=True):
         assert ok.status()["state"] == "running" and ok.process().is_current()
@@ -282,11 +303,50 @@ def test_attach_marks_every_ending(tmp_path):
     boom = Job(tmp_path / "boom")
     with pytest.raises(RuntimeError), boom.attach():
         raise RuntimeError("disk on fire")
-    assert boom.status() | {} and boom.status()["state"] == "failed"
+    assert boom.status()["state"] == "failed"
     assert "disk on fire" in boom.status()["reason"]
+
+
+def test_a_stop_asked_before_start_stops_a_spawned_job_and_is_stale_for_others(tmp_path,
+                                                                               monkeypatch):
     pending = Job(tmp_path / "pending")
     pending.folder.mkdir()
-    pending.request_stop()  # a stop asked for before the job got going
+    pending.request_stop()  # asked for while the process was starting
+    monkeypatch.setenv("LOSSATTN_JOB_DIR", str(pending.folder))  # this process was spawned for it
     with pytest.raises(BaseException, match="stop requested"), pending.attach():
         pytest.fail("the body must not run")
     assert pending.status()["state"] == "stopped" and not pending.stop_requested()
+    monkeypatch.delenv("LOSSATTN_JOB_DIR")
+    left = Job(tmp_path / "left")  # a STOP left by a run that ended before it was read
+    left.folder.mkdir()
+    left.request_stop()
+    with left.attach(finish=True):  # a foreground command: the old request is not its own
+        assert not left.stop_requested()
+    assert left.status()["state"] == "finished"
+
+
+def test_a_second_sigterm_does_not_break_off_the_first_ones_clean_up(tmp_path):
+    """Stop pressed twice: the first SIGTERM stops the job, the second finds it stopping."""
+    job = Job(tmp_path / "twice")
+    with pytest.raises(JobStopped), job.attach():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+            pytest.fail("SIGTERM did not stop the body")
+        except JobStopped:
+            signal.raise_signal(signal.SIGTERM)  # during clean-up: ignored, not raised
+            raise
+    assert job.status()["state"] == "stopped"
+
+
+def test_a_process_that_cannot_start_is_failed_at_once(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    def refuse(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(sp, "Popen", refuse)
+    job = Job(tmp_path / "nostart")
+    with pytest.raises(OSError):
+        job.spawn(["models"])
+    status = job.status()
+    assert status["state"] == "failed" and "Too many open files" in status["reason"]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,13 @@ def test_any_name_the_store_accepts_is_safe(tmp_path, name):
 
 
 def test_a_legacy_index_among_the_runs_is_removed(tmp_path):
-    for legacy in STORE_OWN:
-        (tmp_path / legacy).write_bytes(b"old cache")
+    import sqlite3
+
+    with closing(sqlite3.connect(tmp_path / "index.sqlite")) as conn, conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE runs1 (name)")  # the older layout's own index
+        (tmp_path / "index.sqlite-wal").touch()  # as a crash leaves them beside it
+        (tmp_path / "index.sqlite-shm").touch()
     store = RunStore(tmp_path)
     assert not any((tmp_path / legacy).exists() for legacy in STORE_OWN)
     store.create(config("index.sqlite"))  # the name is free now
@@ -156,3 +162,39 @@ def test_an_empty_last_checkpoint_fails_the_resume_with_a_reason(tmp_path):
     assert status["state"] == "failed"
     assert "empty" in status["reason"] and "last.pt" in status["reason"]
     assert json.loads(run.status_path.read_text())["state"] == "failed"  # written, not derived
+
+
+def test_a_run_made_before_skip_unreadable_existed_keeps_skipping(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create(config("old"))
+    data = json.loads(run.config_path.read_text())
+    del data["data"]["skip_unreadable"]  # as an older version wrote config.json
+    run.config_path.write_text(json.dumps(data))
+    assert run.config().data.skip_unreadable is True
+    assert store.create(config("new")).config().data.skip_unreadable is False
+
+
+def test_an_unusable_index_never_fails_a_run_or_the_table(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create(config("indexless"))
+    store.index_path.unlink()
+    store.index_path.mkdir()  # sqlite cannot open a folder: every index call fails
+    run.update_status(state="stopped")
+    store.index(run)  # logged, not raised
+    assert [(r["name"], r["state"]) for r in store.list()] == [("indexless", "stopped")]
+
+
+def test_someone_elses_index_sqlite_is_left_alone(tmp_path):
+    import sqlite3
+
+    foreign = tmp_path / "index.sqlite"
+    with closing(sqlite3.connect(foreign)) as conn, conn:
+        conn.execute("CREATE TABLE photos (name)")
+    RunStore(tmp_path)
+    assert foreign.exists()
+    ours = tmp_path / "old-store"
+    ours.mkdir()
+    with closing(sqlite3.connect(ours / "index.sqlite")) as conn, conn:
+        conn.execute("CREATE TABLE runs1 (name)")
+    RunStore(ours)
+    assert not (ours / "index.sqlite").exists()

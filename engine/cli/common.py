@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 
-def runs_dir_parent() -> argparse.ArgumentParser:
+def runs_dir_parent(nested: bool = False) -> argparse.ArgumentParser:
+    """``--runs-dir``. ``nested``: for a sub-command under one that has it too, where argparse
+    would otherwise let the inner default (None) replace a value given to the outer."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--runs-dir", help="run store folder (default $LOSSATTN_RUNS or ./runs)")
+    parent.add_argument("--runs-dir", help="run store folder (default $LOSSATTN_RUNS or ./runs)",
+                        **({"default": argparse.SUPPRESS} if nested else {}))
     return parent
 
 

@@ -55,6 +55,8 @@ def cmd_mil(args: argparse.Namespace) -> int:
     from engine.mil.config import MilConfig
     from engine.mil.experiment import parse_datasets, parse_methods, run_experiment
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: up to 4); got {args.threads}")
     fields = {f.name for f in dataclasses.fields(MilConfig)} - {"method"}
     values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     methods = parse_methods(args.method)

@@ -53,13 +53,14 @@ def register(sub) -> None:
     p.add_argument("name")
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("runs", help="list, show, stop or delete runs")
-    p.set_defaults(func=cmd_runs, action="list", runs_dir=None)
+    p = sub.add_parser("runs", parents=[runs_dir], help="list, show, stop or delete runs")
+    p.set_defaults(func=cmd_runs)
     actions = p.add_subparsers(dest="action")
+    nested = runs_dir_parent(nested=True)
     for action, text in (("list", "table of runs"), ("reindex", "rebuild the SQLite index"),
                          ("show", "status, config and last metrics of a run"),
                          ("stop", "ask a running run to stop"), ("delete", "remove a run")):
-        a = actions.add_parser(action, parents=[runs_dir], help=text)
+        a = actions.add_parser(action, parents=[nested], help=text)
         if action not in ("list", "reindex"):
             a.add_argument("name")
 
@@ -178,7 +179,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     store = store_of(args)
-    if args.action == "list":
+    if args.action in (None, "list"):  # `runs` alone lists (argparse leaves None)
         rows = store.list()
         if not rows:
             print(f"no runs in {store.root}")

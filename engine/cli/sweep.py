@@ -55,12 +55,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         parallel = _parallel(args.parallel)
         print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
         write_manifest(store, args.sweep_name, grid)
-        # The sweep's own job, in the foreground too: the Sweep page sees it and can stop it.
+        # The sweep's own job, in the foreground too (the Sweep page sees it and can stop it),
+        # and its report is part of it: "finished" means the table is there.
         with sweep_job(store, args.sweep_name).attach(finish=True, kind="sweep",
                                                       cells=len(configs)):
             run_sweep(store, configs, parallel, progress_bar=not args.quiet,
                       log=lambda m: print(m, file=sys.stderr))
-    report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+            report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+    else:
+        report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
     print(format_sweep(report))
     print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
     return 0

@@ -116,18 +116,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOSSATTN_CACHE", "~/.cache/loss-attention-studio")).expanduser()
 
 
+MAX_FINGERPRINT_FOLDERS = 20_000
+"""Folders a fingerprint may walk; a data root of ``/`` fails fast instead of walking the disk."""
+
+
 def fingerprint(paths: list[Path]) -> str:
     """A digest of every file's path, size and modification time under ``paths`` (folders are
-    walked whole; a missing path counts as missing, so its later arrival changes the digest)."""
+    walked whole, through symbolic links as the readers go; a missing path counts as missing,
+    so its later arrival changes the digest)."""
     digest = hashlib.sha1()
+    folders: set[str] = set()
     for path in paths:
-        for entry in _walk_files(path):
+        for entry in _walk_files(path, folders):
             digest.update(entry.encode())
     return digest.hexdigest()
 
 
-def _walk_files(path: Path):
-    """``"path size mtime_ns"`` per file at or under ``path``, in a stable order."""
+def _walk_files(path: Path, folders: set[str]):
+    """``"path size mtime_ns"`` per file at or under ``path``, in a stable order. ``folders``
+    holds the real paths walked so far (a link loop is walked once)."""
     try:
         info = path.stat()
     except OSError:
@@ -136,7 +143,15 @@ def _walk_files(path: Path):
     if not path.is_dir():
         yield f"{path}\t{info.st_size}\t{info.st_mtime_ns}\n"
         return
-    for current, dirs, names in os.walk(path):
+    for current, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(current)
+        if real in folders:
+            dirs[:] = []
+            continue
+        folders.add(real)
+        if len(folders) > MAX_FINGERPRINT_FOLDERS:
+            raise DataError(f"more than {MAX_FINGERPRINT_FOLDERS} folders under {path}; point "
+                            "the data root closer to the data set")
         dirs.sort()
         for name in sorted(names):
             full = os.path.join(current, name)
@@ -150,6 +165,7 @@ def _walk_files(path: Path):
 def _cache_key(cfg: DataConfig, spec: DatasetSpec, folder: Path | None, split: str,
                size: int) -> str:
     key = {"v": CACHE_VERSION, "dataset": spec.name, "split": split, "size": size,
+           "seed": cfg.seed,  # image folders without train/test split by it
            "resize": cfg.resize, "skip_unreadable": cfg.skip_unreadable,
            "crowd_boxes": cfg.crowd_boxes, "folder": str(folder.resolve()) if folder else None,
            "split_name": cfg.train_split if split == "train" else cfg.test_split}

@@ -205,7 +205,7 @@ def image_from_bytes(data: bytes, input_size: tuple[int, int], name: str = "uplo
                      policy: str = "squash"):
     """uint8 (3, H, W) tensor at ``input_size`` from the bytes of an image file, prepared by
     the same ``policy`` as the model's training data (``DataConfig.resize``)."""
-    import torch
-
     pixels, _ = load_for_model(bytes(data), input_size, policy, name)
+    import torch  # after the checks: a refused file never pays for loading torch
+
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

@@ -113,7 +113,7 @@ def section_errors(section: str) -> Iterator[None]:
         raise
 
 
-def _check(ok: bool, field_name: str, allowed: str, value: Any) -> None:
+def check_field(ok: bool, field_name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{field_name} must be {allowed}; got {value!r}")
 
@@ -127,13 +127,13 @@ def _pair(value: Any, field_name: str) -> tuple[int, int]:
     if _is_int(value):
         value = (value, value)
     ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
-    _check(ok, field_name, "an int or a pair of ints (height, width)", value)
-    _check(min(value) >= 1, field_name, "positive", value)
+    check_field(ok, field_name, "an int or a pair of ints (height, width)", value)
+    check_field(min(value) >= 1, field_name, "positive", value)
     return (int(value[0]), int(value[1]))
 
 
 def _optional_positive_int(value: Any, field_name: str) -> None:
-    _check(value is None or (_is_int(value) and value >= 1), field_name,
+    check_field(value is None or value >= 1, field_name,
            "None (backbone default) or a positive int", value)
 
 
@@ -192,34 +192,32 @@ class ModelConfig:
         with section_errors("model"):
             self.input_size = _pair(self.input_size, "input_size")
             check_types(self)
-            self.validate()
+            self._check_ranges()
 
-    def validate(self) -> None:
-        """Types and ranges. The backbone and head names are checked by the model registry
-        when the model is resolved or built (:func:`engine.models.resolve_config`)."""
-        _check(bool(self.backbone), "backbone", "a backbone name", self.backbone)
-        _check(bool(self.head), "head", "a head name", self.head)
+    def _check_ranges(self) -> None:
+        """Ranges (``check_types`` has checked the types). The backbone and head names are
+        checked by the model registry when the model is resolved or built
+        (:func:`engine.models.resolve_config`)."""
+        check_field(bool(self.backbone), "backbone", "a backbone name", self.backbone)
+        check_field(bool(self.head), "head", "a head name", self.head)
         for name in ("num_classes", "in_chans", "primary_caps", "primary_dim", "caps_channels",
                      "caps_dim", "attention_hidden", "routing_iters"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, name, "a positive int", value)
-        _check(self.num_classes >= 2, "num_classes", ">= 2", self.num_classes)
-        xi = self.xi
-        _check(isinstance(xi, (int, float)) and not isinstance(xi, bool) and math.isfinite(xi)
-               and 0.0 <= xi <= 1.0, "xi", "a number in [0, 1]", xi)
-        _check(self.xi_denominator in XI_DENOMINATORS, "xi_denominator",
+            check_field(value >= 1, name, "a positive int", value)
+        check_field(self.num_classes >= 2, "num_classes", ">= 2", self.num_classes)
+        check_field(0.0 <= self.xi <= 1.0, "xi", "a number in [0, 1]", self.xi)
+        check_field(self.xi_denominator in XI_DENOMINATORS, "xi_denominator",
                f"one of {list(XI_DENOMINATORS)}", self.xi_denominator)
         for name in ("patch_kernel", "patch_stride", "patch_channels"):
             _optional_positive_int(getattr(self, name), name)
-        _check(_is_int(self.patch_padding) and self.patch_padding >= 0, "patch_padding",
+        check_field(self.patch_padding >= 0, "patch_padding",
                "an int >= 0", self.patch_padding)
         plan = self.stride_plan
-        _check(plan is None or (isinstance(plan, tuple) and len(plan) > 0
-                                and all(_is_int(s) and s >= 1 for s in plan)),
+        check_field(plan is None or (len(plan) > 0 and all(s >= 1 for s in plan)),
                "stride_plan", "None or a non-empty tuple of positive ints", plan)
-        _check(all(_is_int(h) and h >= 1 for h in self.plain_hidden), "plain_hidden",
+        check_field(all(h >= 1 for h in self.plain_hidden), "plain_hidden",
                "a tuple of positive ints", self.plain_hidden)
-        _check(self.timm_output_stride in (None, 8, 16, 32), "timm_output_stride",
+        check_field(self.timm_output_stride in (None, 8, 16, 32), "timm_output_stride",
                "None, 8, 16 or 32", self.timm_output_stride)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -246,12 +244,9 @@ class LossConfig:
             self._check_ranges()
 
     def _check_ranges(self) -> None:
-        g = self.gamma_max
-        _check(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
-               and g >= 0, "gamma_max", "a finite number >= 0", g)
-        _check(self.ramp_epochs is None or (_is_int(self.ramp_epochs) and self.ramp_epochs >= 0),
-               "ramp_epochs", "None or an int >= 0", self.ramp_epochs)
-        _check(isinstance(self.multilabel, bool), "multilabel", "true or false", self.multilabel)
+        check_field(self.gamma_max >= 0, "gamma_max", "a finite number >= 0", self.gamma_max)
+        check_field(self.ramp_epochs is None or self.ramp_epochs >= 0, "ramp_epochs",
+               "None or an int >= 0", self.ramp_epochs)
 
 
 @dataclass
@@ -301,26 +296,20 @@ class DataConfig:
 
     def _check_ranges(self) -> None:
         # The name is checked by the data registry when the data set is asked for.
-        _check(bool(self.dataset), "dataset", "a data set name", self.dataset)
-        _check(self.input_size is None or (_is_int(self.input_size) and self.input_size >= 8),
+        check_field(bool(self.dataset), "dataset", "a data set name", self.dataset)
+        check_field(self.input_size is None or self.input_size >= 8,
                "input_size", "None or an int >= 8", self.input_size)
         for name in ("train_size", "test_size"):
             _optional_positive_int(getattr(self, name), name)
-        _check(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
+        check_field(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
                self.resize)
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
-        _check(self.root is None or isinstance(self.root, str), "root", "None or a path",
-               self.root)
+        check_field(self.seed >= 0, "seed", "an int >= 0", self.seed)
 
 
 RECIPE_NAMES = ("sgd", "adam")
 """The training recipes (engine.train.RECIPES); ``auto`` picks the head's own."""
 RECIPES = ("auto", *RECIPE_NAMES)
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -367,25 +356,24 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size", "micro_batches"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, name, "a positive int", value)
-        _check(self.recipe in RECIPES, "recipe", f"one of {list(RECIPES)}", self.recipe)
-        _check(self.lr is None or (_is_number(self.lr) and self.lr > 0), "lr",
+            check_field(value >= 1, name, "a positive int", value)
+        check_field(self.recipe in RECIPES, "recipe", f"one of {list(RECIPES)}", self.recipe)
+        check_field(self.lr is None or self.lr > 0, "lr",
                "None or a number > 0", self.lr)
-        _check(self.weight_decay is None or (_is_number(self.weight_decay)
-                                             and self.weight_decay >= 0),
+        check_field(self.weight_decay is None or self.weight_decay >= 0,
                "weight_decay", "None or a number >= 0", self.weight_decay)
-        _check(_is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)",
+        check_field(0 <= self.momentum < 1, "momentum", "in [0, 1)",
                self.momentum)
-        _check(all(_is_number(m) and 0 < m < 1 for m in self.milestones), "milestones",
+        check_field(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of the epochs, each in (0, 1)", self.milestones)
-        _check(_is_number(self.lr_decay) and 0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]",
+        check_field(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]",
                self.lr_decay)
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
-        _check(self.micro_batches <= self.batch_size, "micro_batches", "<= batch_size",
+        check_field(self.seed >= 0, "seed", "an int >= 0", self.seed)
+        check_field(self.micro_batches <= self.batch_size, "micro_batches", "<= batch_size",
                self.micro_batches)
-        _check(_is_number(self.checkpoint_minutes) and self.checkpoint_minutes > 0,
+        check_field(self.checkpoint_minutes > 0,
                "checkpoint_minutes", "a number > 0", self.checkpoint_minutes)
-        _check(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
+        check_field(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
                f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
 
 @dataclass
@@ -413,7 +401,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a JSON object (the {name} section); got "
                                   f"{value!r:.60}")
         check_types(self)
-        _check(self.name is None or (isinstance(self.name, str)
+        check_field(self.name is None or (isinstance(self.name, str)
                                      and re.fullmatch(RUN_NAME_PATTERN, self.name) is not None),
                "name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit "
                "(no paths)", self.name)

@@ -106,7 +106,7 @@ class ProcessIdentity:
 
         try:
             proc = psutil.Process(self.pid)
-            same = abs(proc.create_time() - self.create_time) <= _CREATE_TIME_TOLERANCE_S
+            same = self.matches(ProcessIdentity(self.pid, proc.create_time()))
             if not same or proc.status() == psutil.STATUS_ZOMBIE:
                 return None
             return proc
@@ -120,9 +120,6 @@ class ProcessIdentity:
         """The same process (creation times compared within the clock tolerance)."""
         return other is not None and other.pid == self.pid and abs(
             other.create_time - self.create_time) <= _CREATE_TIME_TOLERANCE_S
-
-    def is_current(self) -> bool:
-        return self.pid == os.getpid() and self.alive()
 
     def signal(self, sig: int = signal.SIGTERM) -> bool:
         """Send ``sig`` only if this process still exists; returns whether it was sent."""
@@ -210,29 +207,16 @@ def _field_problem(key: str, value: Any) -> str | None:
 class Job:
     """A job folder. Reading never changes it; writers go through :meth:`update` (locked)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, after_death: str = "") -> None:
+        """``after_death``: what a person can do when the process died (said with it)."""
         self.folder = Path(folder)
-
-    @property
-    def status_path(self) -> Path:
-        return self.folder / "status.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.folder / "process.log"
-
-    @property
-    def stop_path(self) -> Path:
-        return self.folder / "STOP"
-
-    @property
-    def lock_path(self) -> Path:
-        return self.folder / ".lock"
+        self.after_death = after_death
+        self.status_path = self.folder / "status.json"
+        self.log_path = self.folder / "process.log"
+        self.stop_path = self.folder / "STOP"
+        self.lock_path = self.folder / ".lock"
 
     # -- status -----------------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        return self.status_path.is_file()
 
     def _read_json(self) -> Any:
         return json.loads(self.status_path.read_text())
@@ -278,17 +262,11 @@ class Job:
         write_json_atomic(self.status_path, status)
         return status
 
-    def process(self) -> ProcessIdentity | None:
-        """The recorded process (None if none is recorded or the field is malformed)."""
-        try:
-            return ProcessIdentity.parse(self.raw_status().get("process"))
-        except ValueError:
-            return None
-
-    def alive(self) -> bool:
-        """Whether the job's own process is running now."""
-        process = self.process()
-        return process is not None and process.alive()
+    def process(self, status: dict | None = None) -> ProcessIdentity | None:
+        """The recorded process (None if none is recorded or the field is malformed), from
+        ``status`` when the caller has just read it."""
+        status = self.raw_status() if status is None else status
+        return ProcessIdentity.parse(status.get("process"))  # raw_status dropped a bad one
 
     def status(self) -> dict:
         """The status as a person should read it: an active job whose process has gone is
@@ -296,7 +274,7 @@ class Job:
         status = self.raw_status()
         if status.get("state") not in ACTIVE:
             return status
-        process = self.process()
+        process = self.process(status)
         if process is not None and process.alive():
             return status
         note = status.get("reason") if status.get("reason") not in ("", "starting") else None
@@ -312,7 +290,8 @@ class Job:
                           f"stopped{during} (the process ended after a stop request)", note)
         last = self.last_output_line()
         return _ended(status, "failed", f"process ended unexpectedly{during}"
-                      + (f": {last}" if last else " (killed?)"), note)
+                      + (f": {last}" if last else " (killed?)")
+                      + (f"; {self.after_death}" if self.after_death else ""), note)
 
     def last_output_line(self) -> str:
         """The last non-empty line the process printed (a crash's error message)."""
@@ -339,10 +318,11 @@ class Job:
     def stop(self) -> bool:
         """Ask the job to stop (STOP file + SIGTERM to its verified process). Returns whether it
         was active. A stale or foreign pid is never signalled."""
-        if self.status().get("state") not in ACTIVE:
+        status = self.status()
+        if status.get("state") not in ACTIVE:
             return False
         self.request_stop()
-        process = self.process()
+        process = self.process(status)
         if process is not None:
             process.signal(signal.SIGTERM)
         return True
@@ -355,8 +335,9 @@ class Job:
         identity at once. ``fields`` go into the status (e.g. ``kind``, ``cells``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with locked(self.lock_path):
-            if self.status().get("state") in ACTIVE:
-                process = self.process()
+            status = self.status()
+            if status.get("state") in ACTIVE:
+                process = self.process(status)
                 raise JobError(f"{self.folder.name} is already running"
                                + (f" (pid {process.pid})" if process else ""))
             self.clear_stop()  # a stale request must not stop the new process
@@ -392,11 +373,11 @@ class Job:
         me = ProcessIdentity.current()
         with _raise_on_sigterm() if sigterm else contextlib.nullcontext():
             with locked(self.lock_path):
-                other = self.process()
-                if (self.status().get("state") in ACTIVE and other is not None
-                        and not me.matches(other) and other.alive()):
+                status = self.status()  # active with a process: that process is alive
+                other = self.process(status)
+                if status.get("state") in ACTIVE and other is not None and not me.matches(other):
                     raise JobError(f"{self.folder.name} is already running (pid {other.pid})")
-                if not self._spawned_here(me):
+                if not self._spawned_here(me, other):
                     self.clear_stop()
                 self._merge({"state": "running", "reason": "", "process": me.to_dict(),
                              "started": time.time(), **fields})
@@ -413,13 +394,12 @@ class Job:
             if finish:
                 self._end_if_active(me, "finished", "")
 
-    def _spawned_here(self, me: ProcessIdentity) -> bool:
+    def _spawned_here(self, me: ProcessIdentity, recorded: ProcessIdentity | None) -> bool:
         """Whether this process was started for this job (or already attached to it)."""
         job = spawned_job()
         if job is not None and job.folder.resolve() == self.folder.resolve():
             return True
-        recorded = self.process()
-        return recorded is not None and me.matches(recorded)
+        return me.matches(recorded)
 
     def complete(self, code: int = 0, reason: str = "") -> None:
         """Mark the job finished (``code`` 0) or failed, unless the job already ended itself."""
@@ -432,7 +412,7 @@ class Job:
     def _end_if_active(self, me: ProcessIdentity, state: str, reason: str) -> None:
         with locked(self.lock_path):
             status = self.raw_status()
-            recorded = self.process()
+            recorded = self.process(status)
             if status.get("state") in ACTIVE and (recorded is None or me.matches(recorded)):
                 if state == "stopped":  # first: whoever sees "stopped" sees it handled
                     self.clear_stop()

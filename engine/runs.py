@@ -54,7 +54,7 @@ class Run:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        self.job = Job(self.path)
+        self.job = Job(self.path, after_death="resume continues from the last checkpoint")
 
     @property
     def config_path(self) -> Path:
@@ -121,12 +121,7 @@ class Run:
 
     def status(self) -> dict:
         """The status, with a run whose process has gone reported as failed (or stopped)."""
-        status = self.job.status() if self.job.exists() else self.raw_status()
-        if status.get("state") == "failed" and status.get("reason", "").startswith(
-                "process ended"):
-            status = {**status, "reason": status["reason"]
-                      + "; resume continues from the last checkpoint"}
-        return status
+        return self.job.status() or self.raw_status()  # {}: no status.json
 
     def last_output_line(self) -> str:
         """Last non-empty line the process printed (a crash's error message)."""
@@ -282,8 +277,9 @@ class RunStore:
     def delete(self, name: str) -> None:
         """Remove a run; a live run must be stopped first."""
         run = self.get(name)
-        if run.status().get("state") in ACTIVE:
-            process = run.job.process()
+        status = run.status()
+        if status.get("state") in ACTIVE:
+            process = run.job.process(status)
             raise RunError(f"run {name!r} is running"
                            + (f" (pid {process.pid})" if process else "") + "; stop it first")
         shutil.rmtree(run.path)
@@ -336,14 +332,15 @@ class RunStore:
         return {r[0]: dict(zip(_COLUMNS, r, strict=True))
                 for r in self._execute(f"SELECT {', '.join(_COLUMNS)} FROM runs{INDEX_VERSION}")}
 
-    def index(self, run: Run) -> None:
-        """Refresh a run's row. The index is a cache: trouble with it is logged, never raised
-        (a trainer calls this on every status write)."""
+    def index(self, run: Run, summary: dict | None = None) -> None:
+        """Refresh a run's row (from ``summary`` when the caller has it). The index is a cache:
+        trouble with it is logged, never raised (a trainer calls this on every status write).
+        A damaged index is rebuilt; a locked or unopenable one is left for the next read."""
         try:
             try:
-                self._upsert(run.summary())
+                self._upsert(run.summary() if summary is None else summary)
             except sqlite3.OperationalError:
-                raise
+                raise  # busy, not damaged: logged below
             except sqlite3.DatabaseError:
                 self._reset_index()
         except (sqlite3.Error, OSError) as exc:
@@ -374,16 +371,17 @@ class RunStore:
             for name in set(rows) - names:
                 self._execute(f"DELETE FROM runs{INDEX_VERSION} WHERE name = ?", (name,))
             rows = self._rows()
-        for name, row in rows.items():  # status changed by a writer that did not index it
-            if Run(self.root / name).status_mtime() != row["status_mtime"]:
-                self.index(Run(self.root / name))
-                rows[name] = {**row, **Run(self.root / name).summary()}
         out = []
-        for row in rows.values():
+        for name, row in rows.items():
+            run = Run(self.root / name)
+            if run.status_mtime() != row["status_mtime"]:  # a writer that did not index it
+                summary = run.summary()
+                self.index(run, summary)
+                row = {**row, **summary}
+            elif row["state"] in ACTIVE:  # the index may be stale about a dead process
+                live = run.status()
+                row["state"], row["reason"] = live.get("state"), live.get("reason", "")
             if isinstance(row["tags"], str):
                 row["tags"] = json.loads(row["tags"] or "[]")
-            if row["state"] in ACTIVE:  # the index may be stale about a dead process
-                live = Run(self.root / row["name"]).status()
-                row["state"], row["reason"] = live.get("state"), live.get("reason", "")
             out.append(row)
         return sorted(out, key=lambda r: r["created"] or 0.0, reverse=True)

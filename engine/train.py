@@ -276,16 +276,15 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
     ``spawned``: this process was started for this run by :func:`engine.launch.start`, which did
     the check and marked the run as starting."""
     raw = run.raw_status()
-    if spawned and raw.get("state") in ACTIVE:  # running: this process's own job attach
-        recorded = run.job.process()
-        if recorded is None or recorded.matches(ProcessIdentity.current()):
-            return
+    recorded = run.job.process(raw)
+    mine = recorded is None or recorded.matches(ProcessIdentity.current())
+    if spawned and raw.get("state") in ACTIVE and mine:  # running: this process's own attach
+        return
     status = run.status()
     state = status.get("state")
     if state in ACTIVE:
-        process = run.job.process()
         raise RunError(f"run {run.name} is already running"
-                       + (f" (pid {process.pid})" if process else ""))
+                       + (f" (pid {recorded.pid})" if recorded else ""))
     if resume:
         if state == "finished":
             raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "

@@ -246,6 +246,7 @@ def test_generated_command_lines_give_one_line_errors_and_lose_nothing(precious,
     finally:
         shutil.rmtree(root / "mil-out", ignore_errors=True)
     assert seen["cases"] >= 200 and seen["clear_errors"] > 150
+    assert started  # some generated lines were valid, and reached the work behind the checks
     for path, content in snapshot.items():
         assert path.read_bytes() == content, path
     assert "keep-me" in RunStore(store.root).names()
@@ -264,16 +265,13 @@ PAGES = ["home", "explorer", "compare", "curves", "train", "runs", "sweep", "str
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_takes_nasty_text_and_every_button(page, tmp_path, monkeypatch):
     """Whatever is typed and pressed, a page shows messages and never an exception. Starting
-    background work is replaced by a stand-in that records what would have started, so that a
-    nasty value that happens to be valid ("true" is a fine run name) starts nothing real."""
+    background work is replaced by a stand-in, so that a nasty value that happens to be valid
+    ("true" is a fine run name) starts nothing real."""
     from streamlit.testing.v1 import AppTest
 
     from engine import jobs
 
-    started = []
-
     def spawn(self, args, env=None, **fields):
-        started.append(args)
         return jobs.ProcessIdentity.current()
 
     monkeypatch.setattr(jobs.Job, "spawn", spawn)
@@ -297,4 +295,3 @@ def test_every_page_takes_nasty_text_and_every_button(page, tmp_path, monkeypatc
         if button.key and not button.disabled:
             at.button(key=button.key).click().run()
             assert not at.exception, (page, button.key)
-    assert all(isinstance(a, list) for a in started)

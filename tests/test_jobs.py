@@ -56,7 +56,7 @@ def until(predicate, timeout=90.0):
 
 def test_identity_of_this_process_and_of_none():
     me = ProcessIdentity.current()
-    assert me.pid == os.getpid() and me.alive() and me.is_current()
+    assert me.pid == os.getpid() and me.alive()
     assert ProcessIdentity.of(2**22 + 12345) is None  # beyond pid_max: no such process
     for bad in (-1, 0, 1, True, "7", 3.0, None):
         assert ProcessIdentity.of(bad) is None
@@ -210,7 +210,6 @@ def test_stop_right_after_launch_ends_as_stopped(tmp_path):
     assert store.stop(run.name)
     status = background.wait(run, timeout=60)
     assert status["state"] == "stopped", status
-    assert run.raw_status()["state"] != "running" or not run.job.alive()
     assert not (run.checkpoint_dir / "last.pt").exists()
 
 
@@ -298,7 +297,7 @@ def test_sweep_stop_stops_its_process_and_cell(tmp_path):
 def test_attach_marks_every_ending(tmp_path, monkeypatch):
     ok = Job(tmp_path / "ok")
     with ok.attach(finish=True):
-        assert ok.status()["state"] == "running" and ok.process().is_current()
+        assert ok.status()["state"] == "running" and ok.process().matches(ProcessIdentity.current())
     assert ok.status()["state"] == "finished"
     boom = Job(tmp_path / "boom")
     with pytest.raises(RuntimeError), boom.attach():

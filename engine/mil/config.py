@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from engine.config import check_types
-from engine.errors import ConfigError
+from engine.config import check_field, check_types
 
 SELECTIONS = ("error_loss", "error_last", "loss", "last")
 """How a fold's epoch is chosen on its validation split (engine.mil.protocol.SELECT_RULES)."""
-
-
-def _check(ok: bool, field_name: str, allowed: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name} must be {allowed}; got {value!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -57,30 +46,26 @@ class MilConfig:
     """Folds trained side by side as one batched network (0: all folds of all repeats)."""
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_types(self)  # the types; the ranges below
         from engine.mil.models import MIL_METHODS  # here: the models load torch
 
-        _check(self.method in MIL_METHODS, "method", f"one of {list(MIL_METHODS)}", self.method)
+        check_field(self.method in MIL_METHODS, "method", f"one of {list(MIL_METHODS)}",
+                    self.method)
         for name, low in (("folds", 2), ("repeats", 1), ("epochs", 1), ("patience", 1),
-                          ("batch_bags", 1), ("parallel_folds", 0)):
+                          ("batch_bags", 1), ("parallel_folds", 0), ("seed", 0)):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= low, name, f"an int >= {low}", value)
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
-        for name in ("lr", "weight_decay", "lam"):
-            value = getattr(self, name)
-            ok = isinstance(value, int | float) and math.isfinite(value) and value >= 0
-            _check(ok and (name != "lr" or value > 0), name,
-                   "a positive number" if name == "lr" else "a number >= 0", value)
-        _check(isinstance(self.dropout, int | float) and 0 <= self.dropout < 1, "dropout",
-               "in [0, 1)", self.dropout)
-        _check(isinstance(self.xi, int | float) and 0 <= self.xi <= 1, "xi", "in [0, 1]",
-               self.xi)
-        _check(isinstance(self.val_fraction, int | float) and 0 < self.val_fraction < 0.5,
-               "val_fraction", "in (0, 0.5)", self.val_fraction)
-        _check(self.select in SELECTIONS, "select", f"one of {list(SELECTIONS)}", self.select)
-        self.hidden = tuple(self.hidden)
-        _check(len(self.hidden) >= 1 and all(_is_int(h) and h >= 1 for h in self.hidden),
-               "hidden", "one or more positive layer widths", self.hidden)
+            check_field(value >= low, name, f"an int >= {low}", value)
+        check_field(self.lr > 0, "lr", "a positive number", self.lr)
+        for name in ("weight_decay", "lam"):
+            check_field(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
+        check_field(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        check_field(0 <= self.xi <= 1, "xi", "in [0, 1]", self.xi)
+        check_field(0 < self.val_fraction < 0.5, "val_fraction", "in (0, 0.5)",
+                    self.val_fraction)
+        check_field(self.select in SELECTIONS, "select", f"one of {list(SELECTIONS)}",
+                    self.select)
+        check_field(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
+                    "one or more positive layer widths", self.hidden)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

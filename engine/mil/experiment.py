@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.jobs import ACTIVE, Job, JobError
+from engine.jobs import Job
 from engine.mil.config import MilConfig
 from engine.mil.data import BENCHMARKS, load_mil_dataset
 from engine.mil.models import MIL_METHODS
@@ -131,12 +131,10 @@ def start_experiment(runs_root: str | Path, name: str, datasets: Sequence[str],
         raise ValueError(f"experiment name must be 1-80 letters, digits, '.', '_' or '-', "
                          f"starting with a letter or digit; got {name!r}")
     folder = mil_root(runs_root) / name
-    job = Job(folder)
-    if job.status().get("state") in ACTIVE:
-        raise JobError(f"experiment {name!r} is still running; stop it or pick another name")
-    job.spawn(cli_args(datasets, methods, config, folder.resolve(), data_root, threads),
-              kind="mil", fraction=0.0, task=0, tasks=len(datasets) * len(methods),
-              current="starting", datasets=list(datasets), methods=list(methods))
+    args = cli_args(datasets, methods, config, folder.resolve(), data_root, threads)
+    Job(folder).spawn(args, kind="mil", fraction=0.0, task=0,  # refused if it is running
+                      tasks=len(datasets) * len(methods), current="starting",
+                      datasets=list(datasets), methods=list(methods))
     return folder
 
 

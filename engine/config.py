@@ -376,6 +376,67 @@ class TrainConfig:
         check_field(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
                f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
 
+MAP_SOURCES = ("activations", "patch_weights")
+"""Where a peer's attention map comes from in mutual transfer (engine.mutual.maps)."""
+
+
+@dataclass
+class TransferConfig:
+    """Mutual transfer of local attention maps (Cheng et al. 2022; docs/mutual_transfer.md).
+
+    A run with this section trains ``1 + len(peers)`` models together on the same batches: the
+    run's ``model`` is peer 0 and ``peers`` lists the others. Each peer's loss is its own
+    objective plus ``lam`` times the mean over regions of (1 - Pearson ρ) between its local maps
+    and each other peer's (detached), plus ``kl`` times mutual learning's KL term."""
+
+    peers: tuple[ModelConfig, ...] = ()
+    """The other peers' models (at least one); data-dependent fields are filled in as for
+    ``model``."""
+    lam: float = 1.0
+    """λ >= 0, the weight of the local-map transfer term (0: the peers train alone)."""
+    grid: int = 4
+    """Local regions: the global map is cut into ``grid`` x ``grid`` regions."""
+    map_source: str = "activations"
+    """``"activations"``: channel-mean of |a|^p over the backbone's deepest ``layers`` layers,
+    each resized and L2-normalised, then summed. ``"patch_weights"``: the Loss-Attention patch
+    weights on their grid."""
+    layers: int = 3
+    """How many of the backbone's deepest usable layers make the global map."""
+    power: float = 2.0
+    """p in |a|^p."""
+    kl: float = 0.0
+    """Weight of deep mutual learning's KL(p_other || p_self) on the logits (0: off)."""
+
+    def __post_init__(self) -> None:
+        with section_errors("transfer"):
+            peers = self.peers if isinstance(self.peers, list | tuple) else None
+            check_field(peers is not None, "peers", "a list of model sections", self.peers)
+            self.peers = tuple(_peer_config(p, i) for i, p in enumerate(peers))
+            check_types(self)
+            check_field(len(self.peers) >= 1, "peers",
+                        "at least one other peer (mutual transfer needs two or more models; "
+                        "the run's model is the first)", list(self.peers))
+            check_field(self.lam >= 0, "lam", "a number >= 0 (λ; 0 trains the peers alone)",
+                        self.lam)
+            check_field(self.grid >= 1, "grid", "a positive int", self.grid)
+            check_field(self.map_source in MAP_SOURCES, "map_source",
+                        f"one of {list(MAP_SOURCES)}", self.map_source)
+            check_field(self.layers >= 1, "layers", "a positive int", self.layers)
+            check_field(self.power > 0, "power", "a number > 0", self.power)
+            check_field(self.kl >= 0, "kl", "a number >= 0", self.kl)
+
+
+def _peer_config(value: Any, index: int) -> ModelConfig:
+    if isinstance(value, ModelConfig):
+        return value
+    try:
+        return config_from_dict(ModelConfig, value, section=f"peers[{index}]")
+    except ConfigError as exc:  # "model.xi must ..." of the peer's own section
+        text = str(exc).removeprefix("model.")
+        raise ConfigError(text if text.startswith("peers[") else f"peers[{index}].{text}"
+                          ) from None
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; saved as the run's config.json and inside its checkpoints."""
@@ -388,10 +449,16 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tags: tuple[str, ...] = ()
     notes: str = ""
+    transfer: TransferConfig | None = None
+    """Mutual transfer: train ``model`` together with ``transfer.peers`` (None: one model)."""
 
     def __post_init__(self) -> None:
         import re
 
+        if isinstance(self.transfer, dict):
+            self.transfer = config_from_dict(TransferConfig, self.transfer, section="transfer")
+        check_field(self.transfer is None or isinstance(self.transfer, TransferConfig),
+                    "transfer", "null or a JSON object (the transfer section)", self.transfer)
         for name, cls in (("model", ModelConfig), ("data", DataConfig), ("loss", LossConfig),
                           ("train", TrainConfig)):
             value = getattr(self, name)
@@ -405,10 +472,26 @@ class RunConfig:
                                      and re.fullmatch(RUN_NAME_PATTERN, self.name) is not None),
                "name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit "
                "(no paths)", self.name)
+        if self.transfer is not None:
+            self._check_peers_agree()
+
+    @property
+    def models(self) -> tuple[ModelConfig, ...]:
+        """Every model the run trains: ``model``, then the transfer peers."""
+        return (self.model, *(self.transfer.peers if self.transfer else ()))
+
+    def _check_peers_agree(self) -> None:
+        """Peers learn the same task from the same images: classes and channels must agree."""
+        for i, peer in enumerate(self.transfer.peers):
+            for name in ("num_classes", "in_chans"):
+                mine, theirs = getattr(self.model, name), getattr(peer, name)
+                check_field(mine == theirs, f"transfer.peers[{i}].{name}",
+                            f"equal to model.{name} ({mine}): peers predict the same classes "
+                            "from the same images", theirs)
 
 
 T = TypeVar("T")
-SECTIONS = ("model", "data", "loss", "train")
+SECTIONS = ("model", "data", "loss", "train", "transfer")
 
 
 def split_setting(item: str, flag: str, sections: tuple[str, ...] = SECTIONS
@@ -455,6 +538,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
 
 
 __all__ = [
+    "MAP_SOURCES",
     "RECIPES",
     "RECIPE_NAMES",
     "RESIZE_POLICIES",
@@ -467,6 +551,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
+    "TransferConfig",
     "config_from_dict",
     "config_to_dict",
     "parse_setting",

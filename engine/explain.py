@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -236,10 +236,17 @@ def compare_maps(model: PatchModel, data: ImageSet, indices: torch.Tensor, choic
             "predicted": logits.argmax(1).tolist(), "maps": maps}
 
 
+MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(normalised inputs on the device, classes) -> maps (B, H, W) in [0, 1] on the CPU."""
+
+
 def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
                  indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
-                 tolerance: float = 15.0, xi: float | None = None) -> dict:
-    """Mean faithfulness metrics per method on the images ``indices`` of ``data``."""
+                 tolerance: float = 15.0, xi: float | None = None,
+                 extra: dict[str, MapFn] | None = None) -> dict:
+    """Mean faithfulness metrics per method on the images ``indices`` of ``data``; ``extra``
+    adds maps made elsewhere (e.g. a mutual-transfer peer's own attention map), judged the
+    same way."""
     model.eval()
     pixels = data.images[indices].float() / 255.0
     x = model_input(data, data.images[indices], device)
@@ -249,9 +256,13 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
     classes = target_classes(data, indices, logits)
     base = scorer(pixels, classes)
     boxes = _class_boxes(data, indices.tolist(), classes) if data.has_boxes else None
+    makers: dict[str, MapFn] = {
+        m: (lambda x, c, m=m: explanation_maps(model, x, c.to(device), m, xi=xi).cpu())
+        for m in methods}
+    makers.update(extra or {})
     report = {}
-    for method in methods:
-        maps = explanation_maps(model, x, classes.to(device), method, xi=xi).cpu()
+    for method, make in makers.items():
+        maps = make(x, classes)
         drop, increase = average_drop_increase(scorer, pixels, maps, classes, base)
         deletion, insertion = deletion_insertion(scorer, pixels, maps, classes, steps)
         row = {"average_drop_pct": 100 * drop.mean().item(),

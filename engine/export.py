@@ -13,12 +13,13 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
-def model_card(run: Run, metrics: dict, size_bytes: int, params: int) -> str:
+def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0) -> str:
     cfg, status = run.config(), run.status()
-    data, model, loss, train = cfg.data, cfg.model, cfg.loss, cfg.train
+    transfer = cfg.transfer
+    data, model, loss, train = cfg.data, cfg.models[peer], cfg.loss, cfg.train
     minutes = status.get("duration_s", 0.0) / 60
     lines = [
-        f"# {run.name}",
+        f"# {run.name}" + (f", peer {peer}" if transfer else ""),
         "",
         (f"- **Model**: `{model.backbone}` backbone + `{model.head}` head, {params:,} parameters "
         f"({size_bytes / 1e6:.2f} MB on disk), input {model.input_size[0]}x{model.input_size[1]}, "
@@ -33,12 +34,19 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int) -> str:
         f"{status.get('device', '?')}"
         + (f" ({status['cpu_threads']} threads)" if status.get("device") == "cpu"
            and status.get("cpu_threads") else "") + ".",
-        (f"- **Selected checkpoint**: epoch {metrics.get('epoch', 0) + 1} of {train.epochs} (best "
-        f"test metric, as the paper selects)."),
+        (f"- **Selected checkpoint**: epoch {(metrics.get('epoch') or 0) + 1} of {train.epochs} "
+        "(best test metric, as the paper selects" + (", the peers' mean)." if transfer else ").")),
         "",
         "| metric | value |",
         "|---|---|",
     ]
+    if transfer:
+        others = ", ".join(f"{m.backbone}/{m.head}" for i, m in enumerate(cfg.models)
+                           if i != peer)
+        lines.insert(-4, f"- **Mutual transfer**: trained together with {others}; λ = "
+                     f"{transfer.lam}, {transfer.grid}x{transfer.grid} regions, maps from "
+                     f"`{transfer.map_source}` (docs/mutual_transfer.md). Metrics are this "
+                     "peer's own.")
     for metric in metrics_of("epoch"):
         if metric.key in metrics and metric.key != "lr":
             lines.append(f"| {metric.key} ({metric.label}) | {metrics[metric.key]:.4f} |")
@@ -49,15 +57,23 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_model(run: Run, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out`` (.pt, weights + config + metrics, no optimizer) and its ``.md`` card."""
+def export_model(run: Run, out: str | Path, peer: int | None = None) -> tuple[Path, Path]:
+    """Write ``out`` (.pt, weights + config + metrics, no optimizer) and its ``.md`` card. For a
+    mutual-transfer run, ``peer`` (default 0) says which peer, exported as itself."""
+    from engine.errors import RunError
+
     out = Path(out)
-    ckpt = load_checkpoint(run.best_checkpoint)
+    peers = len(run.config().models)
+    if peer is not None and not 0 <= peer < peers:
+        raise RunError(f"--peer must be in 0..{peers - 1} for run {run.name}; got {peer}")
+    source = run.peer_checkpoint(peer or 0) if peers > 1 else run.best_checkpoint
+    ckpt = load_checkpoint(source)
     slim = {key: ckpt[key] for key in ("format", "version", "run_config", "model", "metrics",
                                        "classes") if key in ckpt}
     atomic_torch_save(slim, out)
     params = sum(v.numel() for k, v in ckpt["model"].items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     card = out.with_suffix(".md")
-    card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params))
+    card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params,
+                               peer or 0))
     return out, card

@@ -88,6 +88,10 @@ class Run:
     def best_checkpoint(self) -> Path:
         return self.checkpoint_dir / "best.pt"
 
+    def peer_checkpoint(self, k: int) -> Path:
+        """Peer ``k`` of a mutual-transfer run at its best epoch, as a standalone checkpoint."""
+        return self.checkpoint_dir / f"peer{k}.pt"
+
     def config(self) -> RunConfig:
         try:
             data = json.loads(self.config_path.read_text())
@@ -112,7 +116,7 @@ class Run:
         if not isinstance(data, dict):
             return {}
         return {k: v for k, v in data.items()
-                if k not in ("model", "data", "loss", "train") or isinstance(v, dict)}
+                if k not in ("model", "data", "loss", "train", "transfer") or isinstance(v, dict)}
 
     def raw_status(self) -> dict:
         status = self.job.raw_status()
@@ -174,11 +178,15 @@ class Run:
         """One row for tables and the index."""
         cfg, status = self.config_dict(), self.status()
         model, data = cfg.get("model", {}), cfg.get("data", {})
+        peers = [model, *[p for p in (cfg.get("transfer") or {}).get("peers", [])
+                          if isinstance(p, dict)]]
         return {
             "name": self.name, "state": status.get("state", "failed"),
             "reason": status.get("reason", ""), "created": status.get("created", 0.0),
             "updated": status.get("updated", 0.0), "dataset": data.get("dataset", ""),
-            "backbone": model.get("backbone", ""), "head": model.get("head", ""),
+            # A mutual-transfer run shows every peer: "small_cnn + resnet18".
+            "backbone": " + ".join(str(p.get("backbone", "")) for p in peers),
+            "head": " + ".join(str(p.get("head", "")) for p in peers),
             "gamma_max": cfg.get("loss", {}).get("gamma_max"), "xi": model.get("xi"),
             "epochs": cfg.get("train", {}).get("epochs"),
             "epochs_done": status.get("epochs_done", 0),

@@ -258,9 +258,9 @@ def varied_fields(runs: list[Run]) -> list[str]:
     dicts = [run.config_dict() for run in runs]
     fields = []
     for section in SECTIONS:
-        keys = sorted({k for d in dicts for k in d.get(section, {})})
+        keys = sorted({k for d in dicts for k in (d.get(section) or {})})
         for key in keys:
-            values = {json.dumps(d.get(section, {}).get(key)) for d in dicts}
+            values = {json.dumps((d.get(section) or {}).get(key)) for d in dicts}
             if len(values) > 1:
                 fields.append(f"{section}.{key}")
     return fields

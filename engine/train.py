@@ -11,6 +11,9 @@ Guarantees:
 - A kill (SIGKILL, power loss) loses at most the work since the last checkpoint (every epoch,
   and every ``checkpoint_minutes`` within one). Checkpoints are written atomically.
 - A non-finite loss marks the run ``failed`` with the reason; checkpoints are left untouched.
+- A mutual-transfer run (``RunConfig.transfer``) trains its peers in the same loop: the
+  :class:`engine.mutual.team.Team` steps, checkpoints and evaluates all of them; an ordinary run
+  is a team of one, with exactly the single-model step and checkpoint.
 - Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (nccl on CUDA, gloo on
   CPU). Each rank takes a contiguous slice of every global batch, and BatchNorm statistics are
   per rank, as with the paper's DataParallel. A run with W ranks therefore equals a
@@ -20,6 +23,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -33,25 +37,20 @@ from typing import Self
 
 import torch
 
-from engine.checkpoint import (
-    atomic_torch_save,
-    check_classes,
-    load_checkpoint,
-    load_state,
-    make_checkpoint,
-)
-from engine.config import ConfigError, RunConfig, config_to_dict
+from engine.checkpoint import atomic_torch_save, check_classes, load_checkpoint
+from engine.config import ConfigError, RunConfig
 from engine.data import augment_of, describe, load_split
-from engine.data.base import BatchStream, ImageSet
+from engine.data.base import BatchStream, ImageSet, model_input
 from engine.data.registry import CACHE_VERSION as DATA_VERSION
-from engine.device import autocast, peak_memory_mb, resolve_device
+from engine.device import peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
-from engine.losses import Criterion, scaled_ramp_epochs
+from engine.losses import scaled_ramp_epochs
 from engine.metric_table import main_metric
 from engine.metrics import evaluate
 from engine.models import build_model, head_spec, resolve_config
-from engine.recipes import RECIPES, make_optimizer, set_epoch_hyperparameters
+from engine.mutual.team import Team, map_agreement, map_plan, peer_checkpoint
+from engine.recipes import RECIPES
 from engine.runs import Run, RunError
 
 log = logging.getLogger("engine.train")
@@ -63,16 +62,22 @@ log = logging.getLogger("engine.train")
 def prepare_run_config(cfg: RunConfig) -> RunConfig:
     """Fill in what follows from the data and the backbone, so config.json says exactly what ran.
 
-    The model's classes, channels and input size come from the data set; the loss becomes
-    multi-label for multi-label data; the ramp-up keeps the paper's 80/200 proportion of the run;
-    the recipe's learning rate and weight decay are written out.
+    The model's classes, channels and input size come from the data set (for every peer of a
+    mutual-transfer run, whose maps are checked against its grid); the loss becomes multi-label
+    for multi-label data; the ramp-up keeps the paper's 80/200 proportion of the run; the
+    recipe's learning rate and weight decay are written out.
     """
     info = describe(cfg.data)
     size = info["input_size"]
-    model = resolve_config(cfg.model.replace(
-        num_classes=info["num_classes"], in_chans=info["in_chans"], input_size=(size, size)))
+    models = [resolve_config(m.replace(num_classes=info["num_classes"], in_chans=info["in_chans"],
+                                       input_size=(size, size))) for m in cfg.models]
     with torch.device("meta"):  # geometry check (no patch fits, ...) without allocating
-        build_model(model)
+        built = [build_model(m) for m in models]
+        if cfg.transfer is not None:
+            map_plan(built, cfg.transfer)
+    model = models[0]
+    transfer = (None if cfg.transfer is None
+                else dataclasses.replace(cfg.transfer, peers=tuple(models[1:])))
     loss = cfg.loss
     ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
     loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)
@@ -85,7 +90,7 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
                          else defaults.weight_decay)})
     data = type(cfg.data)(**{**asdict(cfg.data), "input_size": size})
     return RunConfig(name=cfg.name, model=model, data=data, loss=loss, train=train,
-                     tags=cfg.tags, notes=cfg.notes)
+                     tags=cfg.tags, notes=cfg.notes, transfer=transfer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,11 +308,8 @@ class Session:
     cfg: RunConfig
     dist: Dist
     device: torch.device
-    model: torch.nn.Module
-    net: torch.nn.Module
-    """The model as trained: wrapped in DDP and/or compiled where asked."""
-    optimizer: torch.optim.Optimizer
-    criterion: Criterion
+    team: Team
+    """The model (or the mutual-transfer peers), optimizers and objective."""
     train_set: ImageSet
     test_set: ImageSet
     progress: Progress
@@ -316,6 +318,10 @@ class Session:
     """The training images and targets kept on the device (None: moved per batch)."""
     targets: torch.Tensor | None = None
     test_images: torch.Tensor | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.team.model
 
     @property
     def amp(self) -> bool:
@@ -327,9 +333,8 @@ class Session:
 
     def save_last(self) -> None:
         if self.dist.is_main:
-            atomic_torch_save(make_checkpoint(
-                config_to_dict(self.cfg), self.model, optimizer=self.optimizer.state_dict(),
-                progress=self.progress.as_dict(), rng=_rng_state(self.device),
+            atomic_torch_save(self.team.checkpoint(
+                optimizers=True, progress=self.progress.as_dict(), rng=_rng_state(self.device),
                 classes=self.train_set.classes, data_version=DATA_VERSION),
                 self.run.last_checkpoint)
 
@@ -339,7 +344,7 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
     """Set up, then epochs of steps, each epoch ending with its evaluation and checkpoints."""
     s = _set_up(run, cfg, resume, dist, set_status)
     reporter = Reporter(set_status, cfg.train, math.ceil(len(s.train_set) / cfg.train.batch_size))
-    with StopSignal() as stop:
+    with StopSignal() as stop, contextlib.closing(s.team):
         for epoch in range(s.progress.epoch, cfg.train.epochs):
             ended = _train_epoch(s, epoch, stop, reporter, progress_bar)
             if ended is None:
@@ -363,22 +368,17 @@ def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> S
         raise ConfigError(f"the data set has {train_set.num_classes} classes but the run's model "
                           f"has num_classes={cfg.model.num_classes}")
     set_status(skipped_train=len(train_set.skipped), skipped_test=len(test_set.skipped))
-    model = build_model(cfg.model).to(device)
-    if device.type == "cuda" and tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tc)
-    s = Session(run, cfg, dist, device, model, model, optimizer,
-                Criterion(cfg.loss, model.regularised), train_set, test_set, Progress(),
+    s = Session(run, cfg, dist, device, Team(cfg, device), train_set, test_set, Progress(),
                 set_status)
     if resume:
         _resume_from_checkpoint(s)
     if dist.is_main:
         run.keep_metrics_before(s.progress.epoch)
     _wrap_for_speed(s)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("run %s: %s/%s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
-             run.name, cfg.model.backbone, cfg.model.head, n_params / 1e6, device,
-             cfg.data.dataset, len(train_set), len(test_set), tc.epochs)
+    n_params = s.team.parameters()
+    log.info("run %s: %s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
+             run.name, " + ".join(f"{m.backbone}/{m.head}" for m in cfg.models), n_params / 1e6,
+             device, cfg.data.dataset, len(train_set), len(test_set), tc.epochs)
     set_status(epochs=tc.epochs, epochs_done=s.progress.epoch,
                metric_name=main_metric(cfg.loss.multilabel), device=str(device),
                params=n_params, world=dist.world, train_images=len(train_set),
@@ -402,8 +402,7 @@ def _resume_from_checkpoint(s: Session) -> None:
                     "uninterrupted one would have been", path, ckpt.get("data_version", 1),
                     DATA_VERSION)
         s.set_status(warning="resumed across a change of the image decoding; not bit-exact")
-    load_state(s.model, ckpt, path)
-    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.team.load(ckpt, path)
     s.progress = Progress(**ckpt["progress"])
     _restore_rng(ckpt["rng"], s.device)
     log.info("resumed %s at epoch %d step %d", s.run.name, s.progress.epoch, s.progress.step)
@@ -412,13 +411,14 @@ def _resume_from_checkpoint(s: Session) -> None:
 def _wrap_for_speed(s: Session) -> None:
     """DDP across ranks, torch.compile, and the data on the GPU when it fits."""
     tc, cuda = s.cfg.train, s.device.type == "cuda"
-    if s.dist.world > 1:
-        # 1x1-conv gradients have equivalent but differently written strides; nothing to fix.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        s.net = torch.nn.parallel.DistributedDataParallel(
-            s.model, device_ids=[s.device.index] if cuda else None)
-    if tc.compile:
-        s.net = torch.compile(s.net)
+    for peer in s.team.peers:
+        if s.dist.world > 1:
+            # 1x1-conv gradients have equivalent but differently written strides; nothing to fix.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            peer.net = torch.nn.parallel.DistributedDataParallel(
+                peer.model, device_ids=[s.device.index] if cuda else None)
+        if tc.compile:
+            peer.net = torch.compile(peer.net)
     keep = tc.data_on_device
     if keep is None:
         keep = cuda and s.train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(s.device)[0]
@@ -462,13 +462,13 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     from tqdm import tqdm
 
     tc, progress = s.cfg.train, s.progress
-    lr = set_epoch_hyperparameters(s.optimizer, epoch, tc)
-    patch_weight = s.criterion.patch_weight(epoch)
+    lr = s.team.set_epoch(epoch)
+    patch_weight = s.team.patch_weight(epoch)
     stream = BatchStream(s.train_set, tc.batch_size, s.device, augment=augment_of(s.cfg.data),
                          shuffle=True, seed=tc.seed, epoch=epoch, start_step=progress.step,
                          rank=s.dist.rank, world=s.dist.world, images=s.images,
                          targets=s.targets)
-    s.net.train()
+    s.team.train()
     sums = _epoch_sums(progress.sums, s.device)
     bar = tqdm(total=len(stream), initial=progress.step, desc=f"epoch {epoch + 1}/{tc.epochs}",
                disable=not (progress_bar and s.dist.is_main), leave=False, dynamic_ncols=True)
@@ -483,8 +483,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
         if bad:
             raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {progress.step} "
                                 f"(lr {lr:g}); checkpoints are untouched. Try a lower lr or fp32.")
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
+        s.team.optimizer_step()
         _accumulate(sums, terms, y, s.cfg.loss.multilabel)
         progress.step += 1
         bar.update(1)
@@ -526,10 +525,11 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     """Evaluate, append the metrics line, write last.pt (and best.pt when it improved)."""
     cfg, progress, metric_name = s.cfg, s.progress, main_metric(s.cfg.loss.multilabel)
     _reduce_sums(sums, s.dist)
-    row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel)
+    row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel,
+                     len(s.team.peers))
     row["peak_memory_mb"] = peak_memory_mb(s.device)
     if s.dist.is_main:
-        row.update(evaluate(s.model, s.test_set, s.device, amp=s.amp, images=s.test_images))
+        row.update(_evaluate_team(s))
     _barrier(s.dist)
     progress.total_seconds += seconds
     progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
@@ -545,9 +545,7 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     s.run.append_metrics(row)
     s.save_last()
     if improved:
-        atomic_torch_save(make_checkpoint(
-            config_to_dict(cfg), s.model, progress=progress.as_dict(), metrics=row,
-            classes=s.train_set.classes), s.run.best_checkpoint)
+        _save_best(s, row)
     log.info("epoch %d/%d  loss %.4f  %s %.4f  (best %.4f @ %d)  %.1fs  %.0f img/s",
              epoch + 1, cfg.train.epochs, row["train_loss"], metric_name,
              row.get(metric_name, float("nan")), progress.best_metric or float("nan"),
@@ -557,28 +555,70 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
                  duration_s=progress.total_seconds, step=0)
 
 
+AGREEMENT_IMAGES = 256
+"""Test images on which a mutual run measures how much its peers' local maps agree."""
+
+
+def _evaluate_team(s: Session) -> dict:
+    """The model's test metrics; for a mutual run each peer's as ``peer{k}_...``, their mean
+    under the plain names (the run's main metric is the peers' mean), and the peers' mean
+    local-map Pearson ρ on the first test images (``test_map_pearson``)."""
+    rows = [evaluate(m, s.test_set, s.device, amp=s.amp, images=s.test_images)
+            for m in s.team.models]
+    if not s.team.mutual:
+        return rows[0]
+    out = {f"peer{k}_{key}": v for k, r in enumerate(rows) for key, v in r.items()}
+    out.update({key: sum(r[key] for r in rows) / len(rows)
+                for key in set.intersection(*(set(r) for r in rows))})
+    first = s.test_set.images[:AGREEMENT_IMAGES]
+    out["test_map_pearson"] = map_agreement(s.team, model_input(s.test_set, first, s.device),
+                                            s.amp)
+    return out
+
+
+def _save_best(s: Session, row: dict) -> None:
+    """best.pt; a mutual run also writes each peer as a standalone checkpoint ``peer{k}.pt``
+    (what the Explorer, Compare maps and ``export`` open)."""
+    ckpt = s.team.checkpoint(progress=s.progress.as_dict(), metrics=row,
+                             classes=s.train_set.classes)
+    atomic_torch_save(ckpt, s.run.best_checkpoint)
+    if s.team.mutual:
+        for k in range(len(s.team.peers)):
+            atomic_torch_save(peer_checkpoint(s.cfg, ckpt, k), s.run.peer_checkpoint(k))
+
+
 def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-    """Forward + backward of one global batch (split into micro-batches); returns loss sums."""
+    """Forward + backward of one global batch (split into micro-batches); returns loss sums:
+    ``loss``, ``image``, ``patch`` and ``logits``; for a mutual run these are the peers' means
+    (logits: peer 0's), with each peer's own under ``{name}{k}`` and the transfer terms."""
     chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device),
                                 s.cfg.train.micro_batches)
     chunks = [c for c in chunks if len(c)]
-    totals = {"loss": 0.0, "image": 0.0, "patch": 0.0}
-    logits = []
+    team, totals = s.team, {}
+    logits: list[list[torch.Tensor]] = [[] for _ in team.peers]
     for i, chunk in enumerate(chunks):
-        sync = i == len(chunks) - 1 or s.dist.world == 1
-        with contextlib.nullcontext() if sync else s.net.no_sync():
-            with autocast(s.device, s.amp):
-                out = s.net(x[chunk])
-            terms = s.criterion(out, y[chunk], epoch)
+        with team.no_sync(i == len(chunks) - 1 or s.dist.world == 1):
+            outs, maps = team.forward(x[chunk], s.amp)
+            terms = team.losses(outs, maps, y[chunk], epoch)
             # Equal weight per micro-batch, exactly as DDP averages per-rank gradients.
-            (terms.total / len(chunks)).backward()
-        n = len(chunk)
-        totals = {"loss": totals["loss"] + terms.total.detach() * n,
-                  "image": totals["image"] + terms.image.detach() * n,
-                  "patch": totals["patch"] + terms.patch.detach() * n}
-        logits.append(out.logits.detach())
-    totals["logits"] = torch.cat(logits)
+            (sum(t["total"] for t in terms) / len(chunks)).backward()
+        for k, t in enumerate(terms):
+            for name, value in t.items():
+                key = ("loss" if name == "total" else name) + (str(k) if team.mutual else "")
+                totals[key] = totals.get(key, 0.0) + value.detach() * len(chunk)
+            logits[k].append(outs[k].logits.detach())
+    if team.mutual:
+        _add_peer_means(totals, len(team.peers))
+        for k, peer_logits in enumerate(logits):
+            totals[f"logits{k}"] = torch.cat(peer_logits)
+    totals["logits"] = torch.cat(logits[0])
     return totals
+
+
+def _add_peer_means(totals: dict, peers: int) -> None:
+    for name in ("loss", "image", "patch", "transfer", "kl"):
+        if f"{name}0" in totals:
+            totals[name] = sum(totals[f"{name}{k}"] for k in range(peers)) / peers
 
 
 def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
@@ -593,15 +633,18 @@ def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
 
 
 def _accumulate(sums, terms, y, multilabel: bool) -> None:
-    sums["loss"] += terms["loss"]
-    sums["image"] += terms["image"]
-    sums["patch"] += terms["patch"]
+    for key, value in terms.items():
+        if not key.startswith("logits"):
+            sums[key] = sums.get(key, 0.0) + value
     sums["seen"] += y.shape[0]
     if not multilabel:
         sums["correct"] += (terms["logits"].argmax(1) == y).sum()
+        for key in (k for k in terms if k.startswith("logits") and k != "logits"):
+            name = "correct" + key.removeprefix("logits")
+            sums[name] = sums.get(name, 0.0) + (terms[key].argmax(1) == y).sum()
 
 
-def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel) -> dict:
+def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel, peers: int = 1) -> dict:
     seen = max(sums["seen"].item(), 1.0)
     row = {"epoch": epoch, "lr": lr, "patch_weight": patch_weight,
            "train_loss": sums["loss"].item() / seen,
@@ -610,7 +653,17 @@ def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel) -> dict:
            "images_per_s": seen / max(seconds, 1e-9)}
     if not multilabel:
         row["train_acc"] = sums["correct"].item() / seen
-    return row
+    if peers > 1:
+        row["train_acc"] = (sum(sums[f"correct{k}"].item() for k in range(peers)) / peers / seen
+                            if not multilabel else None)
+        for name in ("transfer", "kl"):
+            if name in sums:
+                row[f"train_{name}_loss"] = sums[name].item() / seen
+        for k in range(peers):
+            row[f"peer{k}_train_loss"] = sums[f"loss{k}"].item() / seen
+            if not multilabel:
+                row[f"peer{k}_train_acc"] = sums[f"correct{k}"].item() / seen
+    return {k: v for k, v in row.items() if v is not None}
 
 
 def _reduce_sums(sums: dict[str, torch.Tensor], dist: Dist) -> None:

@@ -1,11 +1,223 @@
-"""Mutual transfer: a placeholder until its own issue lands (the navigation keeps its place)."""
+"""Mutual transfer: two peers that learn where to look from each other's local attention maps.
+
+Launch a pair (and its λ = 0 control with the same seed) in the background, watch both, look at
+what the transfer loss sees on one image (each peer's global map on one colour scale, the
+local regions, and the Pearson ρ of every region), and measure mutual against alone.
+"""
+
+import dataclasses
+from pathlib import Path
 
 import streamlit as st
+import torch
+
+from engine import launch
+from engine.config import MAP_SOURCES
+from engine.data.base import model_input
+from engine.jobs import ACTIVE
+from engine.models import head_spec, list_backbones, list_heads
+from engine.mutual.experiment import (
+    MAP_LABELS,
+    SEED_PAPER,
+    experiments,
+    judge_peers,
+    launch_pair,
+    read_results,
+    summarise,
+)
+from engine.mutual.team import local_view
+from ui.figures import local_maps_figure, transfer_table
+from ui.overlay import enlarge, to_hwc
+from ui.st_forms import config_of, progress_of, run_settings, show_job_end
+from ui.st_state import PROJECT_ROOT, guard, keep, loaded_model, remember, store, test_set
+
+WATCH_KEY = "mt_watch"
+RESULTS_DIR = PROJECT_ROOT / "results" / "transfer"
+SOURCE_LABELS = {"activations": "activations", "patch_weights": "patch weights"}
+SOURCE_HELP = ("activations: the channel mean of |a|^p of the backbone's deepest layers, "
+               "each resized and normalised, summed. patch weights: the Loss-Attention patch "
+               "weights on their grid (Loss-Attention peers only).")
+
+
+def peer_picker(column, k: int, backbones: list[str], heads: list[str]) -> dict:
+    column.markdown(f"**Peer {k}**")
+    return {"backbone": column.selectbox("Backbone", backbones,
+                                         **keep(f"mt_bb{k}", "small_cnn", backbones)),
+            "head": column.selectbox("Head", heads, format_func=lambda h: head_spec(h).label,
+                                     **keep(f"mt_head{k}", "loss_attention", heads))}
+
+
+def launch_form(expanded: bool) -> None:
+    with st.expander("Train a new pair (the data, epochs and the rest apply to both peers)",
+                     expanded=expanded):
+        settings = run_settings("mt", heads=False, backbone=False)
+        backbones, heads = list_backbones(), list_heads()
+        c0, c1, c2 = st.columns([1, 1, 2])
+        peers = [peer_picker(c0, 0, backbones, heads), peer_picker(c1, 1, backbones, heads)]
+        c2.markdown("**Transfer**")
+        a, b = c2.columns(2)
+        transfer = {
+            "lam": a.number_input("λ", 0.0, 100.0, step=0.5, format="%.2f",
+                                  **keep("mt_lam", 1.0)),
+            "grid": int(b.number_input("Grid (g x g regions)", 1, 64, step=1,
+                                       **keep("mt_grid", 4, low=1, high=64))),
+            "map_source": a.selectbox("Map source", MAP_SOURCES, format_func=SOURCE_LABELS.get,
+                                      help=SOURCE_HELP,
+                                      **keep("mt_source", "activations", MAP_SOURCES)),
+            "layers": int(b.number_input("Layers", 1, 8, step=1, **keep("mt_layers", 3))),
+            "kl": a.number_input("KL weight (mutual learning)", 0.0, 10.0, step=0.1,
+                                 **keep("mt_kl", 0.0))}
+        control = b.checkbox("Also train alone (λ = 0, same seed)", **keep("mt_control", True))
+        name = st.text_input("Experiment name", **keep("mt_name", "pair"))
+        submitted = st.button("Launch", type="primary", key="mt_launch")
+    if submitted:
+        with guard("Launching", stop=False):
+            settings["model"] = {**settings["model"], **peers[0]}
+            base = config_of(settings)
+            base = dataclasses.replace(base, transfer={**transfer, "peers": [
+                {**settings["model"], **peers[1]}]})
+            runs = launch_pair(store(), base, name.strip() or "pair", base.train.seed, control)
+            remember(WATCH_KEY, name.strip() or "pair")
+            st.success("Started " + " and ".join(r.name for r in runs) + " in the background.")
+
+
+@st.fragment(run_every=1.0)
+def live_panel(rows: list[dict]) -> None:
+    with guard("The live view", stop=False):
+        for row in rows:
+            if not store().exists(row["name"]):
+                continue
+            run = store().get(row["name"])
+            status = run.status()
+            fraction, text = progress_of(run, status)
+            c1, c2 = st.columns([6, 1])
+            c1.progress(fraction, text=f"{run.name}: {text}")
+            if c2.button("Stop", disabled=status.get("state") not in ACTIVE,
+                         key=f"mt_stop_{run.name}"):
+                store().stop(run.name)
+            if status.get("state") in ("stopped", "failed") and c2.button(
+                    "Resume", key=f"mt_resume_{run.name}"):
+                launch.resume(store(), run.name)
+            if status.get("state") != "finished":  # the bar says finished; no box for it
+                show_job_end(status, f"Run {run.name}", "Resume continues it.")
+
+
+def peers_of(row: dict) -> list[Path]:
+    run = store().get(row["name"])
+    paths, k = [], 0
+    while run.peer_checkpoint(k).is_file():
+        paths.append(run.peer_checkpoint(k))
+        k += 1
+    return paths
+
+
+def maps_section(row: dict) -> None:
+    st.subheader("What the transfer loss sees")
+    paths = peers_of(row)
+    if len(paths) < 2:
+        st.info(f"{row['name']} has no peer checkpoints yet: they appear after its first epoch.")
+        return
+    loaded = [loaded_model(p) for p in paths]
+    transfer = store().get(row["name"]).config().transfer
+    data = test_set(loaded[0].data_config)
+    index = int(st.columns(4)[0].number_input(
+        "Test image", 0, len(data) - 1, step=1, **keep("mt_index", 0, low=0, high=len(data) - 1)))
+    x = model_input(data, data.images[index:index + 1])
+    locks = [m.lock for m in loaded]
+    for lock in locks:
+        lock.acquire()
+    try:
+        view = local_view([m.model for m in loaded], x, transfer)
+        predicted = [data.classes[int(m.model(x).logits.argmax())] for m in loaded]
+    finally:
+        for lock in locks:
+            lock.release()
+    c1, c2 = st.columns([1, 5])
+    c1.image(enlarge(to_hwc(data.images[index]), 4),
+             caption=f"#{index}, true {data.classes[int(data.targets[index])]}"
+             if not data.multilabel else f"#{index}")
+    titles = [f"peer {k}: says {p}" for k, p in enumerate(predicted)]
+    c2.plotly_chart(local_maps_figure(view["maps"][:, 0].numpy(), view["rho"][:, 0].numpy(),
+                                      titles), key="mt_maps")
+    rho = view["rho"][:, 0]
+    models = ", ".join(f"peer {k} = {m.model.config.backbone}/{m.model.config.head}"
+                       for k, m in enumerate(loaded))
+    st.caption(f"{models}. Global maps from `{transfer.map_source}`, each divided by the "
+               "largest peak of the peers' maps, so one colour means one value. The white lines "
+               f"cut the {transfer.grid}x{transfer.grid} local regions; the transfer loss is the "
+               f"mean of 1 - ρ over them (here {float((1 - rho).mean()):.3f}).")
+
+
+@st.cache_data(show_spinner="Judging every peer's maps (Grad-CAM, deletion, insertion)...",
+               max_entries=8)
+def _judged(runs: tuple[tuple[str, str], ...], stamps: tuple[float, ...], images: int
+            ) -> list[dict]:
+    """Every peer of the (run name, arm) pairs, judged on the first ``images`` test images."""
+    del stamps  # part of the cache key: a run trained further is judged again
+    rows = []
+    for name, arm in runs:
+        run = store().get(name)
+        rows += [{**r, "arm": arm, "seed": run.config().train.seed}
+                 for r in judge_peers(run, images, 16, torch.device("cpu"))]
+    return rows
+
+
+def metrics_section(arms: dict[str, list[dict]]) -> None:
+    st.subheader("Mutual vs alone")
+    done = {arm: [r for r in rows if r["state"] == "finished"] for arm, rows in arms.items()}
+    if not (done["mutual"] and done["alone"]):
+        st.info("Both arms must finish (launch with \"Also train alone\") before they can be "
+                "compared.")
+        return
+    images = st.select_slider("Test images to judge on", [32, 64, 128, 256],
+                              **keep("mt_images", 64, [32, 64, 128, 256]))
+    runs = tuple((r["name"], arm) for arm in ("mutual", "alone") for r in done[arm])
+    if st.button("Measure", type="primary", key="mt_measure"):
+        remember("mt_measured", (runs, images))
+    if st.session_state.get("mt_measured") == (runs, images):
+        stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
+        summary = summarise(_judged(runs, stamps, images))
+        st.dataframe(transfer_table(summary, MAP_LABELS), hide_index=True)
+    st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
+               f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
+               "peers and data (only the abstract is available); compare the direction of the "
+               "change, not the level.")
+
+
+def saved_results() -> None:
+    folders = sorted(p for p in RESULTS_DIR.glob("*") if (p / "results.json").is_file())
+    if not folders:
+        return
+    st.subheader("Measured results (python -m engine transfer)")
+    folder = st.selectbox("Experiment", folders, format_func=lambda p: p.name,
+                          **keep("mt_results", folders[0], folders))
+    report = read_results(folder)
+    if report is None:
+        st.warning(f"{folder.name}/results.json is unreadable.")
+        return
+    st.markdown((folder / "results.md").read_text().split("\n", 2)[2].split("## ")[0])
+    st.dataframe(transfer_table(report["summary"], MAP_LABELS), hide_index=True)
+
 
 st.title("Mutual transfer")
-st.info(
-    "Two lightweight models trained with a local attention-map transfer loss (the Pearson "
-    "correlation of their local maps), judged by Average Drop and Increase in Confidence. "
-    "This page arrives with its own issue. Meanwhile, the Compare maps page measures Average "
-    "Drop and Increase in Confidence for any trained model."
-)
+st.markdown(
+    "Two peers train on the same batches. Each one's **global attention map** (its layers' "
+    "activation maps, superimposed) is cut into **local regions**; the loss adds λ · (1 − ρ), "
+    "with ρ the **Pearson correlation** of corresponding regions against the other peer's map "
+    "(which is not changed by it). Alone (λ = 0) the same peers train exactly as they would "
+    "by themselves.")
+with guard("Mutual transfer"):
+    found = experiments(store())
+    launch_form(expanded=not found)
+    if found:
+        names = list(found)
+        chosen = st.selectbox("Experiment", names, **keep(WATCH_KEY, names[0], names))
+        arms = found[chosen]
+        live_panel([r for arm in ("mutual", "alone") for r in arms[arm]])
+        if arms["mutual"]:
+            maps_section(arms["mutual"][0])
+        metrics_section(arms)
+    else:
+        st.info("No mutual-transfer runs yet: launch a pair above (with the defaults, two small "
+                "peers on the digits train in about a minute on a laptop CPU).")
+    saved_results()

@@ -197,6 +197,40 @@ def test_stride_page_benchmarks_in_the_background(runs_root):
     assert any("comma-separated integers" in e for e in errors(at))
 
 
-def test_placeholder_and_more_pages_render(runs_root):
+def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     at = open_page("transfer")
-    assert "Mutual transfer" in at.title[0].value
+    assert "Mutual transfer" in at.title[0].value and not errors(at)
+    assert any("No mutual-transfer runs yet" in i.value for i in at.info)
+    # A grid larger than the maps is refused with the field named, and nothing starts.
+    for key, value in {"mt_train_size": 128, "mt_test_size": 32, "mt_epochs": 1,
+                       "mt_batch": 64, "mt_grid": 40}.items():
+        at.number_input(key=f"w_{key}").set_value(value)
+    at.text_input(key="w_mt_name").set_value("ui").run()
+    at.button(key="mt_launch").click().run()
+    assert any("transfer.grid=40 is larger than the attention map" in e for e in errors(at))
+    assert not RunStore(runs_root).names()
+    at.number_input(key="w_mt_grid").set_value(4).run()
+    at.button(key="mt_launch").click().run()
+    assert not errors(at), errors(at)
+    store = RunStore(runs_root)
+    assert store.names() == ["ui-s0-alone", "ui-s0-mutual"]
+    for name in store.names():
+        assert background.wait(store.get(name), timeout=180)["state"] == "finished"
+    at.run()
+    assert not errors(at) and not at.exception
+    charts = at.get("plotly_chart")
+    assert charts, "the maps figure is missing"
+    assert any("transfer loss is the mean of 1 - ρ" in c.value for c in at.caption)
+    assert any("peer 1 = small_cnn/loss_attention" in c.value for c in at.caption)
+    at.number_input(key="w_mt_index").set_value(3).run()
+    assert not at.exception
+    at.select_slider(key="w_mt_images").set_value(32).run()
+    at.button(key="mt_measure").click().run()
+    table = at.dataframe[0].value
+    assert {"Peer's own attention map", "Grad-CAM", "Loss-Attention"} <= set(table["map"])
+    assert set(table["seeds better"]) <= {"0/1", "1/1"}
+    # Each peer is a model the explaining pages can open.
+    from ui.st_state import model_sources
+
+    sources = model_sources()
+    assert {"run: ui-s0-mutual · peer 0", "run: ui-s0-mutual · peer 1"} <= set(sources)

@@ -64,7 +64,24 @@ def png_bytes(size=(50, 30)) -> bytes:
     return buffer.getvalue()
 
 
+def trained_pair(root: Path) -> None:
+    """A one-epoch mutual pair and its control, so the Mutual transfer page shows its maps."""
+    from engine.config import RunConfig
+    from engine.mutual.experiment import arm_config
+    from engine.runs import RunStore
+    from engine.train import prepare_run_config, train_run
+
+    store = RunStore(root)
+    base = RunConfig(model={"backbone": "small_cnn"}, data={"train_size": 256, "test_size": 64},
+                     train={"epochs": 1, "batch_size": 64},
+                     transfer={"peers": [{"backbone": "small_cnn"}]})
+    for arm in ("mutual", "alone"):
+        run = store.create(prepare_run_config(arm_config(base, "browser-pair", 0, arm)))
+        assert train_run(run, progress_bar=False) == "finished"
+
+
 def test_every_page_in_a_real_browser(artifacts, tmp_path):
+    trained_pair(tmp_path / "runs")
     with app_server(tmp_path / "runs") as (url, started), sync_playwright() as p:
         browser = launch_browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -76,6 +93,13 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
             page.get_by_role("heading", name=title).first.wait_for(timeout=90_000)
             idle(page, 120_000)
             no_traceback(page)
+            if path == "transfer":
+                page.get_by_text("What the transfer loss sees").wait_for(timeout=60_000)
+                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+                idle(page)
+                chart = page.locator(".js-plotly-plot").first
+                chart.scroll_into_view_if_needed()
+                page.screenshot(path=artifacts / "transfer-maps.png")
             page.screenshot(path=artifacts / f"{path or 'home'}.png", full_page=True)
 
         # Patch Explorer, warm; then the ξ slider must change the overlay.

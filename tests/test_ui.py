@@ -218,3 +218,25 @@ def test_single_image_cache_decodes_like_the_model():
         decoded = model.decode_cached(cached.cache, cached.grid, xi)
         assert torch.allclose(decoded.patch_weights, direct.patch_weights, atol=1e-6)
         assert torch.allclose(decoded.logits, direct.logits, atol=1e-5)
+
+
+def test_local_maps_figure_shares_one_scale_and_writes_rho_in_its_cells():
+    from ui.figures import local_maps_figure, transfer_table
+
+    maps = np.stack([np.eye(8), np.ones((8, 8)) * 0.5])
+    rho = np.array([[[0.5, -0.25], [1.0, 0.0]]])
+    fig = local_maps_figure(maps, rho, ["peer 0", "peer 1"])
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert [t.coloraxis for t in heat[:2]] == ["coloraxis", "coloraxis"]  # one colour scale
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == 1
+    assert heat[2].zmin == -1 and heat[2].zmax == 1
+    assert [list(r) for r in heat[2].text] == [["0.50", "-0.25"], ["1.00", "0.00"]]
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert len(lines) == 2 * 2  # one inner edge each way on each map (2x2 regions)
+    assert {a.text for a in fig.layout.annotations} >= {"peer 0", "ρ per region, peer 1 vs 0"}
+    rows = transfer_table([{"method": "gradcam", "metric": "average_drop_pct", "seeds": 3,
+                            "mutual_mean": 10.0, "mutual_std": 1.0, "alone_mean": 12.0,
+                            "alone_std": None, "difference_mean": -2.0,
+                            "difference_std": 0.5, "seeds_better": 3}], {"gradcam": "Grad-CAM"})
+    assert rows == [{"map": "Grad-CAM", "metric": "average_drop_pct", "mutual": "10.0 ± 1.0",
+                     "alone": "12.0", "mutual - alone": "-2.0 ± 0.5", "seeds better": "3/3"}]

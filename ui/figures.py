@@ -185,3 +185,55 @@ def bag_weights_figure(bag: dict) -> go.Figure:
     fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       xaxis_title="instance", yaxis_title="weight α", showlegend=False)
     return fig
+
+
+def local_maps_figure(maps: Sequence, rho: Sequence, titles: Sequence[str]) -> go.Figure:
+    """Mutual transfer's view of one image: each peer's global map (all on one colour scale,
+    ``maps`` (K, S, S) in [0, 1]) with the local-region grid drawn over it, and the per-region
+    Pearson ρ of each peer against peer 0 (``rho`` (K - 1, g, g)), written in its cell."""
+    k, grid = len(maps), len(rho[0])
+    side = len(maps[0])
+    fig = make_subplots(rows=1, cols=2 * k - 1, horizontal_spacing=0.05, subplot_titles=[
+        *titles, *[f"ρ per region, peer {j} vs 0" for j in range(1, k)]])
+    for i, m in enumerate(maps):
+        fig.add_trace(go.Heatmap(z=m, coloraxis="coloraxis", hovertemplate="%{z:.3f}<extra>"
+                                 "</extra>"), row=1, col=i + 1)
+        for edge in range(1, grid):  # the local regions, on the map itself
+            at = edge * side / grid - 0.5
+            fig.add_vline(x=at, line={"color": "white", "width": 1}, row=1, col=i + 1)
+            fig.add_hline(y=at, line={"color": "white", "width": 1}, row=1, col=i + 1)
+    for j, r in enumerate(rho):
+        fig.add_trace(go.Heatmap(z=r, zmin=-1, zmax=1, colorscale="RdBu", showscale=j == 0,
+                                 text=[[f"{v:.2f}" for v in row] for row in r],
+                                 texttemplate="%{text}", hovertemplate="ρ %{z:.3f}<extra></extra>",
+                                 colorbar={"title": "ρ", "len": 0.9}),
+                      row=1, col=k + j + 1)
+    fig.update_layout(coloraxis={"colorscale": COLORSCALE, "cmin": 0, "cmax": 1,
+                                 "colorbar": {"title": "map", "orientation": "h", "y": -0.12,
+                                              "x": (k / (2 * k - 1)) / 2,
+                                              "len": k / (2 * k - 1), "thickness": 12}})
+    fig.update_xaxes(showticklabels=False)
+    for col in range(1, 2 * k):  # square cells, image orientation (row 0 at the top)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=col,
+                         scaleanchor="x" if col == 1 else f"x{col}", constrain="domain")
+        fig.update_xaxes(constrain="domain", row=1, col=col)
+    return _layout(fig, height=380)
+
+
+def transfer_table(summary: list[dict], labels: dict[str, str]) -> list[dict]:
+    """The mutual-vs-alone summary rows as a table for the page (rounded, labelled)."""
+    rows = []
+    for r in summary:
+        digits = 1 if r["metric"].endswith("_pct") else 3
+
+        def cell(mean, std, digits=digits):
+            if mean is None:
+                return ""
+            return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+        rows.append({"map": labels.get(r["method"], r["method"]), "metric": r["metric"],
+                     "mutual": cell(r["mutual_mean"], r["mutual_std"]),
+                     "alone": cell(r["alone_mean"], r["alone_std"]),
+                     "mutual - alone": cell(r["difference_mean"], r["difference_std"]),
+                     "seeds better": f"{r['seeds_better']}/{r['seeds']}"})
+    return rows

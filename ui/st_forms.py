@@ -16,14 +16,18 @@ from engine.runs import Run
 from ui.st_state import keep
 
 
-def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True) -> dict:
-    """Draw the settings (inside the caller's form) and return them as a RunConfig dict."""
+def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True,
+                 backbone: bool = True) -> dict:
+    """Draw the settings (inside the caller's form) and return them as a RunConfig dict.
+    ``backbone`` / ``heads`` False: the caller picks the model(s) itself."""
     datasets, backbones = list_datasets(), list_backbones()
     c1, c2, c3 = st.columns(3)
     data = {"dataset": c1.selectbox("Data set", datasets,
                                     **keep(f"{prefix}_dataset", "digits", datasets))}
-    model = {"backbone": c2.selectbox("Backbone", backbones,
-                                      **keep(f"{prefix}_backbone", "small_cnn", backbones))}
+    model = {}
+    if backbone:
+        model["backbone"] = c2.selectbox("Backbone", backbones,
+                                         **keep(f"{prefix}_backbone", "small_cnn", backbones))
     if heads:
         names = list_heads()
         model["head"] = c3.selectbox("Head", names, format_func=lambda h: head_spec(h).label,

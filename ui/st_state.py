@@ -219,9 +219,13 @@ def model_sources() -> dict[str, str]:
         log.warning("run store unusable (%s); offering the shipped models only", exc)
         return sources
     for row in rows:
-        best = Run(runs.root / row["name"]).best_checkpoint
-        if best.is_file():
-            sources[f"run: {row['name']}"] = str(best)
+        run = Run(runs.root / row["name"])
+        if run.best_checkpoint.is_file():
+            sources[f"run: {row['name']}"] = str(run.best_checkpoint)
+        k = 0  # a mutual-transfer run: each peer on its own (peer 0 is also the run's best)
+        while run.peer_checkpoint(k).is_file():
+            sources[f"run: {row['name']} · peer {k}"] = str(run.peer_checkpoint(k))
+            k += 1
     return sources
 
 

@@ -14,6 +14,8 @@ its parser and its handler side by side. Everything the app does is scriptable h
   bench-train                 loader-only vs model-only vs full training step images/s
   bench-eval                  patch metrics over N images at a ξ grid
   mil --dataset D --method M  MIL 5 x 10-fold CV; results table beside the AAAI paper's
+  transfer --peer A --peer B  mutual transfer of local attention maps vs the peers alone (same
+                              seeds): faithfulness of every peer's maps, beside the seed paper's
 
 Errors: an expected one (a bad value, file, checkpoint or run; every engine error is a
 ValueError, and OSError) prints one line and exits 2; anything else prints one line and exits 1.
@@ -27,9 +29,9 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from engine.cli import bench, evaluate, info, mil, runs, sweep
+from engine.cli import bench, evaluate, info, mil, runs, sweep, transfer
 
-GROUPS = (info, runs, evaluate, sweep, bench, mil)
+GROUPS = (info, runs, evaluate, sweep, bench, mil, transfer)
 POSITIVE = ("batch", "steps", "input_size", "num_classes")
 
 

@@ -68,6 +68,7 @@ def register(sub) -> None:
                        help="write a run's best model as a small checkpoint + model card")
     p.add_argument("name")
     p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
+    p.add_argument("--peer", type=int, help="mutual-transfer runs: which peer (default 0)")
     p.set_defaults(func=cmd_export)
 
 
@@ -109,7 +110,8 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path} must hold a JSON object; it holds a "
                           f"{type(data).__name__}")
     for section in SECTIONS:
-        if section in data and not isinstance(data[section], dict):
+        if section in data and not isinstance(data[section], dict) and not (
+                section == "transfer" and data[section] is None):
             raise ConfigError(f"config file {path}: section {section!r} must be a JSON object; "
                               f"got {data[section]!r:.60}")
     return data
@@ -204,6 +206,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import export_model
 
-    weights, card = export_model(store_of(args).get(args.name), args.out)
+    weights, card = export_model(store_of(args).get(args.name), args.out, args.peer)
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {card}")
     return 0

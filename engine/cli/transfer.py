@@ -1,0 +1,90 @@
+"""``transfer``: mutual transfer of local attention maps vs the same peers alone (same seeds)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.cli.common import runs_dir_parent, store_of
+from engine.cli.runs import add_config_flags, build_run_config
+
+TRANSFER_FLAGS = {"lam": float, "grid": int, "map_source": str, "layers": int, "power": float,
+                  "kl": float}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "transfer", parents=[runs_dir_parent()],
+        help="train peers with mutual transfer of local attention maps and alone (the "
+             "control), then compare their faithfulness")
+    add_config_flags(p)
+    p.add_argument("--peer", action="append", metavar="BACKBONE[/HEAD]",
+                   help="a peer (repeat: two or more); the head defaults to loss_attention")
+    for flag, kind in TRANSFER_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                       help=f"transfer.{flag}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--experiment", default="transfer",
+                   help="names the runs (EXPERIMENT-sSEED-mutual / -alone) and the results")
+    p.add_argument("--eval-images", type=int, default=500,
+                   help="test images on which the maps are judged")
+    p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
+    p.add_argument("--out", help="results folder (default results/transfer/EXPERIMENT)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_transfer)
+
+
+def transfer_config(args: argparse.Namespace):
+    """The experiment's base RunConfig: the config flags, with the peers and transfer flags."""
+    from engine.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+
+    peers = args.peer or []
+    if len(peers) < 2:
+        raise ConfigError(f"--peer: mutual transfer needs at least two peers; got {len(peers)}"
+                          " (e.g. --peer small_cnn --peer small_cnn/plain)")
+    data = config_to_dict(build_run_config(args))
+    model = data["model"]
+    models = [{**model, **_peer_fields(text)} for text in peers]
+    transfer = dict(data.get("transfer") or {})
+    for flag in TRANSFER_FLAGS:
+        if getattr(args, flag) is not None:
+            transfer[flag] = getattr(args, flag)
+    data.update(model=models[0], transfer={**transfer, "peers": models[1:]})
+    return config_from_dict(RunConfig, data)
+
+
+def _peer_fields(text: str) -> dict:
+    from engine.config import ConfigError
+
+    backbone, _, head = text.partition("/")
+    if not backbone or "/" in head:
+        raise ConfigError(f"--peer must be BACKBONE or BACKBONE/HEAD; got {text!r}")
+    return {"backbone": backbone, "head": head or "loss_attention"}
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated ints; got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct ints >= 0; got {text!r}")
+    return seeds
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from engine.mutual.experiment import format_results, run_experiment
+
+    if args.eval_images < 1 or args.steps < 1:
+        raise ValueError("--eval-images and --steps must be >= 1")
+    base = transfer_config(args)
+    seeds = _seeds(args.seeds)
+    out = Path(args.out or Path("results") / "transfer" / args.experiment)
+    report = run_experiment(store_of(args), base, args.experiment, seeds,
+                            images=args.eval_images, steps=args.steps, out=out,
+                            progress_bar=not args.quiet,
+                            on_progress=lambda text: print(text, file=sys.stderr))
+    print(format_results(report))
+    print(f"wrote {out}/results.md, results.json and results.csv", file=sys.stderr)
+    return 0

@@ -1,0 +1,281 @@
+"""``python -m engine transfer``: mutual vs alone, the same peers and seeds, judged by faithfulness.
+
+For each seed two runs train in the run store: ``NAME-sS-mutual`` (λ > 0) and ``NAME-sS-alone``
+(λ = 0 and no KL: each peer trains exactly as it would by itself, which a test proves bit for
+bit). A finished run is reused, a stopped or failed one resumed, so an interrupted experiment
+continues where it stopped. Then every peer of every run is judged on the same test images:
+its own attention map, Grad-CAM and (where it has one) its Loss-Attention map, by Average Drop /
+Increase in Confidence, deletion / insertion AUC, the (energy) pointing game where boxes exist,
+and accuracy. ``results.json`` / ``.csv`` / ``.md`` go to the output folder, beside the seed
+paper's own figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.config import RunConfig
+from engine.errors import ConfigError
+from engine.fsutil import atomic_write, csv_text, write_json_atomic
+from engine.runs import Run, RunStore
+
+log = logging.getLogger(__name__)
+
+ARMS = ("mutual", "alone")
+METRICS = ("accuracy", "average_drop_pct", "increase_in_confidence_pct", "deletion_auc",
+           "insertion_auc", "pointing_game", "energy_pointing_game")
+"""Reported per (arm, map method); the first is the peers' test accuracy."""
+HIGHER_IS_BETTER = {"accuracy": True, "average_drop_pct": False,
+                    "increase_in_confidence_pct": True, "deletion_auc": False,
+                    "insertion_auc": True, "pointing_game": True, "energy_pointing_game": True}
+MAP_LABELS = {"own_map": "Peer's own attention map", "gradcam": "Grad-CAM",
+              "loss_attention": "Loss-Attention"}
+SEED_PAPER = {
+    "source": "Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022 (abstract)",
+    "average_drop_pct": 28.2, "increase_in_confidence_pct": 29.5,
+    "note": "their peers, data and protocol; only these two numbers are published in the "
+            "abstract, 3.3 points better in Average Drop than the best compared method",
+}
+
+
+def arm_config(base: RunConfig, name: str, seed: int, arm: str) -> RunConfig:
+    """The run of one arm and seed: ``alone`` is ``base`` with λ = 0 and no KL term."""
+    if base.transfer is None:
+        raise ConfigError("transfer: the experiment needs a transfer section (two or more "
+                          "peers)")
+    transfer = base.transfer if arm == "mutual" else dataclasses.replace(
+        base.transfer, lam=0.0, kl=0.0)
+    train = dataclasses.replace(base.train, seed=seed)
+    return dataclasses.replace(base, name=f"{name}-s{seed}-{arm}", train=train,
+                               transfer=transfer,
+                               tags=(*base.tags, f"transfer:{name}", f"arm:{arm}"))
+
+
+def trained_run(store: RunStore, cfg: RunConfig, progress_bar: bool) -> Run:
+    """The run of ``cfg`` trained to its end: reused if finished, resumed if interrupted."""
+    from engine.train import prepare_run_config, train_run
+
+    prepared = prepare_run_config(cfg)
+    if store.exists(cfg.name):
+        run = store.get(cfg.name)
+        _check_same_settings(run, prepared)
+        state = run.status().get("state")
+        if state == "finished":
+            log.info("%s is finished: reused", run.name)
+            return run
+        resume = state != "created"
+    else:
+        run, resume = store.create(prepared), False
+    state = train_run(run, resume=resume, progress_bar=progress_bar, console=progress_bar,
+                      on_status=store.index)
+    if state != "finished":
+        raise RuntimeError(f"run {run.name} ended {state}: {run.status().get('reason', '')}")
+    return run
+
+
+def _check_same_settings(run: Run, wanted: RunConfig) -> None:
+    """A run reused by name must be the run asked for: another λ, grid, data or epoch count
+    under the same experiment name is an error, never a silently reused result."""
+    from engine.config import config_to_dict
+
+    have, want = run.config_dict(), config_to_dict(wanted)
+    diff = [f"{section}.{key}: {have.get(section, {}).get(key)!r} there, {value!r} asked"
+            for section, fields in want.items() if isinstance(fields, dict)
+            for key, value in fields.items()
+            if key != "peers" and (have.get(section) or {}).get(key) != value]
+    if (have.get("transfer") or {}).get("peers") != (want.get("transfer") or {}).get("peers"):
+        diff.append("transfer.peers differ")
+    if diff:
+        raise ConfigError(f"run {run.name} exists with other settings ({'; '.join(diff[:3])}); "
+                          "choose another --experiment name, or delete the old runs")
+
+
+def launch_pair(store: RunStore, base: RunConfig, name: str, seed: int,
+                control: bool = True) -> list[Run]:
+    """Start the mutual run of ``base`` (and, with ``control``, its λ = 0 twin with the same
+    seed) in the background, as the app's Mutual transfer page does."""
+    from engine.launch import launch
+
+    arms = ARMS if control else ARMS[:1]
+    configs = [arm_config(base, name, seed, arm) for arm in arms]
+    for cfg in configs:  # refuse before starting anything: a half-started pair helps no one
+        if store.exists(cfg.name):
+            raise ConfigError(f"a run named {cfg.name!r} already exists; choose another "
+                              "experiment name or seed")
+    return [launch(store, cfg) for cfg in configs]
+
+
+def experiments(store: RunStore) -> dict[str, dict[str, list[dict]]]:
+    """Mutual-transfer runs in the store by experiment and arm (from their tags), each a run
+    row of :meth:`RunStore.list`, newest experiment first."""
+    found: dict[str, dict[str, list[dict]]] = {}
+    for row in store.list():
+        tags = row.get("tags") or []
+        name = next((t.removeprefix("transfer:") for t in tags if t.startswith("transfer:")),
+                    None)
+        arm = next((t.removeprefix("arm:") for t in tags if t.startswith("arm:")), None)
+        if name and arm in ARMS:
+            found.setdefault(name, {a: [] for a in ARMS})[arm].append(row)
+    return found
+
+
+def judge_peers(run: Run, images: int, steps: int, device: torch.device) -> list[dict]:
+    """Every peer of ``run`` at its best epoch, on the first ``images`` test images."""
+    from engine.checkpoint import load_model
+    from engine.data import load_split
+    from engine.explain import faithfulness
+    from engine.metrics import evaluate
+    from engine.mutual.team import input_maps
+
+    cfg = run.config()
+    data = load_split(cfg.data, "test")
+    indices = torch.arange(min(images, len(data)))
+    rows = []
+    for k in range(len(cfg.models)):
+        model, _ = load_model(run.peer_checkpoint(k), device)
+        methods = ["gradcam"] + (["loss_attention"] if model.regularised else [])
+        own = {"own_map": lambda x, c, model=model: input_maps(model, x, cfg.transfer)}
+        report = faithfulness(model, data, device, indices, methods=methods, steps=steps,
+                              extra=own)
+        accuracy = evaluate(model, data, device).get("test_acc")
+        for method, values in report["methods"].items():
+            rows.append({"run": run.name, "peer": k, "model": f"{cfg.models[k].backbone}/"
+                         f"{cfg.models[k].head}", "method": method, "accuracy": accuracy,
+                         **values})
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (method, metric): each arm's mean ± std over seeds (peers averaged within a seed)
+    and the paired difference mutual - alone, with how many seeds moved the good way."""
+    out = []
+    methods = sorted({r["method"] for r in rows}, key=list(MAP_LABELS).index)
+    for method in methods:
+        for metric in METRICS:
+            per_arm = {arm: _per_seed(rows, arm, method, metric) for arm in ARMS}
+            seeds = sorted(set(per_arm["mutual"]) & set(per_arm["alone"]))
+            if not seeds:
+                continue
+            diffs = [per_arm["mutual"][s] - per_arm["alone"][s] for s in seeds]
+            better = sum((d > 0) == HIGHER_IS_BETTER[metric] and d != 0 for d in diffs)
+            out.append({"method": method, "metric": metric, "seeds": len(seeds),
+                        **{f"{arm}_mean": _mean(per_arm[arm].values()) for arm in ARMS},
+                        **{f"{arm}_std": _std(per_arm[arm].values()) for arm in ARMS},
+                        "difference_mean": _mean(diffs), "difference_std": _std(diffs),
+                        "seeds_better": better})
+    return out
+
+
+def _per_seed(rows: list[dict], arm: str, method: str, metric: str) -> dict[int, float]:
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        if r["arm"] == arm and r["method"] == method and r.get(metric) is not None:
+            by_seed.setdefault(r["seed"], []).append(r[metric])
+    return {s: sum(v) / len(v) for s, v in by_seed.items()}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _std(values) -> float | None:
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int], *,
+                   images: int = 500, steps: int = 16, out: str | Path,
+                   progress_bar: bool = True,
+                   on_progress: Callable[[str], None] = lambda text: None) -> dict:
+    """Train both arms for every seed, judge every peer, write the results folder."""
+    from engine.device import resolve_device
+
+    device = resolve_device(base.train.device)
+    rows, timing = [], []
+    for seed in seeds:
+        for arm in ARMS:
+            on_progress(f"seed {seed}: training the {arm} peers")
+            run = trained_run(store, arm_config(base, name, seed, arm), progress_bar)
+            on_progress(f"seed {seed}: judging the {arm} peers' maps")
+            metrics = run.metrics()
+            timing.append({"arm": arm, "seed": seed, "run": run.name,
+                           "epoch_s": statistics.median(r["epoch_s"] for r in metrics),
+                           "test_map_pearson": metrics[-1].get("test_map_pearson")})
+            rows += [{**r, "arm": arm, "seed": seed}
+                     for r in judge_peers(run, images, steps, device)]
+    report = {"name": name, "config": json.loads(json.dumps(dataclasses.asdict(base))),
+              "seeds": seeds, "images": images, "steps": steps, "rows": rows,
+              "summary": summarise(rows), "timing": timing, "seed_paper": SEED_PAPER}
+    write_results(report, out)
+    return report
+
+
+def write_results(report: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", report)
+    text = csv_text(report["summary"])
+    atomic_write(out / "results.csv", lambda fh: fh.write(text.encode()))
+    markdown = format_results(report)
+    atomic_write(out / "results.md", lambda fh: fh.write(markdown.encode()))
+    return [out / "results.json", out / "results.csv", out / "results.md"]
+
+
+def read_results(folder: str | Path) -> dict | None:
+    try:
+        report = json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "summary" in report else None
+
+
+def _cell(mean, std, digits: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def format_results(report: dict) -> str:
+    """The results as Markdown: one table per map method, the seed paper's numbers, timing."""
+    cfg = report["config"]
+    peers = [cfg["model"], *cfg["transfer"]["peers"]]
+    t = cfg["transfer"]
+    setting = (f"Peers {' + '.join(p['backbone'] + '/' + p['head'] for p in peers)} on "
+               f"`{cfg['data']['dataset']}`; λ = {t['lam']}, grid {t['grid']}x{t['grid']}, map "
+               f"source `{t['map_source']}` ({t['layers']} layers, p = {t['power']}), KL "
+               f"{t['kl']}; {cfg['train']['epochs']} epochs; seeds {report['seeds']}; "
+               f"{report['images']} test images. Mean ± std over seeds (peers averaged within "
+               "a seed); the difference is paired by seed.")
+    lines = [f"# Mutual transfer: {report['name']}", "", setting, ""]
+    for method in dict.fromkeys(r["method"] for r in report["summary"]):
+        lines += [f"## {MAP_LABELS.get(method, method)}", "",
+                  "| metric | mutual | alone | mutual - alone | seeds better |",
+                  "|---|---|---|---|---|"]
+        for r in (r for r in report["summary"] if r["method"] == method):
+            digits = 1 if r["metric"].endswith("_pct") else 3
+            arrow = "↑" if HIGHER_IS_BETTER[r["metric"]] else "↓"
+            mutual = _cell(r["mutual_mean"], r["mutual_std"], digits)
+            lines.append(f"| {r['metric']} {arrow} | {mutual} "
+                         f"| {_cell(r['alone_mean'], r['alone_std'], digits)} | "
+                         f"{_cell(r['difference_mean'], r['difference_std'], digits)} | "
+                         f"{r['seeds_better']}/{r['seeds']} |")
+        lines.append("")
+    paper = report["seed_paper"]
+    seed = (f"Average Drop {paper['average_drop_pct']} %, Increase in Confidence "
+            f"{paper['increase_in_confidence_pct']} % ({paper['source']}; {paper['note']}).")
+    lines += ["## The seed paper, for reference", "", seed, "", "## Time and agreement", "",
+              "| run | epoch s (median) | test map ρ |",
+              "|---|---|---|"]
+    for r in report["timing"]:
+        rho = r.get("test_map_pearson")
+        lines.append(f"| {r['run']} | {r['epoch_s']:.2f} | "
+                     f"{'-' if rho is None else f'{rho:.3f}'} |")
+    return "\n".join(lines) + "\n"

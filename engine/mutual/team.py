@@ -1,0 +1,309 @@
+"""The models one run trains: one model, or K peers that learn from each other's local maps.
+
+An ordinary run is a team of one, and its step, checkpoint and metrics are exactly those of a
+single model. A mutual-transfer run (``RunConfig.transfer``) trains every peer on the same
+batches, each with its own optimizer; each peer's loss adds λ · (1 - ρ) over local regions
+against the other peers' maps (detached) and, if asked, mutual learning's KL term.
+
+Checkpoints keep peer 0 where a single model's checkpoint keeps its model (``model``,
+``optimizer``), so any tool that opens a run's checkpoint sees peer 0; the other peers are in
+``peers``. :func:`peer_checkpoint` makes a standalone checkpoint of any peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import load_state, make_checkpoint
+from engine.config import ConfigError, RunConfig, TransferConfig, config_to_dict
+from engine.device import autocast
+from engine.losses import Criterion
+from engine.models import PatchModel, PatchOutput, build_model
+from engine.mutual.maps import (
+    LayerTap,
+    captured,
+    chosen_layers,
+    common_side,
+    global_map,
+    grid_map,
+    region_pearson,
+    transfer_loss,
+)
+from engine.recipes import make_optimizer, set_epoch_hyperparameters
+
+
+def peer_field(k: int, name: str) -> str:
+    """The config field that sets peer ``k``'s ``name`` (for error messages)."""
+    return f"model.{name}" if k == 0 else f"transfer.peers[{k - 1}].{name}"
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """How each peer's global map is made: hooked layers per peer (empty for patch weights)
+    and the common side every map is resized to."""
+
+    layers: tuple[tuple[str, ...], ...]
+    side: int
+
+
+def map_plan(models: list[PatchModel], transfer: TransferConfig) -> MapPlan:
+    """Check that every peer gives a map the grid fits in, and say how to make it."""
+    layers, sides = [], []
+    for k, model in enumerate(models):
+        cfg = model.config
+        if transfer.map_source == "patch_weights":
+            grid = model.grid(cfg.input_size)
+            if grid is None or not model.head.regularised:
+                raise ConfigError(
+                    f"transfer.map_source='patch_weights' needs Loss-Attention peers; "
+                    f"{peer_field(k, 'head')}={cfg.head!r} has no learned patch weights")
+            layers.append(())
+            size = (grid.rows, grid.cols)
+        else:
+            found = chosen_layers(model.backbone, cfg.in_chans, cfg.input_size, transfer.layers,
+                                  peer_field(k, "backbone") + f"={cfg.backbone!r}")
+            layers.append(tuple(layer.name for layer in found))
+            size = max((layer.size for layer in found), key=min)
+        if transfer.grid > min(size):
+            raise ConfigError(
+                f"transfer.grid={transfer.grid} is larger than the attention map of peer {k} "
+                f"({cfg.backbone}/{cfg.head}: {size[0]}x{size[1]} at input "
+                f"{cfg.input_size[0]}x{cfg.input_size[1]}); use a grid of at most {min(size)}")
+        sides.append(max(size))
+    return MapPlan(tuple(layers), common_side(sides, transfer.grid))
+
+
+def map_of(transfer: TransferConfig, side: int, out: PatchOutput,
+           features: list[torch.Tensor]) -> torch.Tensor:
+    """A peer's global map (B, side, side) from its output and its hooked layers' outputs."""
+    if transfer.map_source == "patch_weights":
+        return grid_map(out.patch_weights, out.grid.rows, out.grid.cols, (side, side))
+    return global_map(features, (side, side), transfer.power)
+
+
+@torch.no_grad()
+def peer_maps(models: list[PatchModel], x: torch.Tensor, transfer: TransferConfig
+              ) -> list[torch.Tensor]:
+    """Each model's global map of the images ``x``, as in training, in eval mode (for the app,
+    evaluation and the experiment; the models need not be a team's)."""
+    plan = map_plan(models, transfer)
+    maps = []
+    for k, model in enumerate(models):
+        model.eval()
+        with captured(model.backbone, plan.layers[k]) as tap:
+            out = model(x)
+            maps.append(map_of(transfer, plan.side, out, tap.take()))
+    return maps
+
+
+def local_view(models: list[PatchModel], x: torch.Tensor, transfer: TransferConfig) -> dict:
+    """What the transfer loss sees for the images ``x``: each peer's global map (K, B, S, S),
+    all on one scale (each map divided by the largest value of any peer's map of that image),
+    and the per-region Pearson ρ of every peer against peer 0 (K - 1, B, grid, grid)."""
+    maps = peer_maps(models, x, transfer)
+    stacked = torch.stack(maps).float()
+    top = stacked.flatten(2).amax((0, 2)).clamp_min(1e-12)
+    rho = [region_pearson(m, maps[0], transfer.grid) for m in maps[1:]]
+    return {"maps": (stacked / top[None, :, None, None]).cpu(),
+            "rho": torch.stack(rho).cpu(), "grid": transfer.grid}
+
+
+def input_maps(model: PatchModel, x: torch.Tensor, transfer: TransferConfig) -> torch.Tensor:
+    """A model's own global map at input resolution (bilinear), each scaled to [0, 1], on the
+    CPU: the map that faithfulness metrics judge."""
+    from engine.explain import scale_maps
+
+    (m,) = peer_maps([model], x, transfer)
+    up = F.interpolate(m[:, None], size=tuple(x.shape[-2:]), mode="bilinear",
+                       align_corners=False)[:, 0]
+    return scale_maps(up.float().cpu())
+
+
+@dataclass
+class Peer:
+    model: PatchModel
+    optimizer: torch.optim.Optimizer
+    criterion: Criterion
+    net: torch.nn.Module
+    """The model as trained: wrapped in DDP and/or compiled where asked."""
+
+
+class Team:
+    """The run's peers (one for an ordinary run), their optimizers and the transfer loss."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg, self.transfer = cfg, cfg.transfer
+        self.peers = []
+        for model_cfg in cfg.models:  # built in order after one seed: peer 0 = a solo run's
+            model = build_model(model_cfg).to(device)
+            if device.type == "cuda" and cfg.train.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.peers.append(Peer(model, make_optimizer(model, cfg.train),
+                                   Criterion(cfg.loss, model.regularised), model))
+        self.plan = map_plan(self.models, self.transfer) if self.transfer else None
+        self.taps = [LayerTap(p.model.backbone, self.plan.layers[k] if self.plan else ())
+                     for k, p in enumerate(self.peers)]
+
+    def close(self) -> None:
+        """Remove the layer hooks."""
+        for tap in self.taps:
+            tap.close()
+
+    @property
+    def models(self) -> list[PatchModel]:
+        return [p.model for p in self.peers]
+
+    @property
+    def model(self) -> PatchModel:
+        """Peer 0: the run's ``model``."""
+        return self.peers[0].model
+
+    @property
+    def mutual(self) -> bool:
+        return len(self.peers) > 1
+
+    def parameters(self) -> int:
+        return sum(p.numel() for m in self.models for p in m.parameters())
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, amp: bool, raw: bool = False
+                ) -> tuple[list[PatchOutput], list | None]:
+        """Every peer's output and, for a mutual run, its global attention map. ``raw``: call
+        the models themselves, not their DDP / compiled wrappers (evaluation on rank 0)."""
+        outs, maps = [], []
+        for k, peer in enumerate(self.peers):
+            with autocast(x.device, amp):
+                out = (peer.model if raw else peer.net)(x)
+            outs.append(out)
+            features = self.taps[k].take()
+            if self.plan:
+                maps.append(self.peer_map(k, out, features))
+        return outs, (maps if self.plan else None)
+
+    def peer_map(self, k: int, out: PatchOutput, features: list[torch.Tensor]) -> torch.Tensor:
+        return map_of(self.transfer, self.plan.side, out, features)
+
+    def losses(self, outs: list[PatchOutput], maps: list | None, y: torch.Tensor, epoch: int
+               ) -> list[dict[str, torch.Tensor]]:
+        """Per peer: total, image, patch, transfer and KL terms (transfer is measured even at
+        λ = 0, without gradient, so the control run reports how much its peers agree)."""
+        terms = []
+        for k, peer in enumerate(self.peers):
+            base = peer.criterion(outs[k], y, epoch)
+            t = {"total": base.total, "image": base.image, "patch": base.patch}
+            if self.mutual:
+                others = [maps[j] for j in range(len(maps)) if j != k]
+                with contextlib.nullcontext() if self.transfer.lam else torch.no_grad():
+                    t["transfer"] = transfer_loss(maps[k], others, self.transfer.grid)
+                t["total"] = t["total"] + self.transfer.lam * t["transfer"]
+                if self.transfer.kl:
+                    t["kl"] = _mutual_kl(outs, k)
+                    t["total"] = t["total"] + self.transfer.kl * t["kl"]
+            terms.append(t)
+        return terms
+
+    def no_sync(self, sync: bool):
+        """DDP's no_sync for every peer while accumulating micro-batches."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for peer in self.peers:
+                stack.enter_context(peer.net.no_sync())
+        return stack
+
+    def optimizer_step(self) -> None:
+        for peer in self.peers:
+            peer.optimizer.step()
+            peer.optimizer.zero_grad(set_to_none=True)
+
+    def set_epoch(self, epoch: int) -> float:
+        """The epoch's learning rate (and betas) for every peer; returns the lr."""
+        lrs = [set_epoch_hyperparameters(p.optimizer, epoch, self.cfg.train)
+               for p in self.peers]
+        return lrs[0]
+
+    def patch_weight(self, epoch: int) -> float:
+        return self.peers[0].criterion.patch_weight(epoch)
+
+    def train(self) -> None:
+        for peer in self.peers:
+            peer.net.train()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint(self, optimizers: bool = False, **extra) -> dict:
+        """Peer 0 as a single model's checkpoint, the other peers under ``peers``; with
+        ``optimizers``, every peer's optimizer state too (what resume needs)."""
+        if optimizers:
+            extra["optimizer"] = self.peers[0].optimizer.state_dict()
+        if self.mutual:
+            extra["peers"] = [{"model": {k: v.detach().cpu()
+                                         for k, v in p.model.state_dict().items()},
+                               **({"optimizer": p.optimizer.state_dict()} if optimizers else {})}
+                              for p in self.peers[1:]]
+        return make_checkpoint(config_to_dict(self.cfg), self.model, **extra)
+
+    def load(self, ckpt: dict, path) -> None:
+        """Weights (and optimizer states, where present) of every peer."""
+        from engine.errors import CheckpointError
+
+        stored = ckpt.get("peers", [])
+        if not (isinstance(stored, list) and all(isinstance(p, dict) for p in stored)):
+            raise CheckpointError(f"{path}: its 'peers' entry is malformed")
+        if len(stored) != len(self.peers) - 1:
+            raise CheckpointError(f"{path} holds {1 + len(stored)} peer(s) but the run trains "
+                                  f"{len(self.peers)}")
+        for peer, state in zip(self.peers, [ckpt, *stored], strict=True):
+            load_state(peer.model, {**ckpt, "model": state.get("model")}, path)
+            if "optimizer" in state:
+                peer.optimizer.load_state_dict(state["optimizer"])
+
+
+def _mutual_kl(outs: list[PatchOutput], k: int) -> torch.Tensor:
+    """Deep mutual learning: mean over the other peers of KL(p_j || p_k), p_j detached."""
+    log_p = F.log_softmax(outs[k].logits.float(), 1)
+    terms = [F.kl_div(log_p, F.log_softmax(outs[j].logits.detach().float(), 1),
+                      reduction="batchmean", log_target=True)
+             for j in range(len(outs)) if j != k]
+    return torch.stack(terms).mean()
+
+
+def peer_config(cfg: RunConfig, k: int) -> RunConfig:
+    """The run's config as peer ``k``'s own: its model first, no transfer section (what a
+    standalone checkpoint of that peer records)."""
+    return dataclasses.replace(cfg, model=cfg.models[k], transfer=None)
+
+
+def peer_checkpoint(cfg: RunConfig, ckpt: dict, k: int) -> dict:
+    """A standalone checkpoint of peer ``k`` from a team checkpoint (for export, Explorer,
+    Compare maps)."""
+    state = ckpt["model"] if k == 0 else ckpt["peers"][k - 1]["model"]
+    keep = {key: v for key, v in ckpt.items()
+            if key not in ("model", "optimizer", "peers", "run_config", "rng", "metrics")}
+    team_row = ckpt.get("metrics") or {}
+    prefix = f"peer{k}_"
+    own = {key.removeprefix(prefix): v for key, v in team_row.items() if key.startswith(prefix)}
+    metrics = {"epoch": team_row.get("epoch"), **own} if team_row else {}
+    return {**keep, "run_config": config_to_dict(peer_config(cfg, k)), "model": state,
+            "metrics": metrics, "peer": k}
+
+
+@torch.no_grad()
+def map_agreement(team: Team, images: torch.Tensor, amp: bool) -> float:
+    """Mean local-map Pearson ρ between every pair of peers on ``images`` (already on the
+    device and normalised), in eval mode."""
+    for m in team.models:
+        m.eval()
+    try:
+        _, maps = team.forward(images, amp, raw=True)
+        rhos = [region_pearson(maps[i], maps[j], team.transfer.grid).mean()
+                for i in range(len(maps)) for j in range(i + 1, len(maps))]
+        return torch.stack(rhos).mean().item()
+    finally:
+        for m in team.models:
+            m.train()

@@ -1,0 +1,374 @@
+"""Mutual transfer of local attention maps: known answers for the maps and the Pearson loss,
+the K-peer trainer (checkpoints, resume, the λ = 0 control) and its bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from engine.checkpoint import load_checkpoint, load_model
+from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
+from engine.models import build_model
+from engine.mutual.maps import (
+    EPS,
+    captured,
+    chosen_layers,
+    common_side,
+    global_map,
+    layer_map,
+    region_pearson,
+    regions,
+    transfer_loss,
+)
+from engine.mutual.team import map_plan
+from engine.runs import RunStore
+from engine.train import prepare_run_config, train_run
+
+# ----------------------------------------------------------------------------------------------
+# Known answers
+
+
+def _two_by_two(*blocks):
+    """A (1, 4, 4) map whose 2x2 regions, row-major, hold the given 4 values each."""
+    m = torch.zeros(1, 4, 4)
+    for idx, values in enumerate(blocks):
+        i, j = divmod(idx, 2)
+        m[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2] = torch.tensor(values, dtype=torch.float).view(2, 2)
+    return m
+
+
+def _standardise(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return [(v - mean) / std for v in values]
+
+
+def _pearson_with_eps(a, b):
+    """The documented formula, by hand, on one region of already standardised maps."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    ca, cb = [v - ma for v in a], [v - mb for v in b]
+    eps = EPS * len(a)
+    num = sum(x * y for x, y in zip(ca, cb, strict=True))
+    return num / math.sqrt((sum(x * x for x in ca) + eps) * (sum(y * y for y in cb) + eps))
+
+
+def test_regions_are_row_major_blocks():
+    m = _two_by_two([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16])
+    r = regions(m, 2)
+    assert r.shape == (1, 2, 2, 4)
+    assert r[0, 0, 1].tolist() == [5, 6, 7, 8] and r[0, 1, 0].tolist() == [9, 10, 11, 12]
+    with pytest.raises(ValueError, match="does not divide"):
+        regions(torch.zeros(1, 5, 4), 2)
+
+
+def test_region_pearson_known_answers():
+    a = _two_by_two([1, 2, 3, 4], [1, 2, 3, 4], [1, 0, 0, 0], [1, 2, 3, 4])
+    b = _two_by_two([2, 4, 6, 8], [4, 3, 2, 1], [1, 1, 0, 0], [5, 5, 5, 5])
+    rho = region_pearson(a, b, 2)[0]
+    blocks_a = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 0, 0, 0], [1, 2, 3, 4]]
+    blocks_b = [[2, 4, 6, 8], [4, 3, 2, 1], [1, 1, 0, 0], [5, 5, 5, 5]]
+    # The same whole-map standardisation, by hand (region order: row-major blocks).
+    sa = _standardise([v for block in blocks_a for v in block])
+    sb = _standardise([v for block in blocks_b for v in block])
+    expected = [_pearson_with_eps(sa[4 * i:4 * i + 4], sb[4 * i:4 * i + 4]) for i in range(4)]
+    torch.testing.assert_close(rho.flatten(), torch.tensor(expected), atol=1e-6, rtol=0)
+    # Without ε these are exactly 1, -1, 1/sqrt(3) and 0.
+    torch.testing.assert_close(rho.flatten(), torch.tensor([1.0, -1.0, 1 / math.sqrt(3), 0.0]),
+                               atol=2e-3, rtol=0)
+
+
+def test_pearson_ignores_scale_and_offset_of_a_map():
+    torch.manual_seed(0)
+    a, b = torch.rand(3, 8, 8), torch.rand(3, 8, 8)
+    torch.testing.assert_close(region_pearson(a, b, 4), region_pearson(5 * a, b + 3.0, 4))
+    assert region_pearson(a, a, 4).min() > 0.99
+
+
+def test_constant_region_gives_zero_and_a_finite_gradient():
+    a = _two_by_two([3, 3, 3, 3], [1, 2, 3, 4], [0, 1, 0, 1], [2, 2, 1, 1]).requires_grad_()
+    b = _two_by_two([1, 2, 3, 4], [1, 2, 3, 4], [0, 1, 0, 1], [0, 0, 1, 1])
+    rho = region_pearson(a, b, 2)
+    assert rho[0, 0, 0].item() == 0.0
+    loss = (1 - rho).mean()
+    loss.backward()
+    assert torch.isfinite(a.grad).all()
+    # The flat region's gradient pushes it towards b's pattern there (down where b is high)...
+    flat = a.grad[0, :2, :2].flatten()
+    assert flat[3] < 0 < flat[0]
+    # ...and stays bounded by 1 / sqrt(ε n) in the standardised scale (here n = 4 pixels).
+    assert flat.abs().max() * a.detach().std(unbiased=False) < 1 / math.sqrt(EPS * 4)
+
+
+def test_transfer_loss_teaches_only_the_learner():
+    torch.manual_seed(1)
+    own = torch.rand(2, 8, 8, requires_grad=True)
+    other = torch.rand(2, 8, 8, requires_grad=True)
+    loss = transfer_loss(own, [other], 2)
+    expected = (1 - region_pearson(own, other, 2)).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert own.grad is not None and other.grad is None
+    assert transfer_loss(own.detach(), [own.detach()], 2).item() < 1e-3
+
+
+def test_layer_and_global_map_known_answer():
+    # Layer A: 2 channels, constant 1 and 3 -> mean |a| = 2 everywhere -> L2-normalised 0.5.
+    a = torch.stack([torch.ones(2, 2), 3 * torch.ones(2, 2)])[None]
+    # Layer B: one channel [[0, 2], [0, 0]] at p = 2 -> [[0, 4], [0, 0]] -> [[0, 1], [0, 0]].
+    b = torch.tensor([[0.0, 2.0], [0.0, 0.0]])[None, None]
+    torch.testing.assert_close(layer_map(a, (2, 2), 1.0), torch.full((1, 2, 2), 0.5))
+    torch.testing.assert_close(layer_map(b, (2, 2), 2.0), torch.tensor([[[0.0, 1.0], [0, 0]]]))
+    torch.testing.assert_close(global_map([a, b], (2, 2), 2.0),
+                               torch.tensor([[[0.5, 1.5], [0.5, 0.5]]]))
+    # A smaller map is resized (bilinear) before it is normalised.
+    small = layer_map(torch.ones(1, 1, 1, 1), (4, 4), 1.0)
+    torch.testing.assert_close(small, torch.full((1, 4, 4), 0.25))
+
+
+def test_common_side_is_a_multiple_of_the_grid_with_regions_of_two():
+    assert common_side([16, 32], 4) == 32
+    assert common_side([6], 4) == 8
+    assert common_side([6], 6) == 12
+    assert common_side([30], 4) == 32
+
+
+def test_layers_of_the_projects_backbones():
+    small = build_model(ModelConfig(backbone="small_cnn"))
+    layers = chosen_layers(small.backbone, 3, (32, 32), 3, "model.backbone")
+    assert [(x.name, x.size) for x in layers] == [
+        ("features.0", (32, 32)), ("features.1", (16, 16)), ("features.2", (16, 16))]
+    resnet = build_model(ModelConfig(backbone="resnet18", input_size=64))
+    assert [(x.name, x.size) for x in chosen_layers(resnet.backbone, 3, (64, 64), 2, "b")] == [
+        ("layer3", (32, 32)), ("layer4", (32, 32))]
+    # timm's MobileNet features loop over their blocks: the container is opened.
+    mobile = build_model(ModelConfig(backbone="timm:mobilenetv3_small_050", input_size=64,
+                                     timm_output_stride=8))
+    assert [x.name for x in chosen_layers(mobile.backbone, 3, (64, 64), 2, "b")] == [
+        "body.blocks.4", "body.blocks.5"]
+    with captured(small.backbone, ["features.2"]) as tap:
+        small(torch.zeros(2, 3, 32, 32))
+        assert tap.take()[0].shape == (2, 96, 16, 16)
+    assert not small.backbone.features[2]._forward_hooks  # released
+
+
+class _Flat(nn.Module):
+    """A backbone without child modules: nothing for a hook to catch."""
+
+    out_channels = 3
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(x, 2)
+
+
+def test_a_backbone_without_usable_layers_is_named():
+    model = build_model(ModelConfig(backbone="small_cnn"))
+    peer = build_model(ModelConfig(backbone="small_cnn"))
+    peer.backbone = _Flat()
+    cfg = RunConfig(transfer={"peers": [{"backbone": "small_cnn"}]}).transfer
+    with pytest.raises(ConfigError, match=r"transfer\.peers\[0\]\.backbone.*no usable "
+                                          r"intermediate layer"):
+        map_plan([model, peer], cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input, each naming its field
+
+
+def _mutual(name=None, peers=({"backbone": "small_cnn"},), epochs=2, train_size=256, **transfer):
+    return RunConfig(name=name, model=ModelConfig(backbone="small_cnn"),
+                     data=DataConfig(train_size=train_size, test_size=64),
+                     train=TrainConfig(epochs=epochs, batch_size=64),
+                     transfer={"peers": list(peers), **transfer})
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"lam": -0.5}, r"transfer\.lam must be a number >= 0"),
+    ({"peers": []}, r"transfer\.peers must be at least one other peer"),
+    ({"peers": [{"backbone": "small_cnn", "num_classes": 7}]},
+     r"transfer\.peers\[0\]\.num_classes must be equal to model\.num_classes"),
+    ({"grid": 0}, r"transfer\.grid must be a positive int"),
+    ({"map_source": "saliency"}, r"transfer\.map_source must be one of"),
+    ({"peers": [{"backbone": "small_cnn", "xi": 2}]}, r"transfer\.peers\[0\]\.xi must be"),
+])
+def test_bad_transfer_settings_name_the_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        _mutual(**change)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"grid": 40}, r"transfer\.grid=40 is larger than the attention map of peer 0 .*32x32"),
+    ({"grid": 7, "map_source": "patch_weights"},
+     r"transfer\.grid=7 is larger than the attention map of peer 0 .*6x6"),
+    ({"map_source": "patch_weights", "peers": [{"backbone": "small_cnn", "head": "plain"}]},
+     r"transfer\.peers\[0\]\.head='plain' has no learned patch weights"),
+    ({"peers": [{"backbone": "timm:not_a_model"}]}, r"timm has no model"),
+])
+def test_maps_are_checked_when_the_run_is_prepared(change, field):
+    with pytest.raises(ConfigError, match=field):
+        prepare_run_config(_mutual(**change))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+@pytest.fixture(scope="module")
+def mutual_run(tmp_path_factory):
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    run = store.create(prepare_run_config(_mutual("mutual", epochs=2, lam=2.0)))
+    assert train_run(run, progress_bar=False) == "finished"
+    return run
+
+
+def test_mutual_run_holds_every_peer(mutual_run):
+    rows = mutual_run.metrics()
+    assert len(rows) == 2
+    for key in ("peer0_test_acc", "peer1_test_acc", "peer0_train_loss", "peer1_train_acc",
+                "train_transfer_loss", "test_map_pearson"):
+        assert key in rows[-1], key
+    assert rows[-1]["test_acc"] == pytest.approx(
+        (rows[-1]["peer0_test_acc"] + rows[-1]["peer1_test_acc"]) / 2)
+    assert -1 <= rows[-1]["test_map_pearson"] <= 1
+    ckpt = load_checkpoint(mutual_run.last_checkpoint)
+    assert len(ckpt["peers"]) == 1 and "optimizer" in ckpt["peers"][0]
+    # Each peer is also a standalone checkpoint, and it is that peer.
+    peer1, standalone = load_model(mutual_run.peer_checkpoint(1))
+    assert standalone["run_config"]["transfer"] is None
+    best = load_checkpoint(mutual_run.best_checkpoint)
+    for key, value in best["peers"][0]["model"].items():
+        torch.testing.assert_close(peer1.state_dict()[key], value, atol=0, rtol=0)
+    summary = RunStore(mutual_run.path.parent).list()[0]
+    assert summary["backbone"] == "small_cnn + small_cnn"
+
+
+def test_export_writes_a_peer_as_itself(mutual_run, tmp_path):
+    from engine.errors import RunError
+    from engine.export import export_model
+
+    weights, card = export_model(mutual_run, tmp_path / "p1.pt", peer=1)
+    ckpt = load_checkpoint(weights)
+    best_row = mutual_run.metrics()[ckpt["metrics"]["epoch"]]
+    assert ckpt["metrics"]["test_acc"] == best_row["peer1_test_acc"]
+    assert ckpt["run_config"]["transfer"] is None and "optimizer" not in ckpt
+    assert "peer 1" in card.read_text() and "Mutual transfer" in card.read_text()
+    with pytest.raises(RunError, match=r"--peer must be in 0\.\.1"):
+        export_model(mutual_run, tmp_path / "p2.pt", peer=2)
+
+
+def test_mutual_run_resumes_exactly(mutual_run, tmp_path, monkeypatch):
+    from engine import train
+
+    store = RunStore(tmp_path)
+    cfg = _mutual("often", epochs=2, lam=2.0)
+    cfg.train.checkpoint_minutes = 1e-6  # a checkpoint every step
+    run = store.create(prepare_run_config(cfg))
+    real_save = train.atomic_torch_save
+
+    def save(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt" and (obj["progress"]["epoch"], obj["progress"]["step"]) == (
+                1, 2):
+            raise KeyboardInterrupt  # as a kill would, mid-epoch
+
+    monkeypatch.setattr(train, "atomic_torch_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, progress_bar=False)
+    monkeypatch.setattr(train, "atomic_torch_save", real_save)
+    run.update_status(state="failed")
+    assert train_run(run, resume=True, progress_bar=False) == "finished"
+    a, b = load_checkpoint(mutual_run.last_checkpoint), load_checkpoint(run.last_checkpoint)
+    for mine, theirs in ((a["model"], b["model"]), (a["peers"][0]["model"],
+                                                     b["peers"][0]["model"])):
+        for key in mine:
+            torch.testing.assert_close(mine[key], theirs[key], atol=0, rtol=0, msg=key)
+    assert [r["train_transfer_loss"] for r in run.metrics()] == [
+        r["train_transfer_loss"] for r in mutual_run.metrics()]
+
+
+def test_lambda_zero_peers_train_exactly_as_alone(tmp_path):
+    """The control: at λ = 0 peer 0 of a team is bit for bit the same model trained alone."""
+    store = RunStore(tmp_path)
+    team = store.create(prepare_run_config(_mutual("team", epochs=2, lam=0.0)))
+    alone_cfg = _mutual("alone", epochs=2)
+    alone_cfg.transfer = None
+    alone = store.create(prepare_run_config(alone_cfg))
+    assert train_run(team, progress_bar=False) == "finished"
+    assert train_run(alone, progress_bar=False) == "finished"
+    a, b = load_checkpoint(team.last_checkpoint), load_checkpoint(alone.last_checkpoint)
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0, msg=key)
+    assert [r["peer0_test_acc"] for r in team.metrics()] == [r["test_acc"]
+                                                            for r in alone.metrics()]
+    # λ = 0 still measures the agreement, without letting it teach.
+    assert "train_transfer_loss" in team.metrics()[-1]
+
+
+def test_a_team_checkpoint_with_the_wrong_peers_is_refused(mutual_run, tmp_path):
+    from engine.checkpoint import CheckpointError
+    from engine.device import resolve_device
+    from engine.mutual.team import Team
+
+    ckpt = load_checkpoint(mutual_run.last_checkpoint)
+    cfg = mutual_run.config()
+    cfg.transfer.peers = (*cfg.transfer.peers, cfg.transfer.peers[0])
+    team = Team(cfg, resolve_device("cpu"))
+    with pytest.raises(CheckpointError, match="holds 2 peer"):
+        team.load(ckpt, "last.pt")
+    team.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def _cli(capsys, *argv):
+    from engine.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer", "small_cnn"], "--peer: mutual transfer needs at least two peers; got 1"),
+    (["--peer", "small_cnn", "--peer", "small_cnn", "--lam", "-1"], "transfer.lam must be"),
+    (["--peer", "small_cnn", "--peer", "small_cnn", "--grid", "99"],
+     "transfer.grid=99 is larger than the attention map"),
+    (["--peer", "small_cnn", "--peer", "small_cnn", "--seeds", "1,x"], "--seeds must be"),
+    (["--peer", "small_cnn/a/b", "--peer", "small_cnn"], "--peer must be BACKBONE"),
+])
+def test_transfer_command_refuses_bad_input(tmp_path, capsys, argv, message):
+    code, _, err = _cli(capsys, "transfer", "--runs-dir", str(tmp_path), "--epochs", "1", *argv)
+    assert code == 2 and message in err, err
+    assert not list(tmp_path.glob("*/config.json"))  # nothing was created
+
+
+def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):
+    from engine.mutual.experiment import read_results
+
+    out = tmp_path / "results"
+    argv = ["transfer", "--runs-dir", str(tmp_path / "runs"), "--peer", "small_cnn",
+            "--peer", "small_cnn/plain", "--train-size", "128", "--test-size", "32",
+            "--epochs", "1", "--batch-size", "64", "--seeds", "3", "--eval-images", "8",
+            "--steps", "2", "--experiment", "t", "--out", str(out), "--quiet"]
+    code, printed, err = _cli(capsys, *argv)
+    assert code == 0, err
+    store = RunStore(tmp_path / "runs")
+    assert store.names() == ["t-s3-alone", "t-s3-mutual"]
+    assert store.get("t-s3-alone").config().transfer.lam == 0.0
+    assert store.get("t-s3-mutual").config().train.seed == 3
+    report = read_results(out)
+    methods = {r["method"] for r in report["summary"]}
+    assert methods == {"own_map", "gradcam", "loss_attention"}
+    # The plain peer has no Loss-Attention map; the conv-head peer does.
+    la_peers = {r["peer"] for r in report["rows"] if r["method"] == "loss_attention"}
+    assert la_peers == {0}
+    assert "## Grad-CAM" in (out / "results.md").read_text() and "28.2" in printed
+    # Run again: the finished runs are reused, not trained again...
+    mtime = store.get("t-s3-mutual").last_checkpoint.stat().st_mtime_ns
+    assert _cli(capsys, *argv)[0] == 0
+    assert store.get("t-s3-mutual").last_checkpoint.stat().st_mtime_ns == mtime
+    # ...but not under other settings: a new λ under the same name is refused.
+    code, _, err = _cli(capsys, *argv, "--lam", "5")
+    assert code == 2 and "exists with other settings (transfer.lam: 1.0 there, 5.0 asked)" in err

@@ -75,6 +75,8 @@ def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> 
         parts = []
         for (path, _), value in zip(grid, values, strict=True):
             section, key = path.split(".", 1)
+            if not isinstance(data.get(section), dict):  # "transfer": null on the base
+                data[section] = {}
             data[section][key] = value
             parts.append(f"{key.split('_')[0][:5]}{_short(value)}")
         data["name"] = f"{sweep}-{i:02d}-" + "-".join(parts)

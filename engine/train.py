@@ -78,6 +78,9 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
     model = models[0]
     transfer = (None if cfg.transfer is None
                 else dataclasses.replace(cfg.transfer, peers=tuple(models[1:])))
+    if cfg.transfer is not None and cfg.transfer.kl and info["multilabel"]:
+        raise ConfigError("transfer.kl must be 0 for multi-label data: mutual learning's KL term "
+                          "compares softmax class distributions")
     loss = cfg.loss
     ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
     loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)

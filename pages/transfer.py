@@ -207,8 +207,8 @@ st.markdown(
     "(which is not changed by it). Alone (λ = 0) the same peers train exactly as they would "
     "by themselves.")
 with guard("Mutual transfer"):
-    found = experiments(store())
-    launch_form(expanded=not found)
+    launch_form(expanded=not experiments(store()))
+    found = experiments(store())  # again: a pair launched just now is in it
     if found:
         names = list(found)
         chosen = st.selectbox("Experiment", names, **keep(WATCH_KEY, names[0], names))

@@ -100,6 +100,20 @@ def test_constant_region_gives_zero_and_a_finite_gradient():
     assert flat.abs().max() * a.detach().std(unbiased=False) < 1 / math.sqrt(EPS * 4)
 
 
+def test_a_flat_or_zero_map_keeps_finite_gradients():
+    """A whole map that is constant (or a layer that is all zero, a dead ReLU) must not send
+    NaN into the weights: the loss would be finite and the NaN check would not see it."""
+    own = torch.full((1, 8, 8), 0.25, requires_grad=True)
+    loss = transfer_loss(own, [torch.rand(1, 8, 8)], 4)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and torch.isfinite(own.grad).all()
+    dead = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    live = torch.rand(2, 4, 8, 8, requires_grad=True)
+    m = global_map([dead, live], (8, 8), 2.0)
+    transfer_loss(m, [torch.rand(2, 8, 8)], 2).backward()
+    assert torch.isfinite(dead.grad).all() and torch.isfinite(live.grad).all()
+
+
 def test_transfer_loss_teaches_only_the_learner():
     torch.manual_seed(1)
     own = torch.rand(2, 8, 8, requires_grad=True)
@@ -213,10 +227,14 @@ def test_maps_are_checked_when_the_run_is_prepared(change, field):
 # The trainer
 
 
+PLAIN = ({"backbone": "small_cnn", "head": "plain"},)
+
+
 @pytest.fixture(scope="module")
 def mutual_run(tmp_path_factory):
     store = RunStore(tmp_path_factory.mktemp("runs"))
-    run = store.create(prepare_run_config(_mutual("mutual", epochs=2, lam=2.0)))
+    # Peers of different heads: each must be saved, resumed and exported as itself.
+    run = store.create(prepare_run_config(_mutual("mutual", epochs=2, lam=2.0, peers=PLAIN)))
     assert train_run(run, progress_bar=False) == "finished"
     return run
 
@@ -260,7 +278,7 @@ def test_mutual_run_resumes_exactly(mutual_run, tmp_path, monkeypatch):
     from engine import train
 
     store = RunStore(tmp_path)
-    cfg = _mutual("often", epochs=2, lam=2.0)
+    cfg = _mutual("often", epochs=2, lam=2.0, peers=PLAIN)
     cfg.train.checkpoint_minutes = 1e-6  # a checkpoint every step
     run = store.create(prepare_run_config(cfg))
     real_save = train.atomic_torch_save
@@ -342,6 +360,60 @@ def test_transfer_command_refuses_bad_input(tmp_path, capsys, argv, message):
     code, _, err = _cli(capsys, "transfer", "--runs-dir", str(tmp_path), "--epochs", "1", *argv)
     assert code == 2 and message in err, err
     assert not list(tmp_path.glob("*/config.json"))  # nothing was created
+
+
+def test_transfer_settings_come_from_a_config_file_too(tmp_path):
+    import json
+
+    from engine.cli import build_parser
+    from engine.cli.transfer import transfer_config
+
+    path = tmp_path / "pair.json"
+    path.write_text(json.dumps({"model": {"backbone": "small_cnn"}, "transfer": {
+        "peers": [{"backbone": "small_cnn", "head": "plain"}], "lam": 2.0, "grid": 2}}))
+    args = build_parser().parse_args(["transfer", "--config", str(path), "--kl", "0.5"])
+    cfg = transfer_config(args)
+    assert (cfg.transfer.lam, cfg.transfer.grid, cfg.transfer.kl) == (2.0, 2, 0.5)
+    assert [m.head for m in cfg.models] == ["loss_attention", "plain"]
+    args = build_parser().parse_args(["transfer", "--config", str(path), "--peer", "small_cnn",
+                                      "--peer", "vgg11_bn"])
+    assert [m.backbone for m in transfer_config(args).models] == ["small_cnn", "vgg11_bn"]
+    with pytest.raises(ConfigError, match="--peer: mutual transfer needs at least two peers"):
+        transfer_config(build_parser().parse_args(["transfer", "--lam", "2"]))
+
+
+def test_transfer_fields_on_a_run_without_peers_are_config_errors(tmp_path):
+    import json
+
+    from engine.cli import build_parser
+    from engine.cli.runs import build_run_config
+    from engine.sweep import sweep_configs
+
+    with pytest.raises(ConfigError, match=r"transfer\.peers must be at least one other peer"):
+        sweep_configs(RunConfig(), [("transfer.lam", [0.0, 1.0])], "s")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"transfer": None}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--set",
+                                      "transfer.lam=2"])
+    with pytest.raises(ConfigError, match=r"transfer\.peers must be at least one other peer"):
+        build_run_config(args)
+
+
+def test_kl_is_refused_for_multi_label_data(monkeypatch):
+    from engine import train
+
+    real = train.describe
+    monkeypatch.setattr(train, "describe", lambda cfg: {**real(cfg), "multilabel": True})
+    with pytest.raises(ConfigError, match="transfer.kl must be 0 for multi-label data"):
+        prepare_run_config(_mutual(kl=0.5))
+
+
+def test_a_too_long_experiment_name_fails_before_training(tmp_path, capsys):
+    argv = ["transfer", "--runs-dir", str(tmp_path), "--peer", "small_cnn", "--peer",
+            "small_cnn", "--epochs", "1", "--experiment", "e" * 70, "--seeds", "0,10"]
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2 and "--experiment 'eeee" in err and "not a run name" in err
+    assert not RunStore(tmp_path).names()
 
 
 def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):

@@ -72,29 +72,48 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def build_run_config(args: argparse.Namespace):
-    """RunConfig from an optional JSON file, then the flags, then ``--set`` overrides."""
-    from engine.config import ConfigError, RunConfig, config_from_dict, parse_setting
+def run_config_data(args: argparse.Namespace) -> dict:
+    """The RunConfig's JSON, not yet validated: an optional JSON file, then the flags, then
+    ``--set`` overrides (commands that add to it, such as ``transfer``, validate it after)."""
+    from engine.config import parse_setting
 
     data: dict = read_config_file(args.config) if args.config else {}
+
+    def section_of(name: str) -> dict:
+        if not isinstance(data.get(name), dict):  # absent, or "transfer": null
+            data[name] = {}
+        return data[name]
+
     for flag, (section, key, _) in TRAIN_FLAGS.items():
         if getattr(args, flag) is not None:
-            data.setdefault(section, {})[key] = getattr(args, flag)
+            section_of(section)[key] = getattr(args, flag)
     for flag, (section, key, value) in SWITCHES.items():
         if getattr(args, flag):
-            data.setdefault(section, {})[key] = value
+            section_of(section)[key] = value
     for item in args.set or []:
         section, key, value = parse_setting(item, "--set")
-        data.setdefault(section, {})[key] = value
+        section_of(section)[key] = value
     if args.name:
         data["name"] = args.name
     if args.tag:
         data["tags"] = list(data.get("tags") or []) + args.tag
+    return data
+
+
+def validated_run_config(data: dict, args: argparse.Namespace):
+    """``data`` as a RunConfig; an error says that it came from the file and the flags."""
+    from engine.config import ConfigError, RunConfig, config_from_dict
+
     try:
         return config_from_dict(RunConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{exc}" + (f" (config file {args.config}, then the flags)"
                                       if args.config else "")) from None
+
+
+def build_run_config(args: argparse.Namespace):
+    """RunConfig from an optional JSON file, then the flags, then ``--set`` overrides."""
+    return validated_run_config(run_config_data(args), args)
 
 
 def read_config_file(path: str) -> dict:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import runs_dir_parent, store_of
-from engine.cli.runs import add_config_flags, build_run_config
+from engine.cli.runs import add_config_flags, run_config_data, validated_run_config
 
 TRANSFER_FLAGS = {"lam": float, "grid": int, "map_source": str, "layers": int, "power": float,
                   "kl": float}
@@ -36,22 +36,27 @@ def register(sub) -> None:
 
 
 def transfer_config(args: argparse.Namespace):
-    """The experiment's base RunConfig: the config flags, with the peers and transfer flags."""
-    from engine.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+    """The experiment's base RunConfig: the config file and flags, with the peers (``--peer``,
+    else the file's model and ``transfer.peers``) and the transfer flags."""
+    from engine.config import ConfigError
 
-    peers = args.peer or []
-    if len(peers) < 2:
-        raise ConfigError(f"--peer: mutual transfer needs at least two peers; got {len(peers)}"
-                          " (e.g. --peer small_cnn --peer small_cnn/plain)")
-    data = config_to_dict(build_run_config(args))
-    model = data["model"]
-    models = [{**model, **_peer_fields(text)} for text in peers]
-    transfer = dict(data.get("transfer") or {})
+    data = run_config_data(args)
+    transfer = data["transfer"] if isinstance(data.get("transfer"), dict) else {}
     for flag in TRANSFER_FLAGS:
         if getattr(args, flag) is not None:
             transfer[flag] = getattr(args, flag)
-    data.update(model=models[0], transfer={**transfer, "peers": models[1:]})
-    return config_from_dict(RunConfig, data)
+    if args.peer:
+        if len(args.peer) < 2:
+            raise ConfigError(f"--peer: mutual transfer needs at least two peers; got "
+                              f"{len(args.peer)} (e.g. --peer small_cnn --peer small_cnn/plain)")
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        models = [{**model, **_peer_fields(text)} for text in args.peer]
+        data["model"], transfer["peers"] = models[0], models[1:]
+    elif not transfer.get("peers"):
+        raise ConfigError("--peer: mutual transfer needs at least two peers (--peer A --peer B, "
+                          "or a config file with a model and transfer.peers)")
+    data["transfer"] = transfer
+    return validated_run_config(data, args)
 
 
 def _peer_fields(text: str) -> dict:

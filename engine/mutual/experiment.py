@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import RUN_NAME_PATTERN, RunConfig
 from engine.errors import ConfigError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.runs import Run, RunStore
@@ -53,8 +54,12 @@ def arm_config(base: RunConfig, name: str, seed: int, arm: str) -> RunConfig:
     transfer = base.transfer if arm == "mutual" else dataclasses.replace(
         base.transfer, lam=0.0, kl=0.0)
     train = dataclasses.replace(base.train, seed=seed)
-    return dataclasses.replace(base, name=f"{name}-s{seed}-{arm}", train=train,
-                               transfer=transfer,
+    run_name = f"{name}-s{seed}-{arm}"
+    if not re.fullmatch(RUN_NAME_PATTERN, run_name):
+        raise ConfigError(f"--experiment {name[:100]!r} makes the run name {run_name[:100]!r}, "
+                          "which is not a run name (1-80 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit); choose a shorter or plainer name")
+    return dataclasses.replace(base, name=run_name, train=train, transfer=transfer,
                                tags=(*base.tags, f"transfer:{name}", f"arm:{arm}"))
 
 
@@ -80,16 +85,23 @@ def trained_run(store: RunStore, cfg: RunConfig, progress_bar: bool) -> Run:
     return run
 
 
+RUNTIME_FIELDS = frozenset({"train.device", "train.compile", "train.data_on_device",
+                            "train.checkpoint_minutes", "data.root", "data.download"})
+"""Fields that say how or where a run trains, not what it learns: a run reused by name may
+differ in them (judge a CPU-trained experiment on a GPU, data moved to another folder)."""
+
+
 def _check_same_settings(run: Run, wanted: RunConfig) -> None:
     """A run reused by name must be the run asked for: another λ, grid, data or epoch count
     under the same experiment name is an error, never a silently reused result."""
     from engine.config import config_to_dict
 
     have, want = run.config_dict(), config_to_dict(wanted)
-    diff = [f"{section}.{key}: {have.get(section, {}).get(key)!r} there, {value!r} asked"
+    diff = [f"{section}.{key}: {(have.get(section) or {}).get(key)!r} there, {value!r} asked"
             for section, fields in want.items() if isinstance(fields, dict)
             for key, value in fields.items()
-            if key != "peers" and (have.get(section) or {}).get(key) != value]
+            if f"{section}.{key}" not in RUNTIME_FIELDS and key != "peers"
+            and (have.get(section) or {}).get(key) != value]
     if (have.get("transfer") or {}).get("peers") != (want.get("transfer") or {}).get("peers"):
         diff.append("transfer.peers differ")
     if diff:
@@ -199,11 +211,13 @@ def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int]
     from engine.device import resolve_device
 
     device = resolve_device(base.train.device)
+    # Every run's config first: a bad name fails before anything trains.
+    configs = {(seed, arm): arm_config(base, name, seed, arm) for seed in seeds for arm in ARMS}
     rows, timing = [], []
     for seed in seeds:
         for arm in ARMS:
             on_progress(f"seed {seed}: training the {arm} peers")
-            run = trained_run(store, arm_config(base, name, seed, arm), progress_bar)
+            run = trained_run(store, configs[seed, arm], progress_bar)
             on_progress(f"seed {seed}: judging the {arm} peers' maps")
             metrics = run.metrics()
             timing.append({"arm": arm, "seed": seed, "run": run.name,

@@ -175,7 +175,13 @@ def layer_map(features: torch.Tensor, size: tuple[int, int], power: float) -> to
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
     m = m.flatten(1)
-    return (m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)).view(-1, *size)
+    return (m / _nonzero(m.norm(dim=1, keepdim=True))).view(-1, *size)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with zeros replaced by 1: an all-zero map stays zero and its gradient stays
+    finite (a clamp would pass 0 · ∞ = NaN back through the norm's square root)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def global_map(features: Sequence[torch.Tensor], size: tuple[int, int], power: float
@@ -226,7 +232,7 @@ def _standardised(maps: torch.Tensor) -> torch.Tensor:
     ignores both; the ε below is then relative to the map's own contrast)."""
     maps = maps.float()
     centred = maps - maps.mean((-2, -1), keepdim=True)
-    return centred / centred.pow(2).mean((-2, -1), keepdim=True).sqrt().clamp_min(1e-12)
+    return centred / _nonzero(centred.pow(2).mean((-2, -1), keepdim=True)).sqrt()
 
 
 def transfer_loss(own: torch.Tensor, others: Sequence[torch.Tensor], grid: int) -> torch.Tensor:

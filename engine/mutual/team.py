@@ -258,8 +258,19 @@ class Team:
         if len(stored) != len(self.peers) - 1:
             raise CheckpointError(f"{path} holds {1 + len(stored)} peer(s) but the run trains "
                                   f"{len(self.peers)}")
-        for peer, state in zip(self.peers, [ckpt, *stored], strict=True):
-            load_state(peer.model, {**ckpt, "model": state.get("model")}, path)
+        if not all(isinstance(p.get("model"), dict) for p in stored):
+            raise CheckpointError(f"{path}: a peer in its 'peers' entry has no weights")
+        run_config = ckpt["run_config"]
+        recorded = [run_config.get("model"),
+                    *((run_config.get("transfer") or {}).get("peers") or [])][:len(self.peers)]
+        if len(recorded) != len(self.peers):
+            raise CheckpointError(f"{path}: its config lists {len(recorded)} peer model(s) "
+                                  f"for {len(self.peers)} peers")
+        for k, (peer, state) in enumerate(zip(self.peers, [ckpt, *stored], strict=True)):
+            # Each peer is checked against the architecture recorded for it, not peer 0's.
+            own = {**run_config, "model": recorded[k]}
+            load_state(peer.model, {**ckpt, "run_config": own, "model": state["model"]},
+                       f"{path} (peer {k})")
             if "optimizer" in state:
                 peer.optimizer.load_state_dict(state["optimizer"])
 

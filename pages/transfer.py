@@ -177,7 +177,7 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
     if st.session_state.get("mt_measured") == (runs, images):
         stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
         summary = summarise(_judged(runs, stamps, images))
-        st.dataframe(transfer_table(summary, MAP_LABELS), hide_index=True)
+        st.dataframe(transfer_table(summary, MAP_LABELS, SEED_PAPER), hide_index=True)
     st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
                f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
                "peers and data (only the abstract is available); compare the direction of the "
@@ -196,7 +196,7 @@ def saved_results() -> None:
         st.warning(f"{folder.name}/results.json is unreadable.")
         return
     st.markdown((folder / "results.md").read_text().split("\n", 2)[2].split("## ")[0])
-    st.dataframe(transfer_table(report["summary"], MAP_LABELS), hide_index=True)
+    st.dataframe(transfer_table(report["summary"], MAP_LABELS, SEED_PAPER), hide_index=True)
 
 
 st.title("Mutual transfer")

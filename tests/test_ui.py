@@ -234,9 +234,12 @@ def test_local_maps_figure_shares_one_scale_and_writes_rho_in_its_cells():
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert len(lines) == 2 * 2  # one inner edge each way on each map (2x2 regions)
     assert {a.text for a in fig.layout.annotations} >= {"peer 0", "ρ per region, peer 1 vs 0"}
-    rows = transfer_table([{"method": "gradcam", "metric": "average_drop_pct", "seeds": 3,
-                            "mutual_mean": 10.0, "mutual_std": 1.0, "alone_mean": 12.0,
-                            "alone_std": None, "difference_mean": -2.0,
-                            "difference_std": 0.5, "seeds_better": 3}], {"gradcam": "Grad-CAM"})
+    rows_in = {"method": "gradcam", "metric": "average_drop_pct", "seeds": 3,
+               "mutual_mean": 10.0, "mutual_std": 1.0, "alone_mean": 12.0, "alone_std": None,
+               "difference_mean": -2.0, "difference_std": 0.5, "seeds_better": 3}
+    rows = transfer_table([rows_in], {"gradcam": "Grad-CAM"})
     assert rows == [{"map": "Grad-CAM", "metric": "average_drop_pct", "mutual": "10.0 ± 1.0",
                      "alone": "12.0", "mutual - alone": "-2.0 ± 0.5", "seeds better": "3/3"}]
+    summary = [{**rows_in, "metric": m} for m in ("average_drop_pct", "deletion_auc")]
+    with_paper = transfer_table(summary, {}, {"average_drop_pct": 28.2})
+    assert [r["seed paper (its setting)"] for r in with_paper] == ["28.2", ""]

@@ -220,8 +220,10 @@ def local_maps_figure(maps: Sequence, rho: Sequence, titles: Sequence[str]) -> g
     return _layout(fig, height=380)
 
 
-def transfer_table(summary: list[dict], labels: dict[str, str]) -> list[dict]:
-    """The mutual-vs-alone summary rows as a table for the page (rounded, labelled)."""
+def transfer_table(summary: list[dict], labels: dict[str, str],
+                   reference: dict | None = None) -> list[dict]:
+    """The mutual-vs-alone summary rows as a table for the page (rounded, labelled); with
+    ``reference`` (metric -> the seed paper's value), a column of those values."""
     rows = []
     for r in summary:
         digits = 1 if r["metric"].endswith("_pct") else 3
@@ -236,4 +238,7 @@ def transfer_table(summary: list[dict], labels: dict[str, str]) -> list[dict]:
                      "alone": cell(r["alone_mean"], r["alone_std"]),
                      "mutual - alone": cell(r["difference_mean"], r["difference_std"]),
                      "seeds better": f"{r['seeds_better']}/{r['seeds']}"})
+        if reference is not None:
+            value = reference.get(r["metric"])
+            rows[-1]["seed paper (its setting)"] = "" if value is None else f"{value:.1f}"
     return rows

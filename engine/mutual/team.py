@@ -201,7 +201,8 @@ class Team:
                 others = [maps[j] for j in range(len(maps)) if j != k]
                 with contextlib.nullcontext() if self.transfer.lam else torch.no_grad():
                     t["transfer"] = transfer_loss(maps[k], others, self.transfer.grid)
-                t["total"] = t["total"] + self.transfer.lam * t["transfer"]
+                if self.transfer.lam:  # at λ = 0 the total is the peer's own loss, untouched
+                    t["total"] = t["total"] + self.transfer.lam * t["transfer"]
                 if self.transfer.kl:
                     t["kl"] = _mutual_kl(outs, k)
                     t["total"] = t["total"] + self.transfer.kl * t["kl"]

@@ -444,3 +444,25 @@ def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):
     # ...but not under other settings: a new λ under the same name is refused.
     code, _, err = _cli(capsys, *argv, "--lam", "5")
     assert code == 2 and "exists with other settings (transfer.lam: 1.0 there, 5.0 asked)" in err
+
+
+def test_an_interrupted_arm_is_one_line_and_resumed_by_the_next_call(tmp_path, capsys,
+                                                                     monkeypatch):
+    from engine import train
+
+    real = train.train_run
+
+    def stopped(run, **kwargs):
+        run.update_status(state="stopped", reason="stopped on request")
+        return "stopped"
+
+    argv = ["transfer", "--runs-dir", str(tmp_path), "--peer", "small_cnn", "--peer",
+            "small_cnn", "--train-size", "128", "--test-size", "32", "--epochs", "1",
+            "--batch-size", "64", "--eval-images", "4", "--steps", "1", "--quiet",
+            "--experiment", "cut", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(train, "train_run", stopped)
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2 and "run cut-s0-mutual ended stopped" in err and "again to resume" in err
+    monkeypatch.setattr(train, "train_run", real)
+    assert _cli(capsys, *argv)[0] == 0  # the same command resumes and finishes
+    assert RunStore(tmp_path).get("cut-s0-mutual").status()["state"] == "finished"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.config import RUN_NAME_PATTERN, RunConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, RunError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.runs import Run, RunStore
 
@@ -80,8 +80,9 @@ def trained_run(store: RunStore, cfg: RunConfig, progress_bar: bool) -> Run:
         run, resume = store.create(prepared), False
     state = train_run(run, resume=resume, progress_bar=progress_bar, console=progress_bar,
                       on_status=store.index)
-    if state != "finished":
-        raise RuntimeError(f"run {run.name} ended {state}: {run.status().get('reason', '')}")
+    if state != "finished":  # stopped or failed: said in one line, resumed by the next call
+        raise RunError(f"run {run.name} ended {state}: {run.status().get('reason', '')}; run "
+                       "the same command again to resume it")
     return run
 
 

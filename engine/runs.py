@@ -92,6 +92,14 @@ class Run:
         """Peer ``k`` of a mutual-transfer run at its best epoch, as a standalone checkpoint."""
         return self.checkpoint_dir / f"peer{k}.pt"
 
+    def peer_checkpoints(self) -> list[Path]:
+        """The standalone peer checkpoints written so far (none for an ordinary run)."""
+        found, k = [], 0
+        while self.peer_checkpoint(k).is_file():
+            found.append(self.peer_checkpoint(k))
+            k += 1
+        return found
+
     def config(self) -> RunConfig:
         try:
             data = json.loads(self.config_path.read_text())

@@ -378,7 +378,7 @@ def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> S
     if dist.is_main:
         run.keep_metrics_before(s.progress.epoch)
     _wrap_for_speed(s)
-    n_params = s.team.parameters()
+    n_params = s.team.parameter_count()
     log.info("run %s: %s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
              run.name, " + ".join(f"{m.backbone}/{m.head}" for m in cfg.models), n_params / 1e6,
              device, cfg.data.dataset, len(train_set), len(test_set), tc.epochs)
@@ -574,8 +574,7 @@ def _evaluate_team(s: Session) -> dict:
     out.update({key: sum(r[key] for r in rows) / len(rows)
                 for key in set.intersection(*(set(r) for r in rows))})
     first = s.test_set.images[:AGREEMENT_IMAGES]
-    out["test_map_pearson"] = map_agreement(s.team, model_input(s.test_set, first, s.device),
-                                            s.amp)
+    out["test_map_pearson"] = map_agreement(s.team, model_input(s.test_set, first, s.device))
     return out
 
 
@@ -591,9 +590,10 @@ def _save_best(s: Session, row: dict) -> None:
 
 
 def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-    """Forward + backward of one global batch (split into micro-batches); returns loss sums:
-    ``loss``, ``image``, ``patch`` and ``logits``; for a mutual run these are the peers' means
-    (logits: peer 0's), with each peer's own under ``{name}{k}`` and the transfer terms."""
+    """Forward + backward of one global batch (split into micro-batches); returns loss sums
+    ``loss``, ``image``, ``patch`` and the ``logits``. For a mutual run every peer's are
+    suffixed with its index (``loss0``, ``logits1``, ...), and the plain names hold the peers'
+    mean loss terms."""
     chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device),
                                 s.cfg.train.micro_batches)
     chunks = [c for c in chunks if len(c)]
@@ -604,24 +604,25 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str,
             outs, maps = team.forward(x[chunk], s.amp)
             terms = team.losses(outs, maps, y[chunk], epoch)
             # Equal weight per micro-batch, exactly as DDP averages per-rank gradients.
-            (sum(t["total"] for t in terms) / len(chunks)).backward()
+            (sum(t["loss"] for t in terms) / len(chunks)).backward()
         for k, t in enumerate(terms):
             for name, value in t.items():
-                key = ("loss" if name == "total" else name) + (str(k) if team.mutual else "")
+                key = name + _suffix(team, k)
                 totals[key] = totals.get(key, 0.0) + value.detach() * len(chunk)
             logits[k].append(outs[k].logits.detach())
+    for k, peer_logits in enumerate(logits):
+        totals["logits" + _suffix(team, k)] = torch.cat(peer_logits)
     if team.mutual:
-        _add_peer_means(totals, len(team.peers))
-        for k, peer_logits in enumerate(logits):
-            totals[f"logits{k}"] = torch.cat(peer_logits)
-    totals["logits"] = torch.cat(logits[0])
+        for name in ("loss", "image", "patch", "transfer", "kl"):
+            if f"{name}0" in totals:
+                totals[name] = sum(totals[f"{name}{k}"] for k in range(len(team.peers))
+                                   ) / len(team.peers)
     return totals
 
 
-def _add_peer_means(totals: dict, peers: int) -> None:
-    for name in ("loss", "image", "patch", "transfer", "kl"):
-        if f"{name}0" in totals:
-            totals[name] = sum(totals[f"{name}{k}"] for k in range(peers)) / peers
+def _suffix(team: Team, k: int) -> str:
+    """How peer ``k``'s statistics are named: no suffix for a single model."""
+    return str(k) if team.mutual else ""
 
 
 def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
@@ -636,15 +637,15 @@ def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
 
 
 def _accumulate(sums, terms, y, multilabel: bool) -> None:
+    """Add a step's loss sums, and the correct predictions of each ``logits[k]``
+    (``correct[k]``, single-label only)."""
     for key, value in terms.items():
         if not key.startswith("logits"):
             sums[key] = sums.get(key, 0.0) + value
-    sums["seen"] += y.shape[0]
-    if not multilabel:
-        sums["correct"] += (terms["logits"].argmax(1) == y).sum()
-        for key in (k for k in terms if k.startswith("logits") and k != "logits"):
+        elif not multilabel:
             name = "correct" + key.removeprefix("logits")
-            sums[name] = sums.get(name, 0.0) + (terms[key].argmax(1) == y).sum()
+            sums[name] = sums.get(name, 0.0) + (value.argmax(1) == y).sum()
+    sums["seen"] += y.shape[0]
 
 
 def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel, peers: int = 1) -> dict:
@@ -654,19 +655,20 @@ def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel, peers: int = 
            "train_image_loss": sums["image"].item() / seen,
            "train_patch_loss": sums["patch"].item() / seen, "epoch_s": seconds,
            "images_per_s": seen / max(seconds, 1e-9)}
-    if not multilabel:
-        row["train_acc"] = sums["correct"].item() / seen
-    if peers > 1:
-        row["train_acc"] = (sum(sums[f"correct{k}"].item() for k in range(peers)) / peers / seen
-                            if not multilabel else None)
-        for name in ("transfer", "kl"):
-            if name in sums:
-                row[f"train_{name}_loss"] = sums[name].item() / seen
-        for k in range(peers):
-            row[f"peer{k}_train_loss"] = sums[f"loss{k}"].item() / seen
-            if not multilabel:
-                row[f"peer{k}_train_acc"] = sums[f"correct{k}"].item() / seen
-    return {k: v for k, v in row.items() if v is not None}
+    if peers == 1:
+        if not multilabel:
+            row["train_acc"] = sums["correct"].item() / seen
+        return row
+    for name in ("transfer", "kl"):
+        if name in sums:
+            row[f"train_{name}_loss"] = sums[name].item() / seen
+    for k in range(peers):
+        row[f"peer{k}_train_loss"] = sums[f"loss{k}"].item() / seen
+        if not multilabel:
+            row[f"peer{k}_train_acc"] = sums[f"correct{k}"].item() / seen
+    if not multilabel:  # the peers' mean, as for every other plain name of a mutual run
+        row["train_acc"] = sum(row[f"peer{k}_train_acc"] for k in range(peers)) / peers
+    return row
 
 
 def _reduce_sums(sums: dict[str, torch.Tensor], dist: Dist) -> None:

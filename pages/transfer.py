@@ -6,7 +6,6 @@ local regions, and the Pearson ρ of every region), and measure mutual against a
 """
 
 import dataclasses
-from pathlib import Path
 
 import streamlit as st
 import torch
@@ -102,18 +101,9 @@ def live_panel(rows: list[dict]) -> None:
                 show_job_end(status, f"Run {run.name}", "Resume continues it.")
 
 
-def peers_of(row: dict) -> list[Path]:
-    run = store().get(row["name"])
-    paths, k = [], 0
-    while run.peer_checkpoint(k).is_file():
-        paths.append(run.peer_checkpoint(k))
-        k += 1
-    return paths
-
-
 def maps_section(row: dict) -> None:
     st.subheader("What the transfer loss sees")
-    paths = peers_of(row)
+    paths = store().get(row["name"]).peer_checkpoints()
     if len(paths) < 2:
         st.info(f"{row['name']} has no peer checkpoints yet: they appear after its first epoch.")
         return

@@ -222,10 +222,9 @@ def model_sources() -> dict[str, str]:
         run = Run(runs.root / row["name"])
         if run.best_checkpoint.is_file():
             sources[f"run: {row['name']}"] = str(run.best_checkpoint)
-        k = 0  # a mutual-transfer run: each peer on its own (peer 0 is also the run's best)
-        while run.peer_checkpoint(k).is_file():
-            sources[f"run: {row['name']} · peer {k}"] = str(run.peer_checkpoint(k))
-            k += 1
+        # A mutual-transfer run: each peer on its own (peer 0 is also the run's best).
+        for k, path in enumerate(run.peer_checkpoints()):
+            sources[f"run: {row['name']} · peer {k}"] = str(path)
     return sources
 
 

@@ -1,7 +1,7 @@
 """Attention maps of a model and the local-region Pearson transfer loss (docs/mutual_transfer.md).
 
-- **Layers.** A backbone's map layers are its stages: ``map_layers()`` where the backbone defines
-  it, else its direct children (a lone container child, such as timm's ``body``, is opened).
+- **Layers.** A backbone's map layers are its stages: its direct children (a lone container
+  child, such as timm's ``body``, is opened; so is a container that is never called itself).
   The usable ones give a 4-D output with a spatial map; the deepest ``n`` make the global map.
 - **Global map.** Forward hooks catch those layers' outputs in the same forward pass that gives
   the logits (no second pass). Each becomes the channel mean of |a|^p, is resized bilinearly to
@@ -38,9 +38,6 @@ EPS = 1e-4
 
 def candidate_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's stages in forward order (not yet checked for a spatial output)."""
-    custom = getattr(backbone, "map_layers", None)
-    if callable(custom):
-        return list(custom())
     module, prefix = backbone, ""
     children = list(module.named_children())
     while len(children) == 1:  # a wrapper (timm's ``body``, a lone Sequential): look inside
@@ -142,8 +139,7 @@ class LayerTap:
 
     def take(self) -> list[torch.Tensor]:
         """The outputs of the last forward pass, in layer order (and forget them)."""
-        out = [self.outputs.pop(n) for n in self.names]
-        return out
+        return [self.outputs.pop(n) for n in self.names]
 
     def close(self) -> None:
         for h in self._handles:

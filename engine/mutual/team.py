@@ -89,12 +89,11 @@ def map_of(transfer: TransferConfig, side: int, out: PatchOutput,
 @torch.no_grad()
 def peer_maps(models: list[PatchModel], x: torch.Tensor, transfer: TransferConfig
               ) -> list[torch.Tensor]:
-    """Each model's global map of the images ``x``, as in training, in eval mode (for the app,
-    evaluation and the experiment; the models need not be a team's)."""
+    """Each model's global map of the images ``x``, as in training, in the models' current
+    mode (for the app, evaluation and the experiment; the models need not be a team's)."""
     plan = map_plan(models, transfer)
     maps = []
     for k, model in enumerate(models):
-        model.eval()
         with captured(model.backbone, plan.layers[k]) as tap:
             out = model(x)
             maps.append(map_of(transfer, plan.side, out, tap.take()))
@@ -109,8 +108,7 @@ def local_view(models: list[PatchModel], x: torch.Tensor, transfer: TransferConf
     stacked = torch.stack(maps).float()
     top = stacked.flatten(2).amax((0, 2)).clamp_min(1e-12)
     rho = [region_pearson(m, maps[0], transfer.grid) for m in maps[1:]]
-    return {"maps": (stacked / top[None, :, None, None]).cpu(),
-            "rho": torch.stack(rho).cpu(), "grid": transfer.grid}
+    return {"maps": (stacked / top[None, :, None, None]).cpu(), "rho": torch.stack(rho).cpu()}
 
 
 def input_maps(model: PatchModel, x: torch.Tensor, transfer: TransferConfig) -> torch.Tensor:
@@ -145,7 +143,10 @@ class Team:
                 model = model.to(memory_format=torch.channels_last)
             self.peers.append(Peer(model, make_optimizer(model, cfg.train),
                                    Criterion(cfg.loss, model.regularised), model))
-        self.plan = map_plan(self.models, self.transfer) if self.transfer else None
+        # Maps are made in training only where a peer learns from them (λ > 0); the λ = 0
+        # control measures its agreement once an epoch (map_agreement), off the hot path.
+        learns = self.transfer is not None and self.transfer.lam > 0
+        self.plan = map_plan(self.models, self.transfer) if learns else None
         self.taps = [LayerTap(p.model.backbone, self.plan.layers[k] if self.plan else ())
                      for k, p in enumerate(self.peers)]
 
@@ -167,45 +168,38 @@ class Team:
     def mutual(self) -> bool:
         return len(self.peers) > 1
 
-    def parameters(self) -> int:
+    def parameter_count(self) -> int:
         return sum(p.numel() for m in self.models for p in m.parameters())
 
     # -- one step ---------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, amp: bool, raw: bool = False
-                ) -> tuple[list[PatchOutput], list | None]:
-        """Every peer's output and, for a mutual run, its global attention map. ``raw``: call
-        the models themselves, not their DDP / compiled wrappers (evaluation on rank 0)."""
+    def forward(self, x: torch.Tensor, amp: bool) -> tuple[list[PatchOutput], list | None]:
+        """Every peer's output (through its DDP / compiled wrapper) and, where the peers learn
+        from each other's maps, each one's global attention map."""
         outs, maps = [], []
         for k, peer in enumerate(self.peers):
             with autocast(x.device, amp):
-                out = (peer.model if raw else peer.net)(x)
-            outs.append(out)
+                outs.append(peer.net(x))
             features = self.taps[k].take()
             if self.plan:
-                maps.append(self.peer_map(k, out, features))
+                maps.append(map_of(self.transfer, self.plan.side, outs[-1], features))
         return outs, (maps if self.plan else None)
-
-    def peer_map(self, k: int, out: PatchOutput, features: list[torch.Tensor]) -> torch.Tensor:
-        return map_of(self.transfer, self.plan.side, out, features)
 
     def losses(self, outs: list[PatchOutput], maps: list | None, y: torch.Tensor, epoch: int
                ) -> list[dict[str, torch.Tensor]]:
-        """Per peer: total, image, patch, transfer and KL terms (transfer is measured even at
-        λ = 0, without gradient, so the control run reports how much its peers agree)."""
+        """Per peer: ``loss`` (what it minimises), ``image``, ``patch`` and, where they apply,
+        ``transfer`` and ``kl``."""
         terms = []
         for k, peer in enumerate(self.peers):
             base = peer.criterion(outs[k], y, epoch)
-            t = {"total": base.total, "image": base.image, "patch": base.patch}
-            if self.mutual:
+            t = {"loss": base.total, "image": base.image, "patch": base.patch}
+            if maps is not None:
                 others = [maps[j] for j in range(len(maps)) if j != k]
-                with contextlib.nullcontext() if self.transfer.lam else torch.no_grad():
-                    t["transfer"] = transfer_loss(maps[k], others, self.transfer.grid)
-                if self.transfer.lam:  # at λ = 0 the total is the peer's own loss, untouched
-                    t["total"] = t["total"] + self.transfer.lam * t["transfer"]
-                if self.transfer.kl:
-                    t["kl"] = _mutual_kl(outs, k)
-                    t["total"] = t["total"] + self.transfer.kl * t["kl"]
+                t["transfer"] = transfer_loss(maps[k], others, self.transfer.grid)
+                t["loss"] = t["loss"] + self.transfer.lam * t["transfer"]
+            if self.mutual and self.transfer.kl:
+                t["kl"] = _mutual_kl(outs, k)
+                t["loss"] = t["loss"] + self.transfer.kl * t["kl"]
             terms.append(t)
         return terms
 
@@ -306,13 +300,13 @@ def peer_checkpoint(cfg: RunConfig, ckpt: dict, k: int) -> dict:
 
 
 @torch.no_grad()
-def map_agreement(team: Team, images: torch.Tensor, amp: bool) -> float:
+def map_agreement(team: Team, images: torch.Tensor) -> float:
     """Mean local-map Pearson ρ between every pair of peers on ``images`` (already on the
     device and normalised), in eval mode."""
     for m in team.models:
         m.eval()
     try:
-        _, maps = team.forward(images, amp, raw=True)
+        maps = peer_maps(team.models, images, team.transfer)
         rhos = [region_pearson(maps[i], maps[j], team.transfer.grid).mean()
                 for i in range(len(maps)) for j in range(i + 1, len(maps))]
         return torch.stack(rhos).mean().item()

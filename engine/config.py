@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.errors import ConfigError
+from engine.presets import check_preset_name
 
 XI_DENOMINATORS = ("patches", "feature_map")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -451,6 +452,9 @@ class RunConfig:
     notes: str = ""
     transfer: TransferConfig | None = None
     """Mutual transfer: train ``model`` together with ``transfer.peers`` (None: one model)."""
+    preset: str | None = None
+    """The named preset (``engine.presets``) whose settings filled the fields the user did not
+    give; recorded so that Runs and diffs show it. None: the recipe defaults alone."""
 
     def __post_init__(self) -> None:
         import re
@@ -468,6 +472,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a JSON object (the {name} section); got "
                                   f"{value!r:.60}")
         check_types(self)
+        check_preset_name(self.preset)
         check_field(self.name is None or (isinstance(self.name, str)
                                      and re.fullmatch(RUN_NAME_PATTERN, self.name) is not None),
                "name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit "

@@ -143,6 +143,14 @@ def paper_11point_ap(scores: np.ndarray, labels: np.ndarray) -> float:
     of the 11 values is the max precision over the ranks between consecutive boundaries (the
     later one excluded), or the precision at rank 0 when a boundary was never set. AP = their
     mean, and 0 for a class without positives.
+
+    Ties: items with equal scores keep their input order (a stable sort). The released code
+    sorted with torch's default sort, which is not stable, so where a tie mixes positives and
+    negatives its ranking of the tied items, and with it the AP, depended on their order in
+    memory (and on the device); this port gives one definite value, which the released code may
+    not have. Ties are rare between float logits and common between rounded or saturated
+    scores. The standard AP (:func:`average_precision_per_class`) ranks tied items as one group
+    and does not depend on their order.
     """
     labels = np.asarray(labels) > 0
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")

@@ -35,6 +35,8 @@ from engine.fsutil import write_json_atomic
 from engine.jobs import ACTIVE, Job, JobStopped
 from engine.launch import start
 from engine.metric_table import metrics_of
+from engine.preset_fill import fill_preset
+from engine.presets import CONTEXT_FIELDS
 from engine.runs import Run, RunStore
 from engine.train import prepare_run_config, train_run
 
@@ -65,10 +67,21 @@ def _short(value) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", json.dumps(value))[:12] or "x"
 
 
-def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> list[RunConfig]:
-    """One validated RunConfig per grid cell."""
+def sweep_configs(base: RunConfig | dict, grid: list[tuple[str, list]], sweep: str
+                  ) -> list[RunConfig]:
+    """One validated RunConfig per grid cell.
+
+    ``base`` is either the settings the user gave, not yet validated (the CLI's: a config file
+    and flags): then each cell fills its preset after taking the grid's values, so a grid over
+    ``model.head`` or ``data.dataset`` gets each head's and data set's preset fields, and a
+    grid value wins over the preset like any value the user gave. Or a RunConfig, in which
+    every field counts as given, so its preset adds nothing per cell; with a preset and a grid
+    over a field the preset depends on that would keep the base's preset fields in every cell,
+    so it is refused."""
     _check_name(sweep)
-    base_dict = config_to_dict(base)
+    if isinstance(base, RunConfig):
+        _check_preset_grid(base, grid)
+    base_dict = copy.deepcopy(base) if isinstance(base, dict) else config_to_dict(base)
     configs = []
     for i, values in enumerate(itertools.product(*(v for _, v in grid))):
         data = copy.deepcopy(base_dict)
@@ -81,8 +94,17 @@ def sweep_configs(base: RunConfig, grid: list[tuple[str, list]], sweep: str) -> 
             parts.append(f"{key.split('_')[0][:5]}{_short(value)}")
         data["name"] = f"{sweep}-{i:02d}-" + "-".join(parts)
         data["tags"] = sorted({*data.get("tags", []), f"sweep:{sweep}"})
-        configs.append(config_from_dict(RunConfig, data))
+        configs.append(config_from_dict(RunConfig, fill_preset(data)))
     return configs
+
+
+def _check_preset_grid(base: RunConfig, grid: list[tuple[str, list]]) -> None:
+    swept = [path for path, _ in grid if path in CONTEXT_FIELDS]
+    if base.preset is not None and swept:
+        raise ConfigError(
+            f"a sweep over {', '.join(swept)} with preset {base.preset!r} needs the settings "
+            "before the preset filled them (pass them as a dict, as `python -m engine sweep "
+            "--preset` does), so that each cell gets its own preset fields")
 
 
 def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
@@ -255,10 +277,16 @@ def sweep_runs(store: RunStore, sweep: str) -> list[Run]:
             if tag in r["tags"]]
 
 
+TOP_LEVEL_FIELDS = ("preset",)
+"""Run-config fields outside the sections that tables compare (a run's preset)."""
+
+
 def varied_fields(runs: list[Run]) -> list[str]:
-    """Config fields (section.key) whose values differ between the runs."""
+    """Config fields (``preset``, section.key) whose values differ between the runs; read one
+    with :func:`config_value`."""
     dicts = [run.config_dict() for run in runs]
-    fields = []
+    fields = [name for name in TOP_LEVEL_FIELDS
+              if len({json.dumps(d.get(name)) for d in dicts}) > 1]
     for section in SECTIONS:
         keys = sorted({k for d in dicts for k in (d.get(section) or {})})
         for key in keys:
@@ -266,6 +294,16 @@ def varied_fields(runs: list[Run]) -> list[str]:
             if len(values) > 1:
                 fields.append(f"{section}.{key}")
     return fields
+
+
+def config_value(config: dict, field: str):
+    """The value of a field named as :func:`varied_fields` names it, in a config.json dict
+    (None where the field or its section is absent)."""
+    section, dot, key = field.partition(".")
+    if not dot:
+        return config.get(field)
+    part = config.get(section)
+    return part.get(key) if isinstance(part, dict) else None
 
 
 def evaluate_cell(run: Run, device: torch.device | None = None) -> dict:
@@ -297,7 +335,7 @@ def sweep_table(store: RunStore, sweep: str, evaluate=evaluate_cell) -> dict:
     rows = []
     for run in runs:
         cfg = run.config_dict()
-        row = {f: cfg[f.split(".")[0]].get(f.split(".", 1)[1]) for f in fields + derived}
+        row = {f: config_value(cfg, f) for f in fields + derived}
         row.update(run=run.name, state=run.status().get("state"))
         row.update(evaluate(run))
         rows.append(row)

@@ -93,7 +93,7 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
                          else defaults.weight_decay)})
     data = type(cfg.data)(**{**asdict(cfg.data), "input_size": size})
     return RunConfig(name=cfg.name, model=model, data=data, loss=loss, train=train,
-                     tags=cfg.tags, notes=cfg.notes, transfer=transfer)
+                     tags=cfg.tags, notes=cfg.notes, transfer=transfer, preset=cfg.preset)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import datetime
 import streamlit as st
 
 from engine.metric_table import label, metrics_of
-from engine.sweep import varied_fields
+from engine.sweep import config_value, varied_fields
 from ui.figures import metric_overlay
 from ui.overlay import csv_bytes
 from ui.st_state import guard, keep, store
@@ -62,8 +62,8 @@ if chosen:
             if fields:
                 st.caption("Config fields that differ between the chosen runs")
                 configs = {n: run.config_dict() for n, run in runs.items()}
-                st.dataframe([{"field": f, **{n: str(configs[n][f.split(".")[0]].get(
-                    f.split(".", 1)[1])) for n in runs}} for f in fields], hide_index=True)
+                st.dataframe([{"field": f, **{n: str(config_value(configs[n], f))
+                                              for n in runs}} for f in fields], hide_index=True)
             else:
                 st.caption("The chosen runs have the same config.")
 

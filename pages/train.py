@@ -9,21 +9,67 @@ import streamlit as st
 from engine import launch
 from engine.jobs import ACTIVE
 from engine.metric_table import main_metric
+from engine.preset_fill import preset_context
+from engine.presets import PRESETS, preset_settings
 from ui.figures import training_curves
 from ui.st_forms import config_of, progress_of, run_settings, show_job_end
 from ui.st_state import guard, keep, remember, store
 
 LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
+PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
+# Preset settings that this form has fields for (section.field -> the field's state key); a
+# comment, not a string: Streamlit would draw a bare string on the page.
+FORM_FIELDS = {"model.xi": "tr_xi", "loss.gamma_max": "tr_gamma", "train.epochs": "tr_epochs",
+               "train.batch_size": "tr_batch"}
+
+
+def _preset_label(name: str) -> str:
+    return f"{name}: {PRESETS[name].description}" if name else "none (recipe defaults)"
+
+
+def _preset_of_form(name: str) -> dict:
+    """What preset ``name`` sets for the head and data set now chosen in the form."""
+    state = st.session_state
+    data = {"data": {"dataset": state.get("tr_dataset", "digits")}}
+    return preset_settings(name, preset_context(data, {"head": state.get("tr_head",
+                                                                          "loss_attention")}))
+
+
+def _preset_picker() -> str:
+    """The preset select. Choosing one writes its values into the form's own fields, so the
+    form shows what will run (and may still be edited: the form's values win)."""
+    kwargs = keep("tr_preset", "", PRESET_CHOICES)
+    remember_choice = kwargs["on_change"]
+
+    def show_in_form() -> None:
+        remember_choice()
+        name = st.session_state["tr_preset"]
+        if name:
+            for path, setting in _preset_of_form(name).items():
+                if path in FORM_FIELDS:
+                    st.session_state[FORM_FIELDS[path]] = setting.value
+
+    name = st.selectbox("Preset", PRESET_CHOICES, format_func=_preset_label,
+                        **{**kwargs, "on_change": show_in_form},
+                        help="Fills the form's ξ, γmax, epochs and batch, and sets what the "
+                             "form has no field for (threshold denominator, stem, learning "
+                             "rate, ramp-up). Values you then type in the form win.")
+    if name:
+        rest = {k: v for k, v in _preset_of_form(name).items() if k not in FORM_FIELDS}
+        st.caption(f"**{name}** also sets: " + "; ".join(
+            f"`{path} = {setting.value}` ({setting.reason})" for path, setting in rest.items()))
+    return name
 
 
 def launch_form() -> None:
     with st.container(border=True):  # no st.form: its widgets could not remember values
+        preset = _preset_picker()
         settings = run_settings("tr")
         name = st.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
         submitted = st.button("Launch training", type="primary", key="tr_launch")
     if submitted:
         with guard("Launching", stop=False):
-            config = config_of(settings, name.strip() or None)
+            config = config_of(settings, name.strip() or None, preset=preset or None)
             run = launch.launch(store(), config)
             remember(LIVE_KEY, run.name)
             st.success(f"Run {run.name} started in the background.")

@@ -25,6 +25,18 @@ def runs_root(tmp_path, monkeypatch):
 
 
 
+def test_no_page_draws_a_stray_string():
+    """Streamlit's magic writes any bare string statement of a page script onto the page: only
+    the module docstring may stand alone (a field "docstring" once showed on the Train page)."""
+    import ast
+
+    for script in [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]:
+        body = ast.parse(script.read_text()).body
+        stray = [node.lineno for node in body[1:] if isinstance(node, ast.Expr)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+        assert not stray, f"{script.name}: bare strings at lines {stray}"
+
+
 def tiny_run(root: Path, name: str, **model) -> str:
     store = RunStore(root)
     config = RunConfig(name=name, model=ModelConfig(backbone="small_cnn", **model),

@@ -90,6 +90,28 @@ def test_paper_11point_ap_equals_the_released_arithmetic():
     assert forty > M.paper_11point_ap(scores, labels) + 0.05
 
 
+def test_paper_11point_ap_with_ties_ranks_tied_items_in_input_order():
+    """Items 1-3 tie at 0.5. Stable order keeps them as given: hits 0,1,0,1,1 (3 positives).
+    Precision at the positive ranks 1, 3, 4: 1/2, 2/4, 3/5; the recall only enters a bucket
+    strictly at rank 4 (recall 1), so bounds = [0, 4, 0, ...]: value 0 = max p[0:4] = 1/2,
+    values 1-10 = p[0] = 0 (a negative on top). AP = (1/2)/11."""
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
+    given = np.array([0, 1, 0, 1, 1])
+    assert M.paper_11point_ap(scores, given) == pytest.approx(0.5 / 11, abs=1e-7)
+    # The same data with the tied items 2 and 3 swapped: hits 0,1,1,0,1, so p[0:4] peaks at
+    # 2/3. An unstable sort (the released code's) may rank the tie either way: ties matter.
+    swapped = np.array([0, 1, 1, 0, 1])
+    assert M.paper_11point_ap(scores, swapped) == pytest.approx((2 / 3) / 11, abs=1e-7)
+    # A tie at the top decides p[0], which fills most buckets: 0 against 1.
+    top = np.array([0.9, 0.9, 0.1])
+    assert M.paper_11point_ap(top, np.array([0, 1, 0])) == 0.0
+    assert M.paper_11point_ap(top, np.array([1, 0, 0])) == 1.0
+    # The standard AP scores a tied group as one threshold: the order within it is irrelevant.
+    standard = M.average_precision_per_class(np.stack([scores, scores], 1),
+                                             np.stack([given, swapped], 1))
+    assert standard[0] == pytest.approx(standard[1])
+
+
 def test_selection_mask_rules():
     weights = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
     assert M.selection_mask(weights, "positive").tolist() == [[True, True, True, False],

@@ -139,6 +139,29 @@ def test_capsule_parameter_count_differs_only_by_unused_shortcuts(backbone, pape
     assert _count(backbone=backbone, head="capsule_loss_attention") + dead == paper
 
 
+@pytest.mark.parametrize("backbone, ours, paper_millions", [
+    ("resnet18", 32_484_929, 35.35), ("vgg11_bn", 30_542_081, 33.41)])
+def test_dynamic_routing_parameter_count_differs_by_per_position_votes(backbone, ours,
+                                                                       paper_millions):
+    """Our votes are shared over the 36 patch positions; the paper's Table II counts match
+    votes per position (Sabour et al.'s W_ij per input capsule), and not the dead shortcuts."""
+    from engine.models.heads import CapsuleLossAttentionHead, DynamicRoutingHead
+
+    cfg = ModelConfig(backbone=backbone, head="dynamic_routing")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert count_parameters(model) == ours
+    shared = model.head.votes.numel()
+    patches = model.grid((32, 32)).num_patches
+    per_position = DynamicRoutingHead.per_position_vote_params(cfg, patches)
+    assert (shared, per_position, per_position - shared) == (81_920, 2_949_120, 2_867_200)
+    with_per_position = ours - shared + per_position  # 35,352,129 / 33,409,281
+    assert round(with_per_position / 1e6, 2) == paper_millions
+    dead = CapsuleLossAttentionHead.unused_shortcut_params(cfg)
+    assert round((with_per_position + dead) / 1e6, 2) != paper_millions
+    assert round((ours + dead) / 1e6, 2) != paper_millions
+
+
 def test_loss_attention_head_has_no_parameters_of_its_own():
     la = build_model(ModelConfig(backbone="small_cnn", head="loss_attention"))
     mean = build_model(ModelConfig(backbone="small_cnn", head="mean"))

@@ -91,12 +91,17 @@ def data_folder_picker(prefix: str, label: str = "Data folder") -> tuple[Path | 
         return None, str(exc)
 
 
-def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = ()) -> RunConfig:
-    """A validated RunConfig (ConfigError names the bad field)."""
+def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = (),
+              preset: str | None = None) -> RunConfig:
+    """A validated RunConfig (ConfigError names the bad field). ``preset`` fills the fields
+    the settings do not give (engine.presets); the form's own values win."""
+    from engine.preset_fill import fill_preset
+
     if settings.get("problem"):
         raise ConfigError(settings["problem"])
     sections = {k: v for k, v in settings.items() if k != "problem"}
-    return config_from_dict(RunConfig, {**sections, "name": name or None, "tags": list(tags)})
+    data = {**sections, "name": name or None, "tags": list(tags), "preset": preset}
+    return config_from_dict(RunConfig, fill_preset(data))
 
 
 def progress_of(run: Run, status: dict) -> tuple[float, str]:

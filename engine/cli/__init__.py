@@ -1,10 +1,11 @@
 """The command line, ``python -m engine <command>``: one module per command group, each with
 its parser and its handler side by side. Everything the app does is scriptable here.
 
-  models                      list backbones and heads
+  models                      list backbones, heads and presets
   data list | check NAME      list data sets; check that one loads (counts, classes, boxes)
   train [--config F] [flags]  create a run and train it (foreground with a progress bar, or
-                              --background); torchrun-compatible
+                              --background); torchrun-compatible; --preset NAME fills the
+                              fields not given (paper, released-code)
   resume NAME                 continue a stopped or killed run from its last checkpoint
   runs [list|show|stop|delete|reindex]
   export NAME --out F.pt      a run's best model as a small checkpoint with a model card

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list registered backbones and heads")
+    p = sub.add_parser("models", help="list registered backbones, heads and presets")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("data", help="list data sets, or check that one loads")
@@ -22,6 +22,7 @@ def register(sub) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.models import backbone_descriptions, head_spec, list_heads
+    from engine.presets import PRESETS
 
     print("backbones:")
     for name, text in backbone_descriptions().items():
@@ -29,6 +30,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("heads:")
     for name in list_heads():
         print(f"  {name:24s} {head_spec(name).description}")
+    print("presets (train / sweep --preset NAME; what you give explicitly wins):")
+    for name, preset in PRESETS.items():
+        print(f"  {name:24s} {preset.description}")
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import command_line, quiet_parent, runs_dir_parent, store_of
+from engine.presets import describe_presets, preset_names
 
 # Convenience flags: flag -> (section, field, type). Anything else: --set section.field=value.
 TRAIN_FLAGS = {
@@ -29,6 +30,9 @@ SWITCHES = {"compile": ("train", "compile", True), "no_amp": ("train", "amp", Fa
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that make a RunConfig (train and sweep share them)."""
     p.add_argument("--config", help="RunConfig JSON file (sections model, data, loss, train)")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="fill the fields not given by the file, the flags or --set from a "
+                        "named preset: " + "; ".join(describe_presets()))
     for flag, (section, key, kind) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
                        help=f"{section}.{key}")
@@ -74,7 +78,8 @@ def register(sub) -> None:
 
 def run_config_data(args: argparse.Namespace) -> dict:
     """The RunConfig's JSON, not yet validated: an optional JSON file, then the flags, then
-    ``--set`` overrides (commands that add to it, such as ``transfer``, validate it after)."""
+    ``--set`` overrides (commands that add to it, such as ``transfer``, validate it after).
+    ``--preset`` only names the preset here: :func:`validated_run_config` fills its fields."""
     from engine.config import parse_setting
 
     data: dict = read_config_file(args.config) if args.config else {}
@@ -93,6 +98,8 @@ def run_config_data(args: argparse.Namespace) -> dict:
     for item in args.set or []:
         section, key, value = parse_setting(item, "--set")
         section_of(section)[key] = value
+    if args.preset:
+        data["preset"] = args.preset
     if args.name:
         data["name"] = args.name
     if args.tag:
@@ -101,11 +108,13 @@ def run_config_data(args: argparse.Namespace) -> dict:
 
 
 def validated_run_config(data: dict, args: argparse.Namespace):
-    """``data`` as a RunConfig; an error says that it came from the file and the flags."""
+    """``data`` with its preset's fields filled in where it does not give them, as a RunConfig;
+    an error says that it came from the file and the flags."""
     from engine.config import ConfigError, RunConfig, config_from_dict
+    from engine.preset_fill import fill_preset
 
     try:
-        return config_from_dict(RunConfig, data)
+        return config_from_dict(RunConfig, fill_preset(data))
     except ConfigError as exc:
         raise ConfigError(f"{exc}" + (f" (config file {args.config}, then the flags)"
                                       if args.config else "")) from None

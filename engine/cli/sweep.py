@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine.cli.common import runs_dir_parent, store_of
-from engine.cli.runs import add_config_flags, build_run_config
+from engine.cli.runs import add_config_flags, run_config_data, validated_run_config
 
 
 def register(sub) -> None:
@@ -51,7 +51,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = store_of(args)
     if not args.report_only:
         grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
-        configs = sweep_configs(build_run_config(args), grid, args.sweep_name)
+        data = run_config_data(args)
+        validated_run_config(data, args)  # the base alone: its error names the file and flags
+        # The cells get the settings as given, so that each fills its preset by its own head.
+        configs = sweep_configs(data, grid, args.sweep_name)
         parallel = _parallel(args.parallel)
         print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
         write_manifest(store, args.sweep_name, grid)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from engine.config import RECIPE_NAMES
+from engine.config import RECIPE_NAMES, XI_DENOMINATORS
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,6 +71,10 @@ class HeadSpec:
     attention baselines with SGD, Mean-pooling and Dynamic Routing with Adam."""
     standard_backbone: bool = False
     """Use the backbone's standard (strided) plan by default: the paper's plain baselines."""
+    released_xi_denominator: str | None = None
+    """The threshold denominator of the authors' released code for this head, which the
+    ``released-code`` preset sets (METHOD.md D1): ``"feature_map"`` for the conv head,
+    ``"patches"`` for the capsule head; None where no released code thresholds (baselines)."""
 
 
 _BACKBONES: dict[str, BackboneSpec] = {}
@@ -95,6 +99,9 @@ def register_head(name: str, *, description: str, label: str, **spec):
             raise ValueError(f"head name {name!r} is taken")
         if spec.get("recipe", "sgd") not in RECIPE_NAMES:
             raise ValueError(f"head {name!r}: recipe must be one of {list(RECIPE_NAMES)}")
+        if spec.get("released_xi_denominator") not in (None, *XI_DENOMINATORS):
+            raise ValueError(f"head {name!r}: released_xi_denominator must be None or one of "
+                             f"{list(XI_DENOMINATORS)}")
         _HEADS[name] = HeadSpec(name, description, label, cls, **spec)
         return cls
     return decorate

@@ -2,6 +2,7 @@
 errors, digit bags, the cross-validation protocol (and that the test fold never leaks), the CLI,
 the real benchmark files when LOSSATTN_DATA is set, and the MIL page under AppTest."""
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -32,8 +33,13 @@ from engine.mil.models import (
 from engine.mil.protocol import (
     SELECT_RULES,
     Standardiser,
+    _test_max,
     cross_validate,
     fold_plans,
+    inner_cv_epochs,
+    inner_plans,
+    pooled_epoch_choice,
+    run_folds,
     seeded_members,
     train_members,
 )
@@ -111,6 +117,30 @@ def test_loss_is_ce_plus_lambda_weighted_instance_ce():
     want = ce_bag + 0.5 * (0.25 * ce_inst[0] + 0.75 * ce_inst[1])
     assert mil_loss(out, y, bag, lam=0.5).item() == pytest.approx(want, rel=1e-6)
     assert mil_loss(out, y, bag, lam=0.5, regularised=False).item() == pytest.approx(ce_bag)
+
+
+def test_instance_loss_mean_divides_each_bag_by_its_size():
+    """The released code's aggregate='mean': λ (1/N) Σ α CE per bag, with a known answer on two
+    bags of sizes 2 and 1."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    inst = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    bag = torch.tensor([0, 0, 1])
+    alpha = torch.tensor([0.25, 0.75, 1.0])
+    y = torch.tensor([1, 0])
+
+    def ce(o, k):
+        return -torch.log_softmax(o, 0)[k].item()
+
+    bag_terms = [0.25 * ce(inst[0], 1) + 0.75 * ce(inst[1], 1), 1.0 * ce(inst[2], 0)]
+    ce_bags = [ce(logits[0], 1), ce(logits[1], 0)]
+    out = MilOutput(logits, inst, alpha)
+    want_sum = np.mean([c + 0.5 * t for c, t in zip(ce_bags, bag_terms, strict=True)])
+    want_mean = np.mean([ce_bags[0] + 0.5 * bag_terms[0] / 2, ce_bags[1] + 0.5 * bag_terms[1]])
+    assert mil_loss(out, y, bag, 0.5).item() == pytest.approx(want_sum, rel=1e-6)
+    assert mil_loss(out, y, bag, 0.5, instance_loss="mean").item() == pytest.approx(want_mean,
+                                                                                  rel=1e-6)
+    with pytest.raises(ValueError, match="instance_loss"):
+        mil_loss(out, y, bag, 0.5, instance_loss="max")
 
 
 @pytest.mark.parametrize("method", ["loss_attention", "attention", "gated_attention", "mean",
@@ -265,7 +295,11 @@ def test_config_errors_name_the_field():
     for kwargs, field in (({"method": "max"}, "method"), ({"folds": 1}, "folds"),
                           ({"lr": 0}, "lr"), ({"dropout": 1.0}, "dropout"),
                           ({"val_fraction": 0.7}, "val_fraction"), ({"hidden": ()}, "hidden"),
-                          ({"select": "best"}, "select")):
+                          ({"select": "best"}, "select"),
+                          ({"epoch_choice": "test"}, "epoch_choice"),
+                          ({"instance_loss": "max"}, "instance_loss"),
+                          ({"inner_folds": 1}, "inner_folds"),
+                          ({"report_test_max": "yes"}, "report_test_max")):
         with pytest.raises(ValueError, match=field):
             MilConfig(**kwargs)
 
@@ -326,6 +360,95 @@ def test_no_leakage_between_folds_trained_side_by_side():
         assert torch.equal(a[0], b[0]), name
 
 
+def test_test_max_never_reaches_training_or_selection():
+    """Recording every epoch's test accuracy (the optimistic column) changes nothing: the same
+    parameters, chosen epochs and validation curves with and without it, and NaN test bags
+    change nothing either. The record is consistent: at the kept epoch it is the reported
+    accuracy, so the test maximum is never below it."""
+    config = MilConfig(folds=3, repeats=1, epochs=12, patience=4, seed=2)
+    data = digit_bags(n_bags=60, seed=1)
+    plans = fold_plans(data, config)
+    plain, _, info = train_members(data, plans, config)
+    watched, _, winfo = train_members(data, plans, config, watch_test=True)
+    poisoned = digit_bags(n_bags=60, seed=1)
+    poisoned.features[poisoned.rows(plans[0].test)] = np.nan
+    dirty, _, dinfo = train_members(poisoned, plans, config, watch_test=True)
+    assert info["test_errors"] is None and winfo["test_errors"].shape[1] == len(plans)
+    # The poisoned bags are the other folds' training bags: compare fold 0 alone there.
+    for other, oinfo, f in ((watched, winfo, slice(None)), (dirty, dinfo, slice(0, 1))):
+        assert oinfo["best_epoch"][f] == info["best_epoch"][f]
+        assert torch.equal(oinfo["val_errors"][:, f], info["val_errors"][:, f])
+        for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values(),
+                                strict=True):
+            assert torch.equal(a[f], b[f]), name
+    rows = [cross_validate(data, MilConfig(**FAST, report_test_max=flag)) for flag in (False, True)]
+    assert "test_max_mean" not in rows[0]
+    for key in ("fold_accuracies", "best_epochs", "bag_weights"):
+        assert rows[0][key] == rows[1][key], key
+    results = run_folds(data, plans, config)
+    for r, f in zip(results, range(len(plans)), strict=True):
+        at_kept = 1.0 - float(winfo["test_errors"][r.best_epoch - 1, f])
+        assert r.accuracy == pytest.approx(at_kept)
+        assert r.test_max >= r.accuracy and 1 <= r.test_max_epoch <= winfo["final_epochs"][f]
+
+
+def test_test_max_known_answer_stops_at_the_fold_s_own_last_epoch():
+    errors = torch.tensor([[0.5, 0.4], [0.2, 0.3], [0.1, 0.0]])  # (epochs, members)
+    assert _test_max(errors, 0, 3) == (pytest.approx(0.9), 3)
+    assert _test_max(errors, 0, 2) == (pytest.approx(0.8), 2)  # epoch 3 came after its stop
+    assert _test_max(errors, 1, 1) == (pytest.approx(0.6), 1)
+    assert _test_max(None, 0, 3) == (None, None)
+
+
+def test_pooled_epoch_choice_known_answer():
+    # Two groups: members 0-1 (val sizes 2 and 4), member 2 alone (size 5).
+    val_errors = torch.tensor([[0.5, 0.25, 0.2],
+                               [0.0, 0.50, 0.0],
+                               [0.5, 0.00, 0.0]])
+    # group 0 pooled wrong/6: epoch 1: (1 + 1)/6, epoch 2: (0 + 2)/6, epoch 3: (1 + 0)/6
+    # group 1: 0.2, 0, 0 -> the later of the tied minima
+    assert pooled_epoch_choice(val_errors, [2, 4, 5], [2, 1]) == [3, 3]
+    assert pooled_epoch_choice(val_errors[:2], [2, 4, 5], [2, 1]) == [2, 2]
+
+
+def test_inner_cv_splits_only_the_training_bags():
+    config = MilConfig(folds=3, repeats=1, epoch_choice="inner_cv", inner_folds=3)
+    data = digit_bags(n_bags=60, seed=0)
+    for plan in fold_plans(data, config):
+        assert len(plan.val) == 0 and len(plan.fit) + len(plan.test) == data.n_bags
+        inner = inner_plans(data, plan, config)
+        assert len(inner) == 3
+        assert sorted(np.concatenate([q.val for q in inner])) == sorted(plan.fit)
+        for q in inner:
+            assert not set(q.fit) & set(q.val) and set(q.fit) | set(q.val) == set(plan.fit)
+            assert not (set(q.fit) | set(q.val)) & set(plan.test) and len(q.test) == 0
+            assert abs(data.labels[q.val].mean() - data.labels[plan.fit].mean()) < 0.1
+    with pytest.raises(ValueError, match="inner_folds"):
+        inner_plans(data, plan, MilConfig(inner_folds=40, epoch_choice="inner_cv"))
+
+
+def test_inner_cv_retrains_for_the_chosen_epochs_without_seeing_the_test_fold():
+    config = MilConfig(folds=3, repeats=1, epochs=6, epoch_choice="inner_cv", seed=4)
+    data = digit_bags(n_bags=60, seed=2)
+    plans = fold_plans(data, config)
+    chosen = inner_cv_epochs(data, plans, config)
+    assert len(chosen) == 3 and all(1 <= e <= 6 for e in chosen)
+    poisoned = digit_bags(n_bags=60, seed=2)
+    poisoned.features[poisoned.rows(plans[0].test)] = np.nan
+    assert inner_cv_epochs(poisoned, plans[:1], config) == chosen[:1]
+    # A fixed number of epochs keeps exactly the parameters after that epoch.
+    fixed, _, info = train_members(data, plans, config, fixed_epochs=[2, 2, 2])
+    last = dataclasses.replace(config, epochs=2, select="last")
+    # (the validation split only watches here: "last" keeps every epoch)
+    free, _, _ = train_members(data, [dataclasses.replace(p, val=p.test) for p in plans], last)
+    assert info["best_epoch"] == [2, 2, 2] and info["epochs_run"] == 2
+    for (name, a), b in zip(fixed.state_dict().items(), free.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    row = cross_validate(data, config)
+    assert row["folds_done"] == 3 and all(1 <= e <= 6 for e in row["best_epochs"])
+    assert row["test_max_mean"] >= row["accuracy_mean"]
+
+
 def test_results_folder_round_trip(tmp_path):
     data = digit_bags(n_bags=40, seed=0)
     row = cross_validate(data, MilConfig(**FAST))
@@ -336,7 +459,9 @@ def test_results_folder_round_trip(tmp_path):
     assert len(read_bag_weights(tmp_path, "digit_bags", "loss_attention")) == 40
     md = (tmp_path / "results.md").read_text()
     assert "| digit_bags | loss_attention |" in md and "paper" in md
-    assert (tmp_path / "results.csv").read_text().startswith("dataset,method,measured,paper")
+    assert "| test-max (optimistic) |" in md and "np.amax" in md
+    assert (tmp_path / "results.csv").read_text().startswith(
+        "dataset,method,measured,test-max (optimistic),paper")
 
 
 def test_cli_writes_the_table(tmp_path, capsys):
@@ -351,6 +476,20 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert "digit_bags" in capsys.readouterr().out
     assert main(["mil", "--method", "max", "--out", str(out)]) == 2
     assert main(["mil", "--dataset", "musk9", "--out", str(out)]) == 2
+    assert main(["mil", "--epoch-choice", "best", "--out", str(out)]) == 2
+
+
+def test_cli_args_carry_every_setting_to_the_background_process():
+    from engine.cli import build_parser
+    from engine.mil.experiment import cli_args
+
+    config = MilConfig(report_test_max=False, epoch_choice="inner_cv", inner_folds=4,
+                       instance_loss="mean", hidden=(32, 16))
+    args = build_parser().parse_args(cli_args(["fox"], ["attention"], config, Path("out")))
+    assert args.report_test_max is False and args.epoch_choice == "inner_cv"
+    assert (args.inner_folds, args.instance_loss, args.hidden) == (4, "mean", (32, 16))
+    args = build_parser().parse_args(["mil", "--report-test-max"])
+    assert args.report_test_max is True and args.epoch_choice is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +517,27 @@ def test_mil_page_smoke(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=30).run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def test_mil_page_shows_the_honest_and_the_optimistic_column(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from engine.mil.results import TEST_MAX
+
+    monkeypatch.setenv("LOSSATTN_RUNS", str(tmp_path / "runs"))
+    data = digit_bags(n_bags=40, seed=0)
+    row = cross_validate(data, MilConfig(**FAST, instance_loss="mean"))
+    write_results(tmp_path / "runs" / "_mil" / "mine", [row])
+    at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=30).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.selectbox(key="w_mil_experiment").value == "mine"
+    table = at.dataframe[0].value  # the measured table (the paper's is second)
+    assert list(table[TEST_MAX]) == [f"{row['test_max_mean']:.3f} ± {row['test_max_std']:.3f}"]
+    captions = " ".join(c.value for c in at.caption)
+    assert "np.amax" in captions and "headline" in captions
+    assert "instance loss: mean (the released code)" in captions
+    shipped = [o for o in at.selectbox(key="w_mil_experiment").options if "shipped" in o]
+    assert "results/mil (shipped with the repository)" in shipped
 
 
 def test_every_selection_a_config_accepts_has_a_rule():

@@ -31,8 +31,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(MilConfig):
         if f.name == "method":  # --method takes a list, below
             continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if hints[f.name] is bool:  # --report-test-max / --no-report-test-max
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"MilConfig.{f.name} (default {str(f.default).lower()})")
+            continue
         default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=_flag_type(hints[f.name]),
+        p.add_argument(flag, type=_flag_type(hints[f.name]),
                        help=f"MilConfig.{f.name} (default {default})")
 
 

@@ -113,8 +113,12 @@ def cli_args(datasets: Sequence[str], methods: Sequence[str], config: MilConfig,
         value = getattr(config, f.name)
         if f.name == "method" or value == getattr(defaults, f.name):
             continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+            continue
         text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        args += [f"--{f.name.replace('_', '-')}", text]
+        args += [f"--{flag}", text]
     if data_root:
         args += ["--data-root", str(data_root)]
     if threads:

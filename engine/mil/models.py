@@ -244,9 +244,11 @@ MIL_METHODS: dict[str, MilMethod] = {m.name: m for m in (
 
 def mil_loss(out: MilOutput, labels: torch.Tensor, bag: torch.Tensor, lam: float,
              regularised: bool = True, bag_mask: torch.Tensor | None = None,
-             per_member: bool = False) -> torch.Tensor:
+             per_member: bool = False, instance_loss: str = "sum") -> torch.Tensor:
     """AAAI Eq. 7 without the consistency term (ω = 0 for the MIL benchmarks): the mean over bags
     of CE(z, Y) + λ Σ_n α_n CE(o_n, Y), where every instance takes its bag's label.
+    ``instance_loss="mean"`` divides a bag's instance term by its size N, as the released code
+    does (``MilConfig.instance_loss``).
 
     For F members (3-D logits): ``labels`` (B,) or (F, B), ``bag`` (N,) or (F, N), and
     ``bag_mask`` (F, B) marks the bags each member learns from (others add exactly 0). Returns
@@ -264,8 +266,12 @@ def mil_loss(out: MilOutput, labels: torch.Tensor, bag: torch.Tensor, lam: float
         inst = F.cross_entropy(inst_logits.reshape(-1, k), inst_labels.reshape(-1),
                                reduction="none")
         gbag = _global_bags(bag, members, n_bags)
-        per_bag = per_bag + lam * segment_sum(weights.reshape(-1) * inst, gbag,
-                                              members * n_bags).view(members, n_bags)
+        term = segment_sum(weights.reshape(-1) * inst, gbag, members * n_bags)
+        if instance_loss == "mean":
+            term = term / segment_sum(torch.ones_like(inst), gbag, members * n_bags).clamp_min(1)
+        elif instance_loss != "sum":
+            raise ValueError(f"instance_loss must be 'sum' or 'mean'; got {instance_loss!r}")
+        per_bag = per_bag + lam * term.view(members, n_bags)
     if bag_mask is None:
         losses = per_bag.mean(1)
     else:

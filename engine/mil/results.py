@@ -40,14 +40,27 @@ def _pm(mean, std) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+TEST_MAX = "test-max (optimistic)"
+"""The diagnostic column's name, wherever it is shown."""
+TEST_MAX_NOTE = (
+    "*Measured* is this project's honest protocol: each fold's epoch is chosen on data held out "
+    "from its training folds, and the test fold is seen once. *Test-max (optimistic)* is the "
+    "same folds' best test accuracy over the epochs that choice could take: the released AAAI "
+    "code's rule (`np.amax` over per-epoch test accuracies), which selects the epoch on the test "
+    "fold. It is shown only to measure that rule's bias; it never touches training or selection, "
+    "and the headline is the measured column.")
+
+
 def table_rows(rows: list[dict]) -> list[dict]:
-    """Flat rows for a table: measured and paper accuracy side by side, and the gap."""
+    """Flat rows for a table: measured, test-max (optimistic) and paper accuracy side by side,
+    and the gap measured − paper."""
     out = []
     for r in rows:
         paper = paper_accuracy(r["dataset"], r["method"])
         gap = None if paper is None else r["accuracy_mean"] - paper[0]
         out.append({"dataset": r["dataset"], "method": r["method"],
                     "measured": _pm(r["accuracy_mean"], r["accuracy_std"]),
+                    TEST_MAX: _pm(r.get("test_max_mean"), r.get("test_max_std")),
                     "paper": format_paper(r["dataset"], r["method"]),
                     "gap": "-" if gap is None else f"{gap:+.3f}",
                     "folds": f"{r['folds_done']}", "seconds": r.get("seconds")})
@@ -57,14 +70,15 @@ def table_rows(rows: list[dict]) -> list[dict]:
 def results_markdown(rows: list[dict], title: str = "MIL benchmarks", note: str = "") -> str:
     lines = [f"# {title}", "",
              ("Accuracy, mean ± std over all test folds (repeated stratified k-fold CV), beside "
-              "the AAAI 2020 Loss-Attention paper's numbers. Gap = measured − paper."), ""]
+              "the AAAI 2020 Loss-Attention paper's numbers. Gap = measured − paper."), "",
+             TEST_MAX_NOTE, ""]
     if note:
         lines += [note, ""]
-    lines += ["| data set | method | measured | paper | gap | folds | seconds |",
-              "|---|---|---|---|---|---|---|"]
+    columns = ["dataset", "method", "measured", TEST_MAX, "paper", "gap", "folds", "seconds"]
+    header = ["data set", *columns[1:]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table_rows(rows):
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['measured']} | {r['paper']} | "
-                     f"{r['gap']} | {r['folds']} | {r['seconds']} |")
+        lines.append("| " + " | ".join(str(r[c]) for c in columns) + " |")
     totals: dict[str, float] = {}
     for r in rows:
         totals[r["method"]] = totals.get(r["method"], 0.0) + float(r.get("seconds") or 0.0)

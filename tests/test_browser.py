@@ -87,6 +87,8 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         timings = open_home(page, url, started)
         page.screenshot(path=artifacts / "home.png", full_page=True)
+        # .streamlit/config.toml: a tool to use, not a script to deploy (toolbarMode viewer).
+        assert page.get_by_text("Deploy", exact=True).count() == 0
 
         for path, title in PAGES.items():
             page.goto(f"{url}/{path}")

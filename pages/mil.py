@@ -108,10 +108,6 @@ def shipped_choices() -> dict[str, Path]:
     return {f"{p.relative_to(PROJECT_ROOT).as_posix()}{SHIPPED_SUFFIX}": p for p in folders}
 
 
-def experiment_folder(choice: str) -> Path:
-    return shipped_choices().get(choice) or mil_root(runs_root()) / choice
-
-
 @st.fragment(run_every=2.0)
 def progress(folder: Path) -> None:
     with guard("Reading the progress", stop=False):
@@ -216,13 +212,14 @@ st.caption("Loss-Attention (AAAI 2020) on MUSK1/2, FOX, TIGER, ELEPHANT and embe
 launch_form()
 st.divider()
 with guard("The MIL page"):
-    choices = list_experiments(runs_root()) + list(shipped_choices())
+    shipped = shipped_choices()
+    choices = list_experiments(runs_root()) + list(shipped)
     if not choices:
         st.info("No MIL experiment yet: start one above.")
         st.stop()
     choice = st.selectbox("Experiment", choices, **keep("mil_experiment", choices[0], choices))
-    folder = experiment_folder(choice)
-if folder not in shipped_choices().values():  # a shipped table has no job to watch
+    folder = shipped.get(choice) or mil_root(runs_root()) / choice
+if choice not in shipped:  # a shipped table has no job to watch
     progress(folder)
 with guard("The MIL results"):
     rows = read_results(folder)

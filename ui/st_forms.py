@@ -12,6 +12,7 @@ from engine.data import DataError, list_datasets
 from engine.data.roots import data_roots, folder_in_root, shown_relative
 from engine.device import DEVICE_CHOICES
 from engine.models import head_spec, list_backbones, list_heads
+from engine.preset_fill import fill_preset
 from engine.runs import Run
 from ui.st_state import keep
 
@@ -95,8 +96,6 @@ def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = (
               preset: str | None = None) -> RunConfig:
     """A validated RunConfig (ConfigError names the bad field). ``preset`` fills the fields
     the settings do not give (engine.presets); the form's own values win."""
-    from engine.preset_fill import fill_preset
-
     if settings.get("problem"):
         raise ConfigError(settings["problem"])
     sections = {k: v for k, v in settings.items() if k != "problem"}

@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 LOSSATTN_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export LOSSATTN_DATA
 
-.PHONY: app test lint bench setup
+.PHONY: app test lint bench perf setup
 
 setup: $(STAMP)
 
@@ -36,3 +36,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m engine bench
+
+# The README's Performance table, measured on this machine (quiet it first): about 15 minutes.
+perf: $(STAMP)
+	$(PY) tests/bench_perf.py --readme --out perf.json

@@ -28,7 +28,7 @@ import torch
 from engine.config import LossConfig, ModelConfig
 from engine.device import autocast
 from engine.losses import Criterion
-from engine.models import build_model, count_parameters
+from engine.models import build_model, compiled, count_parameters
 
 
 @dataclass
@@ -116,7 +116,7 @@ def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: in
         model = build_model(cfg).to(device).train()
         memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
-        run = torch.compile(model) if mode.compile else model
+        run = compiled(model) if mode.compile else model
         criterion = Criterion(LossConfig(), model.regularised)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, cfg.in_chans, *cfg.input_size, generator=gen)
@@ -128,7 +128,7 @@ def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: in
             start = time.perf_counter()
             with autocast(device, mode.amp):
                 out = run(x)
-            loss = criterion(out, y, epoch=100).total
+            loss = criterion(out, y, 100).total
             loss.backward()
             model.zero_grad(set_to_none=True)
             _sync(device)
@@ -220,7 +220,7 @@ def bench_training(data_cfg, model_cfg: ModelConfig, device: torch.device, batch
 
     def model_step(x=None, y=None):
         x, y = (x_fixed, y_fixed) if x is None else (x, y)
-        criterion(model(x), y, epoch=100).total.backward()
+        criterion(model(x), y, 100).total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -26,10 +27,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo's flags).
+    Without it oneDNN emulates bf16: measured 10x slower than fp32 per training step on AVX2."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no way to tell, so no bf16
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on ``device``: CUDA, or a CPU with native bf16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bf16 autocast when enabled and fast on ``device`` (:func:`amp_supported`); a no-op
+    elsewhere."""
+    if enabled and amp_supported(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

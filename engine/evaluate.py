@@ -116,8 +116,10 @@ def _metrics_at(model: PatchModel, data: ImageSet, out: PatchOutput, groups: lis
 def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
                    xi_grid: list[float] | None = None, groups: str | list[str] = "auto",
                    faithfulness_images: int = 0, pr_curves: bool = True,
-                   seed: int = 0) -> dict:
-    """The full report (a JSON-ready dict)."""
+                   seed: int = 0, collected: Collected | None = None) -> dict:
+    """The full report (a JSON-ready dict). ``collected``: a :func:`collect` pass already made
+    over ``data`` with this model (e.g. the app's cache), so that the backbone does not run
+    again."""
     started = time.perf_counter()
     chosen = resolve_groups(model, data, groups)
     if faithfulness_images and "faithfulness" not in chosen:
@@ -127,7 +129,11 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
             raise EvaluationError(f"xi values must lie in [0, 1]; got {xi}")
     default_xi = model.config.xi
     grid_values = sorted({default_xi, *(xi_grid or [])}) if model.xi_dependent else [default_xi]
-    collected = collect(model, data, device)
+    if collected is None:
+        collected = collect(model, data, device)
+    elif (sizes := {len(v) for v in collected.cache.values()}) != {len(data)}:
+        raise EvaluationError(f"the collected pass covers {sorted(sizes)} images; the data set "
+                              f"has {len(data)}")
     gt = None
     if "patch" in chosen:
         gt = M.patch_ground_truth(collected.grid.boxes, data.box_data, data.box_offsets,

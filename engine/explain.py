@@ -3,8 +3,12 @@
 Maps (one value per input pixel, each map scaled to [0, 1] per image):
 - ``loss_attention``: the patch weights painted onto their pixel boxes, overlapping boxes
   averaged (a pixel in no box gets 0). This is the weight the model actually pools with;
-- ``gradcam``, ``gradcam++``, ``scorecam``: from the ``grad-cam`` package on the backbone's output
-  feature map, upsampled bilinearly to the input. Their hooks are released when each call ends.
+- ``gradcam``, ``gradcam++``, ``scorecam``: on the backbone's output feature map, upsampled
+  bilinearly to the input. Grad-CAM and Grad-CAM++ are computed here, with the ``grad-cam``
+  package's definitions (tests hold them to the package's maps): the gradients they weigh are
+  the same, so one backbone pass and one backward pass through the head give both and the
+  Loss-Attention map (:data:`ONE_PASS`). Score-CAM, a forward pass per feature channel and image,
+  comes from the package, whose hooks are released when each call ends.
 
 Faithfulness (for a class c: the true label, or the top-scoring true label if multi-label; the
 score is the softmax probability, or the sigmoid for multi-label models):
@@ -25,16 +29,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.data.base import ImageSet, model_input
-from engine.models import LogitsOnly, PatchGrid, PatchModel
+from engine.models import LogitsOnly, PatchGrid, PatchModel, PatchOutput
 
 METHODS = {"loss_attention": "Loss-Attention", "gradcam": "Grad-CAM",
            "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
 """Explanation methods and their display names."""
+ONE_PASS = ("loss_attention", "gradcam", "gradcam++")
+"""The methods whose maps come from one backbone pass (cheap enough to show at once)."""
 
 
 def coverage(grid: PatchGrid) -> torch.Tensor:
@@ -63,7 +71,8 @@ def scale_maps(maps: torch.Tensor) -> torch.Tensor:
 
 def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str
              ) -> torch.Tensor:
-    """Grad-CAM family maps (B, H, W) in [0, 1] for the given classes."""
+    """Grad-CAM family maps (B, H, W) in [0, 1] for the given classes, from the grad-cam
+    package (the app uses it for Score-CAM; the tests, as the reference for the others)."""
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -81,17 +90,76 @@ def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: 
     return scale_maps(torch.from_numpy(maps).float())
 
 
+def backbone_pass(model: PatchModel, x: torch.Tensor, xi: float | None = None
+                  ) -> tuple[torch.Tensor, PatchOutput]:
+    """The backbone's feature map of ``x`` and the model's outputs at ``xi``, without gradients."""
+    if x.dim() != 4 or x.shape[1] != model.config.in_chans:  # as PatchModel.encode says it
+        raise ValueError(f"expected images of shape (B, {model.config.in_chans}, H, W); "
+                         f"got {tuple(x.shape)}")
+    with torch.no_grad():
+        features = model.backbone(x)
+        out = model.decode(model.head.encode(features), model.grid(x.shape[-2:]), xi)
+    return features, out
+
+
+def gradient_cams(model: PatchModel, features: torch.Tensor, classes: torch.Tensor,
+                  input_size: tuple[int, int], methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Grad-CAM and / or Grad-CAM++ maps (B, H, W) in [0, 1] from the backbone's feature map.
+
+    The gradients of the class logits (at the model's own ξ, as the package sees the model) with
+    respect to the feature map need only the head, so the backward pass stops there."""
+    k = model.config.num_classes
+    if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= k):
+        raise ValueError(f"{methods[0]} could not explain classes {classes.tolist()} of a model "
+                         f"with {k} classes")
+    leaf = features.detach().requires_grad_()
+    with torch.enable_grad():
+        logits = model.decode(model.head.encode(leaf), model.grid(input_size)).logits
+        (grads,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), leaf)
+    acts, grads = features.detach().float(), grads.float()
+    maps = {}
+    for method in methods:
+        if method == "gradcam":
+            weights = grads.mean((2, 3))
+        else:  # Grad-CAM++ (Chattopadhyay et al. 2018, Eq. 19), as the package writes it
+            squared = grads ** 2
+            total = acts.sum((2, 3), keepdim=True)
+            alpha = squared / (2 * squared + total * squared * grads + 1e-6)
+            weights = (grads.clamp_min(0) * torch.where(grads != 0, alpha, 0)).sum((2, 3))
+        cam = (weights[:, :, None, None] * acts).sum(1).clamp_min(0)
+        up = F.interpolate(cam[:, None], size=tuple(input_size), mode="bilinear",
+                           align_corners=False)[:, 0]
+        maps[method] = scale_maps(up.cpu())
+    return maps
+
+
+def loss_attention_map(model: PatchModel, out: PatchOutput) -> torch.Tensor:
+    if out.patch_weights is None:
+        raise ValueError(f"model head {model.config.head!r} has no patch weights to map")
+    return scale_maps(patch_map(out.patch_weights, out.grid).cpu())
+
+
+def one_pass_maps(model: PatchModel, features: torch.Tensor, out: PatchOutput,
+                  classes: torch.Tensor, methods: Sequence[str], input_size: tuple[int, int]
+                  ) -> dict[str, torch.Tensor]:
+    """The maps of ``methods`` (all in :data:`ONE_PASS`) from one :func:`backbone_pass`."""
+    maps = {}
+    if "loss_attention" in methods:
+        maps["loss_attention"] = loss_attention_map(model, out)
+    cams = [m for m in methods if m != "loss_attention"]
+    if cams:
+        maps.update(gradient_cams(model, features, classes, input_size, cams))
+    return {m: maps[m] for m in methods}
+
+
 def explanation_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str,
                      xi: float | None = None) -> torch.Tensor:
-    if method == "loss_attention":
-        with torch.no_grad():
-            out = model(x, xi=xi)
-        if out.patch_weights is None:
-            raise ValueError(f"model head {model.config.head!r} has no patch weights to map")
-        return scale_maps(patch_map(out.patch_weights, out.grid).cpu())
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
-    return cam_maps(model, x, classes, method)
+    if method not in ONE_PASS:
+        return cam_maps(model, x, classes, method)
+    features, out = backbone_pass(model, x, xi)
+    return one_pass_maps(model, features, out, classes, [method], tuple(x.shape[-2:]))[method]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,17 +291,48 @@ def classes_to_explain(data: ImageSet, indices: torch.Tensor, logits: torch.Tens
 def compare_maps(model: PatchModel, data: ImageSet, indices: torch.Tensor, choice: str,
                  methods: Sequence[str], xi: float | None = None) -> dict:
     """Every method's map (numpy (B, H, W) in [0, 1]) of the images ``indices``, explaining
-    the class ``choice`` (:func:`classes_to_explain`); with the classes and predictions."""
+    the class ``choice`` (:func:`classes_to_explain`); with the classes and predictions. The
+    :data:`ONE_PASS` methods share one backbone pass, which also gives the predictions."""
     model.eval()
     device = next(model.parameters()).device
     x = model_input(data, data.images[indices], device)
-    with torch.no_grad():
-        logits = model(x, xi=xi).logits.float().cpu()
-    classes = classes_to_explain(data, indices, logits, choice)
-    maps = {m: explanation_maps(model, x, classes.to(device), m, xi=xi).cpu().numpy()
-            for m in methods}
+    features, out = backbone_pass(model, x, xi)
+    logits = out.logits.float().cpu()
+    classes = classes_to_explain(data, indices, logits, choice).to(device)
+    fast = [m for m in methods if m in ONE_PASS]
+    maps = one_pass_maps(model, features, out, classes, fast, tuple(x.shape[-2:]))
+    maps.update({m: explanation_maps(model, x, classes, m, xi=xi) for m in methods
+                 if m not in ONE_PASS})
     return {"indices": indices.tolist(), "classes": classes.tolist(),
-            "predicted": logits.argmax(1).tolist(), "maps": maps}
+            "predicted": logits.argmax(1).tolist(),
+            "maps": {m: maps[m].cpu().numpy() for m in methods}}
+
+
+def remembered_maps(memo: MutableMapping, model: PatchModel, data: ImageSet,
+                    indices: Sequence[int], classes: Sequence[int], method: str,
+                    limit: int = 512) -> np.ndarray:
+    """``method``'s maps (numpy (B, H, W)) of the images ``indices`` explaining ``classes``.
+
+    ``memo`` maps (image index, class) to a map made earlier for the same model and data: those
+    are reused, the rest computed in one batch and added (the least recently used dropped beyond
+    ``limit``). For maps that depend on nothing else, as the CAMs (which explain the logits at the
+    model's own ξ): a second look at an image costs nothing, even among other images. Callers
+    that share a memo between threads hold a lock around this call."""
+    keys = [(int(i), int(c)) for i, c in zip(indices, classes, strict=True)]
+    missing = list(dict.fromkeys(k for k in keys if k not in memo))
+    if missing:
+        model.eval()
+        device = next(model.parameters()).device
+        x = model_input(data, data.images[torch.tensor([i for i, _ in missing])], device)
+        made = explanation_maps(model, x, torch.tensor([c for _, c in missing], device=device),
+                                method).cpu().numpy()
+        memo.update(zip(missing, made, strict=True))
+    maps = np.stack([memo[k] for k in keys])
+    for key in keys:  # now the most recently used: evicted last
+        memo[key] = memo.pop(key)
+    for old in list(memo)[:max(0, len(memo) - limit)]:
+        del memo[old]
+    return maps
 
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -21,8 +21,9 @@ from engine.config import LossConfig
 PAPER_EPOCHS, PAPER_RAMP = 200, 80
 
 
-def ramp_weight(epoch: int, gamma_max: float = 0.1, ramp_epochs: int = PAPER_RAMP) -> float:
-    """w(τ) for 0-based epoch τ: 0 at τ = 0, γmax·exp(−5(1 − τ/R)²) for τ < R, γmax after."""
+def ramp_weight(epoch: float, gamma_max: float = 0.1, ramp_epochs: int = PAPER_RAMP) -> float:
+    """w(τ) for 0-based epoch τ: 0 at τ = 0, γmax·exp(−5(1 − τ/R)²) for τ < R, γmax after.
+    τ may be fractional (a ramp by step, ``LossConfig.ramp_by``)."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0; got {epoch}")
     if epoch == 0:
@@ -97,16 +98,19 @@ class Criterion:
         self.config = config
         self.regularised = regularised
 
-    def patch_weight(self, epoch: int) -> float:
+    def patch_weight(self, t: float) -> float:
+        """w(τ) at position ``t`` (epochs): the paper ramps by whole epochs (τ = floor(t)),
+        ``ramp_by="step"`` by the fractional position itself."""
         if not self.regularised:
             return 0.0
         ramp = PAPER_RAMP if self.config.ramp_epochs is None else self.config.ramp_epochs
-        return ramp_weight(epoch, self.config.gamma_max, ramp)
+        tau = t if self.config.ramp_by == "step" else math.floor(t)
+        return ramp_weight(tau, self.config.gamma_max, ramp)
 
-    def __call__(self, output, target: torch.Tensor, epoch: int) -> LossTerms:
-        """``output`` is a :class:`engine.models.PatchOutput`."""
+    def __call__(self, output, target: torch.Tensor, t: float) -> LossTerms:
+        """``output`` is a :class:`engine.models.PatchOutput`; ``t`` the position in epochs."""
         fn = multi_label_loss if self.config.multilabel else single_label_loss
         if not self.regularised:
             return fn(output.logits, None, None, target, 0.0)
         return fn(output.logits, output.patch_logits, output.patch_weights, target,
-                  self.patch_weight(epoch))
+                  self.patch_weight(t))

@@ -7,7 +7,7 @@ without the models. Used by the CLI (``train``, ``sweep``), the sweep cells and 
 
 from __future__ import annotations
 
-from engine.config import DataConfig, ModelConfig, TrainConfig
+from engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from engine.models import head_spec
 from engine.presets import PresetContext, check_preset_name, fill_absent, preset_settings
 
@@ -19,9 +19,11 @@ def fill_preset(data: dict) -> dict:
 
     Every model of the run (``model`` and each transfer peer) gets the preset's model settings
     for its own head; the other sections follow ``model``. A section that is not a JSON object
-    is left as it is, for validation to refuse. Without a preset ``data`` is returned as it is;
-    a resolved config.json gives every field, so for it the result equals ``data``."""
-    name = data.get("preset")
+    is left as it is, for validation to refuse. ``data`` that has no ``preset`` key gets its
+    data set's default preset (``DatasetSpec.default_preset``: ``live`` for the digits), which
+    is then recorded; ``"preset": null`` asks for none. Without a preset ``data`` is returned
+    as it is; a resolved config.json gives every field, so for it the result equals ``data``."""
+    name = data["preset"] if "preset" in data else default_preset(data)
     if name is None:
         return data
     check_preset_name(name)
@@ -29,7 +31,7 @@ def fill_preset(data: dict) -> dict:
     if model is None:
         return data
     settings = preset_settings(name, preset_context(data, model))
-    filled = dict(data)
+    filled = {**data, "preset": name}
     for section in ("model", "data", "loss", "train"):
         part = json_object(data, section)
         if part is not None:
@@ -58,3 +60,16 @@ def preset_context(data: dict, model: dict) -> PresetContext:
     return PresetContext(head=head, dataset=str(dataset),
                          recipe=spec.recipe if recipe == "auto" else str(recipe),
                          released_xi_denominator=spec.released_xi_denominator)
+
+
+def default_preset(data: dict) -> str | None:
+    """The preset of the data set ``data`` names (None for an unknown one: validation says
+    so)."""
+    from engine.data import DataError
+    from engine.data.registry import dataset_spec
+
+    dataset = (json_object(data, "data") or {}).get("dataset", DataConfig.dataset)
+    try:
+        return dataset_spec(dataset).default_preset
+    except (DataError, ConfigError, ValueError):
+        return None

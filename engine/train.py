@@ -42,13 +42,13 @@ from engine.config import ConfigError, RunConfig
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream, ImageSet, model_input
 from engine.data.registry import CACHE_VERSION as DATA_VERSION
-from engine.device import peak_memory_mb, resolve_device
+from engine.device import amp_supported, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import scaled_ramp_epochs
 from engine.metric_table import main_metric
 from engine.metrics import evaluate
-from engine.models import build_model, head_spec, resolve_config
+from engine.models import build_model, compiled, head_spec, resolve_config
 from engine.mutual.team import Team, map_agreement, map_plan, peer_checkpoint
 from engine.recipes import RECIPES
 from engine.runs import Run, RunError
@@ -83,7 +83,7 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
                           "compares softmax class distributions")
     loss = cfg.loss
     ramp = scaled_ramp_epochs(cfg.train.epochs) if loss.ramp_epochs is None else loss.ramp_epochs
-    loss = type(loss)(multilabel=info["multilabel"], gamma_max=loss.gamma_max, ramp_epochs=ramp)
+    loss = dataclasses.replace(loss, multilabel=info["multilabel"], ramp_epochs=ramp)
     recipe = head_spec(model.head).recipe if cfg.train.recipe == "auto" else cfg.train.recipe
     defaults = RECIPES[recipe]
     train = type(cfg.train)(**{
@@ -156,6 +156,8 @@ class Progress:
     """Next step within that epoch."""
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_whole: bool = True
+    """Whether the best metric was measured on the whole test set (``train.eval_sample``)."""
     sums: dict[str, float] = field(default_factory=dict)
     """Running sums of the current epoch's training statistics."""
     epoch_seconds: float = 0.0
@@ -328,11 +330,11 @@ class Session:
 
     @property
     def amp(self) -> bool:
-        return self.cfg.train.amp and self.device.type == "cuda"
+        return self.cfg.train.amp and amp_supported(self.device)
 
     @property
     def channels_last(self) -> bool:
-        return self.cfg.train.channels_last and self.device.type == "cuda"
+        return self.cfg.train.channels_last and self.device.type in ("cuda", "cpu")
 
     def save_last(self) -> None:
         if self.dist.is_main:
@@ -421,7 +423,7 @@ def _wrap_for_speed(s: Session) -> None:
             peer.net = torch.nn.parallel.DistributedDataParallel(
                 peer.model, device_ids=[s.device.index] if cuda else None)
         if tc.compile:
-            peer.net = torch.compile(peer.net)
+            peer.net = compiled(peer.model, peer.net)
     keep = tc.data_on_device
     if keep is None:
         keep = cuda and s.train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(s.device)[0]
@@ -465,8 +467,8 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     from tqdm import tqdm
 
     tc, progress = s.cfg.train, s.progress
-    lr = s.team.set_epoch(epoch)
-    patch_weight = s.team.patch_weight(epoch)
+    lr = s.team.set_position(epoch + progress.step / max(reporter.steps, 1))
+    patch_weight = s.team.patch_weight(epoch + progress.step / max(reporter.steps, 1))
     stream = BatchStream(s.train_set, tc.batch_size, s.device, augment=augment_of(s.cfg.data),
                          shuffle=True, seed=tc.seed, epoch=epoch, start_step=progress.step,
                          rank=s.dist.rank, world=s.dist.world, images=s.images,
@@ -480,7 +482,9 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     for x, y, _ in stream:
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        terms = _step(s, x, y, epoch)
+        t = epoch + progress.step / len(stream)  # schedules move per step (engine.recipes)
+        s.team.set_position(t)
+        terms = _step(s, x, y, t)
         bad, wants_stop = _agree_flags(terms, stop.requested or (
             s.dist.is_main and s.run.stop_requested()), s.device, s.dist)
         if bad:
@@ -532,7 +536,7 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
                      len(s.team.peers))
     row["peak_memory_mb"] = peak_memory_mb(s.device)
     if s.dist.is_main:
-        row.update(_evaluate_team(s))
+        row.update(_evaluate_team(s, _eval_count(s, epoch)))
     _barrier(s.dist)
     progress.total_seconds += seconds
     progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
@@ -540,10 +544,11 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     if not s.dist.is_main:
         return
     value = row.get(metric_name)
-    improved = value is not None and not math.isnan(value) and (
-        progress.best_metric is None or value > progress.best_metric)
+    improved = value is not None and not math.isnan(value) and _beats_best(
+        progress, value, whole=row["eval_images"] == len(s.test_set))
     if improved:
         progress.best_metric, progress.best_epoch = value, epoch
+        progress.best_whole = row["eval_images"] == len(s.test_set)
     row["time"] = time.time()
     s.run.append_metrics(row)
     s.save_last()
@@ -562,11 +567,35 @@ AGREEMENT_IMAGES = 256
 """Test images on which a mutual run measures how much its peers' local maps agree."""
 
 
-def _evaluate_team(s: Session) -> dict:
-    """The model's test metrics; for a mutual run each peer's as ``peer{k}_...``, their mean
-    under the plain names (the run's main metric is the peers' mean), and the peers' mean
-    local-map Pearson ρ on the first test images (``test_map_pearson``)."""
-    rows = [evaluate(m, s.test_set, s.device, amp=s.amp, images=s.test_images)
+def _eval_count(s: Session, epoch: int) -> int:
+    """How many test images epoch ``epoch`` is evaluated on (``train.eval_sample``)."""
+    sample = s.cfg.train.eval_sample
+    last = epoch == s.cfg.train.epochs - 1
+    return len(s.test_set) if sample is None or last else min(sample, len(s.test_set))
+
+
+def _beats_best(progress: Progress, value: float, whole: bool) -> bool:
+    """Whether a metric replaces the best: a whole-test-set evaluation always replaces a
+    sample's (the two are not comparable, and the whole set is the honest one), a sample's
+    never replaces a whole set's; otherwise the higher value wins."""
+    if progress.best_metric is None:
+        return True
+    best_whole = progress.best_whole
+    if whole != best_whole:
+        return whole
+    return value > progress.best_metric
+
+
+def _evaluate_team(s: Session, count: int) -> dict:
+    """The model's test metrics on the first ``count`` test images (``eval_images``); for a
+    mutual run each peer's as ``peer{k}_...``, their mean under the plain names (the run's main
+    metric is the peers' mean), and the peers' mean local-map Pearson ρ on the first test
+    images (``test_map_pearson``)."""
+    test_set, images = s.test_set, s.test_images
+    if count < len(test_set):
+        test_set = test_set.subset(torch.arange(count))
+        images = None if images is None else images[:count]
+    rows = [{**evaluate(m, test_set, s.device, amp=s.amp, images=images), "eval_images": count}
             for m in s.team.models]
     if not s.team.mutual:
         return rows[0]
@@ -589,8 +618,9 @@ def _save_best(s: Session, row: dict) -> None:
             atomic_torch_save(peer_checkpoint(s.cfg, ckpt, k), s.run.peer_checkpoint(k))
 
 
-def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-    """Forward + backward of one global batch (split into micro-batches); returns loss sums
+def _step(s: Session, x: torch.Tensor, y: torch.Tensor, t: float) -> dict[str, torch.Tensor]:
+    """Forward + backward of one global batch (split into micro-batches) at position ``t``
+    (epochs); returns loss sums
     ``loss``, ``image``, ``patch`` and the ``logits``. For a mutual run every peer's are
     suffixed with its index (``loss0``, ``logits1``, ...), and the plain names hold the peers'
     mean loss terms."""
@@ -602,11 +632,11 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str,
     for i, chunk in enumerate(chunks):
         with team.no_sync(i == len(chunks) - 1 or s.dist.world == 1):
             outs, maps = team.forward(x[chunk], s.amp)
-            terms = team.losses(outs, maps, y[chunk], epoch)
+            terms = team.losses(outs, maps, y[chunk], t)
             # Equal weight per micro-batch, exactly as DDP averages per-rank gradients.
-            (sum(t["loss"] for t in terms) / len(chunks)).backward()
-        for k, t in enumerate(terms):
-            for name, value in t.items():
+            (sum(term["loss"] for term in terms) / len(chunks)).backward()
+        for k, term in enumerate(terms):
+            for name, value in term.items():
                 key = name + _suffix(team, k)
                 totals[key] = totals.get(key, 0.0) + value.detach() * len(chunk)
             logits[k].append(outs[k].logits.detach())

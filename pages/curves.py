@@ -1,5 +1,9 @@
 """Curves: patch-level precision-recall over the weight threshold (per class and overall, with
-AP); image-level PR per class for multi-label models."""
+AP); image-level PR per class for multi-label models.
+
+The backbone pass over the test images is the one the Patch Explorer keeps (shared by every page
+and session); the curves are then computed from its cached patch outputs, once per model.
+"""
 
 from pathlib import Path
 
@@ -9,22 +13,20 @@ import torch
 
 from engine.evaluate import evaluate_model
 from ui.figures import pr_figure
-from ui.st_state import guard, keep, loaded_model, require_model_path, test_set
+from ui.st_state import collected_test_set, guard, keep, loaded_model, require_model_path
 
 XI_POINTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 
 
-@st.cache_data(show_spinner="Evaluating the model on its test images...", max_entries=4)
+@st.cache_data(show_spinner="Measuring the curves...", max_entries=4)
 def _report(path: str, mtime_ns: int, limit: int) -> dict:
     del mtime_ns
     loaded = loaded_model(path)
-    data = test_set(loaded.data_config)
-    if len(data) > limit:
-        data = data.subset(torch.arange(limit))
+    data, collected = collected_test_set(loaded, limit)
     groups = ["image", "patch"] if loaded.model.head.has_patches and data.has_boxes else ["image"]
     with loaded.lock:
         return evaluate_model(loaded.model, data, torch.device("cpu"), groups=groups,
-                              xi_grid=XI_POINTS)
+                              xi_grid=XI_POINTS, collected=collected)
 
 
 def operating_points(report: dict) -> go.Scatter:

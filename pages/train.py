@@ -7,6 +7,7 @@ on when the tab closes. The live panel is a fragment that re-reads the run's fil
 import streamlit as st
 
 from engine import launch
+from engine.data.registry import dataset_spec
 from engine.jobs import ACTIVE
 from engine.metric_table import main_metric
 from engine.preset_fill import preset_context
@@ -20,7 +21,7 @@ PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
 # Preset settings that this form has fields for (section.field -> the field's state key); a
 # comment, not a string: Streamlit would draw a bare string on the page.
 FORM_FIELDS = {"model.xi": "tr_xi", "loss.gamma_max": "tr_gamma", "train.epochs": "tr_epochs",
-               "train.batch_size": "tr_batch"}
+               "train.batch_size": "tr_batch", "data.train_size": "tr_train_size"}
 
 
 def _preset_label(name: str) -> str:
@@ -35,6 +36,24 @@ def _preset_of_form(name: str) -> dict:
                                                                           "loss_attention")}))
 
 
+def _write_preset_into_form(name: str) -> None:
+    for path, setting in _preset_of_form(name).items():
+        if path in FORM_FIELDS:
+            st.session_state[FORM_FIELDS[path]] = setting.value
+
+
+def _first_visit_defaults() -> None:
+    """On the first visit the form shows the default data set's own preset (the digits: live,
+    a run that trains in about a minute on a CPU) and its whole test set."""
+    if "tr_preset" in st.session_state:
+        return
+    name = dataset_spec(st.session_state.get("tr_dataset", "digits")).default_preset or ""
+    st.session_state["tr_preset"] = name
+    st.session_state["tr_test_size"] = 0
+    if name:
+        _write_preset_into_form(name)
+
+
 def _preset_picker() -> str:
     """The preset select. Choosing one writes its values into the form's own fields, so the
     form shows what will run (and may still be edited: the form's values win)."""
@@ -45,15 +64,14 @@ def _preset_picker() -> str:
         remember_choice()
         name = st.session_state["tr_preset"]
         if name:
-            for path, setting in _preset_of_form(name).items():
-                if path in FORM_FIELDS:
-                    st.session_state[FORM_FIELDS[path]] = setting.value
+            _write_preset_into_form(name)
 
     name = st.selectbox("Preset", PRESET_CHOICES, format_func=_preset_label,
                         **{**kwargs, "on_change": show_in_form},
-                        help="Fills the form's ξ, γmax, epochs and batch, and sets what the "
-                             "form has no field for (threshold denominator, stem, learning "
-                             "rate, ramp-up). Values you then type in the form win.")
+                        help="Fills the form's ξ, γmax, epochs, batch and train images, and "
+                             "sets what the form has no field for (threshold denominator, "
+                             "stem, learning rate, ramp-up). Values you then type in the form "
+                             "win.")
     if name:
         rest = {k: v for k, v in _preset_of_form(name).items() if k not in FORM_FIELDS}
         st.caption(f"**{name}** also sets: " + "; ".join(
@@ -62,6 +80,7 @@ def _preset_picker() -> str:
 
 
 def launch_form() -> None:
+    _first_visit_defaults()
     with st.container(border=True):  # no st.form: its widgets could not remember values
         preset = _preset_picker()
         settings = run_settings("tr")

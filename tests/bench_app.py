@@ -11,6 +11,10 @@ with Playwright, and prints (and writes as JSON):
   alternating page steps (0 <-> 0.1) and jumps (0 <-> 1). A 0.01 arrow step is not used: near
   ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical.
 
+``python tests/bench_app.py --pages compare,curves [--runs 3]`` instead times each page's first
+useful view (:func:`page_open_times`): from navigation to the element a user came for, on the
+first visit (cold), a second one (warm) and in a fresh tab (reload).
+
 The browser test (tests/test_browser.py) shares these helpers.
 """
 
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +106,87 @@ def wait_new_overlay(page, old: str, timeout: float = 30_000) -> str:
     return page.evaluate(OVERLAY_JS)
 
 
+# What a user opens each page for, as a JS predicate that holds once it is on screen. A page not
+# listed is ready when its title is drawn and its script has finished.
+COMPARE_MAPS_JS = """() => {
+  const imgs = [...document.querySelectorAll("[data-testid='stMain'] [data-testid='stImage'] img")];
+  return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
+READY_JS = {
+    "explorer": OVERLAY_JS,
+    "compare": COMPARE_MAPS_JS,  # the test image and at least one map beside it
+    "curves": "() => document.querySelector('[data-testid=stMain] .js-plotly-plot')",
+}
+TITLE_JS = "() => { const h = document.querySelector('h1'); return h ? h.innerText : ''; }"
+
+
+def open_timed(page, url: str, name: str, via: str = "click", timeout: float = 120_000
+               ) -> float:
+    """Seconds from navigating to page ``name`` (url path; ``""``: Home) to its first useful
+    element on screen (READY_JS), ``via`` its sidebar link (a user moving within the app) or
+    ``"goto"`` (the address typed into a fresh tab: the page and its scripts load again).
+    Returns once the script has finished, so that the next navigation starts clean."""
+    old_title = page.evaluate(TITLE_JS)
+    start = time.monotonic()
+    if via == "click":
+        page.locator(f"[data-testid='stSidebarNavLink'][href='{url}/{name}']").click()
+    elif via == "goto":
+        page.goto(f"{url}/{name}")
+    else:
+        raise ValueError(f"via must be 'click' or 'goto'; got {via!r}")
+    # The page before may still be on screen for a moment: wait for the new title first.
+    page.wait_for_function(f"old => ({TITLE_JS})() && ({TITLE_JS})() !== old", arg=old_title,
+                           timeout=timeout)
+    ready = READY_JS.get(name)
+    if ready:
+        page.wait_for_function(ready, timeout=timeout)
+    else:
+        idle(page, timeout)
+    seconds = time.monotonic() - start
+    idle(page, timeout)
+    return seconds
+
+
+def page_open_times(pages: list[str], runs_root: str | Path | None = None,
+                    first: Sequence[str] = ()) -> dict[str, dict]:
+    """``{page: {"cold_s", "warm_s", "reload_s"}}`` for url paths like ``"compare"`` (``""``:
+    Home), on the shipped default model, each page in a fresh server so that its numbers do not
+    depend on which pages went before (unless ``first`` names pages to open, untimed, before
+    it: e.g. ``["explorer"]`` to see what a page gains from the Explorer's caches):
+
+    - ``cold_s``: the first visit, by its sidebar link from Home (model load, test set and
+      computation included; process start-up and imports are already paid for by Home);
+    - ``warm_s``: a second visit by its sidebar link, after another page;
+    - ``reload_s``: then the page's address in a fresh tab (the browser loads the app again)."""
+    from playwright.sync_api import sync_playwright
+
+    out = {}
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        for name in pages:
+            away = "runs" if name != "runs" else ""
+            with contextlib.ExitStack() as stack:
+                runs = runs_root or stack.enter_context(tempfile.TemporaryDirectory())
+                url, started = stack.enter_context(app_server(runs))
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                open_home(page, url, started)
+                for before in first:
+                    open_timed(page, url, before)
+                if name in ("", *first[-1:]):  # already on it: go away first
+                    open_timed(page, url, away)
+                cold = open_timed(page, url, name)
+                open_timed(page, url, away)
+                warm = open_timed(page, url, name)
+                page.close()
+                fresh = browser.new_page(viewport={"width": 1400, "height": 1000})
+                fresh.goto(f"{url}/{away}")
+                idle(fresh)
+                out[name] = {"cold_s": cold, "warm_s": warm,
+                             "reload_s": open_timed(fresh, url, name, via="goto")}
+                fresh.close()
+        browser.close()
+    return out
+
+
 def open_home(page, url: str, started: float) -> dict:
     page.goto(url)
     page.get_by_role("heading", name="Loss-Attention Studio").wait_for(timeout=60_000)
@@ -164,8 +250,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--moves", type=int, default=20, help="ξ slider moves to time")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--pages", help="comma-separated url paths: time their first useful "
+                        "view instead (cold, warm, reload; '' or 'home' for Home)")
+    parser.add_argument("--runs", type=int, default=1, help="with --pages: repeat this often")
+    parser.add_argument("--first", default="", help="with --pages: comma-separated pages to "
+                        "open (untimed) before each timed one")
     args = parser.parse_args()
-    result = measure(args.moves)
+    if args.pages is not None:
+        names = ["" if n.strip() == "home" else n.strip() for n in args.pages.split(",")]
+        first = [n.strip() for n in args.first.split(",") if n.strip()]
+        result = {"runs": [page_open_times(names, first=first) for _ in range(args.runs)],
+                  "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}}
+    else:
+        result = measure(args.moves)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -192,6 +192,69 @@ def test_curves_and_compare_pages(runs_root):
     assert list(table["method"]) == ["Loss-Attention", "Grad-CAM"]
 
 
+def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, monkeypatch):
+    import streamlit as st
+
+    from engine import explain
+    from ui.st_state import _map_memo
+
+    st.cache_data.clear()
+    _map_memo.clear()
+    batches = []  # every call into the grad-cam package: (method, images)
+    real = explain.cam_maps
+    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method: batches.append(
+        (method, len(x))) or real(m, x, c, method))
+    at = open_page("compare", cm_count=2, cm_start=40, cm_n=16)
+    assert not errors(at)
+    assert len(at.get("image")) == 2 * 4  # each image and its three one-pass maps
+    assert batches == []  # no Score-CAM, nor anything else from the package
+    assert any("Score-CAM is computed when you turn it on" in c.value for c in at.caption)
+    at.button(key="cm_measure").click().run()
+    assert list(at.dataframe[-1].value["method"]) == ["Loss-Attention", "Grad-CAM", "Grad-CAM++"]
+    assert batches == []
+
+    at.toggle(key="w_cm_scorecam").set_value(True).run()
+    assert not at.exception and not errors(at)
+    assert len(at.get("image")) == 2 * 5
+    assert ("scorecam", 2) in batches  # both images shown, in one batch
+    assert list(at.dataframe[-1].value["method"])[-1] == "Score-CAM"  # its row, once computed
+    seen = len(batches)
+    at.run()  # a second view of the same images
+    at.switch_page("pages/home.py").run()
+    at.switch_page("pages/compare.py").run()
+    assert len(at.get("image")) == 2 * 5 and len(batches) == seen
+    at.number_input(key="w_cm_start").set_value(41).run()  # images 41 (seen) and 42 (new)
+    assert batches[seen:] == [("scorecam", 1)]
+
+
+def test_curves_reuse_the_explorers_pass_over_the_test_set(runs_root, monkeypatch):
+    import streamlit as st
+
+    from engine import evaluate
+    from ui.st_state import _collected
+
+    st.cache_data.clear()
+    _collected.clear()
+    passes = []  # the images of every backbone pass over a test set
+    real = evaluate.collect
+    monkeypatch.setattr(evaluate, "collect", lambda model, data, *a, **k: passes.append(
+        len(data)) or real(model, data, *a, **k))
+    at = open_page("explorer")
+    assert passes == [1000]
+    at.switch_page("pages/curves.py").run()
+    assert not at.exception and not errors(at) and at.get("plotly_chart")
+    assert "(1000 test images)" in at.caption[0].value
+    at.run()
+    at.switch_page("pages/home.py").run()
+    at.switch_page("pages/curves.py").run()
+    assert at.get("plotly_chart") and passes == [1000]  # the Explorer's pass, and only it
+    _collected.clear()
+    st.cache_data.clear()
+    at = open_page("curves")  # the other way round: the Explorer finds the Curves' pass
+    at.switch_page("pages/explorer.py").run()
+    assert not errors(at) and passes == [1000, 1000]
+
+
 def test_stride_page_benchmarks_in_the_background(runs_root):
     at = open_page("stride", st_batch=8, st_plans_small_cnn="1,2,1; 2,2,1")
     at.button(key="st_measure").click().run()

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import data_root, needs_data
 
+from engine import evaluate, explain
 from engine.checkpoint import atomic_torch_save, load_model, make_checkpoint
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from engine.data import load_split
-from engine.data.base import ImageSet
-from engine.evaluate import EvaluationError, evaluate_model, resolve_groups
-from engine.explain import cam_maps
+from engine.data.base import ImageSet, model_input
+from engine.evaluate import EvaluationError, collect, evaluate_model, resolve_groups
+from engine.explain import cam_maps, compare_maps, explanation_maps, remembered_maps
 from engine.metrics import evaluate as epoch_evaluate
 from engine.models import build_model
 
@@ -62,6 +63,53 @@ def test_faithfulness_in_report_and_cam_hooks_released(shipped):
     with pytest.raises(ValueError, match="could not explain classes"):
         cam_maps(model, torch.randn(1, 3, 32, 32), torch.tensor([99]), "gradcam++")
     assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
+
+
+@pytest.mark.parametrize("head", ["loss_attention", "capsule_loss_attention", "plain"])
+def test_one_pass_gradient_cams_equal_the_packages(head):
+    """Grad-CAM and Grad-CAM++ are computed here from one backbone pass; they must be the grad-cam
+    package's maps (its definitions, its target layer, the logits at the model's own ξ)."""
+    model = build_model(ModelConfig(backbone="small_cnn", head=head, input_size=(40, 48))).eval()
+    x, classes = torch.randn(3, 3, 40, 48), torch.tensor([0, 4, 9])
+    for method in ("gradcam", "gradcam++"):
+        ours = explanation_maps(model, x, classes, method, xi=0.7)  # ξ: Loss-Attention's only
+        torch.testing.assert_close(ours, cam_maps(model, x, classes, method), atol=1e-5, rtol=0)
+        assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
+    with pytest.raises(ValueError, match="could not explain classes"):
+        explanation_maps(model, x[:1], torch.tensor([99]), "gradcam++")
+
+
+def test_compare_maps_share_one_pass_and_score_cam_is_remembered(shipped, monkeypatch):
+    model, data = shipped
+    indices = torch.arange(5, 8)
+    both = compare_maps(model, data, indices, "predicted", ["loss_attention", "gradcam"])
+    alone = compare_maps(model, data, indices, "predicted", ["gradcam"])
+    assert both["classes"] == both["predicted"] == alone["classes"]
+    assert (both["maps"]["gradcam"] == alone["maps"]["gradcam"]).all()
+    batches = []
+    real = explain.cam_maps
+    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method: batches.append(
+        (method, len(x))) or real(m, x, c, method))
+    memo = {}
+    first = remembered_maps(memo, model, data, [5, 6], [3, 3], "scorecam")
+    again = remembered_maps(memo, model, data, [6, 7, 5], [3, 3, 3], "scorecam", limit=2)
+    assert batches == [("scorecam", 2), ("scorecam", 1)]  # image 7 only, the rest remembered
+    assert (again[2] == first[0]).all() and (again[0] == first[1]).all()
+    assert list(memo) == [(7, 3), (5, 3)]  # the least recently used dropped beyond the limit
+    alone = cam_maps(model, model_input(data, data.images[[7]], CPU), torch.tensor([3]),
+                     "scorecam")
+    torch.testing.assert_close(torch.from_numpy(again[1]), alone[0])  # as if computed alone
+
+
+def test_evaluation_from_a_pass_already_made(shipped, monkeypatch):
+    model, data = shipped
+    made = collect(model, data, CPU)
+    monkeypatch.setattr(evaluate, "collect", lambda *a, **k: pytest.fail("the backbone ran"))
+    report = evaluate_model(model, data, CPU, xi_grid=[0.0, 1.0], collected=made)
+    monkeypatch.undo()
+    assert report["by_xi"] == evaluate_model(model, data, CPU, xi_grid=[0.0, 1.0])["by_xi"]
+    with pytest.raises(EvaluationError, match="covers"):
+        evaluate_model(model, data.subset(torch.arange(10)), CPU, collected=made)
 
 
 def test_missing_capabilities_are_clear_errors(shipped):

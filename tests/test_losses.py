@@ -95,7 +95,22 @@ def test_criterion_applies_ramp_only_to_regularised_heads():
     target = torch.tensor([1])
     la = Criterion(LossConfig(gamma_max=0.1, ramp_epochs=80), regularised=True)
     baseline = Criterion(LossConfig(gamma_max=0.1, ramp_epochs=80), regularised=False)
-    assert la(_output(), target, epoch=0).total.item() == pytest.approx(LN2)
-    assert la(_output(), target, epoch=100).total.item() == pytest.approx(LN2 * 1.1)
-    assert baseline(_output(), target, epoch=100).total.item() == pytest.approx(LN2)
+    assert la(_output(), target, 0).total.item() == pytest.approx(LN2)
+    assert la(_output(), target, 100).total.item() == pytest.approx(LN2 * 1.1)
+    assert baseline(_output(), target, 100).total.item() == pytest.approx(LN2)
     assert baseline.patch_weight(100) == 0.0
+
+
+def test_ramp_by_step_moves_within_an_epoch_and_by_epoch_does_not():
+    """The paper ramps once per epoch (epoch 0: no patch loss at all, so a one-epoch run would
+    never use it); ``ramp_by="step"`` puts the same curve at the fractional epoch."""
+    by_epoch = Criterion(LossConfig(gamma_max=0.1, ramp_epochs=1), regularised=True)
+    by_step = Criterion(LossConfig(gamma_max=0.1, ramp_epochs=1, ramp_by="step"),
+                        regularised=True)
+    assert [by_epoch.patch_weight(t) for t in (0.0, 0.5, 0.99, 1.0)] == [0.0, 0.0, 0.0, 0.1]
+    # 0.1·exp(-5(1 - 0.5)²) = 0.1·e^-1.25, by hand; 0 at the very first step, as by epoch.
+    assert by_step.patch_weight(0.0) == 0.0
+    assert by_step.patch_weight(0.5) == pytest.approx(0.1 * math.exp(-1.25), rel=1e-12)
+    assert by_step.patch_weight(1.5) == 0.1
+    with pytest.raises(ValueError, match="loss.ramp_by"):
+        LossConfig(ramp_by="minute")

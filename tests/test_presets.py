@@ -16,7 +16,7 @@ from engine.preset_fill import fill_preset
 from engine.presets import PRESETS, preset_names
 from engine.runs import RunStore
 from engine.sweep import config_value, sweep_configs, varied_fields
-from engine.train import prepare_run_config
+from engine.train import prepare_run_config, train_run
 
 SCHEDULE = {"model": {"xi": 0.1}, "loss": {"gamma_max": 0.1, "ramp_epochs": 80},
             "train": {"epochs": 200, "batch_size": 128}}
@@ -82,13 +82,19 @@ def test_what_the_user_gives_wins_over_the_preset(tmp_path):
     flag = build_run_config(_train_args("--config", str(file), "--preset", "paper"))
     assert (flag.preset, flag.model.xi_denominator, flag.model.stem_norm) == (
         "paper", "patches", True)
+    # No preset named: the data set's own (the digits: live); "preset": null asks for none.
     plain = build_run_config(_train_args())
-    assert plain.preset is None and plain.model.stem_norm and plain.train.lr is None
+    assert plain.preset == "live" and plain.train.epochs == 2 and plain.train.recipe == "onecycle"
+    cifar = build_run_config(_train_args("--dataset", "cifar10"))
+    assert cifar.preset is None and cifar.train.epochs == 200 and cifar.train.lr is None
+    file.write_text(json.dumps({"preset": None}))
+    bare = build_run_config(_train_args("--config", str(file)))
+    assert bare.preset is None and bare.train.epochs == 200 and bare.train.recipe == "auto"
 
 
 def test_the_preset_is_recorded_in_config_json_and_shows_in_diffs(tmp_path):
     store = RunStore(tmp_path)
-    for name, preset in (("with-preset", "released-code"), ("without", None)):
+    for name, preset in (("with-preset", "released-code"), ("default", None)):
         cfg = build_run_config(_train_args("--backbone", "small_cnn", "--epochs", "2",
                                            "--name", name, *(["--preset", preset] if preset
                                                              else [])))
@@ -96,21 +102,22 @@ def test_the_preset_is_recorded_in_config_json_and_shows_in_diffs(tmp_path):
     saved = json.loads((tmp_path / "with-preset" / "config.json").read_text())
     assert saved["preset"] == "released-code"
     assert saved["model"]["xi_denominator"] == "feature_map" and saved["train"]["lr"] == 0.1
-    runs = [store.get("with-preset"), store.get("without")]
+    runs = [store.get("with-preset"), store.get("default")]
     fields = varied_fields(runs)
     assert fields[0] == "preset" and "model.stem_norm" in fields
-    assert [config_value(r.config_dict(), "preset") for r in runs] == ["released-code", None]
+    assert [config_value(r.config_dict(), "preset") for r in runs] == ["released-code", "live"]
 
 
 def test_an_unknown_preset_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"preset must be one of \['paper', 'released-code'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"preset must be one of \['paper', 'released-code', 'live'\]"):
         RunConfig(preset="papr")
     with pytest.raises(ConfigError, match="preset must be one of"):
         fill_preset({"preset": "papr"})
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"preset": "papr"}))
     assert main(["train", "--runs-dir", str(tmp_path), "--config", str(file)]) == 2
-    assert "preset must be one of ['paper', 'released-code']" in capsys.readouterr().err
+    assert "preset must be one of ['paper', 'released-code', 'live']" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse refuses it with the choices
         _train_args("--preset", "papr")
     assert "invalid choice: 'papr'" in capsys.readouterr().err
@@ -124,7 +131,7 @@ def test_applying_a_preset_to_a_resolved_config_changes_nothing():
         resolved = config_to_dict(prepare_run_config(config_from_dict(RunConfig, once)))
         assert fill_preset(resolved) == resolved  # resume and reuse read this back unchanged
         assert config_to_dict(config_from_dict(RunConfig, fill_preset(resolved))) == resolved
-    assert fill_preset({"model": {}}) == {"model": {}}  # no preset: nothing filled
+    assert fill_preset({"preset": None, "model": {}}) == {"preset": None, "model": {}}
 
 
 def test_transfer_peers_get_their_own_heads_denominator():
@@ -169,7 +176,7 @@ def test_presets_are_listed(capsys):
     with pytest.raises(SystemExit):
         _train_args("--help")
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
-    assert "--preset {paper,released-code}" in help_text and "no stem BN/ReLU" in help_text
+    assert "--preset {paper,released-code,live}" in help_text and "no stem BN/ReLU" in help_text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,3 +260,29 @@ def test_train_page_launches_with_a_preset(tmp_path, monkeypatch):
     assert cfg.model.xi_denominator == "feature_map" and cfg.loss.ramp_epochs == 80
     assert (cfg.train.epochs, cfg.train.batch_size) == (1, 32)  # what the user typed wins
     assert background.wait(run, timeout=120)["state"] == "finished"
+
+
+def test_the_digits_default_is_the_live_preset_and_its_run_uses_it(tmp_path):
+    """A run that names no preset gets its data set's (digits: live); the run then trains
+    with it: one-cycle lr per step, the patch-loss ramp by step, a sampled mid-run
+    evaluation. What the user gives still wins."""
+    cfg = build_run_config(_train_args("--backbone", "small_cnn", "--train-size", "96",
+                                       "--test-size", "40", "--name", "live"))
+    assert cfg.preset == "live"
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.recipe, cfg.train.eval_sample) == (
+        2, 32, "onecycle", 500)
+    assert (cfg.loss.ramp_by, cfg.loss.ramp_epochs, cfg.data.augment) == ("step", 0, False)
+    assert cfg.loss.gamma_max == 0.3
+    assert cfg.data.train_size == 96  # given: wins over the preset's 9,000
+    run = RunStore(tmp_path).create(prepare_run_config(cfg))
+    assert train_run(run, progress_bar=False) == "finished"
+    rows = run.metrics()
+    # The patch loss acts from the second step of epoch 0 (w = 0 only at the very first), and
+    # the lr of epoch 1's first step is on the one-cycle's way down.
+    assert rows[0]["train_patch_loss"] > 0 and rows[0]["patch_weight"] == 0.0
+    assert rows[1]["patch_weight"] == 0.3 and rows[1]["lr"] == pytest.approx(0.2 * 0.5 / 0.8)
+    assert [r["eval_images"] for r in rows] == [40, 40]  # the sample (500) exceeds the set
+    # Mean-pooling trains with Adam: live shortens the run but keeps the head's recipe.
+    mean = build_run_config(_train_args("--head", "mean"))
+    assert mean.preset == "live" and mean.train.epochs == 2
+    assert prepare_run_config(mean).train.recipe == "adam"

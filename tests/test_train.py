@@ -232,6 +232,40 @@ def test_lr_recipes():
         [0.003, 0.003, 0.0003, 0.00003])
 
 
+def test_onecycle_moves_every_step_and_the_paper_recipes_only_per_epoch():
+    """Known answers by hand: peak 0.2, 10 epochs, warm-up over 20 % (2 epochs) from 0.02."""
+    one = TrainConfig(epochs=10, recipe="onecycle", lr=0.2)
+    assert [lr_at(t, one) for t in (0.0, 1.0, 2.0, 6.0, 10.0)] == pytest.approx(
+        [0.02, 0.11, 0.2, 0.1, 0.0])
+    assert lr_at(0.5, one) == pytest.approx(0.02 + 0.18 * 0.25)  # within an epoch
+    sgd = TrainConfig(epochs=4, recipe="sgd", lr=0.1)
+    assert lr_at(1.99, sgd) == lr_at(1.0, sgd) == 0.1 and lr_at(2.0, sgd) == pytest.approx(0.01)
+
+
+def test_eval_sample_evaluates_the_last_epoch_on_the_whole_set(tmp_path):
+    """Epochs before the last on the sample; best.pt from the whole-set evaluation, which
+    replaces a sample's best whatever the numbers (they are not comparable)."""
+    store = RunStore(tmp_path)
+    run = store.create(prepare_run_config(small_config("sampled", epochs=2, eval_sample=16)))
+    assert train_run(run, progress_bar=False) == "finished"
+    rows = run.metrics()
+    assert [r["eval_images"] for r in rows] == [16, 64]
+    status = run.status()
+    assert status["best_epoch"] == 1 and status["best_metric"] == rows[1]["test_acc"]
+    assert load_checkpoint(run.best_checkpoint)["metrics"]["eval_images"] == 64
+
+
+def test_the_best_rule_prefers_a_whole_set_evaluation():
+    from engine.train import Progress, _beats_best
+
+    sample_best = Progress(best_metric=0.9, best_whole=False)
+    assert _beats_best(sample_best, 0.5, whole=True)  # whole set beats any sample
+    assert not _beats_best(Progress(best_metric=0.5, best_whole=True), 0.9, whole=False)
+    assert _beats_best(sample_best, 0.95, whole=False) and not _beats_best(
+        sample_best, 0.85, whole=False)
+    assert _beats_best(Progress(), 0.1, whole=False)
+
+
 def test_every_recipe_name_a_config_accepts_has_a_recipe():
     from engine.config import RECIPE_NAMES
 

@@ -176,12 +176,16 @@ def _test_set(data_json: str) -> ImageSet:
     return load_split(config_from_dict(DataConfig, json.loads(data_json)), "test")
 
 
-def test_set(cfg: DataConfig) -> ImageSet:
+def _data_key(cfg: DataConfig) -> str:
     import json
 
     from engine.config import config_to_dict
 
-    return _test_set(json.dumps(config_to_dict(cfg), sort_keys=True))
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def test_set(cfg: DataConfig) -> ImageSet:
+    return _test_set(_data_key(cfg))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Running the model over the test images...")
@@ -200,13 +204,24 @@ def _collected(path: str, mtime_ns: int, data_json: str, limit: int) -> tuple[Im
 
 
 def collected_test_set(loaded: LoadedModel, limit: int = 1000) -> tuple[ImageSet, Collected]:
-    """The model's test set (the first ``limit`` images) and its ξ cache."""
-    import json
+    """The model's test set (the first ``limit`` images) and its ξ cache: one backbone pass per
+    (checkpoint, data, limit), shared by the Explorer, the Curves and every session."""
+    return _collected(loaded.path, Path(loaded.path).stat().st_mtime_ns,
+                      _data_key(loaded.data_config), limit)
 
-    from engine.config import config_to_dict
 
-    data_json = json.dumps(config_to_dict(loaded.data_config), sort_keys=True)
-    return _collected(loaded.path, Path(loaded.path).stat().st_mtime_ns, data_json, limit)
+@st.cache_resource(max_entries=8)
+def _map_memo(path: str, mtime_ns: int, data_json: str, method: str) -> dict:
+    del path, mtime_ns, data_json, method  # the cache key: one memo per model, data and method
+    return {}
+
+
+def map_memo(loaded: LoadedModel, method: str) -> dict:
+    """The maps of ``method`` made so far for the model's test images, keyed (image, class), for
+    :func:`engine.explain.remembered_maps`; shared by every session, so use it under
+    ``loaded.lock``."""
+    return _map_memo(loaded.path, Path(loaded.path).stat().st_mtime_ns,
+                     _data_key(loaded.data_config), method)
 
 
 def model_sources() -> dict[str, str]:

@@ -148,6 +148,7 @@ def _generated(cfg, split: str) -> dict:
 
 def _register(name: str, multilabel: bool, description: str) -> None:
     @register_dataset(name, description=description, multilabel=multilabel, native_size=32,
+                      default_preset="live",
                       mean=MEAN, std=STD, augment=Augment(crop_pad=2, flip=False),
                       has_boxes=True, locate=lambda cfg: None, generated=_generated)
     def read(cfg, folder, split, opts) -> Decoded:

@@ -63,6 +63,9 @@ class DatasetSpec:
     generated: Callable[[DataConfig, str], dict] | None = None
     """For a generated set (``locate`` gives None): the settings that define a split's pixels;
     they key the cache instead of files."""
+    default_preset: str | None = None
+    """The preset (engine.presets) a run on this set gets when its config names none: the
+    digits train live (``live``); the paper's sets keep the recipe defaults, the paper's."""
 
 
 _DATASETS: dict[str, DatasetSpec] = {}

@@ -18,6 +18,7 @@ from engine.models.model import (
     PatchModel,
     PatchOutput,
     build_model,
+    compiled,
     count_parameters,
 )
 from engine.models.registry import (
@@ -30,9 +31,26 @@ from engine.models.registry import (
 )
 
 __all__ = [
-    "LayerGeom", "LogitsOnly", "MapGeom", "PatchGrid", "PatchModel", "PatchOutput",
-    "backbone_descriptions", "backbone_spec", "build_model", "capsule_attention", "compose",
+    "LayerGeom",
+    "LogitsOnly",
+    "MapGeom",
+    "PatchGrid",
+    "PatchModel",
+    "PatchOutput",
+    "backbone_descriptions",
+    "backbone_spec",
+    "build_model",
+    "capsule_attention",
+    "compiled",
+    "compose",
     "count_parameters",
-    "head_spec", "list_backbones", "list_heads", "loss_attention_weights", "patch_grid",
-    "resolve_config", "safe_norm", "threshold", "threshold_weights",
+    "head_spec",
+    "list_backbones",
+    "list_heads",
+    "loss_attention_weights",
+    "patch_grid",
+    "resolve_config",
+    "safe_norm",
+    "threshold",
+    "threshold_weights",
 ]

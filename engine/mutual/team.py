@@ -34,7 +34,7 @@ from engine.mutual.maps import (
     region_pearson,
     transfer_loss,
 )
-from engine.recipes import make_optimizer, set_epoch_hyperparameters
+from engine.recipes import make_optimizer, set_hyperparameters
 
 
 def peer_field(k: int, name: str) -> str:
@@ -139,7 +139,7 @@ class Team:
         self.peers = []
         for model_cfg in cfg.models:  # built in order after one seed: peer 0 = a solo run's
             model = build_model(model_cfg).to(device)
-            if device.type == "cuda" and cfg.train.channels_last:
+            if device.type in ("cuda", "cpu") and cfg.train.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             self.peers.append(Peer(model, make_optimizer(model, cfg.train),
                                    Criterion(cfg.loss, model.regularised), model))
@@ -185,13 +185,13 @@ class Team:
                 maps.append(map_of(self.transfer, self.plan.side, outs[-1], features))
         return outs, (maps if self.plan else None)
 
-    def losses(self, outs: list[PatchOutput], maps: list | None, y: torch.Tensor, epoch: int
-               ) -> list[dict[str, torch.Tensor]]:
-        """Per peer: ``loss`` (what it minimises), ``image``, ``patch`` and, where they apply,
-        ``transfer`` and ``kl``."""
+    def losses(self, outs: list[PatchOutput], maps: list | None, y: torch.Tensor,
+               position: float) -> list[dict[str, torch.Tensor]]:
+        """Per peer at ``position`` (epochs): ``loss`` (what it minimises), ``image``,
+        ``patch`` and, where they apply, ``transfer`` and ``kl``."""
         terms = []
         for k, peer in enumerate(self.peers):
-            base = peer.criterion(outs[k], y, epoch)
+            base = peer.criterion(outs[k], y, position)
             t = {"loss": base.total, "image": base.image, "patch": base.patch}
             if maps is not None:
                 others = [maps[j] for j in range(len(maps)) if j != k]
@@ -216,14 +216,14 @@ class Team:
             peer.optimizer.step()
             peer.optimizer.zero_grad(set_to_none=True)
 
-    def set_epoch(self, epoch: int) -> float:
-        """The epoch's learning rate (and betas) for every peer; returns the lr."""
-        lrs = [set_epoch_hyperparameters(p.optimizer, epoch, self.cfg.train)
-               for p in self.peers]
+    def set_position(self, t: float) -> float:
+        """The learning rate (and betas) at position ``t`` (epochs) for every peer; returns
+        the lr."""
+        lrs = [set_hyperparameters(p.optimizer, t, self.cfg.train) for p in self.peers]
         return lrs[0]
 
-    def patch_weight(self, epoch: int) -> float:
-        return self.peers[0].criterion.patch_weight(epoch)
+    def patch_weight(self, t: float) -> float:
+        return self.peers[0].criterion.patch_weight(t)
 
     def train(self) -> None:
         for peer in self.peers:

@@ -36,9 +36,11 @@ def _preset_of_form(name: str) -> dict:
                                                                           "loss_attention")}))
 
 
-def _write_preset_into_form(name: str) -> None:
+def _write_preset_into_form(name: str, keep_given: bool = False) -> None:
+    """The preset's values into the form's fields; ``keep_given``: not over values the session
+    already holds (a link's or a test's)."""
     for path, setting in _preset_of_form(name).items():
-        if path in FORM_FIELDS:
+        if path in FORM_FIELDS and not (keep_given and FORM_FIELDS[path] in st.session_state):
             st.session_state[FORM_FIELDS[path]] = setting.value
 
 
@@ -49,9 +51,9 @@ def _first_visit_defaults() -> None:
         return
     name = dataset_spec(st.session_state.get("tr_dataset", "digits")).default_preset or ""
     st.session_state["tr_preset"] = name
-    st.session_state["tr_test_size"] = 0
+    st.session_state.setdefault("tr_test_size", 0)
     if name:
-        _write_preset_into_form(name)
+        _write_preset_into_form(name, keep_given=True)
 
 
 def _preset_picker() -> str:

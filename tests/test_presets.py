@@ -286,3 +286,18 @@ def test_the_digits_default_is_the_live_preset_and_its_run_uses_it(tmp_path):
     mean = build_run_config(_train_args("--head", "mean"))
     assert mean.preset == "live" and mean.train.epochs == 2
     assert prepare_run_config(mean).train.recipe == "adam"
+
+
+def test_the_train_page_opens_with_the_default_data_sets_preset():
+    """First visit: the form shows the digits' live preset (what a fresh run gets) and the
+    whole test set; values the session already holds are kept."""
+    at = open_page("train")
+    assert at.selectbox(key="w_tr_preset").value == "live" and not errors(at)
+    values = {k: at.number_input(key=f"w_tr_{k}").value
+              for k in ("epochs", "batch", "train_size", "test_size", "gamma")}
+    assert values == {"epochs": 2, "batch": 32, "train_size": 9000, "test_size": 0,
+                      "gamma": 0.3}
+    kept = open_page("train", tr_epochs=1, tr_train_size=64)
+    assert kept.number_input(key="w_tr_epochs").value == 1
+    assert kept.number_input(key="w_tr_train_size").value == 64
+    assert kept.number_input(key="w_tr_batch").value == 32

@@ -468,3 +468,16 @@ def test_an_interrupted_arm_is_one_line_and_resumed_by_the_next_call(tmp_path, c
     monkeypatch.setattr(train, "train_run", real)
     assert _cli(capsys, *argv)[0] == 0  # the same command resumes and finishes
     assert RunStore(tmp_path).get("cut-s0-mutual").status()["state"] == "finished"
+
+
+def test_a_transfer_experiment_gets_no_data_set_default_preset():
+    """The digits' live schedule is for a single run trained in a lesson: a transfer experiment
+    keeps its protocol (the shipped results/transfer tables), unless --preset names one."""
+    from engine.cli import build_parser
+    from engine.cli.transfer import transfer_config
+
+    args = ["transfer", "--peer", "small_cnn", "--peer", "small_cnn/plain", "--epochs", "8"]
+    cfg = transfer_config(build_parser().parse_args(args))
+    assert cfg.preset is None and (cfg.train.batch_size, cfg.train.recipe) == (128, "auto")
+    live = transfer_config(build_parser().parse_args([*args, "--preset", "live"]))
+    assert live.preset == "live" and live.train.batch_size == 32 and live.train.epochs == 8

@@ -56,6 +56,9 @@ def transfer_config(args: argparse.Namespace):
         raise ConfigError("--peer: mutual transfer needs at least two peers (--peer A --peer B, "
                           "or a config file with a model and transfer.peers)")
     data["transfer"] = transfer
+    # An experiment's own protocol: no data-set default preset (the digits' live schedule)
+    # unless --preset or the file names one, so the shipped results/transfer tables reproduce.
+    data.setdefault("preset", None)
     return validated_run_config(data, args)
 
 

@@ -63,7 +63,7 @@ def modes_for(device: torch.device, compare_fp32: bool, compile_: bool) -> list[
         if compare_fp32:
             modes.append(BenchMode("fp32 eager"))
         return modes
-    modes = [BenchMode("fp32 eager")]
+    modes = [BenchMode("fp32 eager"), BenchMode("fp32 channels_last", channels_last=True)]
     if compile_:
         modes.append(BenchMode("fp32 compile", compile=True))
     return modes

@@ -347,11 +347,10 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     """bf16 autocast for training on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX;
-    ``engine.device.cpu_has_native_bf16``). Elsewhere fp32: emulated bf16 is slower (measured
-    10x slower per step on an AVX2 CPU)."""
+    ``engine.device.cpu_has_native_bf16``). Elsewhere fp32: emulated bf16 is far slower."""
     channels_last: bool = True
-    """channels_last memory format for training, on CUDA and on the CPU (measured: 19 % more
-    images/s for small_cnn on 2 AVX2 cores)."""
+    """channels_last memory format for training, on CUDA and on the CPU (faster there:
+    ``python -m engine bench`` compares the layouts)."""
     compile: bool = False
     """``torch.compile`` the model."""
     micro_batches: int = 1

@@ -65,11 +65,10 @@ def preset_context(data: dict, model: dict) -> PresetContext:
 def default_preset(data: dict) -> str | None:
     """The preset of the data set ``data`` names (None for an unknown one: validation says
     so)."""
-    from engine.data import DataError
-    from engine.data.registry import dataset_spec
+    from engine.data.registry import dataset_spec  # importing engine.data registers the sets
 
     dataset = (json_object(data, "data") or {}).get("dataset", DataConfig.dataset)
     try:
         return dataset_spec(dataset).default_preset
-    except (DataError, ConfigError, ValueError):
+    except ConfigError:
         return None

@@ -42,7 +42,7 @@ from engine.config import ConfigError, RunConfig
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream, ImageSet, model_input
 from engine.data.registry import CACHE_VERSION as DATA_VERSION
-from engine.device import amp_supported, peak_memory_mb, resolve_device
+from engine.device import amp_supported, channels_last_supported, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
 from engine.losses import scaled_ramp_epochs
@@ -334,7 +334,7 @@ class Session:
 
     @property
     def channels_last(self) -> bool:
-        return self.cfg.train.channels_last and self.device.type in ("cuda", "cpu")
+        return self.cfg.train.channels_last and channels_last_supported(self.device)
 
     def save_last(self) -> None:
         if self.dist.is_main:
@@ -467,12 +467,14 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     from tqdm import tqdm
 
     tc, progress = s.cfg.train, s.progress
-    lr = s.team.set_position(epoch + progress.step / max(reporter.steps, 1))
-    patch_weight = s.team.patch_weight(epoch + progress.step / max(reporter.steps, 1))
     stream = BatchStream(s.train_set, tc.batch_size, s.device, augment=augment_of(s.cfg.data),
                          shuffle=True, seed=tc.seed, epoch=epoch, start_step=progress.step,
                          rank=s.dist.rank, world=s.dist.world, images=s.images,
                          targets=s.targets)
+    # The epoch row reports the lr and patch weight where the epoch (re)starts; schedules then
+    # move per step (engine.recipes), at the position set before each step below.
+    start = epoch + progress.step / len(stream)
+    lr, patch_weight = s.team.set_position(start), s.team.patch_weight(start)
     s.team.train()
     sums = _epoch_sums(progress.sums, s.device)
     bar = tqdm(total=len(stream), initial=progress.step, desc=f"epoch {epoch + 1}/{tc.epochs}",
@@ -482,7 +484,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     for x, y, _ in stream:
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        t = epoch + progress.step / len(stream)  # schedules move per step (engine.recipes)
+        t = epoch + progress.step / len(stream)
         s.team.set_position(t)
         terms = _step(s, x, y, t)
         bad, wants_stop = _agree_flags(terms, stop.requested or (
@@ -543,12 +545,11 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     progress.epoch_seconds = 0.0
     if not s.dist.is_main:
         return
-    value = row.get(metric_name)
-    improved = value is not None and not math.isnan(value) and _beats_best(
-        progress, value, whole=row["eval_images"] == len(s.test_set))
+    value, whole = row.get(metric_name), row["eval_images"] == len(s.test_set)
+    improved = value is not None and not math.isnan(value) and _beats_best(progress, value,
+                                                                           whole)
     if improved:
-        progress.best_metric, progress.best_epoch = value, epoch
-        progress.best_whole = row["eval_images"] == len(s.test_set)
+        progress.best_metric, progress.best_epoch, progress.best_whole = value, epoch, whole
     row["time"] = time.time()
     s.run.append_metrics(row)
     s.save_last()
@@ -580,8 +581,7 @@ def _beats_best(progress: Progress, value: float, whole: bool) -> bool:
     never replaces a whole set's; otherwise the higher value wins."""
     if progress.best_metric is None:
         return True
-    best_whole = progress.best_whole
-    if whole != best_whole:
+    if whole != progress.best_whole:
         return whole
     return value > progress.best_metric
 

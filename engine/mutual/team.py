@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import load_state, make_checkpoint
 from engine.config import ConfigError, RunConfig, TransferConfig, config_to_dict
-from engine.device import autocast
+from engine.device import autocast, channels_last_supported
 from engine.losses import Criterion
 from engine.models import PatchModel, PatchOutput, build_model
 from engine.mutual.maps import (
@@ -139,7 +139,7 @@ class Team:
         self.peers = []
         for model_cfg in cfg.models:  # built in order after one seed: peer 0 = a solo run's
             model = build_model(model_cfg).to(device)
-            if device.type in ("cuda", "cpu") and cfg.train.channels_last:
+            if cfg.train.channels_last and channels_last_supported(device):
                 model = model.to(memory_format=torch.channels_last)
             self.peers.append(Peer(model, make_optimizer(model, cfg.train),
                                    Criterion(cfg.loss, model.regularised), model))

@@ -3,7 +3,8 @@
 ``python -m engine bench`` prints one row per (model, mode). On CUDA the default mode is bf16
 autocast + channels_last (the training default); ``--compare-fp32`` adds plain fp32 eager and
 ``--compile`` adds ``torch.compile`` in the same run, so ratios come from one process. On CPU the
-default mode is fp32 eager.
+default mode is fp32 channels_last (the training default there), and ``--compare-fp32`` adds
+fp32 eager in the contiguous layout.
 
 Each row runs in a fresh process (``isolate=True``), so that no row inherits another's freed
 heap, compile caches or warmed kernels. Memory: on CUDA, ``torch.cuda.max_memory_allocated``; on
@@ -63,7 +64,9 @@ def modes_for(device: torch.device, compare_fp32: bool, compile_: bool) -> list[
         if compare_fp32:
             modes.append(BenchMode("fp32 eager"))
         return modes
-    modes = [BenchMode("fp32 eager"), BenchMode("fp32 channels_last", channels_last=True)]
+    modes = [BenchMode("fp32 channels_last", channels_last=True)]  # the CPU training default
+    if compare_fp32:
+        modes.append(BenchMode("fp32 eager"))
     if compile_:
         modes.append(BenchMode("fp32 compile", compile=True))
     return modes

@@ -18,15 +18,17 @@ def test_models_lists_registries(capsys):
 def test_bench_reports_throughput_and_memory(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     code = main(["bench", "--models", "small_cnn/loss_attention,small_cnn/plain", "--batch", "8",
-                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out_json)])
+                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--compare-fp32",
+                 "--json", str(out_json)])
     assert code == 0
     table = capsys.readouterr().out
     assert "small_cnn/loss_attention" in table and "img/s" in table
     rows = json.loads(out_json.read_text())
-    # On a CPU each model in both layouts, side by side (the training default is channels_last).
+    # On a CPU: the training default (channels_last), and with --compare-fp32 the contiguous
+    # layout beside it.
     assert [(r["model"], r["mode"]) for r in rows] == [
         (model, mode) for model in ("small_cnn/loss_attention", "small_cnn/plain")
-        for mode in ("fp32 eager", "fp32 channels_last")]
+        for mode in ("fp32 channels_last", "fp32 eager")]
     for row in rows:
         assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["peak_mem_mb"] >= 0
         assert row["batch"] == 8

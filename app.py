@@ -8,7 +8,7 @@ explain, the device, the run folder) are drawn here, once.
 import streamlit as st
 
 from engine.runs import default_runs_root
-from ui.st_state import device_badge, guard, model_picker
+from ui.st_state import adopt_link, device_badge, guard, model_picker, router_ran
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 
@@ -37,6 +37,9 @@ PAGES = {
 }
 
 navigation = st.navigation(PAGES)
+router_ran()
+with guard("The link", stop=False):
+    adopt_link()  # before the sidebar: a link's model is the one to explain
 with st.sidebar, guard("The sidebar", stop=False):
     model_picker()
 navigation.run()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import metrics as M
+from engine.config import RunConfig, config_from_dict, config_to_dict
 from engine.data.base import ImageSet, model_input
 from engine.evaluate import Collected, outputs_at
 from engine.models import PatchGrid, PatchModel, PatchOutput
@@ -114,3 +115,113 @@ def true_boxes(data: ImageSet, index: int) -> list[tuple[int, tuple[float, ...]]
     if not data.has_boxes:
         return []
     return [(int(r[0]), tuple(r[1:].tolist())) for r in data.boxes(index)]
+
+
+@dataclass
+class ThresholdView:
+    """What the threshold compares for one image: the sorted-scores chart's data.
+
+    ``scores`` (M,) are â_m, the patches' shares of the logit norms (Loss-Attention heads), or the
+    weights themselves (the attention baselines, which select weight > 1/M); a patch is kept when
+    its score is above ``cut`` (θ = ξ/M or ξ/(H·W)); ``cut`` is None when every patch counts."""
+
+    scores: torch.Tensor
+    cut: float | None
+    score_name: str
+    cut_name: str
+
+
+def threshold_view(model: PatchModel, collected: Collected, out: PatchOutput, index: int,
+                   xi: float) -> ThresholdView:
+    scores = model.head.selection_scores({k: v[index:index + 1]
+                                          for k, v in collected.cache.items()})
+    if scores is not None:
+        denominator = ("M" if model.config.xi_denominator == "patches" else "H·W")
+        return ThresholdView(scores[0], model.theta(out.grid, xi), "â_m (share of logit norms)",
+                             f"θ = ξ/{denominator}")
+    weights = out.patch_weights[index]
+    cut = 1.0 / weights.numel() if model.selection == "above_uniform" else None
+    return ThresholdView(weights, cut, "α_m (attention weight)", "1/M")
+
+
+@dataclass
+class Breakdown:
+    """Eq. 5 with the numbers of one image: z = Σ_m α_m O_m, term by term.
+
+    ``patches`` are the heaviest patches (at most the requested number, and only those the
+    threshold kept), ``classes`` the highest image logits; ``logits[i][j]``
+    is O_m[k] of patch ``patches[i]`` for class ``classes[j]``. The other patches' terms are
+    summed in ``rest``. ``exact`` says whether the head's image logit really is that weighted
+    sum (conv Loss-Attention and the pooling baselines; not the capsule heads, whose patch logits
+    sum the capsule channels unweighted)."""
+
+    patches: list[int]
+    classes: list[int]
+    weights: list[float]
+    logits: list[list[float]]
+    rest_count: int
+    rest_weight: float
+    rest: list[float]
+    z: list[float]
+    probabilities: list[float]
+    exact: bool
+
+
+def prediction_breakdown(out: PatchOutput, index: int, multilabel: bool, *, patches: int = 5,
+                         classes: int = 3) -> Breakdown:
+    if out.patch_weights is None or out.patch_logits is None:
+        raise ValueError("this head has no patch logits to break the prediction into")
+    alpha = out.patch_weights[index].double()
+    logits = out.patch_logits[index].double()
+    z = out.logits[index].double()
+    probabilities = torch.sigmoid(z) if multilabel else torch.softmax(z, 0)
+    top = alpha.argsort(descending=True)[:max(1, min(patches, int((alpha > 0).sum())))]
+    shown = z.argsort(descending=True)[:classes]
+    others = torch.ones_like(alpha, dtype=torch.bool)
+    others[top] = False
+    terms = alpha[:, None] * logits
+    rebuilt = terms.sum(0)
+    return Breakdown(
+        patches=top.tolist(), classes=shown.tolist(), weights=alpha[top].tolist(),
+        logits=logits[top][:, shown].tolist(), rest_count=int(others.sum()),
+        rest_weight=float(alpha[others].sum()), rest=terms[others][:, shown].sum(0).tolist(),
+        z=z[shown].tolist(), probabilities=probabilities[shown].tolist(),
+        exact=bool(torch.allclose(rebuilt, z, rtol=1e-4, atol=1e-4)))
+
+
+ABLATION_IGNORED = ("name", "tags", "notes", "preset")
+"""Run-config keys that do not make two runs different experiments."""
+
+
+def patch_loss_partner(mine: dict, theirs: dict) -> bool:
+    """Whether two run configs are Table VI's ablation pair: identical (model, data, schedule,
+    seed) except the patch loss, switched off (γmax = 0) in exactly one of them."""
+    def without_gamma(config: dict) -> tuple[dict, float]:
+        # Through RunConfig, so that fields added since one of them was trained take their
+        # defaults in both.
+        full = config_to_dict(config_from_dict(RunConfig, config))
+        rest = {k: v for k, v in full.items() if k not in ABLATION_IGNORED}
+        loss = dict(rest.get("loss") or {})
+        gamma = float(loss.pop("gamma_max", 0.1))
+        # The ramp only matters where the patch loss exists.
+        loss.pop("ramp_epochs", None)
+        loss.pop("ramp_by", None)
+        return {**rest, "loss": loss}, gamma
+
+    a, gamma_a = without_gamma(mine)
+    b, gamma_b = without_gamma(theirs)
+    return a == b and (gamma_a == 0) != (gamma_b == 0)
+
+
+def free_energy(logits: torch.Tensor) -> torch.Tensor:
+    """−logsumexp(z) per image (Liu et al. 2020, "Energy-based out-of-distribution
+    detection"): low for inputs like the training data, high for inputs the model finds no
+    class for."""
+    return -torch.logsumexp(logits.double(), dim=-1)
+
+
+def energy_rank(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """The share of the reference images (the test set) whose free energy is below this
+    image's: near 1, the model was less sure of this input than of almost any test image."""
+    reference = free_energy(reference_logits)
+    return float((reference < free_energy(logits[None])[0]).double().mean())

@@ -13,7 +13,47 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
-def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0) -> str:
+EXPLANATION_KEYS = ("precision_paper", "recall_paper", "f_paper", "precision", "recall", "f",
+                    "gt_known_loc", "top1_loc", "patches_per_image")
+"""The evaluation's columns that a card shows: how well the selected patches explain."""
+
+
+def explanation_metrics(path: Path, data_config) -> dict | None:
+    """Patch precision / recall / F (both definitions, METHOD.md) and localization of the
+    checkpoint at ``path`` on its test set at its own ξ; None where the data has no boxes or
+    the model no patches."""
+    import torch
+
+    from engine.checkpoint import load_model
+    from engine.data import load_split
+    from engine.evaluate import evaluate_model
+
+    model, _ = load_model(path)
+    if not model.head.has_patches:
+        return None
+    data = load_split(data_config, "test")
+    if not data.has_boxes:
+        return None
+    report = evaluate_model(model.eval(), data, torch.device("cpu"),
+                            groups=["image", "patch", "localization"], pr_curves=False)
+    row = report["by_xi"][0]
+    found = {k: v for group in row.values() if isinstance(group, dict) for k, v in group.items()}
+    return {"xi": row["xi"], "images": len(data),
+            **{k: found[k] for k in EXPLANATION_KEYS if k in found}}
+
+
+def explanation_section(explanation: dict) -> list[str]:
+    """The card's lines for :func:`explanation_metrics`."""
+    heading = (f"Explanation quality on the {explanation['images']:,} test images at "
+               f"ξ = {explanation['xi']:g} (`python -m engine evaluate`; *paper*: the released "
+               "code's definitions, METHOD.md):")
+    return [heading, "", "| metric | value |", "|---|---|",
+            *[f"| {key} | {explanation[key]:.4f} |" for key in EXPLANATION_KEYS
+              if key in explanation]]
+
+
+def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0,
+               explanation: dict | None = None) -> str:
     cfg, status = run.config(), run.status()
     transfer = cfg.transfer
     data, model, loss, train = cfg.data, cfg.models[peer], cfg.loss, cfg.train
@@ -50,6 +90,8 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
     for metric in metrics_of("epoch"):
         if metric.key in metrics and metric.key != "lr":
             lines.append(f"| {metric.key} ({metric.label}) | {metrics[metric.key]:.4f} |")
+    if explanation:
+        lines += ["", *explanation_section(explanation)]
     command = status.get("command")
     if command:
         lines += ["", "Reproduce (then `python -m engine export NAME --out FILE.pt`):", "",
@@ -57,9 +99,11 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
     return "\n".join(lines) + "\n"
 
 
-def export_model(run: Run, out: str | Path, peer: int | None = None) -> tuple[Path, Path]:
+def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: bool = True
+                 ) -> tuple[Path, Path]:
     """Write ``out`` (.pt, weights + config + metrics, no optimizer) and its ``.md`` card. For a
-    mutual-transfer run, ``peer`` (default 0) says which peer, exported as itself."""
+    mutual-transfer run, ``peer`` (default 0) says which peer, exported as itself. With
+    ``evaluate``, the card also reports :func:`explanation_metrics`."""
     from engine.errors import RunError
 
     out = Path(out)
@@ -73,7 +117,9 @@ def export_model(run: Run, out: str | Path, peer: int | None = None) -> tuple[Pa
     atomic_torch_save(slim, out)
     params = sum(v.numel() for k, v in ckpt["model"].items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    explanation = (explanation_metrics(out, run.config().data)
+                   if evaluate and peers == 1 else None)
     card = out.with_suffix(".md")
     card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params,
-                               peer or 0))
+                               peer or 0, explanation))
     return out, card

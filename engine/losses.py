@@ -38,6 +38,20 @@ def scaled_ramp_epochs(epochs: int) -> int:
     return max(1, round(epochs * PAPER_RAMP / PAPER_EPOCHS))
 
 
+def patch_loss_share(gamma_max: float, ramp_epochs: int, ramp_by: str, epochs: int,
+                     samples_per_epoch: int = 64) -> float:
+    """The patch-loss weight w averaged over a run of ``epochs`` epochs, as a share of γmax:
+    0 means the patch loss never acts (a 1-epoch run ramped by epoch has w = 0 throughout), so
+    γmax cannot change what the run learns; 1 means full weight from the start."""
+    if gamma_max == 0 or epochs < 1:
+        return 0.0
+    if ramp_by == "step":  # the fractional position, sampled along the run
+        positions = [(i + 0.5) / samples_per_epoch for i in range(epochs * samples_per_epoch)]
+    else:
+        positions = list(range(epochs))
+    return sum(ramp_weight(t, 1.0, ramp_epochs) for t in positions) / len(positions)
+
+
 class LossTerms(NamedTuple):
     total: torch.Tensor
     image: torch.Tensor

@@ -14,8 +14,16 @@ import torch
 
 from engine.explain import METHODS, ONE_PASS, compare_maps, faithfulness, remembered_maps
 from engine.metric_table import metrics_of
-from ui.overlay import enlarge, map_overlay, to_hwc
-from ui.st_state import guard, keep, loaded_model, map_memo, require_model_path, test_set
+from engine.pictures import enlarge, map_overlay, to_hwc
+from ui.st_state import (
+    ensure_router,
+    guard,
+    keep,
+    loaded_model,
+    map_memo,
+    require_model_path,
+    test_set,
+)
 
 COLUMNS = {m.key: m.heading for m in metrics_of("faithfulness")}
 ON_DEMAND = "scorecam"
@@ -97,6 +105,7 @@ def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float) -> No
                f"class: {first['class']}.")
 
 
+ensure_router()
 st.title("Compare maps")
 with guard("Compare maps"):
     path = require_model_path()

@@ -13,7 +13,14 @@ import torch
 
 from engine.evaluate import evaluate_model
 from ui.figures import pr_figure
-from ui.st_state import collected_test_set, guard, keep, loaded_model, require_model_path
+from ui.st_state import (
+    collected_test_set,
+    ensure_router,
+    guard,
+    keep,
+    loaded_model,
+    require_model_path,
+)
 
 XI_POINTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 
@@ -39,6 +46,7 @@ def operating_points(report: dict) -> go.Scatter:
                       marker={"size": 9, "color": "crimson"}, name="ξ operating points")
 
 
+ensure_router()
 st.title("Curves")
 with guard("The curves"):
     path = require_model_path()

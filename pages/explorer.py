@@ -1,47 +1,83 @@
 """Patch Explorer: which patches made the prediction, at any ξ, for any class.
 
 The backbone runs once over the test images (cached); the ξ slider re-decodes the cached patch
-logits inside a fragment, so only the picture and its numbers redraw.
+logits inside a fragment, so only the picture and its numbers redraw. The picture is a plotly
+figure drawn in the browser; the PNG download is the same picture drawn on the server.
 """
 
 import hashlib
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 import torch
 
 from engine.explore import (
     OUTCOMES,
     decode,
+    energy_rank,
     filter_indices,
     image_story,
     patch_rows,
+    prediction_breakdown,
     single_image_cache,
+    threshold_view,
     true_boxes,
 )
 from engine.inputs import image_from_bytes
 from engine.metrics import box_iou
-from ui.figures import patch_bars
-from ui.overlay import (
-    SCALINGS,
-    csv_bytes,
-    gallery_strip,
-    patch_overlay,
-    png_bytes,
-    scale_weights,
-    to_hwc,
+from engine.pictures import enlarge, patch_overlay, png_bytes, to_hwc, weight_colour_value
+from engine.samples import SAMPLES, sample_png
+from ui.explorer_figures import (
+    breakdown_latex,
+    breakdown_rows,
+    patch_map_figure,
+    sorted_scores_figure,
 )
+from ui.figures import patch_bars
+from ui.overlay import csv_bytes, gallery_strip
 from ui.st_state import (
+    MODEL_KEY,
     collected_test_set,
+    ensure_router,
     guard,
     keep,
+    link_value,
     loaded_model,
+    model_sources,
+    patch_loss_partner,
+    remember,
+    remembered,
     require_model_path,
     single_threaded,
+    take_link,
+    write_link,
 )
 
 GALLERY = 12
+LOW_CONFIDENCE = 0.5
+UNFAMILIAR = 0.99  # warn above this energy rank among the test images
+SAMPLE_DATA = ("digits", "digits_multilabel")  # the data sets the drawn samples are for
+PLOTLY_CONFIG = {"displayModeBar": False}
+
+
+@dataclass
+class Shown:
+    """The image on screen: where it is in the decoded outputs and in the test set (None for an
+    upload), its pixels (uint8, 3 x H x W), its label and boxes, its name in file names."""
+
+    index: int
+    test_index: int | None
+    pixels: torch.Tensor
+    truth: str
+    boxes: list
+    name: str
+    energy_rank: float | None = None  # an upload's rank among the test images (warning)
+
+    @property
+    def image(self):
+        return to_hwc(self.pixels)
 
 
 def class_options(classes: list[str]) -> list[str]:
@@ -56,9 +92,35 @@ def gallery_png(model_path: str, shown: tuple[int, ...], framed: int, _data) -> 
     return png_bytes(gallery_strip([to_hwc(_data.images[i]) for i in shown], framed))
 
 
+def adopt_link_view(params: dict[str, str], size: int) -> None:
+    """A link's image (a test-set index) and ξ become the page's state: the filters are reset,
+    so that the image is the one the link meant. A bad value is named and ignored."""
+    if "image" in params:
+        try:
+            index = int(params["image"])
+            if not 0 <= index < size:
+                raise ValueError
+        except ValueError:
+            st.warning(f"The link's image {params['image']!r} is not a test image number "
+                       f"(0 to {size - 1}); showing the first.")
+        else:
+            for key, value in [("ex_source", "test set"), ("ex_outcome", "all"),
+                               ("ex_true", "any"), ("ex_pred", "any"), ("ex_pos", index)]:
+                remember(key, value)
+    if "xi" in params:
+        try:
+            xi = float(params["xi"])
+            if not 0.0 <= xi <= 1.0:
+                raise ValueError
+        except ValueError:
+            st.warning(f"The link's ξ {params['xi']!r} is not a number in [0, 1]; ignored.")
+        else:
+            remember("xi", round(xi, 2))
+
+
 def pick_test_image(out, data, model_path: str) -> int | None:
     """Filters and a gallery; returns the index (in ``data``) of the image to show."""
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     names = class_options(data.classes)
     outcome = c1.selectbox("Show", OUTCOMES, **keep("ex_outcome", "all", OUTCOMES))
     true_name = c2.selectbox("True class", names, **keep("ex_true", "any", names))
@@ -70,7 +132,7 @@ def pick_test_image(out, data, model_path: str) -> int | None:
     if len(indices) == 0:
         st.info("No test image passes these filters at this ξ.")
         return None
-    position = st.number_input(f"Image ({len(indices)} match)", min_value=0,
+    position = c4.number_input(f"Image ({len(indices)} match)", min_value=0,
                                max_value=len(indices) - 1, step=1,
                                **keep("ex_pos", 0, low=0, high=len(indices) - 1))
     position = min(int(position), len(indices) - 1)
@@ -83,81 +145,179 @@ def pick_test_image(out, data, model_path: str) -> int | None:
     return int(indices[position])
 
 
-def show_story(model, out, index: int, classes: list[str], multilabel: bool,
-               image: np.ndarray, truth: str, boxes: list, name: str, xi: float) -> None:
-    """The large overlay, the prediction, the per-patch logits and the downloads."""
-    c1, c2, c3 = st.columns(3)
-    scaling = c1.radio("Colour scaling", SCALINGS, horizontal=True,
-                       **keep("ex_scaling", "min-max", SCALINGS))
+def xi_slider(model) -> float:
+    return st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
+                     help="Patches whose share of the logit norms is below θ are removed and "
+                     "the rest are renormalised. ξ = 0 keeps every patch; ξ = 1 keeps the "
+                     "above-average ones.", **keep("xi", float(model.config.xi)))
+
+
+def view_controls(classes: list[str], num_patches: int, partner: str | None) -> dict:
+    """The controls beside the picture: the class whose patch logits are listed, how many
+    patches the breakdown shows, and the with/without-patch-loss view."""
     choices = ["predicted", *classes]
-    logits_of = c2.selectbox("Patch logits for class", choices,
+    logits_of = st.selectbox("Patch logits for class", choices,
                              **keep("ex_class", "predicted", choices))
-    most = max(2, min(20, out.grid.num_patches))
-    top_k = c3.slider("Top-k patches", 1, most, **keep("ex_topk", min(5, most), low=1, high=most))
-    predicted = int(out.logits[index].argmax())
-    klass = predicted if logits_of == "predicted" else classes.index(logits_of)
-    story = image_story(model, out, index, klass, multilabel)
-    top = story.top_patches(top_k)
-    focus_choices = ["none", *[f"patch {int(m)}" for m in top]]
-    focus = st.selectbox("Outline a patch's full pixel box", focus_choices,
-                         **keep("ex_focus", "none", focus_choices))
-    focus_patch = None if focus == "none" else int(focus.split()[1])
-    values = scale_weights(story.weights.numpy(), scaling)
-    picture = patch_overlay(image, story.grid.boxes.numpy(), story.grid.rows, story.grid.cols,
-                            values, true_boxes=[b for _, b in boxes],
-                            selection_box=story.selection_box, focus_patch=focus_patch)
-    picture_png = png_bytes(picture)  # shown and offered for download: encoded once
-    left, right = st.columns([3, 2])
+    most = max(2, min(12, num_patches))
+    top_k = st.slider("Patches in the breakdown", 1, most,
+                      **keep("ex_topk", min(5, most), low=1, high=most))
+    compare = False
+    if partner is not None:
+        compare = st.toggle("Without the patch loss", **keep("ex_pair", False),
+                            help=f"With / without the patch loss: beside this model, {partner}, "
+                            "trained the same way but with the other γmax (γmax = 0: no patch "
+                            "loss). Same image, same ξ.")
+    return {"logits_of": logits_of, "top_k": top_k, "compare": compare}
+
+
+def map_figure(story, shown, title=None, height=430, colour_bar=True):
+    return patch_map_figure(shown.image, story.grid.boxes.numpy(), story.grid.rows,
+                            story.grid.cols, story.weights.tolist(), story.selected.tolist(),
+                            true_boxes=[b for _, b in shown.boxes],
+                            selection_box=story.selection_box, title=title, height=height,
+                            colour_bar=colour_bar)
+
+
+def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
+    """The prediction, its confidence, how many patches survive, the box IoU."""
+    truth, boxes = shown.truth, shown.boxes
+    probability = float(story.probabilities[story.predicted])
+    st.metric("Prediction", classes[story.predicted], f"{probability:.1%} confidence",
+              delta_color="off")
+    st.caption(f"True: {truth}")
+    if probability < LOW_CONFIDENCE:
+        st.warning(f"Low confidence ({probability:.0%}): the model is unsure about this image, "
+                   "so its patch weights explain a weak decision.")
+    if shown.energy_rank is not None and shown.energy_rank >= UNFAMILIAR:
+        st.warning(f"Unlike the training data: the model's energy score for this image is "
+                   f"higher than for {shown.energy_rank:.1%} of the test images (Liu et al. "
+                   "2020). Read its patches as what it grasps at, not as evidence.")
+    st.write(f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches kept at "
+             f"ξ = {xi:.2f}")
+    order = story.probabilities.argsort(descending=True)[:3].tolist()
+    st.dataframe({"class": [classes[k] for k in order],
+                  "probability": [round(float(story.probabilities[k]), 4) for k in order]},
+                 hide_index=True)
+    if story.selection_box and boxes:
+        iou = box_iou(torch.tensor([story.selection_box], dtype=torch.float64),
+                      torch.tensor([b for _, b in boxes], dtype=torch.float64)).max()
+        st.write(f"Kept-patch box (blue) vs true box (red): IoU **{float(iou):.2f}**")
+
+
+def show_partner(partner: str, data, shown: Shown, xi: float) -> None:
+    """The γmax = 0 model's map of the same image at the same ξ."""
+    loaded = loaded_model(model_sources()[partner])
+    model = loaded.model
+    if shown.test_index is None:
+        collected, index = single_image_cache(model, shown.pixels, data), 0
+    else:
+        collected, index = collected_test_set(loaded)[1], shown.test_index
+    with single_threaded():
+        out = decode(model, collected, xi)
+    story = image_story(model, out, index, int(out.logits[index].argmax()), data.multilabel)
+    title = f"γmax = {gamma_of(loaded):g}: {map_title(story, data.classes)}"
+    st.plotly_chart(map_figure(story, shown, title=title, height=360, colour_bar=False),
+                    config=PLOTLY_CONFIG, key="ex_map_partner")
+
+
+def map_title(story, classes) -> str:
+    probability = float(story.probabilities[story.predicted])
+    return f"{classes[story.predicted]} ({probability:.0%}), {int(story.selected.sum())} kept"
+
+
+def gamma_of(loaded) -> float:
+    return float(loaded.checkpoint["run_config"].get("loss", {}).get("gamma_max", 0.1))
+
+
+def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, main) -> None:
+    """Beside the controls (in ``main``): the map and the prediction; below, the page's full
+    width: the threshold's cut, Eq. 5 with the real numbers, every patch's logit, downloads."""
+    model, classes = loaded.model, data.classes
+    with controls:
+        partner = patch_loss_partner(loaded.path)
+        view = view_controls(classes, out.grid.num_patches, partner)
+    predicted = int(out.logits[shown.index].argmax())
+    klass = predicted if view["logits_of"] == "predicted" else classes.index(view["logits_of"])
+    story = image_story(model, out, shown.index, klass, data.multilabel)
+    with main:
+        picture, facts = st.columns(2) if view["compare"] else st.columns([2, 1.1])
+    with picture:
+        title = (f"γmax = {gamma_of(loaded):g} (this model): {map_title(story, classes)}"
+                 if view["compare"] else None)
+        st.plotly_chart(map_figure(story, shown, title=title,
+                                   height=360 if view["compare"] else 430),
+                        config=PLOTLY_CONFIG, key="ex_map")
+        st.caption(f"{shown.name}: each patch tinted by its weight α (fixed √α colour scale); "
+                   "grey: removed by the threshold; red: true box; dashed blue: box of the kept "
+                   "patches.")
+    with facts:
+        if view["compare"]:
+            show_partner(partner, data, shown, xi)
+        else:
+            show_facts(story, classes, shown, xi)
+    left, right = st.columns([2, 3], gap="medium")
     with left:
-        st.image(picture_png, caption=f"{name}: weights ({scaling}) over "
-                 f"{story.grid.rows}x{story.grid.cols} patches; red: true box, blue: box of the "
-                 "selected patches", width=420)
-        d1, d2 = st.columns(2)
-        d1.download_button("Overlay PNG", picture_png, f"{name}-xi{xi:.2f}.png",
-                           "image/png", key="ex_dl_png")
-        d2.download_button("Weights CSV", csv_bytes(patch_rows(story, classes, klass)),
-                           f"{name}-xi{xi:.2f}-weights.csv", "text/csv", key="ex_dl_csv")
+        st.subheader("What ξ cuts", help="The threshold compares each patch's score with θ.")
+        cut = threshold_view(model, collected, out, shown.index, xi)
+        st.plotly_chart(sorted_scores_figure(cut.scores.tolist(), story.selected.tolist(),
+                                             cut.cut, cut.score_name, cut.cut_name),
+                        config=PLOTLY_CONFIG, key="ex_scores")
     with right:
-        probability = float(story.probabilities[predicted])
-        st.metric("Prediction", classes[predicted], f"{probability:.1%} confidence",
-                  delta_color="off")
-        st.caption(f"True: {truth}")
-        st.write(f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches selected "
-                 f"at ξ = {xi:.2f}")
-        order = story.probabilities.argsort(descending=True)[:3].tolist()
-        st.dataframe({"class": [classes[k] for k in order],
-                      "probability": [round(float(story.probabilities[k]), 4) for k in order]},
-                     hide_index=True)
-        st.dataframe({"patch": [int(m) for m in top],
-                      "weight": [round(float(story.weights[m]), 4) for m in top],
-                      f"logit ({classes[klass]})": [round(float(story.class_logits[m]), 3)
-                                                    for m in top],
-                      "patch says": [classes[int(story.patch_predictions[m])] for m in top]},
-                     hide_index=True)
-        if story.selection_box and boxes:
-            iou = box_iou(torch.tensor([story.selection_box], dtype=torch.float64),
-                          torch.tensor([b for _, b in boxes], dtype=torch.float64)).max()
-            st.write(f"Selected-patch box vs true box: IoU **{float(iou):.2f}**")
+        show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
+    with st.expander("Every patch's logit, and downloads"):
+        extras(story, shown, classes, klass, xi)
+
+
+def show_breakdown(out, index, multilabel, classes, top_k) -> None:
+    st.subheader("How the prediction is built (Eq. 5)")
+    breakdown = prediction_breakdown(out, index, multilabel, patches=top_k)
+    if not breakdown.exact:
+        st.info("This head's image logit is not a weighted sum of its patch logits (capsule "
+                "heads sum capsule channels), so Eq. 5's breakdown does not apply.")
+        return
+    st.latex(breakdown_latex(breakdown, classes, multilabel))
+    st.dataframe(breakdown_rows(breakdown, classes, multilabel), hide_index=True)
+    st.caption("A row is one patch m: its weight α, its logits O (the shared classifier on "
+               "that patch alone) and its terms α·O. Each α·O column sums to z, the image's "
+               "logit; removed patches have α = 0 and add nothing.")
+
+
+def extras(story, shown: Shown, classes, klass, xi) -> None:
     st.plotly_chart(patch_bars(story.class_logits.tolist(), story.weights.tolist(),
                                story.selected.tolist(), f"logit for {classes[klass]}"),
                     key="ex_bars")
+    picture = patch_overlay(shown.image, story.grid.boxes.numpy(), story.grid.rows,
+                            story.grid.cols, weight_colour_value(story.weights.numpy()),
+                            true_boxes=[b for _, b in shown.boxes],
+                            selection_box=story.selection_box, removed=~story.selected.numpy(),
+                            numbers=True)
+    name = shown.name
+    d1, d2 = st.columns(2)
+    d1.download_button("Overlay PNG", png_bytes(picture), f"{name}-xi{xi:.2f}.png",
+                       "image/png", key="ex_dl_png")
+    d2.download_button("Weights CSV", csv_bytes(patch_rows(story, classes, klass)),
+                       f"{name}-xi{xi:.2f}-weights.csv", "text/csv", key="ex_dl_csv")
 
 
 @st.fragment
-def explore_test_set(model, data, collected, model_path: str) -> None:
-    xi = st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
-                   **keep("xi", float(model.config.xi)))
+def explore_test_set(loaded, data, collected) -> None:
+    picker = st.container()
+    controls, main = st.columns([1, 3.4], gap="medium")
+    with controls:
+        xi = xi_slider(loaded.model)
     with single_threaded():
-        out = decode(model, collected, xi)
-    index = pick_test_image(out, data, model_path)
+        out = decode(loaded.model, collected, xi)
+    with picker:
+        index = pick_test_image(out, data, loaded.path)
     if index is None:
         return
     target = data.targets[index]
     truth = (", ".join(data.classes[k] for k in target.nonzero().flatten().tolist())
              if data.multilabel else data.classes[int(target)])
-    boxes = true_boxes(data, index)
-    show_story(model, out, index, data.classes, data.multilabel,
-               to_hwc(data.images[index]), truth, boxes, f"test{index}", xi)
+    shown = Shown(index, index, data.images[index], truth, true_boxes(data, index),
+                  f"test{index}")
+    show_story(loaded, data, out, collected, shown, xi, controls, main)
+    write_link(model=link_value(remembered(MODEL_KEY)), image=index, xi=f"{xi:.2f}")
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -172,19 +332,59 @@ def upload_cache(model_path: str, mtime_ns: int, digest: str, name: str, policy:
 
 
 @st.fragment
-def explore_upload(model, data, upload, model_path: str, policy: str) -> None:
-    xi = st.slider("ξ (threshold; no retraining)", 0.0, 1.0, step=0.01,
-                   **keep("xi", float(model.config.xi)))
-    with guard("The uploaded image", stop=False):
-        payload = upload.getvalue()
-        image, collected = upload_cache(model_path, Path(model_path).stat().st_mtime_ns,
-                                        hashlib.sha256(payload).hexdigest(), upload.name,
-                                        policy, payload, model, data)
-        out = decode(model, collected, xi)
-        show_story(model, out, 0, data.classes, data.multilabel, to_hwc(image),
-                   "unknown (your image)", [], "upload", xi)
+def explore_file(loaded, data, test_logits, payload: bytes, name: str, truth: str) -> None:
+    """An uploaded file or a drawn sample, read exactly as the model's training images were;
+    beside the ξ slider, the file as given and the exact model input."""
+    controls, main = st.columns([1, 3.4], gap="medium")
+    with controls:
+        xi = xi_slider(loaded.model)
+    with guard("The image", stop=False):
+        image, collected = upload_cache(loaded.path, Path(loaded.path).stat().st_mtime_ns,
+                                        hashlib.sha256(payload).hexdigest(), name,
+                                        loaded.data_config.resize, payload, loaded.model, data)
+        with single_threaded():
+            out = decode(loaded.model, collected, xi)
+            rank = energy_rank(decode(loaded.model, test_logits, xi).logits, out.logits[0])
+        shown = Shown(0, None, image, truth, [], Path(name).stem or "upload",
+                      energy_rank=rank)
+        with controls:
+            show_input_preview(payload, image, loaded.data_config.resize)
+        show_story(loaded, data, out, collected, shown, xi, controls, main)
+    write_link(model=link_value(remembered(MODEL_KEY)), xi=f"{xi:.2f}")
 
 
+def show_input_preview(payload: bytes, image, policy: str) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as given:
+        size = given.size
+    how = "squashed" if policy == "squash" else "centre-cropped"
+    c1, c2 = st.columns(2)
+    c1.image(payload, caption=f"your file ({size[0]}x{size[1]})", width="stretch")
+    c2.image(png_bytes(enlarge(to_hwc(image), 4)), width="stretch",
+             caption=f"the model's input ({image.shape[2]}x{image.shape[1]}, {how})")
+
+
+def pick_file(loaded, data, source: str) -> tuple[bytes, str, str] | None:
+    """The bytes, name and truth of the chosen sample or upload; None until there is one."""
+    if source == "samples":
+        names = list(SAMPLES)
+        name = st.selectbox("Sample", names, **keep("ex_sample", names[0], names),
+                            help="Drawn here, not from the data set: a typed digit, small, "
+                            "rotated, two at once, and no digit at all.")
+        return sample_png(name), f"{name}.png", f"{SAMPLES[name].truth} (a drawn sample)"
+    upload = st.file_uploader("An image (any format, size and mode)", key="ex_upload")
+    if upload is None:
+        policy = loaded.data_config.resize
+        how = ("squashed (both sides scaled)" if policy == "squash"
+               else "centre-cropped (shorter side scaled)")
+        st.caption(f"It is turned upright (EXIF), {how} to {data.input_size[0]}x"
+                   f"{data.input_size[1]}, exactly as the model's training images were.")
+        return None
+    return upload.getvalue(), upload.name, "unknown (your image)"
+
+
+ensure_router()
 st.title("Patch Explorer")
 with guard("The Patch Explorer"):
     path = require_model_path()
@@ -195,19 +395,15 @@ with guard("The Patch Explorer"):
                    "pick a patch model in the sidebar.")
         st.stop()
     data, collected = collected_test_set(loaded)
+    adopt_link_view(take_link(), len(data))
     st.caption(f"{model.config.backbone} / {model.config.head} on {data.name} "
                f"({len(data)} test images); trained at ξ = {model.config.xi}")
-    sources = ["test set", "upload your own"]
+    sources = ["test set", *(["samples"] if data.name in SAMPLE_DATA else []),
+               "upload your own"]
     source = st.radio("Images", sources, horizontal=True, **keep("ex_source", sources[0], sources))
     if source == "test set":
-        explore_test_set(model, data, collected, path)
+        explore_test_set(loaded, data, collected)
     else:
-        upload = st.file_uploader("An image (any format, size and mode)", key="ex_upload")
-        policy = loaded.data_config.resize
-        if upload is not None:
-            explore_upload(model, data, upload, path, policy)
-        else:
-            how = ("squashed (both sides scaled)" if policy == "squash"
-                   else "centre-cropped (shorter side scaled)")
-            st.caption(f"It is turned upright (EXIF), {how} to {data.input_size[0]}x"
-                       f"{data.input_size[1]}, exactly as the model's training images were.")
+        chosen = pick_file(loaded, data, source)
+        if chosen is not None:
+            explore_file(loaded, data, collected, *chosen)

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.st_state import SHIPPED_DIR, guard
+from ui.st_state import SHIPPED_DIR, ensure_router, guard
 
+ensure_router()
 st.title("Loss-Attention Studio")
 st.markdown(
     "See **why** a CNN decided. Loss-Attention (Shi et al., IEEE TIP 2021) makes an image's "
@@ -24,12 +25,14 @@ st.caption("M patches, ξ ∈ [0, 1] the threshold (ξ = 0 keeps every patch, ξ
 if st.button("Open the Patch Explorer on the shipped model", type="primary", key="home_go"):
     st.switch_page("pages/explorer.py")
 
-with guard("The model card", stop=False):
+with guard("The model cards", stop=False):
     cards = sorted(Path(SHIPPED_DIR).glob("*.md"))
     cards = [c for c in cards if c.name.lower() != "readme.md"]
-    if cards:
-        with st.expander(f"Model card: {cards[0].stem}", expanded=True):
-            st.markdown(cards[0].read_text())
+    # The default model first and open; beside it, its ablation partner (trained without the
+    # patch loss): together they are the paper's Table VI on the embedded default.
+    for position, card in enumerate(cards):
+        with st.expander(f"Model card: {card.stem}", expanded=position == 0):
+            st.markdown(card.read_text())
 
 # Last: the model registry imports torch, and everything above is already on the screen.
 from engine.models import backbone_descriptions, head_spec, list_heads

@@ -23,7 +23,7 @@ from engine.mil.results import TEST_MAX, read_bag_weights, read_results, table_r
 from engine.runs import default_runs_root
 from ui.figures import bag_weights_figure
 from ui.st_forms import data_folder_picker, show_job_end
-from ui.st_state import guard, keep
+from ui.st_state import ensure_router, guard, keep
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = PROJECT_ROOT / "results" / "mil"
@@ -205,6 +205,7 @@ def weight_browser(folder: Path, rows: list[dict]) -> None:
 # Page
 
 
+ensure_router()
 st.title("MIL: multiple-instance learning")
 st.caption("Loss-Attention (AAAI 2020) on MUSK1/2, FOX, TIGER, ELEPHANT and embedded digit bags: "
            "repeated stratified 10-fold cross-validation; standardisation and model selection "

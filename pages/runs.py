@@ -4,11 +4,13 @@ import datetime
 
 import streamlit as st
 
+from engine import launch
+from engine.jobs import ACTIVE
 from engine.metric_table import label, metrics_of
 from engine.sweep import config_value, varied_fields
 from ui.figures import metric_overlay
 from ui.overlay import csv_bytes
-from ui.st_state import guard, keep, store
+from ui.st_state import ensure_router, explorable, explore_run, guard, keep, remember, store
 
 CURVE_KEYS = [m.key for m in metrics_of("epoch")]
 
@@ -27,6 +29,36 @@ def table_rows(rows: list[dict]) -> list[dict]:
     } for r in rows]
 
 
+def row_actions(name: str) -> None:
+    """What can be done with the picked run, by its state."""
+    run = store().get(name)
+    state = run.status().get("state")
+    c1, c2, c3, c4, c5 = st.columns([1.6, 1.2, 1, 1, 1.4])
+    if c1.button("Open in the Explorer", type="primary", key="runs_row_explore",
+                 disabled=not explorable(run), help="Its best checkpoint, in the Patch Explorer"):
+        explore_run(name)
+    if c2.button("Watch on Train", key="runs_row_watch"):
+        remember("tr_watch", name)
+        st.switch_page("pages/train.py")
+    if c3.button("Resume", key="runs_row_resume", disabled=state not in ("stopped", "failed")):
+        with guard(f"Resuming {name}", stop=False):
+            launch.resume(store(), name)
+            st.toast(f"Resumed {name}.")
+    if c4.button("Stop", key="runs_row_stop", disabled=state not in ACTIVE):
+        store().stop(name)
+        st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
+    # The tick belongs to this run (its own key): picking another row never inherits it.
+    sure = c5.checkbox("delete it", key=f"runs_row_sure_{name}", disabled=state in ACTIVE,
+                       help="Tick, then press Delete: its folder and checkpoints go")
+    if sure and c5.button("Delete", key="runs_row_delete"):
+        with guard(f"Deleting {name}", stop=False):
+            store().delete(name)
+            st.toast(f"Deleted {name}")
+            st.session_state.pop("runs_table", None)  # no row stays picked
+            st.rerun()
+
+
+ensure_router()
 st.title("Runs")
 with guard("The run table"):
     rows = store().list()
@@ -37,7 +69,13 @@ with guard("The run table"):
     text = st.text_input("Filter (name, model, data or tag contains)", **keep("runs_filter", ""))
     shown = [r for r in table_rows(rows)
              if text.lower() in " ".join(str(v) for v in r.values()).lower()]
-    st.dataframe(shown, hide_index=True, key="runs_table")
+    picked = st.dataframe(shown, hide_index=True, key="runs_table", on_select="rerun",
+                          selection_mode="single-row")
+    rows_picked = picked.selection.rows if picked else []
+    if rows_picked and rows_picked[0] < len(shown):
+        row_actions(shown[rows_picked[0]]["name"])
+    else:
+        st.caption("Click a row's left edge to open, resume, stop or delete that run.")
     st.download_button("Runs table CSV", csv_bytes(shown), "runs.csv", "text/csv",
                        key="runs_dl")
     names = [r["name"] for r in shown]

@@ -12,7 +12,7 @@ from engine.models import backbone_spec, list_backbones, list_heads
 from engine.sweep import launch_sweep, list_sweeps, sweep_process_alive, sweep_runs
 from ui.figures import bench_figure, stride_time_figure
 from ui.st_forms import config_of, run_settings
-from ui.st_state import device_badge, guard, keep, remember, remembered, store
+from ui.st_state import device_badge, ensure_router, guard, keep, remember, remembered, store
 
 BENCH_KEY = "st_bench_folder"
 
@@ -95,6 +95,7 @@ def accuracy_section() -> None:
         st.dataframe(rows, hide_index=True)
 
 
+ensure_router()
 st.title("Stride / time")
 with guard("Stride / time: speed", stop=False):
     bench_section()

@@ -20,7 +20,7 @@ from engine.sweep import (
 from ui.figures import grid_heatmap
 from ui.overlay import csv_bytes
 from ui.st_forms import config_of, run_settings
-from ui.st_state import guard, keep, remember, store
+from ui.st_state import ensure_router, guard, keep, remember, store
 
 WATCH_KEY = "sw_watch"
 RATES = [(m.key, m.label) for m in metrics_of("summary") if m.better == "higher"]
@@ -112,6 +112,7 @@ def heat_maps(report: dict) -> None:
                        "text/csv", key="sw_dl")
 
 
+ensure_router()
 st.title("Sweep")
 st.caption("Each cell is an ordinary run tagged with the sweep (see Runs). Launching the same "
            "sweep again skips finished cells and resumes stopped ones.")

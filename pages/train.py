@@ -14,7 +14,7 @@ from engine.preset_fill import preset_context
 from engine.presets import PRESETS, preset_settings
 from ui.figures import training_curves
 from ui.st_forms import config_of, progress_of, run_settings, show_job_end
-from ui.st_state import guard, keep, remember, store
+from ui.st_state import ensure_router, explorable, explore_run, guard, keep, remember, store
 
 LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
 PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
@@ -109,13 +109,17 @@ def live_panel(name: str) -> None:
         st.progress(fraction, text=text)
         show_job_end(status, f"Run {name}", "Resume continues the same curves.",
                      f" in {status.get('duration_s') or 0:.0f} s")
-        c1, c2, _ = st.columns([1, 1, 4])
+        c1, c2, c3, _ = st.columns([1, 1, 1.6, 2.4])
         if c1.button("Stop", disabled=state not in ACTIVE, key="tr_stop"):
             store().stop(name)
             st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
         if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):
             launch.resume(store(), name)
             st.toast(f"Resumed {name}.")
+        if c3.button("Explore this run", type="primary" if state == "finished" else "secondary",
+                     disabled=state in ACTIVE or not explorable(run), key="tr_explore",
+                     help="Open its best checkpoint in the Patch Explorer"):
+            explore_run(name)
         metrics = run.metrics()
         if metrics:
             metric = main_metric(run.config().loss.multilabel)
@@ -131,6 +135,7 @@ def _tail(run, lines: int = 15) -> str:
         return "(no log yet)"
 
 
+ensure_router()
 st.title("Train")
 launch_form()
 st.divider()

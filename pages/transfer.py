@@ -25,10 +25,19 @@ from engine.mutual.experiment import (
     summarise,
 )
 from engine.mutual.team import local_view
+from engine.pictures import enlarge, to_hwc
 from ui.figures import local_maps_figure, transfer_table
-from ui.overlay import enlarge, to_hwc
 from ui.st_forms import config_of, progress_of, run_settings, show_job_end
-from ui.st_state import PROJECT_ROOT, guard, keep, loaded_model, remember, store, test_set
+from ui.st_state import (
+    PROJECT_ROOT,
+    ensure_router,
+    guard,
+    keep,
+    loaded_model,
+    remember,
+    store,
+    test_set,
+)
 
 WATCH_KEY = "mt_watch"
 RESULTS_DIR = PROJECT_ROOT / "results" / "transfer"
@@ -189,6 +198,7 @@ def saved_results() -> None:
     st.dataframe(transfer_table(report["summary"], MAP_LABELS, SEED_PAPER), hide_index=True)
 
 
+ensure_router()
 st.title("Mutual transfer")
 st.markdown(
     "Two peers train on the same batches. Each one's **global attention map** (its layers' "

@@ -40,12 +40,12 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-# The overlay is the image captioned with its weight scaling (the gallery has another caption).
+# The overlay is the Explorer's patch map, a plotly figure drawn in the browser: its state is the
+# weights it colours and the patches it greys (traces 1 and 2), as the browser holds them.
 OVERLAY_JS = """() => {
-  for (const box of document.querySelectorAll("[data-testid='stImage']")) {
-    if (box.innerText.includes('weights (')) { const i = box.querySelector('img');
-      return i ? i.getAttribute('src') : null; } }
-  return null; }"""
+  const gd = document.querySelector("[data-testid='stMain'] .st-key-ex_map .js-plotly-plot");
+  if (!gd || !gd.data || gd.data.length < 3 || !gd._fullLayout) return null;
+  return JSON.stringify([gd.data[1].z, gd.data[2].z]); }"""
 
 
 def free_port() -> int:
@@ -95,7 +95,7 @@ def idle(page, timeout: float = 60_000) -> None:
     page.wait_for_selector(IDLE, timeout=timeout)
 
 
-def overlay_src(page, timeout: float = 60_000) -> str:
+def overlay_state(page, timeout: float = 60_000) -> str:
     page.wait_for_function(OVERLAY_JS, timeout=timeout)
     return page.evaluate(OVERLAY_JS)
 
@@ -199,17 +199,17 @@ def open_explorer(page, url: str) -> float:
     """Seconds from navigation to the overlay on screen."""
     start = time.monotonic()
     page.goto(f"{url}/explorer")
-    overlay_src(page, timeout=120_000)
+    overlay_state(page, timeout=120_000)
     seconds = time.monotonic() - start
     idle(page)
     return seconds
 
 
 def slider_latencies(page, moves: int) -> list[float]:
-    """Seconds from each ξ key press to the new overlay."""
+    """Seconds from each ξ key press to the new overlay (the browser's figure data changed)."""
     page.get_by_role("slider").first.focus()
     keys = ["End", "Home", "PageUp", "Home"]  # 1, 0, 0.1, 0: each move changes the overlay
-    src, out = overlay_src(page), []
+    src, out = overlay_state(page), []
     for i in range(moves):
         start = time.monotonic()
         page.keyboard.press(keys[i % len(keys)])

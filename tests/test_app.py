@@ -1,6 +1,7 @@
 """Every page under AppTest: no exception, no error in normal use, and the key widgets change
 what is shown. Runs go to a temporary run store (LOSSATTN_RUNS)."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -62,32 +63,79 @@ def test_patch_explorer_slider_filters_and_state(runs_root):
     at = open_page("explorer")
     assert not errors(at)
 
-    def selected_text():
-        return next(m.value for m in at.markdown if "patches selected" in m.value)
+    def kept_text():
+        return next(m.value for m in at.markdown if "patches kept" in m.value)
 
     def matches():
         return next(n.label for n in at.number_input if n.label.startswith("Image ("))
 
-    before = selected_text()
+    def map_weights():
+        chart = next(c for c in at.get("plotly_chart") if "ex_map" in c.proto.id)
+        return chart.proto.spec  # the figure's JSON: a ξ move changes the weights in it
+
+    before, weights = kept_text(), map_weights()
     at.slider(key="w_xi").set_value(0.0).run()
-    assert not at.exception and selected_text() != before
-    assert re.match(r"\*\*(\d+)\*\* of \1 patches", selected_text())  # ξ = 0 keeps them all
+    assert not at.exception and kept_text() != before and map_weights() != weights
+    assert re.match(r"\*\*(\d+)\*\* of \1 patches", kept_text())  # ξ = 0 keeps them all
     everything = matches()
     at.selectbox(key="w_ex_outcome").set_value("incorrect").run()
     assert matches() != everything
     at.selectbox(key="w_ex_outcome").set_value("all").run()
     at.selectbox(key="w_ex_true").set_value("7").run()
-    assert "7" in at.caption[-1].value or any("True: 7" in c.value for c in at.caption)
+    assert any("True: 7" in c.value for c in at.caption)
     at.selectbox(key="w_ex_class").set_value("3").run()
-    assert any("logit (3)" in str(df.value.columns.tolist()) for df in at.dataframe)
-    at.radio(key="w_ex_scaling").set_value("rank").run()
     assert not at.exception and not errors(at)
+    # Eq. 5 with the real numbers: a table whose α·O columns add up to z
+    table = next(df.value for df in at.dataframe if "term" in df.value.columns)
+    assert table["term"].iloc[-2] == "z = Σ α·O" and any(c.startswith("α·O[") for c in table)
+    assert any(r"\sum_m \alpha_m O_" in tex.value for tex in at.latex)
     # A page change drops widget keys; the choices come back.
     at.switch_page("pages/home.py").run()
     at.switch_page("pages/explorer.py").run()
     assert at.slider(key="w_xi").value == 0.0
-    assert at.radio(key="w_ex_scaling").value == "rank"
     assert at.selectbox(key="w_ex_true").value == "7"
+
+
+def test_explorer_view_is_in_the_url_and_a_link_reopens_it(runs_root):
+    at = open_page("explorer")
+    at.slider(key="w_xi").set_value(0.3).run()
+    at.number_input(key="w_ex_pos").set_value(7).run()
+    assert at.query_params["image"] == "7" and at.query_params["xi"] == "0.30"
+    assert at.query_params["model"] == "digits_small_cnn_la"
+    # a new session (a reload, or the link sent to someone) opens the same view
+    from streamlit.testing.v1 import AppTest
+
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in {"model": "digits_small_cnn_la_gamma0", "image": "7", "xi": "0.3"}.items():
+        link.query_params[key] = value
+    link.switch_page("pages/explorer.py").run()  # the link's page is the first one opened
+    assert not link.exception and not errors(link)
+    assert link.session_state["model_source"] == "shipped: digits_small_cnn_la_gamma0"
+    assert link.slider(key="w_xi").value == pytest.approx(0.3)
+    assert link.number_input(key="w_ex_pos").value == 7
+    assert any("test7" in c.value for c in link.caption)
+    # a link with nonsense in it is named and ignored, never a crash
+    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in {"model": "no-such-model", "image": "x", "xi": "7"}.items():
+        bad.query_params[key] = value
+    bad.switch_page("pages/explorer.py").run()
+    warnings = " ".join(w.value for w in bad.warning)
+    assert not bad.exception and "'no-such-model' is not here" in warnings
+    assert "'x' is not a test image number" in warnings and "'7' is not a number" in warnings
+
+
+def test_explorer_shows_the_model_with_and_without_the_patch_loss(runs_root):
+    at = open_page("explorer")
+    assert at.toggle(key="w_ex_pair").value is False
+    at.toggle(key="w_ex_pair").set_value(True).run()
+    assert not at.exception and not errors(at)
+    charts = {c.proto.id for c in at.get("plotly_chart")}
+    assert any("ex_map_partner" in c for c in charts) and any("ex_map-" in c or
+                                                               c.endswith("ex_map") for c in charts)
+    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "")
+              for c in at.get("plotly_chart")]
+    assert any(t.startswith("γmax = 0.1 (this model): ") for t in titles)
+    assert any(t.startswith("γmax = 0: ") and t.endswith("kept") for t in titles)
 
 
 def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
@@ -106,6 +154,9 @@ def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
     assert at.selectbox(key="w_tr_watch").value == "ui-run"
     assert any("finished" in p.proto.text for p in at.get("progress"))
     assert at.button(key="tr_resume").disabled and at.button(key="tr_stop").disabled
+    at.button(key="tr_explore").click().run()  # from training to exploring, in one click
+    assert at.title[0].value == "Patch Explorer" and not at.exception
+    assert at.session_state["model_source"] == "run: ui-run"
 
 
 def test_train_page_shows_a_crashed_run(runs_root):
@@ -137,6 +188,32 @@ def test_runs_page_compares_and_deletes(runs_root):
     assert not at.exception
     assert RunStore(runs_root).names() == ["r-la"]
     assert list(at.dataframe[0].value["name"]) == ["r-la"]
+
+
+def pick_row(at, index: int):
+    """What a click on a row of the runs table does (AppTest cannot click a dataframe)."""
+    at.session_state["runs_table"] = {"selection": {"rows": [index], "columns": [],
+                                                    "cells": []}}
+    return at.run()
+
+
+def test_runs_page_row_actions_open_resume_and_delete_the_picked_run(runs_root):
+    tiny_run(runs_root, "r-la")
+    tiny_run(runs_root, "r-plain", head="plain")
+    at = open_page("runs")
+    names = list(at.dataframe[0].value["name"])
+    pick_row(at, names.index("r-plain"))
+    assert at.button(key="runs_row_explore").disabled  # no patches to explore
+    assert at.button(key="runs_row_resume").disabled and at.button(key="runs_row_stop").disabled
+    at.checkbox(key="runs_row_sure_r-plain").check().run()
+    at.button(key="runs_row_delete").click().run()
+    assert not at.exception and RunStore(runs_root).names() == ["r-la"]
+    pick_row(at, 0)
+    assert not at.checkbox(key="runs_row_sure_r-la").value  # the tick was the other run's
+    at.button(key="runs_row_explore").click().run()
+    assert at.title[0].value == "Patch Explorer" and not errors(at)
+    assert at.session_state["model_source"] == "run: r-la"
+    assert "(32 test images)" in at.caption[0].value  # the run's own test set
 
 
 def test_explorer_survives_a_deleted_model(runs_root):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,9 +27,10 @@ from bench_app import (
     launch_browser,
     open_explorer,
     open_home,
-    overlay_src,
+    overlay_state,
     slider_latencies,
     summarise,
+    wait_new_overlay,
 )
 
 # CI installs chromium and playwright and sets LOSSATTN_REQUIRE_BROWSER=1: there a missing
@@ -80,12 +82,83 @@ def trained_pair(root: Path) -> None:
         assert train_run(run, progress_bar=False) == "finished"
 
 
+# Where the removed patches' cells are on screen: a point in each (clear of its number, which
+# sits at the cell's centre), in the map's own pixel coordinates.
+REMOVED_CELLS_JS = """() => {
+  const gd = document.querySelector("[data-testid='stMain'] .st-key-ex_map .js-plotly-plot");
+  const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, grey = gd.data[2], out = [];
+  grey.z.forEach((row, r) => row.forEach((v, c) => { if (v === 1) {
+    const x = grey.x[c] + 0.25 * (grey.x[c + 1] - grey.x[c]);
+    const y = grey.y[r] + 0.75 * (grey.y[r + 1] - grey.y[r]);
+    out.push([Math.round(xa._offset + xa.l2p(x)), Math.round(ya._offset + ya.l2p(y))]); } }));
+  return out; }"""
+MAP = "[data-testid='stMain'] .st-key-ex_map .js-plotly-plot"
+
+
+def inside(box: dict, viewport: dict) -> bool:
+    return (box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= viewport["width"]
+            and box["y"] + box["height"] <= viewport["height"])
+
+
+def set_xi(page, key: str) -> None:
+    old = overlay_state(page)
+    page.get_by_role("slider").first.focus()
+    page.keyboard.press(key)
+    wait_new_overlay(page, old)
+    idle(page)
+
+
+def map_pixels(page) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.locator(MAP).screenshot())).convert("RGB"),
+                      dtype=np.float64)
+
+
+def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
+    """On a server no session has used yet: a link opens the Explorer on its model, image and ξ
+    (with the app's router and sidebar); at 1366x768 the ξ slider and the map are on screen
+    together; ξ = 0.1 visibly greys the patches it removes (their pixels differ from ξ = 0)."""
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.goto(f"{url}/explorer?model=digits_small_cnn_la&image=7&xi=0.30")
+    page.locator(MAP).wait_for(timeout=120_000)
+    idle(page, 120_000)
+    no_traceback(page)
+    assert page.get_by_text("Model to explain").count() == 1  # app.py ran: the router
+    assert page.get_by_text("test7:").count() == 1
+    assert page.get_by_role("spinbutton", name="Image (1000 match)").input_value() == "7"
+    assert page.get_by_role("slider").first.input_value() == "0.3"
+    page.locator(MAP).scroll_into_view_if_needed()
+    viewport = page.viewport_size
+    assert inside(page.locator(".st-key-w_xi").bounding_box(), viewport)  # label, bar, value
+    assert inside(page.locator(MAP).bounding_box(), viewport)
+    page.screenshot(path=artifacts / "explorer-link-xi0.30.png")
+    shots = {}
+    for key, xi in [("Home", "0"), ("PageUp", "0.1"), ("End", "1")]:
+        set_xi(page, key)
+        assert page.get_by_role("slider").first.input_value() == xi
+        page.screenshot(path=artifacts / f"explorer-xi{xi}.png")
+        shots[xi] = map_pixels(page)
+        if xi == "0.1":
+            removed = page.evaluate(REMOVED_CELLS_JS)
+    assert len(removed) >= 18  # the trained model keeps a handful of 36 patches at ξ = 0.1
+    spots = [(slice(int(y) - 2, int(y) + 3), slice(int(x) - 2, int(x) + 3)) for x, y in removed]
+    changed = [np.abs(shots["0"][spot] - shots["0.1"][spot]).mean() > 10 for spot in spots]
+    assert all(changed), f"{changed.count(False)} removed patches look the same at ξ = 0 and 0.1"
+    page.get_by_text("Without the patch loss").click()
+    page.locator("[data-testid='stMain'] .st-key-ex_map_partner .js-plotly-plot").wait_for(
+        timeout=120_000)
+    idle(page)
+    page.locator(MAP).scroll_into_view_if_needed()
+    page.screenshot(path=artifacts / "explorer-with-without-patch-loss.png")
+    page.close()
+
+
 def test_every_page_in_a_real_browser(artifacts, tmp_path):
     trained_pair(tmp_path / "runs")
-    with app_server(tmp_path / "runs") as (url, started), sync_playwright() as p:
+    with app_server(tmp_path / "runs") as (url, _), sync_playwright() as p:
         browser = launch_browser(p)
+        check_link_and_threshold_view(browser, url, artifacts)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        timings = open_home(page, url, started)
+        timings = open_home(page, url, time.monotonic())  # timed from this navigation
         page.screenshot(path=artifacts / "home.png", full_page=True)
         # .streamlit/config.toml: a tool to use, not a script to deploy (toolbarMode viewer).
         assert page.get_by_text("Deploy", exact=True).count() == 0
@@ -108,9 +181,9 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
         page.goto(f"{url}/runs")
         idle(page)
         timings["explorer_warm_s"] = open_explorer(page, url)
-        first = overlay_src(page)
+        first = overlay_state(page)
         timings["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, 4))
-        assert overlay_src(page) != first
+        assert overlay_state(page) != first
         page.screenshot(path=artifacts / "explorer-xi.png", full_page=True)
 
         # Upload: an RGBA PNG of odd size works; a text file gets a clear message.
@@ -132,7 +205,7 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
         # A second session at the same time, on the explorer.
         other = browser.new_context().new_page()
         other.goto(f"{url}/explorer")
-        overlay_src(other)
+        overlay_state(other)
 
         # Train: a one-epoch run on a small slice, watched until it finishes.
         page.goto(f"{url}/train")

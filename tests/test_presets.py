@@ -176,7 +176,20 @@ def test_presets_are_listed(capsys):
     with pytest.raises(SystemExit):
         _train_args("--help")
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
-    assert "--preset {paper,released-code,live}" in help_text and "no stem BN/ReLU" in help_text
+    assert "--preset {paper,released-code,live,none}" in help_text
+    assert "no stem BN/ReLU" in help_text
+
+
+def test_preset_none_asks_for_no_preset_not_even_the_data_sets():
+    """The shipped models' cards reproduce with ``--preset none``: the RunConfig defaults, not
+    the digits' live schedule (which would silently change 30 epochs of SGD into one-cycle)."""
+    cfg = build_run_config(_train_args("--backbone", "small_cnn", "--epochs", "30",
+                                       "--preset", "none"))
+    assert cfg.preset is None
+    assert (cfg.train.epochs, cfg.train.batch_size) == (30, 128)
+    assert prepare_run_config(cfg).train.recipe == "sgd"  # the head's own recipe
+    assert (cfg.loss.gamma_max, cfg.loss.ramp_by, cfg.data.augment) == (0.1, "epoch", True)
+    assert cfg.data.train_size is None and cfg.train.eval_sample is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -365,6 +365,17 @@ def test_export_writes_small_checkpoint_and_card(reference, tmp_path):
     assert "small_cnn" in text and "| test_acc (test accuracy) |" in text and "epochs" in text
     x = torch.zeros(1, 3, 32, 32)
     torch.testing.assert_close(model(x).logits, load_model(reference.best_checkpoint)[0](x).logits)
+    # The card reports the explanation quality, measured on the run's test set at its ξ.
+    from engine.data import load_split
+    from engine.evaluate import evaluate_model
+
+    data = load_split(reference.config().data, "test")
+    row = evaluate_model(model.eval(), data, torch.device("cpu"), pr_curves=False)["by_xi"][0]
+    assert f"| f_paper | {row['patch']['f_paper']:.4f} |" in text
+    assert f"| gt_known_loc | {row['localization']['gt_known_loc']:.4f} |" in text
+    assert f"Explanation quality on the {len(data):,} test images at ξ = 0.1" in text
+    _, bare = export_model(reference, tmp_path / "bare.pt", evaluate=False)
+    assert "Explanation quality" not in bare.read_text()
 
 
 def test_crash_in_background_process_is_reported(tmp_path):

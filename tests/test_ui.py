@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import inputs
+from engine import inputs, pictures
 from engine.config import ModelConfig
 from engine.data.base import ImageSet
 from engine.evaluate import Collected
@@ -27,52 +27,69 @@ def grid_2x2():
 # Weight scalings and overlays
 
 
-def test_scalings_known_answers():
-    w = np.array([0.1, 0.3, 0.6])
-    assert overlay.scale_weights(w, "raw") == pytest.approx(w)
-    assert overlay.scale_weights(w, "min-max") == pytest.approx([0, 0.4, 1])
-    assert overlay.scale_weights(np.array([0.2, 0.2, 0.6, 0]), "rank") == pytest.approx(
-        [0.5, 0.5, 1, 0])
-    # log10: -2, -1, 0 -> 0, 0.5, 1 -> 0.05 + 0.95 x; a zero weight stays 0
-    assert overlay.scale_weights(np.array([0, 0.01, 0.1, 1]), "log") == pytest.approx(
-        [0, 0.05, 0.525, 1])
-    assert overlay.scale_weights(np.full(4, 0.25), "min-max") == pytest.approx(np.zeros(4))
-    with pytest.raises(ValueError, match="scaling must be one of"):
-        overlay.scale_weights(w, "sqrt")
+def test_fixed_colour_scale_is_sqrt_of_the_weight():
+    # √α: the same weight gets the same colour everywhere; out-of-range weights are clipped
+    assert pictures.weight_colour_value([0, 0.01, 0.25, 1, 1.5, -0.1]) == pytest.approx(
+        [0, 0.1, 0.5, 1, 1, 0])
 
 
 def test_cell_edges_tile_around_patch_centres():
     grid = grid_2x2()
-    xs, ys = overlay.cell_edges(grid.boxes.numpy(), 2, 2, (20, 20))
+    xs, ys = pictures.cell_edges(grid.boxes.numpy(), 2, 2, (20, 20))
     assert xs.tolist() == [0, 10, 20] and ys.tolist() == [0, 10, 20]
     # overlapping 12-px patches with stride 4 on a 20-px axis: centres 6, 10, 14
     boxes = torch.tensor([[x, 0, x + 12, 20] for x in (0, 4, 8)])
-    xs, _ = overlay.cell_edges(boxes.numpy(), 1, 3, (20, 20))
+    xs, _ = pictures.cell_edges(boxes.numpy(), 1, 3, (20, 20))
     assert xs.tolist() == [0, 8, 12, 20]
 
 
 def test_patch_overlay_colours_each_cell_by_its_value():
     grid = grid_2x2()
     image = np.zeros((20, 20, 3), np.uint8)
-    picture = np.asarray(overlay.patch_overlay(image, grid.boxes.numpy(), 2, 2,
+    picture = np.asarray(pictures.patch_overlay(image, grid.boxes.numpy(), 2, 2,
                                                np.array([0, 0, 0, 1.0]), alpha=1.0, scale=2,
                                                grid_lines=False))
     assert picture.shape == (40, 40, 3)
-    high, low = overlay.colorize(np.array(1.0)), overlay.colorize(np.array(0.0))
+    high, low = pictures.colorize(np.array(1.0)), pictures.colorize(np.array(0.0))
     assert (picture[35, 35] == high).all() and (picture[5, 5] == low).all()
     assert (picture[5, 35] == low).all()  # top-right cell is patch 1 (value 0)
-    boxed = np.asarray(overlay.patch_overlay(image, grid.boxes.numpy(), 2, 2, np.zeros(4),
+    boxed = np.asarray(pictures.patch_overlay(image, grid.boxes.numpy(), 2, 2, np.zeros(4),
                                              alpha=0.0, scale=2, grid_lines=False,
                                              true_boxes=[(0, 0, 10, 10)]))
-    assert tuple(boxed[0, 5]) == overlay.BOX_TRUE and tuple(boxed[30, 30]) == (0, 0, 0)
+    assert tuple(boxed[0, 5]) == pictures.BOX_TRUE and tuple(boxed[30, 30]) == (0, 0, 0)
+
+
+def test_patch_overlay_greys_removed_patches_and_numbers_them():
+    grid = grid_2x2()
+    image = np.full((20, 20, 3), 200, np.uint8)
+    removed = np.array([False, True, False, False])
+    picture = np.asarray(pictures.patch_overlay(image, grid.boxes.numpy(), 2, 2,
+                                                np.ones(4), alpha=0.5, scale=2,
+                                                grid_lines=False, removed=removed))
+    grey = np.array(pictures.REMOVED_GREY, dtype=np.float64)
+    # removed: 25 % image + 75 % grey; kept: 50 % image + 50 % top colour
+    assert picture[5, 35] == pytest.approx(np.round(0.25 * 200 + 0.75 * grey), abs=1)
+    assert picture[35, 35] == pytest.approx(
+        np.round(0.5 * 200 + 0.5 * pictures.colorize(np.array(1.0))), abs=1)
+    numbered = np.asarray(pictures.patch_overlay(image, grid.boxes.numpy(), 2, 2, np.ones(4),
+                                                 alpha=0.5, scale=10, grid_lines=False,
+                                                 numbers=True))
+    plain = np.asarray(pictures.patch_overlay(image, grid.boxes.numpy(), 2, 2, np.ones(4),
+                                              alpha=0.5, scale=10, grid_lines=False))
+    # each cell's top-left corner carries its number; the rest of the cell is untouched
+    for r, c in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        corner = (slice(r * 100, r * 100 + 20), slice(c * 100, c * 100 + 20))
+        assert (numbered[corner] != plain[corner]).any()
+        assert (numbered[r * 100 + 60:r * 100 + 95, c * 100 + 60:c * 100 + 95]
+                == plain[r * 100 + 60:r * 100 + 95, c * 100 + 60:c * 100 + 95]).all()
 
 
 def test_png_and_csv_bytes():
-    png = overlay.png_bytes(overlay.enlarge(np.full((4, 4, 3), 7, np.uint8), 2))
+    png = pictures.png_bytes(pictures.enlarge(np.full((4, 4, 3), 7, np.uint8), 2))
     assert Image.open(io.BytesIO(png)).size == (8, 8)
     text = overlay.csv_bytes([{"patch": 0, "weight": 0.5}, {"patch": 1, "weight": 0.5}]).decode()
     assert text.splitlines() == ["patch,weight", "0,0.5", "1,0.5"]
-    assert overlay.to_hwc(torch.zeros(1, 3, 5, dtype=torch.uint8)).shape == (3, 5, 3)
+    assert pictures.to_hwc(torch.zeros(1, 3, 5, dtype=torch.uint8)).shape == (3, 5, 3)
 
 
 # ----------------------------------------------------------------------------------------------

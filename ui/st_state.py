@@ -253,6 +253,25 @@ def current_model_path() -> str | None:
     return sources.get(label) if label else None
 
 
+def explore_run(name: str) -> None:
+    """Open the Patch Explorer on a run's best checkpoint, at its first test image."""
+    remember(MODEL_KEY, f"run: {name}")
+    for key, value in [("ex_source", "test set"), ("ex_outcome", "all"), ("ex_true", "any"),
+                       ("ex_pred", "any"), ("ex_pos", 0)]:
+        remember(key, value)
+    st.switch_page("pages/explorer.py")
+
+
+def explorable(run: Run) -> bool:
+    """Whether a run has a checkpoint the Explorer can open (a patch head's best)."""
+    if not run.best_checkpoint.is_file():
+        return False
+    try:
+        return run.config().model.head != "plain"
+    except (OSError, ValueError):
+        return False
+
+
 def require_model_path() -> str:
     """The chosen checkpoint; with none at all, say so on the page and stop it there."""
     path = current_model_path()
@@ -282,3 +301,118 @@ def device_badge() -> str:
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Links: the Explorer's view in the URL (?model=...&image=...&xi=...)
+
+
+ROUTED_KEY = "_app_router_ran"
+LINK_KEY = "_link_seen"  # the query string this session last read or wrote
+
+
+def router_ran() -> None:
+    """app.py's mark: this session has run the router (see :func:`ensure_router`)."""
+    st.session_state[ROUTED_KEY] = True
+
+
+def ensure_router() -> None:
+    """Run app.py's navigation even when a link opens a page first.
+
+    Streamlit finds the ``pages/`` folder and, until some session has run app.py's
+    ``st.navigation`` on this server, runs a page's URL as that page's script alone (its legacy
+    multipage mode): no sidebar model choice, no wide layout, no link adoption, for every
+    session that opens a link or reloads a page before anyone opened the root. Called first on
+    every page: in a session that has never run app.py, it switches the server to the router
+    (what ``st.navigation`` itself does) and reruns, and app.py then opens the same URL. Only
+    then: a rerun drops the button clicks of the run it replaces, and Streamlit's test harness
+    puts every run back in the legacy mode."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not st.session_state.get(ROUTED_KEY):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+def link_value(label: str) -> str:
+    """A model source label as it appears in a link: the shipped file's stem, or run/NAME."""
+    return label.removeprefix("shipped: ").replace("run: ", "run/", 1)
+
+
+def label_of_link(value: str, labels) -> str | None:
+    return next((label for label in labels if link_value(label) == value), None)
+
+
+def adopt_link() -> dict[str, str]:
+    """The query parameters a link (or a reload) brought, once: the model is chosen here,
+    before the sidebar draws; the page takes the rest (its own keys) from the returned dict.
+    Parameters this session wrote itself (:func:`write_link`) are not adopted again, so a
+    later filter change is never undone by the URL."""
+    params = {k: st.query_params[k] for k in st.query_params}
+    if not params or params == remembered(LINK_KEY):
+        return {}
+    remember(LINK_KEY, params)
+    model = params.get("model")
+    if model is not None:
+        label = label_of_link(model, model_sources())
+        if label is None:
+            st.warning(f"The link's model {model!r} is not here (deleted run?); showing "
+                       "the default model.")
+        else:
+            remember(MODEL_KEY, label)
+    remember("_link_pending", params)
+    return params
+
+
+def take_link() -> dict[str, str]:
+    """The adopted link's parameters, for the page that reads them (once)."""
+    return st.session_state.pop("_link_pending", {}) or {}
+
+
+def write_link(**values) -> None:
+    """Put the current view in the URL, so that copying it or reloading reopens it."""
+    params = {k: str(v) for k, v in values.items()}
+    remember(LINK_KEY, params)
+    if {k: st.query_params.get(k) for k in params} != params or len(st.query_params) != len(
+            params):
+        st.query_params.from_dict(params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table VI's pair: the same model trained with and without the patch loss
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _run_config_at(path: str, mtime_ns: int) -> dict | None:
+    """The run config of a checkpoint: its run's config.json when it has one (no weights are
+    read), else the checkpoint's own copy; None for a file that is not a checkpoint."""
+    del mtime_ns
+    import json
+
+    config = Path(path).parents[1] / "config.json"
+    try:
+        if config.is_file():
+            return json.loads(config.read_text())
+        from engine.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)["run_config"]
+    except (OSError, ValueError):
+        return None
+
+
+def patch_loss_partner(path: str) -> str | None:
+    """The model source label of ``path``'s ablation partner (:func:`engine.explore.
+    patch_loss_partner`): the shipped γmax = 0 model for the shipped one, or a sweep cell."""
+    from engine.explore import patch_loss_partner as partners
+
+    mine = _run_config_at(path, Path(path).stat().st_mtime_ns)
+    if mine is None:
+        return None
+    for label, other in model_sources().items():
+        if other == path or not Path(other).is_file():
+            continue
+        theirs = _run_config_at(other, Path(other).stat().st_mtime_ns)
+        with contextlib.suppress(ValueError):
+            if theirs is not None and partners(mine, theirs):
+                return label
+    return None

@@ -10,6 +10,8 @@ its parser and its handler side by side. Everything the app does is scriptable h
   runs [list|show|stop|delete|reindex]
   export NAME --out F.pt      a run's best model as a small checkpoint with a model card
   evaluate RUN_OR_CHECKPOINT  every metric, JSON + CSV report (--xi-grid, --faithfulness-images)
+  explain CKPT IMAGE... --out D  the Explorer's picture, weights CSV and prediction JSON per
+                              image (--xi, --method gradcam|gradcam++|scorecam|all, --class)
   sweep --grid a.b=1,2 ...    train a grid of runs (γmax x ξ by default) and tabulate it
   bench                       forward+backward images/s and peak memory per model
   bench-train                 loader-only vs model-only vs full training step images/s
@@ -30,9 +32,9 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from engine.cli import bench, evaluate, info, mil, runs, sweep, transfer
+from engine.cli import bench, evaluate, explain, info, mil, runs, sweep, transfer
 
-GROUPS = (info, runs, evaluate, sweep, bench, mil, transfer)
+GROUPS = (info, runs, evaluate, explain, sweep, bench, mil, transfer)
 POSITIVE = ("batch", "steps", "input_size", "num_classes")
 
 

@@ -30,9 +30,11 @@ SWITCHES = {"compile": ("train", "compile", True), "no_amp": ("train", "amp", Fa
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that make a RunConfig (train and sweep share them)."""
     p.add_argument("--config", help="RunConfig JSON file (sections model, data, loss, train)")
-    p.add_argument("--preset", choices=preset_names(), default=None,
+    p.add_argument("--preset", choices=[*preset_names(), "none"], default=None,
                    help="fill the fields not given by the file, the flags or --set from a "
-                        "named preset: " + "; ".join(describe_presets()))
+                        "named preset: " + "; ".join(describe_presets())
+                        + "; none: no preset, not even the data set's default (the fields "
+                        "keep their RunConfig defaults)")
     for flag, (section, key, kind) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
                        help=f"{section}.{key}")
@@ -73,6 +75,10 @@ def register(sub) -> None:
     p.add_argument("name")
     p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
     p.add_argument("--peer", type=int, help="mutual-transfer runs: which peer (default 0)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                   help="do not measure patch precision / recall / F and localization on the "
+                   "test set for the card (they are measured by default where the data has "
+                   "boxes)")
     p.set_defaults(func=cmd_export)
 
 
@@ -99,7 +105,7 @@ def run_config_data(args: argparse.Namespace) -> dict:
         section, key, value = parse_setting(item, "--set")
         section_of(section)[key] = value
     if args.preset:
-        data["preset"] = args.preset
+        data["preset"] = None if args.preset == "none" else args.preset
     if args.name:
         data["name"] = args.name
     if args.tag:
@@ -234,6 +240,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import export_model
 
-    weights, card = export_model(store_of(args).get(args.name), args.out, args.peer)
+    weights, card = export_model(store_of(args).get(args.name), args.out, args.peer,
+                                 evaluate=args.evaluate)
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {card}")
     return 0

@@ -68,10 +68,14 @@ def threshold_weights(scores: torch.Tensor, theta: float) -> torch.Tensor:
     return threshold_groups(scores, theta, _row_sum, _row_argmax)
 
 
+def loss_attention_scores(patch_logits: torch.Tensor) -> torch.Tensor:
+    """â (B, M): each patch's share of the logit norms, ||O_m|| / Σ_j ||O_j|| (ℓ2,1)."""
+    return _normalise(safe_norm(patch_logits), 1)
+
+
 def loss_attention_weights(patch_logits: torch.Tensor, theta: float) -> torch.Tensor:
-    """Eq. 5: α (B, M) from patch logits (B, M, K): ℓ2,1-normalised norms, thresholded at θ."""
-    scores = _normalise(safe_norm(patch_logits), 1)
-    return threshold_weights(scores, theta)
+    """Eq. 5: α (B, M) from patch logits (B, M, K): the shares â, thresholded at θ."""
+    return threshold_weights(loss_attention_scores(patch_logits), theta)
 
 
 def capsule_attention(capsule_logits: torch.Tensor, theta: float

@@ -23,6 +23,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.models.attention import (
     capsule_attention,
+    loss_attention_scores,
     loss_attention_weights,
     safe_norm,
     threshold_weights,
@@ -69,6 +70,11 @@ class Head(nn.Module):
 
     def decode_cached(self, cache: dict[str, torch.Tensor], theta: float) -> HeadOutput:
         return HeadOutput(cache["logits"], cache.get("patch_logits"), cache.get("patch_weights"))
+
+    def selection_scores(self, cache: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, M) scores that θ cuts (the Loss-Attention heads), from :meth:`xi_cache`'s
+        tensors; None for a head whose weights do not depend on ξ."""
+        return None
 
 
 class ConvPatchLayer(nn.Module):
@@ -147,6 +153,9 @@ class LossAttentionHead(PoolingHead):
         alpha = loss_attention_weights(patch_logits, theta)
         # Σ α = 1, so W(Σ α h) + b = Σ α (W h + b): the image logit from the patch logits alone.
         return HeadOutput(torch.einsum("bm,bmk->bk", alpha, patch_logits), patch_logits, alpha)
+
+    def selection_scores(self, cache):
+        return loss_attention_scores(cache["patch_logits"])
 
 
 @register_head("mean", label="Mean pooling", recipe="adam",
@@ -303,6 +312,10 @@ class CapsuleLossAttentionHead(Head):
         uniform = torch.einsum("bm,bmk->bk", kept, patch_logits) / (
             kept.sum(1, keepdim=True) * self.dims[2])
         return HeadOutput(torch.where(mass > 0, logits, uniform), patch_logits, beta)
+
+    def selection_scores(self, cache):
+        """s_m = Σ_r a_rm, each patch's share of the capsule logit norms (Eq. 6)."""
+        return cache["share"]
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

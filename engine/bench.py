@@ -288,7 +288,9 @@ def start_stride_bench(folder, backbone: str, head: str, plans: list[tuple[int, 
 
 def stride_summary(runs) -> list[dict]:
     """Per run of a stride sweep: its plan, best test accuracy (or mAP, as the trainer recorded
-    it), median seconds per epoch and peak memory (Table VII, measured here)."""
+    it), median seconds per epoch and, on CUDA, its peak allocated memory (Table VII, measured
+    here). On a CPU no memory figure: a run's peak RSS is mostly torch itself and the same for
+    every plan (the benchmark measures each plan's own increase in a fresh process)."""
     rows = []
     for run in runs:
         metrics = run.metrics()
@@ -297,10 +299,11 @@ def stride_summary(runs) -> list[dict]:
         plan = run.config_dict().get("model", {}).get("stride_plan")
         status = run.status()
         memory = [m["peak_memory_mb"] for m in metrics if m.get("peak_memory_mb") is not None]
+        on_gpu = str(status.get("device", "")).startswith("cuda")
         rows.append({"run": run.name, "plan": ",".join(map(str, plan)) if plan else "default",
                      "accuracy": status.get("best_metric"),
                      "epoch_s": statistics.median(m.get("epoch_s", 0.0) for m in metrics),
-                     "memory_mb": max(memory) if memory else None,
+                     "memory_mb": max(memory) if memory and on_gpu else None,
                      "epochs": len(metrics), "state": status.get("state")})
     return rows
 

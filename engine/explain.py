@@ -69,8 +69,29 @@ def scale_maps(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
 
 
-def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str
-             ) -> torch.Tensor:
+def read_by_patches(model: PatchModel, feature_size: tuple[int, int]) -> torch.Tensor | None:
+    """(Hf, Wf) float mask of the backbone's feature cells that some patch reads; None for a
+    head without patches (it reads the whole map).
+
+    The patch layer's floor division can leave the last rows and columns of the feature map
+    outside every patch (small_cnn at 32x32: a 16x16 map, patches over rows 0-14). The
+    prediction cannot depend on them, but a CAM's channel weights still multiply their
+    activations: that is the bright band Grad-CAM++ and Score-CAM drew on the bottom and right
+    edges. The CAMs are computed on the cells the head reads. Exact for any kernel, stride,
+    padding and dilation: the cells the patch conv's output depends on, by autograd."""
+    geom = model.head.patch_geom() if model.head.has_patches else None
+    if geom is None:
+        return None
+    probe = torch.ones(1, 1, *feature_size, requires_grad=True)
+    with torch.enable_grad():
+        out = F.conv2d(probe, torch.ones(1, 1, *geom.kernel), stride=geom.stride,
+                       padding=geom.padding, dilation=geom.dilation)
+        (grad,) = torch.autograd.grad(out.sum(), probe)
+    return (grad[0, 0] > 0).float()
+
+
+def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: str,
+             xi: float | None = None) -> torch.Tensor:
     """Grad-CAM family maps (B, H, W) in [0, 1] for the given classes, from the grad-cam
     package (the app uses it for Score-CAM; the tests, as the reference for the others)."""
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
@@ -78,10 +99,14 @@ def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: 
 
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    with torch.no_grad():
+        size = tuple(model.backbone(x[:1]).shape[-2:])
+    read = read_by_patches(model, size)
+    masked = None if read is None else (lambda t: t * read.to(t.device, t.dtype))
     # The package prints progress bars (ScoreCAM); the context manager releases its hooks.
     maps = None
-    with cls(model=LogitsOnly(model), target_layers=[model.backbone]) as cam, \
-            contextlib.redirect_stderr(io.StringIO()):
+    with cls(model=LogitsOnly(model, xi), target_layers=[model.backbone],
+             reshape_transform=masked) as cam, contextlib.redirect_stderr(io.StringIO()):
         cam.batch_size = 128
         maps = cam(input_tensor=x, targets=targets)
     if maps is None:  # the package's __exit__ swallows an IndexError (a class out of range)
@@ -103,20 +128,25 @@ def backbone_pass(model: PatchModel, x: torch.Tensor, xi: float | None = None
 
 
 def gradient_cams(model: PatchModel, features: torch.Tensor, classes: torch.Tensor,
-                  input_size: tuple[int, int], methods: Sequence[str]) -> dict[str, torch.Tensor]:
+                  input_size: tuple[int, int], methods: Sequence[str], xi: float | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Grad-CAM and / or Grad-CAM++ maps (B, H, W) in [0, 1] from the backbone's feature map.
 
-    The gradients of the class logits (at the model's own ξ, as the package sees the model) with
-    respect to the feature map need only the head, so the backward pass stops there."""
+    The gradients of the class logits (at ``xi``, default the model's own, as the package sees
+    the model through :class:`LogitsOnly`) with respect to the feature map need only the head,
+    so the backward pass stops there."""
     k = model.config.num_classes
     if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= k):
         raise ValueError(f"{methods[0]} could not explain classes {classes.tolist()} of a model "
                          f"with {k} classes")
     leaf = features.detach().requires_grad_()
     with torch.enable_grad():
-        logits = model.decode(model.head.encode(leaf), model.grid(input_size)).logits
+        logits = model.decode(model.head.encode(leaf), model.grid(input_size), xi).logits
         (grads,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), leaf)
     acts, grads = features.detach().float(), grads.float()
+    read = read_by_patches(model, tuple(acts.shape[-2:]))
+    if read is not None:  # only the cells the head reads (see read_by_patches)
+        acts, grads = acts * read, grads * read
     maps = {}
     for method in methods:
         if method == "gradcam":
@@ -140,15 +170,16 @@ def loss_attention_map(model: PatchModel, out: PatchOutput) -> torch.Tensor:
 
 
 def one_pass_maps(model: PatchModel, features: torch.Tensor, out: PatchOutput,
-                  classes: torch.Tensor, methods: Sequence[str], input_size: tuple[int, int]
-                  ) -> dict[str, torch.Tensor]:
-    """The maps of ``methods`` (all in :data:`ONE_PASS`) from one :func:`backbone_pass`."""
+                  classes: torch.Tensor, methods: Sequence[str], input_size: tuple[int, int],
+                  xi: float | None = None) -> dict[str, torch.Tensor]:
+    """The maps of ``methods`` (all in :data:`ONE_PASS`) from one :func:`backbone_pass` made
+    at ``xi``."""
     maps = {}
     if "loss_attention" in methods:
         maps["loss_attention"] = loss_attention_map(model, out)
     cams = [m for m in methods if m != "loss_attention"]
     if cams:
-        maps.update(gradient_cams(model, features, classes, input_size, cams))
+        maps.update(gradient_cams(model, features, classes, input_size, cams, xi))
     return {m: maps[m] for m in methods}
 
 
@@ -157,9 +188,10 @@ def explanation_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, 
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
     if method not in ONE_PASS:
-        return cam_maps(model, x, classes, method)
+        return cam_maps(model, x, classes, method, xi)
     features, out = backbone_pass(model, x, xi)
-    return one_pass_maps(model, features, out, classes, [method], tuple(x.shape[-2:]))[method]
+    return one_pass_maps(model, features, out, classes, [method], tuple(x.shape[-2:]),
+                         xi)[method]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +202,8 @@ class Scorer:
     """Class scores of images given in [0, 1] pixel space (normalised here, batched)."""
 
     def __init__(self, model: PatchModel, data: ImageSet, device: torch.device,
-                 batch_size: int = 256) -> None:
-        self.model, self.device, self.batch_size = model, device, batch_size
+                 batch_size: int = 256, xi: float | None = None) -> None:
+        self.model, self.device, self.batch_size, self.xi = model, device, batch_size, xi
         self.data, self.multilabel = data, data.multilabel
 
     @torch.no_grad()
@@ -179,7 +211,7 @@ class Scorer:
         scores = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = model_input(self.data, pixels[start:start + self.batch_size], self.device)
-            logits = self.model(chunk).logits.float().cpu()
+            logits = self.model(chunk, xi=self.xi).logits.float().cpu()
             probs = torch.sigmoid(logits) if self.multilabel else logits.softmax(1)
             scores.append(probs.gather(1, classes[start:start + self.batch_size, None]))
         return torch.cat(scores).squeeze(1)
@@ -202,10 +234,12 @@ def _blur(pixels: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(pixels, [kernel, kernel], [sigma, sigma])
 
 
-def deletion_insertion(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
-                       classes: torch.Tensor, steps: int = 16
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image deletion and insertion AUC (trapezoid mean over ``steps`` + 1 points)."""
+def deletion_insertion_curves(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
+                              classes: torch.Tensor, steps: int = 16
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the class score after each of ``steps`` + 1 deletion and insertion steps
+    (B, steps + 1): the most important pixels first set to black, or put back into a blurred
+    copy."""
     b, _, h, w = pixels.shape
     rank = maps.flatten(1).argsort(1, descending=True).argsort(1)  # pixel -> importance rank
     blurred = _blur(pixels)
@@ -214,12 +248,21 @@ def deletion_insertion(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
         first = (rank < round(s * h * w / steps)).view(b, 1, h, w)
         deletion.append(scorer(torch.where(first, torch.zeros_like(pixels), pixels), classes))
         insertion.append(scorer(torch.where(first, pixels, blurred), classes))
+    return torch.stack(deletion, 1), torch.stack(insertion, 1)
 
-    def auc(curve: list[torch.Tensor]) -> torch.Tensor:
-        c = torch.stack(curve, 1)
-        return (c.sum(1) - (c[:, 0] + c[:, -1]) / 2) / steps
 
-    return auc(deletion), auc(insertion)
+def curve_auc(curves: torch.Tensor) -> torch.Tensor:
+    """Trapezoid mean of (B, steps + 1) curves over [0, 1]."""
+    steps = curves.shape[1] - 1
+    return (curves.sum(1) - (curves[:, 0] + curves[:, -1]) / 2) / steps
+
+
+def deletion_insertion(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
+                       classes: torch.Tensor, steps: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image deletion and insertion AUC (trapezoid mean over ``steps`` + 1 points)."""
+    deletion, insertion = deletion_insertion_curves(scorer, pixels, maps, classes, steps)
+    return curve_auc(deletion), curve_auc(insertion)
 
 
 def _class_boxes(data: ImageSet, indices: Sequence[int], classes: torch.Tensor
@@ -275,6 +318,10 @@ def target_classes(data: ImageSet, indices: torch.Tensor, logits: torch.Tensor) 
     return masked.argmax(1)
 
 
+CLASS_CHOICES = {"true": "true label (multi-label: top-scoring true label)",
+                 "predicted": "predicted class"}
+
+
 def classes_to_explain(data: ImageSet, indices: torch.Tensor, logits: torch.Tensor,
                        choice: str) -> torch.Tensor:
     """``"true"`` (the target class), ``"predicted"``, or one class name for every image."""
@@ -300,7 +347,7 @@ def compare_maps(model: PatchModel, data: ImageSet, indices: torch.Tensor, choic
     logits = out.logits.float().cpu()
     classes = classes_to_explain(data, indices, logits, choice).to(device)
     fast = [m for m in methods if m in ONE_PASS]
-    maps = one_pass_maps(model, features, out, classes, fast, tuple(x.shape[-2:]))
+    maps = one_pass_maps(model, features, out, classes, fast, tuple(x.shape[-2:]), xi)
     maps.update({m: explanation_maps(model, x, classes, m, xi=xi) for m in methods
                  if m not in ONE_PASS})
     return {"indices": indices.tolist(), "classes": classes.tolist(),
@@ -310,14 +357,14 @@ def compare_maps(model: PatchModel, data: ImageSet, indices: torch.Tensor, choic
 
 def remembered_maps(memo: MutableMapping, model: PatchModel, data: ImageSet,
                     indices: Sequence[int], classes: Sequence[int], method: str,
-                    limit: int = 512) -> np.ndarray:
+                    limit: int = 512, xi: float | None = None) -> np.ndarray:
     """``method``'s maps (numpy (B, H, W)) of the images ``indices`` explaining ``classes``.
 
     ``memo`` maps (image index, class) to a map made earlier for the same model and data: those
     are reused, the rest computed in one batch and added (the least recently used dropped beyond
-    ``limit``). For maps that depend on nothing else, as the CAMs (which explain the logits at the
-    model's own ξ): a second look at an image costs nothing, even among other images. Callers
-    that share a memo between threads hold a lock around this call."""
+    ``limit``). For maps that depend on nothing else, as the CAMs (which explain the logits at
+    ``xi``: keep one memo per ξ): a second look at an image costs nothing, even among other
+    images. Callers that share a memo between threads hold a lock around this call."""
     keys = [(int(i), int(c)) for i, c in zip(indices, classes, strict=True)]
     missing = list(dict.fromkeys(k for k in keys if k not in memo))
     if missing:
@@ -325,7 +372,7 @@ def remembered_maps(memo: MutableMapping, model: PatchModel, data: ImageSet,
         device = next(model.parameters()).device
         x = model_input(data, data.images[torch.tensor([i for i, _ in missing])], device)
         made = explanation_maps(model, x, torch.tensor([c for _, c in missing], device=device),
-                                method).cpu().numpy()
+                                method, xi).cpu().numpy()
         memo.update(zip(missing, made, strict=True))
     maps = np.stack([memo[k] for k in keys])
     for key in keys:  # now the most recently used: evicted last
@@ -342,34 +389,39 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
                  indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
                  tolerance: float = 15.0, xi: float | None = None,
-                 extra: dict[str, MapFn] | None = None) -> dict:
-    """Mean faithfulness metrics per method on the images ``indices`` of ``data``; ``extra``
-    adds maps made elsewhere (e.g. a mutual-transfer peer's own attention map), judged the
-    same way."""
+                 extra: dict[str, MapFn] | None = None, choice: str = "true") -> dict:
+    """Mean faithfulness metrics per method on the images ``indices`` of ``data``, explaining
+    the class ``choice`` (:func:`classes_to_explain`; the pointing games use that class's
+    boxes), with the mean deletion and insertion curves; ``extra`` adds maps made elsewhere
+    (e.g. a mutual-transfer peer's own attention map), judged the same way."""
     model.eval()
     pixels = data.images[indices].float() / 255.0
     x = model_input(data, data.images[indices], device)
-    scorer = Scorer(model, data, device)
+    scorer = Scorer(model, data, device, xi=xi)
     with torch.no_grad():
         logits = model(x, xi=xi).logits.float().cpu()
-    classes = target_classes(data, indices, logits)
+    classes = classes_to_explain(data, indices, logits, choice)
     base = scorer(pixels, classes)
     boxes = _class_boxes(data, indices.tolist(), classes) if data.has_boxes else None
     makers: dict[str, MapFn] = {
         m: (lambda x, c, m=m: explanation_maps(model, x, c.to(device), m, xi=xi).cpu())
         for m in methods}
     makers.update(extra or {})
-    report = {}
+    report, curves = {}, {}
     for method, make in makers.items():
         maps = make(x, classes)
         drop, increase = average_drop_increase(scorer, pixels, maps, classes, base)
-        deletion, insertion = deletion_insertion(scorer, pixels, maps, classes, steps)
+        deleted, inserted = deletion_insertion_curves(scorer, pixels, maps, classes, steps)
         row = {"average_drop_pct": 100 * drop.mean().item(),
                "increase_in_confidence_pct": 100 * increase.mean().item(),
-               "deletion_auc": deletion.mean().item(), "insertion_auc": insertion.mean().item()}
+               "deletion_auc": curve_auc(deleted).mean().item(),
+               "insertion_auc": curve_auc(inserted).mean().item()}
+        curves[method] = {"deletion": deleted.mean(0).tolist(),
+                          "insertion": inserted.mean(0).tolist()}
         if boxes is not None:
             row["pointing_game"] = torch.nanmean(pointing_game(maps, boxes, tolerance)).item()
             row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, boxes)).item()
         report[method] = row
     return {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
-            "class": "true label (multi-label: top-scoring true label)", "methods": report}
+            "class": CLASS_CHOICES.get(choice, f"class {choice}"), "methods": report,
+            "curves": curves}

@@ -306,8 +306,9 @@ def config_value(config: dict, field: str):
     return part.get(key) if isinstance(part, dict) else None
 
 
-def evaluate_cell(run: Run, device: torch.device | None = None) -> dict:
-    """Test metrics of one run's best checkpoint at its own ξ ({} before it has one)."""
+def evaluate_cell(run: Run, device: torch.device | None = None, xi: float | None = None) -> dict:
+    """Test metrics of one run's best checkpoint at its own ξ, or at ``xi`` (a trained cell
+    re-thresholded, no retraining) ({} before it has a checkpoint)."""
     from engine.checkpoint import load_model
     from engine.config import DataConfig
     from engine.data import load_split
@@ -318,8 +319,39 @@ def evaluate_cell(run: Run, device: torch.device | None = None) -> dict:
     device = device or torch.device("cpu")
     model, ckpt = load_model(run.best_checkpoint)
     data = load_split(config_from_dict(DataConfig, ckpt["run_config"]["data"]), "test")
-    report = evaluate_model(model.to(device), data, device, pr_curves=False)
-    return {**summary_rows(report)[0], "best_epoch": ckpt.get("metrics", {}).get("epoch")}
+    report = evaluate_model(model.to(device), data, device, pr_curves=False,
+                            xi_grid=None if xi is None else [xi])
+    rows = summary_rows(report)
+    wanted = model.config.xi if xi is None or not model.xi_dependent else xi
+    row = next(r for r in rows if r["xi"] == wanted)
+    return {**row, "best_epoch": ckpt.get("metrics", {}).get("epoch")}
+
+
+def cell_seconds(store: RunStore, config: RunConfig) -> tuple[float | None, str]:
+    """A cell's expected training time on this machine, from the finished runs of the same
+    model and data (their measured images/s; their image count where the config leaves the
+    data set's own), and what the estimate rests on."""
+    speeds, counts = [], []
+    for row in store.list():
+        if not (row.get("state") == "finished" and row.get("dataset") == config.data.dataset
+                and row.get("backbone") == config.model.backbone
+                and row.get("head") == config.model.head):
+            continue
+        run = store.get(row["name"])
+        status = run.status()
+        if status.get("images_per_s"):
+            speeds.append(float(status["images_per_s"]))
+        if run.config().data.train_size is None and status.get("train_images"):
+            counts.append(int(status["train_images"]))
+    images = config.data.train_size or (max(counts) if counts else None)
+    if not speeds or not images:
+        return None, ("no finished run of this model on this data yet to time it by"
+                      if not speeds else "the data set's size is not known before it loads")
+    speed = sorted(speeds)[len(speeds) // 2]
+    return config.train.epochs * images / speed, (
+        f"{config.train.epochs} epoch(s) x {images:,} images at {speed:,.0f} img/s, the median "
+        f"of {len(speeds)} finished run(s) of {config.model.backbone}/{config.model.head} on "
+        f"{config.data.dataset}; evaluation adds a little per epoch")
 
 
 def sweep_table(store: RunStore, sweep: str, evaluate=evaluate_cell) -> dict:

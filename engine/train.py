@@ -380,6 +380,8 @@ def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> S
     if dist.is_main:
         run.keep_metrics_before(s.progress.epoch)
     _wrap_for_speed(s)
+    if device.type == "cuda":  # a sweep trains its cells in one process: each its own peak
+        torch.cuda.reset_peak_memory_stats(device)
     n_params = s.team.parameter_count()
     log.info("run %s: %s (%.2fM params) on %s, %s: %d train / %d test images, %d epochs",
              run.name, " + ".join(f"{m.backbone}/{m.head}" for m in cfg.models), n_params / 1e6,

@@ -14,7 +14,9 @@ import torch
 
 from engine.explain import METHODS, ONE_PASS, compare_maps, faithfulness, remembered_maps
 from engine.metric_table import metrics_of
-from engine.pictures import enlarge, map_overlay, to_hwc
+from engine.pictures import to_hwc
+from engine.sanity import cascade_maps
+from ui.compare_figures import deletion_insertion_figure, map_grid_figure
 from ui.st_state import (
     ensure_router,
     guard,
@@ -41,53 +43,98 @@ def _maps(path: str, mtime_ns: int, start: int, count: int, class_choice: str,
         return compare_maps(loaded.model, data, indices, class_choice, methods, xi)
 
 
-def score_cam(loaded, result: dict) -> np.ndarray:
-    """Score-CAM of the images shown: those seen before from the memo, the rest in one batch."""
+def score_cam(loaded, result: dict, xi: float) -> np.ndarray:
+    """Score-CAM of the images shown: those seen before (at this ξ) from the memo, the rest in
+    one batch."""
     with loaded.lock, st.spinner("Computing Score-CAM (a forward pass per feature channel and "
                                  "image)..."):
-        return remembered_maps(map_memo(loaded, ON_DEMAND), loaded.model,
+        return remembered_maps(map_memo(loaded, f"{ON_DEMAND}@{xi:.2f}"), loaded.model,
                                test_set(loaded.data_config), result["indices"],
-                               result["classes"], ON_DEMAND)
+                               result["classes"], ON_DEMAND, xi=xi)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _faithfulness(path: str, mtime_ns: int, count: int, method: str, xi: float) -> dict:
+@st.cache_data(show_spinner=False, max_entries=64)
+def _faithfulness(path: str, mtime_ns: int, count: int, method: str, xi: float,
+                  class_choice: str) -> dict:
     del mtime_ns
     loaded = loaded_model(path)
     data = test_set(loaded.data_config)
     indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
     with loaded.lock:
         return faithfulness(loaded.model, data, torch.device("cpu"), indices.sort().values,
-                            [method], xi=xi)
+                            [method], xi=xi, choice=class_choice)
 
 
-def draw_maps(loaded, data, result: dict, shown: list[str]) -> None:
-    """One row per image: the image, then each method's map; Score-CAM's cells are filled last,
-    so that the other maps are on screen while it is computed."""
-    header = st.columns(len(shown) + 1)
-    header[0].markdown("**image**")
-    for col, method in zip(header[1:], shown, strict=True):
-        col.markdown(f"**{METHODS[method]}**")
-    images, later = [], []
-    for row, index in enumerate(result["indices"]):
-        cols = st.columns(len(shown) + 1)
-        images.append(to_hwc(data.images[index]))
-        cols[0].image(enlarge(images[-1]), width=140,
-                      caption=f"#{index}: predicted {data.classes[result['predicted'][row]]}, "
-                      f"explaining {data.classes[result['classes'][row]]}")
-        for col, method in zip(cols[1:], shown, strict=True):
-            if method == ON_DEMAND:
-                later.append(col.empty())
-            else:
-                col.image(map_overlay(images[-1], result["maps"][method][row]), width=140)
-    if later:
-        for slot, image, heat in zip(later, images, score_cam(loaded, result), strict=True):
-            slot.image(map_overlay(image, heat), width=140)
+def draw_maps(loaded, data, result: dict, shown: list[str], xi: float) -> None:
+    """One figure: a row per image, the image then each method's map on one colour scale,
+    the true boxes drawn. The one-pass maps are drawn first; with Score-CAM asked for, the
+    figure is drawn again once its maps are made."""
+    images = [to_hwc(data.images[i]) for i in result["indices"]]
+    titles = [f"#{i}: predicted {data.classes[p]}, explaining {data.classes[c]}"
+              for i, p, c in zip(result["indices"], result["predicted"], result["classes"],
+                                 strict=True)]
+    boxes = [[tuple(b[1:].tolist()) for b in data.boxes(i) if int(b[0]) == c]
+             if data.has_boxes else [] for i, c in zip(result["indices"], result["classes"],
+                                                       strict=True)]
+    slot = st.empty()
+    fast = {METHODS[m]: result["maps"][m] for m in shown if m != ON_DEMAND}
+    if fast:
+        slot.plotly_chart(map_grid_figure(images, fast, titles, boxes), key="cm_maps_fast",
+                          config={"displayModeBar": False})
+    if ON_DEMAND in shown:
+        maps = {METHODS[m]: (score_cam(loaded, result, xi) if m == ON_DEMAND
+                             else result["maps"][m]) for m in shown}
+        slot.plotly_chart(map_grid_figure(images, maps, titles, boxes), key="cm_maps",
+                          config={"displayModeBar": False})
 
 
-def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float) -> None:
-    """Measured on demand; one cached row per method, so a method added later (Score-CAM) costs
-    only its own row."""
+@st.cache_data(show_spinner="Randomising the model, layer by layer...", max_entries=16)
+def _cascade(path: str, mtime_ns: int, index: int, class_choice: str, methods: tuple[str, ...],
+             xi: float) -> dict:
+    del mtime_ns
+    loaded = loaded_model(path)
+    with loaded.lock:
+        return cascade_maps(loaded.model, test_set(loaded.data_config), [index], class_choice,
+                            methods, xi)
+
+
+def sanity_check(path: str, mtime: int, data, result: dict, shown: list[str], xi: float,
+                 class_choice: str) -> None:
+    """Adebayo et al.'s cascade for one of the images shown: each method's map as the layers
+    are re-initialised from the top, and its rank correlation to the trained map."""
+    methods = tuple(m for m in shown if m in ONE_PASS)
+    if not methods:
+        st.info("The sanity check runs the one-pass methods (Loss-Attention, Grad-CAM, "
+                "Grad-CAM++); pick one of them.")
+        return
+    index = st.selectbox("Image", result["indices"], format_func=lambda i: f"#{i}",
+                         key="cm_sanity_image")
+    cascade = _cascade(path, mtime, int(index), class_choice, methods, xi)
+    image = to_hwc(data.images[int(index)])
+    klass = cascade["classes"][0]
+    boxes = ([tuple(b[1:].tolist()) for b in data.boxes(int(index)) if int(b[0]) == klass]
+             if data.has_boxes else [])
+    steps = cascade["steps"]
+    maps = {label: np.stack([cascade["maps"][m][s, 0] for m in methods])
+            for s, label in enumerate(steps)}
+    st.plotly_chart(map_grid_figure([image] * len(methods), maps,
+                                    [METHODS[m] for m in methods], [boxes] * len(methods),
+                                    cell=170), key="cm_sanity_maps",
+                    config={"displayModeBar": False})
+    st.dataframe([{"method": METHODS[m], **{label: round(float(cascade["rho"][m][s, 0]), 2)
+                                            for s, label in enumerate(steps)}}
+                  for m in methods], hide_index=True, key="cm_sanity_rho")
+    st.caption("Spearman rank correlation of each map with the trained model's (1: the same "
+               "ranking of pixels; near 0: unrelated). A map that keeps its shape while the "
+               "layers it explains are randomised shows the input more than the model. Blank: "
+               "a constant map (nothing to rank). Class explained: "
+               f"{data.classes[klass]}, fixed by the trained model.")
+
+
+def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
+                       class_choice: str) -> None:
+    """Measured on demand for the chosen class and ξ; one cached row per method, so a method
+    added later (Score-CAM) costs only its own row."""
     n = st.select_slider("Images to measure on", SIZES, **keep("cm_n", 32, SIZES))
     if st.button("Measure", key="cm_measure", type="primary"):
         st.session_state["cm_measured"] = (path, n)
@@ -96,13 +143,15 @@ def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float) -> No
     reports = {}
     for method in shown:
         with st.spinner(f"Measuring {METHODS[method]} on {n} images..."):
-            reports[method] = _faithfulness(path, mtime, n, method, xi)
+            reports[method] = _faithfulness(path, mtime, n, method, xi, class_choice)
     st.dataframe([{"method": METHODS[m], **{COLUMNS[k]: round(v, 4)
                                             for k, v in r["methods"][m].items()}}
                   for m, r in reports.items()], hide_index=True)
     first = next(iter(reports.values()))
-    st.caption(f"{first['images']} test images (a fixed random sample), "
-               f"class: {first['class']}.")
+    st.caption(f"{first['images']} test images (a fixed random sample), class explained: "
+               f"{first['class']}, ξ = {xi:.2f}.")
+    st.plotly_chart(deletion_insertion_figure(
+        {m: r["curves"][m] for m, r in reports.items()}, METHODS), key="cm_curves")
 
 
 ensure_router()
@@ -123,6 +172,10 @@ with guard("Compare maps"):
     choices = ["true", "predicted", *data.classes]
     class_choice = c4.selectbox("Explain class", choices, **keep("cm_class", "true", choices))
     xi = float(loaded.model.config.xi)
+    if loaded.model.xi_dependent:
+        xi = st.slider("ξ (the threshold of the model explained; no retraining)", 0.0, 1.0,
+                       step=0.05, **keep("cm_xi", round(xi, 2)),
+                       help="Every map, prediction and score below is of the model at this ξ")
     if not chosen:
         st.info("Pick at least one method.")
         st.stop()
@@ -138,11 +191,16 @@ with guard("Compare maps"):
         st.stop()
     result = _maps(path, mtime, start, count, class_choice,
                    tuple(m for m in shown if m in ONE_PASS), xi)
-    if "loss_attention" in shown:
-        st.caption("Loss-Attention's map is its patch weights (one per patch, painted on the "
-                   "patch's pixel box, overlaps averaged): it is the same whichever class is "
-                   "explained. The CAMs are computed for the chosen class and upsampled.")
-    draw_maps(loaded, data, result, shown)
+    st.caption("Every map is scaled to [0, 1] and drawn on the one colour scale; red: the true "
+               "box of the explained class. Loss-Attention's map is its patch weights (one per "
+               "patch, painted on the patch's pixel box, overlaps averaged): it is the same "
+               "whichever class is explained. The CAMs are computed for the chosen class on "
+               "the feature cells the head reads (the last row and column of this backbone's "
+               "map fall outside every patch and cannot change the prediction) and upsampled.")
+    draw_maps(loaded, data, result, shown, xi)
+    if st.toggle("Sanity check: randomise the weights, top layer first (Adebayo et al. 2018)",
+                 **keep("cm_sanity", False)):
+        sanity_check(path, mtime, data, result, shown, xi, class_choice)
 
     st.subheader("Faithfulness")
     st.caption(
@@ -151,5 +209,5 @@ with guard("Compare maps"):
         "definitions). Deletion: the most important pixels set to black first; insertion: "
         "pixels put back into a blurred copy (σ = side/8); AUC of the score over 16 steps. "
         "Pointing game: the map's maximum within 15 px of a true box; energy: the share of "
-        "the map inside the true boxes. The class is the true label.")
-    faithfulness_table(path, mtime, shown, xi)
+        "the map inside the true boxes. The class is the one chosen above.")
+    faithfulness_table(path, mtime, shown, xi, class_choice)

@@ -22,7 +22,7 @@ from engine.mil.paper import PAPER_ACCURACY
 from engine.mil.results import TEST_MAX, read_bag_weights, read_results, table_rows
 from engine.runs import default_runs_root
 from ui.figures import bag_weights_figure
-from ui.st_forms import data_folder_picker, show_job_end
+from ui.st_forms import data_folder_picker, eta_text, show_job_end
 from ui.st_state import ensure_router, guard, keep
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,8 @@ def progress(folder: Path) -> None:
         if state in ("starting", "running"):
             current = status.get("current") or "starting"
             st.progress(min(1.0, fraction), text=f"{fraction:.0%} - {current} "
-                        f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})")
+                        f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})"
+                        + eta_text(status.get("started"), fraction, time.time()))
             if st.button("Stop", key="mil_stop"):
                 stop_experiment(folder)
                 st.rerun(scope="app")

@@ -9,8 +9,14 @@ import streamlit as st
 from engine.bench import format_plans, parse_stride_plans, start_stride_bench, stride_summary
 from engine.jobs import ACTIVE, Job
 from engine.models import backbone_spec, list_backbones, list_heads
-from engine.sweep import launch_sweep, list_sweeps, sweep_process_alive, sweep_runs
-from ui.figures import bench_figure, stride_time_figure
+from engine.sweep import (
+    launch_sweep,
+    list_sweeps,
+    read_manifest,
+    sweep_process_alive,
+    sweep_runs,
+)
+from ui.figures import bench_figure, stride_sketch_figure, stride_time_figure
 from ui.st_forms import config_of, run_settings
 from ui.st_state import device_badge, ensure_router, guard, keep, remember, remembered, store
 
@@ -32,6 +38,12 @@ def bench_section() -> None:
     batch = int(c4.number_input("Batch", 1, 1024, step=16, **keep("st_batch", 64)))
     plans = st.text_input("Stride plans (per-stage strides; ';' between plans)",
                           **keep(f"st_plans_{backbone}", default_plans(backbone)))
+    with guard("The sketch of the plans", stop=False):
+        grids = plan_grids(backbone, head, tuple(parse_stride_plans(plans)), size)
+        st.plotly_chart(stride_sketch_figure(grids, (size, size)), key="st_sketch")
+        st.caption("Grey: the cell of each patch on the input; red: the pixels the centre patch "
+                   "sees. A larger stride early shrinks every map after it: fewer, coarser "
+                   "patches, and a faster step.")
     if st.button("Measure on this machine", key="st_measure"):
         with guard("The benchmark", stop=False):
             parsed = parse_stride_plans(plans)
@@ -39,6 +51,20 @@ def bench_section() -> None:
             start_stride_bench(folder, backbone, head, parsed, size, batch)
             remember(BENCH_KEY, str(folder))
     bench_results()
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def plan_grids(backbone: str, head: str, plans: tuple, size: int) -> list:
+    """(label, patch grid) per plan, from the layer geometry of the built model."""
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    out = []
+    for plan in plans:
+        model = build_model(ModelConfig(backbone=backbone, head=head, stride_plan=list(plan),
+                                        input_size=(size, size)))
+        out.append((f"plan {','.join(map(str, plan))}", model.grid((size, size))))
+    return out
 
 
 @st.fragment(run_every=1.5)
@@ -69,8 +95,8 @@ def bench_results() -> None:
 def accuracy_section() -> None:
     st.subheader("Accuracy against time per epoch")
     st.caption("Trains one run per plan (a sweep over model.stride_plan, in the background), "
-               "then plots its best test accuracy against its median seconds per epoch; marker "
-               "size is peak memory.")
+               "then plots its best test accuracy against its median seconds per epoch; on a "
+               "GPU, marker size is the run's peak allocated memory.")
     with st.container(border=True):  # no st.form: its widgets could not remember values
         settings = run_settings("st_tr", heads=True)
         plans = st.text_input("Stride plans to train", **keep("st_tr_plans",
@@ -82,17 +108,29 @@ def accuracy_section() -> None:
             grid = [("model.stride_plan", [list(p) for p in parse_stride_plans(plans)])]
             launch_sweep(store(), config_of(settings), grid, name.strip())
             remember("st_sweep", name.strip())
-    sweeps = list_sweeps(store())
+    # Only sweeps over the stride plan: another sweep's cells all share one plan.
+    sweeps = [s for s in list_sweeps(store())
+              if "model.stride_plan" in (read_manifest(store(), s) or [])]
     if not sweeps:
+        st.caption("No stride sweep yet: train the plans above.")
         return
     sweep = st.selectbox("Stride sweep", sweeps, **keep("st_sweep", sweeps[0], sweeps))
+    stride_results(sweep)
+
+
+@st.fragment(run_every=2.0)
+def stride_results(sweep: str) -> None:
+    """Refreshes on its own while the sweep trains."""
     rows = stride_summary(sweep_runs(store(), sweep))
     if sweep_process_alive(store(), sweep):
-        st.info("Training in the background; the plot fills in as epochs finish (rerun to "
-                "refresh).")
+        st.info("Training in the background; the plot fills in as epochs finish.")
     if rows:
         st.plotly_chart(stride_time_figure(rows), key="st_time_fig")
         st.dataframe(rows, hide_index=True)
+        if not any(r.get("memory_mb") for r in rows):
+            st.caption("No memory figure for trained runs on a CPU: a run's peak memory is "
+                       "mostly torch itself, the same for every plan. The benchmark above "
+                       "measures each plan's own increase in a fresh process.")
 
 
 ensure_router()

@@ -4,8 +4,10 @@ heat maps of accuracy and patch precision / recall / F."""
 import streamlit as st
 
 from engine.jobs import ACTIVE
+from engine.losses import patch_loss_share
 from engine.metric_table import metrics_of
 from engine.sweep import (
+    cell_seconds,
     evaluate_cell,
     launch_sweep,
     list_sweeps,
@@ -17,9 +19,10 @@ from engine.sweep import (
     sweep_status,
     sweep_table,
 )
+from engine.train import prepare_run_config
 from ui.figures import grid_heatmap
 from ui.overlay import csv_bytes
-from ui.st_forms import config_of, run_settings
+from ui.st_forms import config_of, format_seconds, run_settings
 from ui.st_state import ensure_router, guard, keep, remember, store
 
 WATCH_KEY = "sw_watch"
@@ -33,6 +36,8 @@ def launch_form() -> None:
         gammas = c1.text_input("γmax values", **keep("sw_gammas", "0, 0.1"))
         xis = c2.text_input("ξ values", **keep("sw_xis", "0, 0.1"))
         name = c3.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
+        with guard("The plan", stop=False):
+            plan_notes(settings, gammas, xis)
         submitted = st.button("Launch sweep", type="primary", key="sw_launch")
     if submitted:
         with guard("Launching the sweep", stop=False):
@@ -45,6 +50,34 @@ def launch_form() -> None:
             remember(WATCH_KEY, name.strip())
             st.success(f"Sweep {name} started: {len(grid[0][1]) * len(grid[1][1])} runs, one "
                        "after another, in the background.")
+
+
+def _count(text: str) -> int:
+    return len([v for v in text.split(",") if v.strip()])
+
+
+def plan_notes(settings: dict, gammas: str, xis: str) -> None:
+    """Before launch: what the grid will cost here, and whether γmax can act at all."""
+    config = prepare_run_config(config_of(settings))
+    cells = _count(gammas) * _count(xis)
+    seconds, basis = cell_seconds(store(), config)
+    if seconds is None:
+        st.caption(f"{cells} cells, one after another. Time: unknown ({basis}); the first "
+                   "cell's speed sets the ETA on its progress bar.")
+    else:
+        st.caption(f"{cells} cells, one after another: about {format_seconds(cells * seconds)} "
+                   f"here ({format_seconds(seconds)} a cell: {basis}).")
+    loss = config.loss
+    share = patch_loss_share(1.0, loss.ramp_epochs, loss.ramp_by, config.train.epochs)
+    if share == 0:
+        st.warning(f"With {config.train.epochs} epoch(s) and the ramp by epoch, the patch-loss "
+                   "weight w(τ) is 0 for the whole run (w(0) = 0): every γmax trains the same "
+                   "model, and the γmax rows come out identical. Train for 2+ epochs, or ramp "
+                   "by step (the live preset does).")
+    elif share < 0.3:
+        st.info(f"Over {config.train.epochs} epochs the ramp gives the patch loss on average "
+                f"{share:.0%} of γmax: γmax acts, but weakly (a ramp of "
+                f"{loss.ramp_epochs} epochs).")
 
 
 @st.fragment(run_every=2.0)
@@ -71,21 +104,21 @@ def progress(sweep: str) -> None:
             st.toast("Stopping: the training run checkpoints and stops; launch again to resume.")
 
 
-@st.cache_data(show_spinner="Evaluating a finished run...", max_entries=256)
-def _cell(root: str, name: str, checkpoint_mtime_ns: int) -> dict:
+@st.cache_data(show_spinner="Evaluating a finished run...", max_entries=512)
+def _cell(root: str, name: str, checkpoint_mtime_ns: int, xi: float | None) -> dict:
     del root, checkpoint_mtime_ns  # cache key: a new best checkpoint is evaluated again
-    return evaluate_cell(store().get(name))
+    return evaluate_cell(store().get(name), xi=xi)
 
 
-def cached_cell(run) -> dict:
-    if not run.best_checkpoint.is_file():
-        return {}
-    return _cell(str(store().root), run.name, run.best_checkpoint.stat().st_mtime_ns)
-
-
-def report_of(sweep: str) -> dict:
-    """The sweep's table; each run is evaluated once per best checkpoint (cached), so a newly
+def report_of(sweep: str, xi: float | None = None) -> dict:
+    """The sweep's table at each cell's own ξ, or every trained cell re-thresholded at ``xi``
+    (no retraining); each run is evaluated once per best checkpoint and ξ (cached), so a newly
     finished cell costs one evaluation."""
+    def cached_cell(run) -> dict:
+        if not run.best_checkpoint.is_file():
+            return {}
+        return _cell(str(store().root), run.name, run.best_checkpoint.stat().st_mtime_ns, xi)
+
     return sweep_table(store(), sweep, cached_cell)
 
 
@@ -102,10 +135,12 @@ def heat_maps(report: dict) -> None:
             r["sweep"] = report["sweep"]
         y_field = "sweep"
     shown = [(key, label) for key, label in RATES if any(key in r for r in rows)]
-    columns = st.columns(min(4, len(shown)) or 1)
+    st.caption("Colours span each map's own range (the values are written in the cells); "
+               "rows: γmax, which needs training; columns: ξ, as trained or as re-thresholded.")
+    columns = st.columns(min(3, len(shown)) or 1)
     for i, (key, label) in enumerate(shown):
         with columns[i % len(columns)]:
-            st.plotly_chart(grid_heatmap(rows, x_field, y_field, key, label),
+            st.plotly_chart(grid_heatmap(rows, x_field, y_field, key, label, own_range=True),
                             key=f"sw_heat_{key}")
     st.dataframe(report["rows"], hide_index=True)
     st.download_button("Sweep table CSV", csv_bytes(report["rows"]), f"{report['sweep']}.csv",
@@ -131,4 +166,9 @@ with guard("The sweep list"):
 progress(sweep)
 with guard("The sweep's heat maps"):
     if sweep_runs(store(), sweep):
-        heat_maps(report_of(sweep))
+        choices = ["each cell's own ξ", *[f"{v / 10:.1f}" for v in range(11)]]
+        at = st.selectbox("Evaluate the trained cells at ξ", choices,
+                          **keep("sw_eval_xi", choices[0], choices),
+                          help="ξ only thresholds at inference: each trained cell can be "
+                          "read at any ξ without retraining (γmax cannot: it shapes training).")
+        heat_maps(report_of(sweep, None if at == choices[0] else float(at)))

@@ -231,6 +231,12 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     state = {"sw_train_size": 64, "sw_test_size": 32, "sw_epochs": 1, "sw_batch": 32,
              "sw_gammas": "0, 0.1", "sw_xis": "0.1", "sw_name": "tiny"}
     at = open_page("sweep", **state)
+    # one epoch ramped by epoch: w(τ) = 0 throughout, and the page says so before launch
+    assert any("every γmax trains the same model" in w.value for w in at.warning)
+    assert any("2 cells" in c.value and "unknown" in c.value for c in at.caption)
+    at.number_input(key="w_sw_epochs").set_value(2).run()
+    assert not any("every γmax" in w.value for w in at.warning)
+    at.number_input(key="w_sw_epochs").set_value(1).run()
     at.text_input(key="w_sw_gammas").set_value("0, x").run()
     at.button(key="sw_launch").click().run()
     assert errors(at) and not at.exception
@@ -250,23 +256,63 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     assert len(charts) >= 4  # accuracy and patch precision / recall / F
     table = at.dataframe[-1].value
     assert sorted(table["loss.gamma_max"]) == [0, 0.1]
+    assert list(table["xi"]) == [0.1, 0.1]
+    # the trained cells re-thresholded at another ξ, without retraining
+    at.selectbox(key="w_sw_eval_xi").set_value("0.0").run()
+    assert not at.exception and list(at.dataframe[-1].value["xi"]) == [0.0, 0.0]
+    assert RunStore(runs_root).names() == sorted(RunStore(runs_root).names())  # no new runs
+    assert len(RunStore(runs_root).names()) == 2
+    # now that cells have run here, the plan is timed by their measured speed
+    assert any("about" in c.value and "img/s" in c.value for c in at.caption)
 
 
 def test_curves_and_compare_pages(runs_root):
     at = open_page("curves", cu_limit=500)
     assert not errors(at)
     assert at.get("plotly_chart")
+    # never more images than the test set has (the digits have 3,000)
+    assert at.select_slider(key="w_cu_limit").options == ["500", "1,000", "2,000", "3,000 (all)"]
+    table = next(df.value for df in at.dataframe if "ξ" in df.value.columns)
+    assert list(table["ξ"]) == [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    assert (table["recall"].diff().dropna() <= 1e-9).all()  # a higher ξ keeps fewer patches
+    assert table["recall"].iloc[0] == 1.0 and "f_paper" in table
     at.multiselect(key="w_cu_classes").set_value(["1"]).run()
     assert not at.exception
     at = open_page("compare", cm_count=2, cm_n=16)
     assert not errors(at)
-    images_before = len(at.get("image"))
+    assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM", "Grad-CAM++"])
     at.multiselect(key="w_cm_methods").set_value(["loss_attention", "gradcam"]).run()
-    assert len(at.get("image")) < images_before
+    assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM"])
     at.button(key="cm_measure").click().run()
     assert not at.exception and not errors(at)
-    table = at.dataframe[-1].value
+    table = next(df.value for df in at.dataframe if "method" in df.value.columns)
     assert list(table["method"]) == ["Loss-Attention", "Grad-CAM"]
+    # the curves behind the AUCs, one line per method and panel
+    curves = json.loads(next(c for c in at.get("plotly_chart") if "cm_curves" in c.proto.id
+                             ).proto.spec)
+    assert [t["name"] for t in curves["data"]] == ["Loss-Attention"] * 2 + ["Grad-CAM"] * 2
+    # the faithfulness follows the class chosen above, and so does its caption
+    at.selectbox(key="w_cm_class").set_value("predicted").run()
+    assert any("class explained: predicted class" in c.value for c in at.caption)
+    # the sanity check: each map as the layers are randomised, and its rank correlation
+    at.toggle(key="w_cm_sanity").set_value(True).run()
+    assert not at.exception and not errors(at)
+    rho = next(df.value for df in at.dataframe if "trained" in df.value.columns)
+    assert list(rho["method"]) == ["Loss-Attention", "Grad-CAM"]
+    assert (rho["trained"] == 1.0).all() and "classifier" in rho.columns
+    assert any("cm_sanity_maps" in c.proto.id for c in at.get("plotly_chart"))
+
+
+def map_cells(at) -> tuple[int, list[str]]:
+    """(images, methods) of the Compare page's map grid, read from its figure."""
+    chart = [c for c in at.get("plotly_chart") if "cm_maps" in c.proto.id][-1]
+    spec = json.loads(chart.proto.spec)
+    heatmaps = [t for t in spec["data"] if t["type"] == "heatmap"]
+    assert all(t["coloraxis"] == "coloraxis" for t in heatmaps)  # one colour scale
+    assert spec["layout"]["coloraxis"]["cmin"] == 0 and spec["layout"]["coloraxis"]["cmax"] == 1
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    images = sum(t.startswith("#") for t in titles)
+    return images, [t for t in titles if t and not t.startswith("#")]
 
 
 def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, monkeypatch):
@@ -279,27 +325,33 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     _map_memo.clear()
     batches = []  # every call into the grad-cam package: (method, images)
     real = explain.cam_maps
-    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method: batches.append(
-        (method, len(x))) or real(m, x, c, method))
+    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method, xi=None: batches.append(
+        (method, len(x))) or real(m, x, c, method, xi))
     at = open_page("compare", cm_count=2, cm_start=40, cm_n=16)
     assert not errors(at)
-    assert len(at.get("image")) == 2 * 4  # each image and its three one-pass maps
+    assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM", "Grad-CAM++"])  # at once
     assert batches == []  # no Score-CAM, nor anything else from the package
     assert any("Score-CAM is computed when you turn it on" in c.value for c in at.caption)
     at.button(key="cm_measure").click().run()
     assert list(at.dataframe[-1].value["method"]) == ["Loss-Attention", "Grad-CAM", "Grad-CAM++"]
     assert batches == []
+    # the model explained at another ξ: Loss-Attention's map changes (its patches), no error
+    before = [c.proto.spec for c in at.get("plotly_chart") if "cm_maps" in c.proto.id]
+    at.slider(key="w_cm_xi").set_value(0.5).run()
+    assert not at.exception and not errors(at)
+    assert [c.proto.spec for c in at.get("plotly_chart") if "cm_maps" in c.proto.id] != before
+    at.slider(key="w_cm_xi").set_value(0.1).run()
 
     at.toggle(key="w_cm_scorecam").set_value(True).run()
     assert not at.exception and not errors(at)
-    assert len(at.get("image")) == 2 * 5
+    assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM", "Grad-CAM++", "Score-CAM"])
     assert ("scorecam", 2) in batches  # both images shown, in one batch
     assert list(at.dataframe[-1].value["method"])[-1] == "Score-CAM"  # its row, once computed
     seen = len(batches)
     at.run()  # a second view of the same images
     at.switch_page("pages/home.py").run()
     at.switch_page("pages/compare.py").run()
-    assert len(at.get("image")) == 2 * 5 and len(batches) == seen
+    assert map_cells(at)[1][-1] == "Score-CAM" and len(batches) == seen
     at.number_input(key="w_cm_start").set_value(41).run()  # images 41 (seen) and 42 (new)
     assert batches[seen:] == [("scorecam", 1)]
 
@@ -333,7 +385,17 @@ def test_curves_reuse_the_explorers_pass_over_the_test_set(runs_root, monkeypatc
 
 
 def test_stride_page_benchmarks_in_the_background(runs_root):
+    from engine.sweep import write_manifest
+
+    write_manifest(RunStore(runs_root), "gammas", [("loss.gamma_max", [0, 0.1])])
     at = open_page("stride", st_batch=8, st_plans_small_cnn="1,2,1; 2,2,1")
+    # the sketch: what each plan does to the patch grid, from the model's geometry
+    sketch = next(c for c in at.get("plotly_chart") if "st_sketch" in c.proto.id)
+    titles = [a["text"] for a in json.loads(sketch.proto.spec)["layout"]["annotations"]]
+    assert titles == ["plan 1,2,1: 6x6 = 36 patches", "plan 2,2,1: 2x2 = 4 patches"]
+    # a sweep over γmax is not a stride sweep: not offered for the accuracy plot
+    assert not any(box.key == "w_st_sweep" for box in at.selectbox)
+    assert any("No stride sweep yet" in c.value for c in at.caption)
     at.button(key="st_measure").click().run()
     assert not errors(at)
     folder = Path(at.session_state["st_bench_folder"])

@@ -68,12 +68,13 @@ def test_faithfulness_in_report_and_cam_hooks_released(shipped):
 @pytest.mark.parametrize("head", ["loss_attention", "capsule_loss_attention", "plain"])
 def test_one_pass_gradient_cams_equal_the_packages(head):
     """Grad-CAM and Grad-CAM++ are computed here from one backbone pass; they must be the grad-cam
-    package's maps (its definitions, its target layer, the logits at the model's own ξ)."""
+    package's maps (its definitions, its target layer, the logits at the same ξ)."""
     model = build_model(ModelConfig(backbone="small_cnn", head=head, input_size=(40, 48))).eval()
     x, classes = torch.randn(3, 3, 40, 48), torch.tensor([0, 4, 9])
     for method in ("gradcam", "gradcam++"):
-        ours = explanation_maps(model, x, classes, method, xi=0.7)  # ξ: Loss-Attention's only
-        torch.testing.assert_close(ours, cam_maps(model, x, classes, method), atol=1e-5, rtol=0)
+        ours = explanation_maps(model, x, classes, method, xi=0.7)  # the model at ξ = 0.7
+        torch.testing.assert_close(ours, cam_maps(model, x, classes, method, xi=0.7), atol=1e-5,
+                                   rtol=0)
         assert not model.backbone._forward_hooks and not model.backbone._backward_hooks
     with pytest.raises(ValueError, match="could not explain classes"):
         explanation_maps(model, x[:1], torch.tensor([99]), "gradcam++")
@@ -88,8 +89,8 @@ def test_compare_maps_share_one_pass_and_score_cam_is_remembered(shipped, monkey
     assert (both["maps"]["gradcam"] == alone["maps"]["gradcam"]).all()
     batches = []
     real = explain.cam_maps
-    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method: batches.append(
-        (method, len(x))) or real(m, x, c, method))
+    monkeypatch.setattr(explain, "cam_maps", lambda m, x, c, method, xi=None: batches.append(
+        (method, len(x))) or real(m, x, c, method, xi))
     memo = {}
     first = remembered_maps(memo, model, data, [5, 6], [3, 3], "scorecam")
     again = remembered_maps(memo, model, data, [6, 7, 5], [3, 3, 3], "scorecam", limit=2)

@@ -198,3 +198,64 @@ def test_explorer_samples_show_the_input_and_warn_when_unlike_the_training_data(
     at.selectbox(key="w_ex_sample").set_value("no digit: noise").run()
     warnings = " ".join(w.value for w in at.warning)
     assert "Unlike the training data" in warnings and "Low confidence" in warnings
+
+
+def test_cams_read_only_the_feature_cells_the_head_reads():
+    """small_cnn at 32x32: a 16x16 feature map, 6x6 patches of 5x5 cells at stride 2, so row
+    and column 15 feed no patch; the CAMs drew a bright band there (bottom and right)."""
+    from pathlib import Path
+
+    from engine.checkpoint import load_model
+    from engine.data.digits import generate
+    from engine.explain import compare_maps, read_by_patches
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_small_cnn_la.pt"
+    model, _ = load_model(shipped)
+    read = read_by_patches(model.eval(), (16, 16))
+    assert read[:15, :15].all() and not read[15].any() and not read[:, 15].any()
+    data = generate("test", 32, 32, False, 0)
+    maps = compare_maps(model, data, torch.arange(32), "true", ["gradcam++"], 0.1)["maps"]
+    band = maps["gradcam++"][:, -2:, :].mean()  # pixels 30-31: outside every patch's box
+    assert band < 0.5 * maps["gradcam++"].mean()
+    assert read_by_patches(build_model(ModelConfig(backbone="small_cnn", head="plain")),
+                           (16, 16)) is None
+
+
+def test_sanity_cascade_randomises_top_down_and_leaves_the_model_alone():
+    from pathlib import Path
+
+    from engine.checkpoint import load_model
+    from engine.data.digits import generate
+    from engine.sanity import cascade_maps, cascade_units, randomised_copy, spearman
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_small_cnn_la.pt"
+    model, _ = load_model(shipped)
+    model.eval()
+    units = cascade_units(model)
+    assert [label for label, _ in units][:2] == ["classifier", "patch layer"]
+    assert units[0][1] == [model.head.fc] and units[-1][0].startswith("backbone layers 1-")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = randomised_copy(model, 1)
+    assert not torch.equal(one.head.fc.weight, model.head.fc.weight)
+    assert torch.equal(one.head.patches.conv5.weight, model.head.patches.conv5.weight)
+    assert torch.equal(randomised_copy(model, 1).head.fc.weight, one.head.fc.weight)  # seeded
+    data = generate("test", 8, 32, False, 0)
+    out = cascade_maps(model, data, [0, 1], "true", ["loss_attention", "gradcam"], 0.1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert out["steps"][0] == "trained" and len(out["steps"]) == len(units) + 1
+    assert out["maps"]["loss_attention"].shape == (len(units) + 1, 2, 32, 32)
+    assert np.allclose(out["rho"]["loss_attention"][0], 1.0)  # the trained map vs itself
+    assert out["rho"]["loss_attention"][-1].mean() < 0.9  # a random model explains otherwise
+    assert spearman(np.arange(9.0), np.arange(9.0) ** 3) == pytest.approx(1.0)
+    assert math.isnan(spearman(np.ones(4), np.arange(4.0)))
+    with pytest.raises(ValueError, match="one-pass methods"):
+        cascade_maps(model, data, [0], "true", ["scorecam"])
+
+
+def test_eta_is_measured_not_promised():
+    from ui.st_forms import eta_text
+
+    assert eta_text(None, 0.5, 100.0).endswith("measured once a first part is done")
+    assert "measured once" in eta_text(90.0, 0.01, 100.0)
+    # a quarter done in 60 s: three quarters left, 180 s
+    assert eta_text(40.0, 0.25, 100.0) == "; about 3:00 left (1:00 so far)"

@@ -106,6 +106,15 @@ def test_grid_heatmap_places_values_and_fixes_rate_range():
     assert (heat.zmin, heat.zmax) == (0, 1)
     wide = figures.grid_heatmap([{"g": 1, "x": 1, "f": 7.0}], "x", "g", "f")
     assert wide.data[0].zmax is None  # not a rate: free range
+    assert [list(t) for t in heat.text] == [["0.250", "0.500"], ["0.750", ""]]
+    # own_range: close accuracies get distinct colours; the axes say γmax and ξ; square cells
+    close = [{"loss.gamma_max": g, "model.xi": x, "acc": 0.97 + g / 10 + x / 100}
+             for g in (0, 0.1) for x in (0, 0.1)]
+    spread = figures.grid_heatmap(close, "model.xi", "loss.gamma_max", "acc", own_range=True)
+    assert spread.data[0].zmin is None and spread.data[0].zmax is None
+    assert spread.layout.xaxis.title.text == "ξ" and spread.layout.yaxis.title.text == "γmax"
+    assert spread.layout.yaxis.scaleanchor == "x"
+    assert figures.grid_heatmap(close, "model.xi", "loss.gamma_max", "acc").data[0].zmax == 1
 
 
 def test_curve_figures():

@@ -64,10 +64,17 @@ def metric_overlay(runs: dict[str, list[dict]], key: str) -> go.Figure:
     return _layout(fig)
 
 
+FIELD_LABELS = {"loss.gamma_max": "γmax", "model.xi": "ξ", "train.epochs": "epochs",
+                "model.stride_plan": "stride plan", "train.seed": "seed"}
+"""How swept config fields are named on axes."""
+
+
 def grid_heatmap(rows: list[dict], x_field: str, y_field: str, value: str,
-                 title: str | None = None) -> go.Figure:
-    """Heat map of ``value`` over two swept fields; cells without a value are blank. Rates in
-    [0, 1] use the fixed range so that heat maps compare by colour."""
+                 title: str | None = None, own_range: bool = False) -> go.Figure:
+    """Heat map of ``value`` over two swept fields, square cells, each cell's value written in
+    it; cells without a value are blank. Rates in [0, 1] use the fixed range [0, 1] so that
+    heat maps compare by colour; ``own_range`` spreads the colours over the values' own span
+    instead (accuracies of 0.97-0.99 are one colour on [0, 1])."""
     xs = sorted({json_key(r.get(x_field)) for r in rows}, key=_sort_key)
     ys = sorted({json_key(r.get(y_field)) for r in rows}, key=_sort_key)
     z = [[None] * len(xs) for _ in ys]
@@ -77,15 +84,20 @@ def grid_heatmap(rows: list[dict], x_field: str, y_field: str, value: str,
             z[ys.index(json_key(r.get(y_field)))][xs.index(json_key(r.get(x_field)))] = v
     flat = [v for line in z for v in line if v is not None]
     rate = bool(flat) and all(0 <= v <= 1 for v in flat)
+    fixed = rate and not (own_range and len(set(flat)) > 1)
+    x_label, y_label = FIELD_LABELS.get(x_field, x_field), FIELD_LABELS.get(y_field, y_field)
     fig = go.Figure(go.Heatmap(
         z=z, x=[str(x) for x in xs], y=[str(y) for y in ys], colorscale=COLORSCALE,
-        zmin=0 if rate else None, zmax=1 if rate else None,
+        zmin=0 if fixed else None, zmax=1 if fixed else None,
         text=[[("" if v is None else f"{v:.3f}") for v in line] for line in z],
-        texttemplate="%{text}", hovertemplate=f"{x_field}=%{{x}}<br>{y_field}=%{{y}}<br>"
+        texttemplate="%{text}", textfont={"size": 14},
+        colorbar={"thickness": 12, "len": 0.9},
+        hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>"
         f"{value}=%{{z:.4f}}<extra></extra>"))
-    fig.update_xaxes(title_text=x_field, type="category")
-    fig.update_yaxes(title_text=y_field, type="category")
-    return _layout(fig, title or value, height=320)
+    fig.update_xaxes(title_text=x_label, type="category", constrain="domain")
+    fig.update_yaxes(title_text=y_label, type="category", scaleanchor="x", constrain="domain")
+    side = 90 * max(len(xs), len(ys))
+    return _layout(fig, title or value, height=min(520, max(300, side + 130)))
 
 
 def json_key(value):
@@ -136,19 +148,21 @@ def patch_bars(values: Sequence[float], weights: Sequence[float], selected: Sequ
 
 
 def stride_time_figure(rows: list[dict]) -> go.Figure:
-    """Accuracy against seconds per epoch, marker size by peak memory, one point per plan."""
+    """Accuracy against seconds per epoch, one point per plan; marker size by peak memory
+    where the rows have a per-plan figure (CUDA), else one size."""
     fig = go.Figure()
     points = [r for r in rows if _finite(r.get("epoch_s")) and _finite(r.get("accuracy"))]
-    memory = [r.get("memory_mb") or 0 for r in points]
-    top = max(memory, default=0) or 1
+    memory = [r.get("memory_mb") for r in points]
+    top = max((m for m in memory if m), default=0) or 1
     names = [str(r["plan"]) for r in points]
     for r, mem in zip(points, memory, strict=True):
         fig.add_trace(go.Scatter(
             x=[r["epoch_s"]], y=[r["accuracy"]], mode="markers+text", text=[str(r["plan"])],
             textposition="top center", name=str(r["plan"]),
-            marker={"size": 12 + 30 * mem / top, "color": color_for(str(r["plan"]), names)},
-            hovertemplate=f"plan {r['plan']}<br>%{{x:.1f}} s/epoch<br>accuracy %{{y:.4f}}<br>"
-            f"memory {mem:.0f} MB<extra></extra>"))
+            marker={"size": 12 + 30 * mem / top if mem else 16,
+                    "color": color_for(str(r["plan"]), names)},
+            hovertemplate=f"plan {r['plan']}<br>%{{x:.1f}} s/epoch<br>accuracy %{{y:.4f}}"
+            + (f"<br>memory {mem:.0f} MB" if mem else "") + "<extra></extra>"))
     fig.update_xaxes(title_text="seconds per epoch (this machine)")
     fig.update_yaxes(title_text="test accuracy")
     return _layout(fig, height=380)
@@ -242,3 +256,36 @@ def transfer_table(summary: list[dict], labels: dict[str, str],
             value = reference.get(r["metric"])
             rows[-1]["seed paper (its setting)"] = "" if value is None else f"{value:.1f}"
     return rows
+
+
+def stride_sketch_figure(plans: Sequence[tuple[str, object]], size: tuple[int, int]
+                         ) -> go.Figure:
+    """What each stride plan does to the patch grid: the input square with the cells of its
+    patches (one per patch, around the patch centres), and the full pixel box that the centre
+    patch sees, drawn over it. ``plans``: (label, :class:`engine.models.geometry.PatchGrid`)."""
+    from engine.pictures import cell_edges
+
+    h, w = size
+    fig = make_subplots(rows=1, cols=len(plans), horizontal_spacing=0.04, subplot_titles=[
+        f"{label}: {g.rows}x{g.cols} = {g.num_patches} patches" for label, g in plans])
+    for col, (_, grid) in enumerate(plans, start=1):
+        xs, ys = cell_edges(grid.boxes.numpy(), grid.rows, grid.cols, (h, w))
+        centre = (grid.rows // 2) * grid.cols + grid.cols // 2
+        x0, y0, x1, y1 = (float(v) for v in grid.boxes[centre].tolist())
+        lines_x = [v for x in xs for v in (x, x, None)]
+        lines_y = [v for _ in xs for v in (0, h, None)]
+        lines_x += [v for _ in ys for v in (0, w, None)]
+        lines_y += [v for y in ys for v in (y, y, None)]
+        fig.add_trace(go.Scatter(x=lines_x, y=lines_y, mode="lines", hoverinfo="skip",
+                                 line={"color": "#9d9d9d", "width": 1}), row=1, col=col)
+        fig.add_trace(go.Scatter(
+            x=[x0, x1, x1, x0, x0], y=[y0, y0, y1, y1, y0], mode="lines", fill="toself",
+            line={"color": PALETTE[3], "width": 2}, fillcolor="rgba(214,39,40,0.15)",
+            hovertemplate=f"patch {centre} sees x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} "
+            f"({x1 - x0:.0f}x{y1 - y0:.0f} px)<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(range=[0, w], showticklabels=False, row=1, col=col,
+                         constrain="domain")
+        fig.update_yaxes(range=[h, 0], showticklabels=False, row=1, col=col,
+                         scaleanchor="x" if col == 1 else f"x{col}", constrain="domain")
+    fig.update_layout(showlegend=False)
+    return _layout(fig, height=300)

@@ -134,6 +134,16 @@ def show_job_end(status: dict, what: str, after_stop: str = "", finished: str = 
         st.success(f"{what} finished{finished}.")
 
 
+def eta_text(started: float | None, fraction: float, now: float) -> str:
+    """The time left of a job, measured: the time so far times what is left over what is done
+    (no promise before a first part is done)."""
+    if not started or fraction <= 0.02:
+        return "; time left: measured once a first part is done"
+    elapsed = now - float(started)
+    left = format_seconds(elapsed * (1 - fraction) / fraction)
+    return f"; about {left} left ({format_seconds(elapsed)} so far)"
+
+
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds >= 3600:

@@ -100,14 +100,15 @@ class PatchModel(nn.Module):
 
 
 class LogitsOnly(nn.Module):
-    """Wraps a PatchModel for libraries that expect ``model(x) -> logits`` (e.g. Grad-CAM)."""
+    """Wraps a PatchModel for libraries that expect ``model(x) -> logits`` (e.g. Grad-CAM), at
+    threshold ``xi`` (default: the model's own)."""
 
-    def __init__(self, model: PatchModel) -> None:
+    def __init__(self, model: PatchModel, xi: float | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.xi = model, xi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
+        return self.model(x, xi=self.xi).logits
 
 
 def build_model(config: ModelConfig) -> PatchModel:

@@ -46,8 +46,7 @@ def cascade_units(model: PatchModel) -> list[tuple[str, list[nn.Module]]]:
     blocks = [layers[i:i + size] for i in range(0, len(layers), size)]
     for k, block in enumerate(reversed(blocks)):
         first = len(layers) - sum(len(b) for b in blocks[len(blocks) - k - 1:]) + 1
-        units.append((f"backbone layers {first}-{first + len(block) - 1} of {len(layers)}",
-                      block))
+        units.append((f"backbone {first}-{first + len(block) - 1}/{len(layers)}", block))
     return units
 
 

@@ -152,7 +152,8 @@ def xi_slider(model) -> float:
                      "above-average ones.", **keep("xi", float(model.config.xi)))
 
 
-def view_controls(classes: list[str], num_patches: int, partner: str | None) -> dict:
+def view_controls(classes: list[str], num_patches: int, partner: str | None,
+                  gamma: float) -> dict:
     """The controls beside the picture: the class whose patch logits are listed, how many
     patches the breakdown shows, and the with/without-patch-loss view."""
     choices = ["predicted", *classes]
@@ -163,7 +164,9 @@ def view_controls(classes: list[str], num_patches: int, partner: str | None) -> 
                       **keep("ex_topk", min(5, most), low=1, high=most))
     compare = False
     if partner is not None:
-        compare = st.toggle("Without the patch loss", **keep("ex_pair", False),
+        # The pair has exactly one model without the patch loss: this one, or the partner.
+        compare = st.toggle("Beside: γmax = 0" if gamma else "Beside: with patch loss",
+                            **keep("ex_pair", False),
                             help=f"With / without the patch loss: beside this model, {partner}, "
                             "trained the same way but with the other γmax (γmax = 0: no patch "
                             "loss). Same image, same ξ.")
@@ -235,7 +238,7 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
     model, classes = loaded.model, data.classes
     with controls:
         partner = patch_loss_partner(loaded.path)
-        view = view_controls(classes, out.grid.num_patches, partner)
+        view = view_controls(classes, out.grid.num_patches, partner, gamma_of(loaded))
     predicted = int(out.logits[shown.index].argmax())
     klass = predicted if view["logits_of"] == "predicted" else classes.index(view["logits_of"])
     story = image_story(model, out, shown.index, klass, data.multilabel)
@@ -264,7 +267,9 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
                         config=PLOTLY_CONFIG, key="ex_scores")
     with right:
         show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
-    with st.expander("Every patch's logit, and downloads"):
+    # A toggle, not an expander: an expander's content is built and sent on every ξ move even
+    # when closed (a third chart, the PNG and the CSV), and the slider waits on it.
+    if st.toggle("Every patch's logit, and downloads", **keep("ex_extras", False)):
         extras(story, shown, classes, klass, xi)
 
 

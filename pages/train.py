@@ -46,7 +46,7 @@ def _write_preset_into_form(name: str, keep_given: bool = False) -> None:
 
 def _first_visit_defaults() -> None:
     """On the first visit the form shows the default data set's own preset (the digits: live,
-    a run that trains in about a minute on a CPU) and its whole test set."""
+    a run short enough to train during a lesson on a CPU) and its whole test set."""
     if "tr_preset" in st.session_state:
         return
     name = dataset_spec(st.session_state.get("tr_dataset", "digits")).default_preset or ""

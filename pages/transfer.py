@@ -218,6 +218,6 @@ with guard("Mutual transfer"):
             maps_section(arms["mutual"][0])
         metrics_section(arms)
     else:
-        st.info("No mutual-transfer runs yet: launch a pair above (with the defaults, two small "
-                "peers on the digits train in about a minute on a laptop CPU).")
+        st.info("No mutual-transfer runs yet: launch a pair above. Its progress bar shows the "
+                "time left, measured from its own steps, once it is running.")
     saved_results()

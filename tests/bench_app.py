@@ -109,11 +109,11 @@ def wait_new_overlay(page, old: str, timeout: float = 30_000) -> str:
 # What a user opens each page for, as a JS predicate that holds once it is on screen. A page not
 # listed is ready when its title is drawn and its script has finished.
 COMPARE_MAPS_JS = """() => {
-  const imgs = [...document.querySelectorAll("[data-testid='stMain'] [data-testid='stImage'] img")];
-  return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
+  const gd = document.querySelector("[data-testid='stMain'] .st-key-cm_maps_fast .js-plotly-plot");
+  return gd && gd.data && gd.data.some(t => t.type === 'heatmap'); }"""
 READY_JS = {
     "explorer": OVERLAY_JS,
-    "compare": COMPARE_MAPS_JS,  # the test image and at least one map beside it
+    "compare": COMPARE_MAPS_JS,  # the test images with the one-pass maps over them
     "curves": "() => document.querySelector('[data-testid=stMain] .js-plotly-plot')",
 }
 TITLE_JS = "() => { const h = document.querySelector('h1'); return h ? h.innerText : ''; }"

@@ -250,6 +250,8 @@ def main() -> int:
         if name in only:
             result[name] = step()
             print(f"{name}: done", file=sys.stderr, flush=True)
+            # Written after each section: a later section's failure keeps what was measured.
+            Path(args.out).write_text(json.dumps(result, indent=1))
     result["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(result, indent=1))
     text = table(result)

@@ -135,6 +135,10 @@ def test_explorer_shows_the_model_with_and_without_the_patch_loss(runs_root):
     titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "")
               for c in at.get("plotly_chart")]
     assert any(t.startswith("γmax = 0.1 (this model): ") for t in titles)
+    assert at.toggle(key="w_ex_pair").label == "Beside: γmax = 0"
+    # from the other side of the pair, the partner is the one with the patch loss
+    other = open_page("explorer", model_source="shipped: digits_small_cnn_la_gamma0")
+    assert other.toggle(key="w_ex_pair").label == "Beside: with patch loss"
     assert any(t.startswith("γmax = 0: ") and t.endswith("kept") for t in titles)
 
 

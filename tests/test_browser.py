@@ -143,7 +143,7 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     spots = [(slice(int(y) - 2, int(y) + 3), slice(int(x) - 2, int(x) + 3)) for x, y in removed]
     changed = [np.abs(shots["0"][spot] - shots["0.1"][spot]).mean() > 10 for spot in spots]
     assert all(changed), f"{changed.count(False)} removed patches look the same at ξ = 0 and 0.1"
-    page.get_by_text("Without the patch loss").click()
+    page.get_by_text("Beside: γmax = 0").click()
     page.locator("[data-testid='stMain'] .st-key-ex_map_partner .js-plotly-plot").wait_for(
         timeout=120_000)
     idle(page)
@@ -176,6 +176,14 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
                 chart.scroll_into_view_if_needed()
                 page.screenshot(path=artifacts / "transfer-maps.png")
             page.screenshot(path=artifacts / f"{path or 'home'}.png", full_page=True)
+            if path == "compare":  # the sanity check: maps as the layers are randomised
+                page.get_by_text("Sanity check: randomise the weights").click()
+                sanity = page.locator("[data-testid='stMain'] .st-key-cm_sanity_maps")
+                sanity.wait_for(timeout=120_000)
+                idle(page)
+                no_traceback(page)
+                sanity.scroll_into_view_if_needed()
+                page.screenshot(path=artifacts / "compare-sanity-check.png")
 
         # Patch Explorer, warm; then the ξ slider must change the overlay.
         page.goto(f"{url}/runs")

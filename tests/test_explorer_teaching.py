@@ -137,7 +137,10 @@ def test_sorted_scores_put_the_largest_first_and_draw_the_cut():
     assert any("2 kept" in a.text for a in fig.layout.annotations)
     assert fig.layout.annotations[1].y == pytest.approx(math.log10(0.125))  # log units
     at_zero = sorted_scores_figure([0.5, 0.5], [True, True], 0.0, "â_m", "θ = ξ/M")
-    assert any("every patch is kept" in a.text for a in at_zero.layout.annotations)
+    assert any("θ = ξ/M = 0: every patch is kept" in a.text for a in at_zero.layout.annotations)
+    mean_pooling = sorted_scores_figure([0.5, 0.5], [True, True], None, "α_m", "1/M")
+    assert [a.text for a in mean_pooling.layout.annotations][-1] == (
+        "no threshold: every patch is kept")
 
 
 def test_the_ablation_pair_differs_only_in_the_patch_loss():
@@ -233,7 +236,7 @@ def test_sanity_cascade_randomises_top_down_and_leaves_the_model_alone():
     model.eval()
     units = cascade_units(model)
     assert [label for label, _ in units][:2] == ["classifier", "patch layer"]
-    assert units[0][1] == [model.head.fc] and units[-1][0].startswith("backbone layers 1-")
+    assert units[0][1] == [model.head.fc] and units[-1][0].startswith("backbone 1-")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     one = randomised_copy(model, 1)
     assert not torch.equal(one.head.fc.weight, model.head.fc.weight)

@@ -134,8 +134,10 @@ def sorted_scores_figure(scores: Sequence[float], kept: Sequence[bool], cut: flo
                            xref="paper", y=math.log10(cut), yref="y", showarrow=False,
                            xanchor="right", yanchor="top", font={"color": "#e45756"})
     else:
-        fig.add_annotation(text=f"{cut_name} = 0: every patch is kept", xref="paper",
-                           yref="paper", x=1, y=1, showarrow=False, xanchor="right")
+        text = ("no threshold: every patch is kept" if cut is None
+                else f"{cut_name} = 0: every patch is kept")
+        fig.add_annotation(text=text, xref="paper", yref="paper", x=1, y=1, showarrow=False,
+                           xanchor="right")
     fig.update_xaxes(title_text="patch (largest first)", type="category", tickfont={"size": 9})
     fig.update_yaxes(title_text=f"{score_name}, log scale", type="log", dtick=1)
     fig.update_layout(template=TEMPLATE, height=height, showlegend=False, bargap=0.15,

@@ -403,6 +403,14 @@ def _run_config_at(path: str, mtime_ns: int) -> dict | None:
 def patch_loss_partner(path: str) -> str | None:
     """The model source label of ``path``'s ablation partner (:func:`engine.explore.
     patch_loss_partner`): the shipped γmax = 0 model for the shipped one, or a sweep cell."""
+    return _partner(path, Path(path).stat().st_mtime_ns)
+
+
+@st.cache_data(ttl=10, max_entries=32, show_spinner=False)
+def _partner(path: str, mtime_ns: int) -> str | None:
+    """Looked up again at most every 10 s (a new run may pair), not on every ξ move: the scan
+    reads the run list and every run's config."""
+    del mtime_ns
     from engine.explore import patch_loss_partner as partners
 
     mine = _run_config_at(path, Path(path).stat().st_mtime_ns)

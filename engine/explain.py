@@ -99,9 +99,9 @@ def cam_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, method: 
 
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
-    with torch.no_grad():
-        size = tuple(model.backbone(x[:1]).shape[-2:])
-    read = read_by_patches(model, size)
+    # The feature map's size from the layer geometry (PatchGrid.feature_size), not a forward.
+    grid = model.grid(tuple(x.shape[-2:])) if model.head.has_patches else None
+    read = None if grid is None else read_by_patches(model, grid.feature_size)
     masked = None if read is None else (lambda t: t * read.to(t.device, t.dtype))
     # The package prints progress bars (ScoreCAM); the context manager releases its hooks.
     maps = None

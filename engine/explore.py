@@ -99,6 +99,18 @@ def image_story(model: PatchModel, out: PatchOutput, index: int, klass: int,
         grid=out.grid)
 
 
+def story_picture(story: ImageStory, image, true_boxes=()):
+    """The Explorer's picture of ``story`` over ``image`` (H, W, 3 uint8) as a PIL image: the
+    fixed √α scale, removed patches greyed, patch numbers, the kept-patch box and the true
+    boxes; what the app's PNG download and ``python -m engine explain`` write."""
+    from engine.pictures import patch_overlay, weight_colour_value
+
+    return patch_overlay(image, story.grid.boxes.numpy(), story.grid.rows, story.grid.cols,
+                         weight_colour_value(story.weights.numpy()), true_boxes=true_boxes,
+                         selection_box=story.selection_box, removed=~story.selected.numpy(),
+                         numbers=True)
+
+
 def patch_rows(story: ImageStory, classes: list[str], klass: int) -> list[dict]:
     """One row per patch for the weights CSV."""
     boxes = story.grid.boxes.tolist()

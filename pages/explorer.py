@@ -22,12 +22,13 @@ from engine.explore import (
     patch_rows,
     prediction_breakdown,
     single_image_cache,
+    story_picture,
     threshold_view,
     true_boxes,
 )
 from engine.inputs import image_from_bytes
 from engine.metrics import box_iou
-from engine.pictures import enlarge, patch_overlay, png_bytes, to_hwc, weight_colour_value
+from engine.pictures import enlarge, png_bytes, to_hwc
 from engine.samples import SAMPLES, sample_png
 from ui.explorer_figures import (
     breakdown_latex,
@@ -291,11 +292,7 @@ def extras(story, shown: Shown, classes, klass, xi) -> None:
     st.plotly_chart(patch_bars(story.class_logits.tolist(), story.weights.tolist(),
                                story.selected.tolist(), f"logit for {classes[klass]}"),
                     key="ex_bars")
-    picture = patch_overlay(shown.image, story.grid.boxes.numpy(), story.grid.rows,
-                            story.grid.cols, weight_colour_value(story.weights.numpy()),
-                            true_boxes=[b for _, b in shown.boxes],
-                            selection_box=story.selection_box, removed=~story.selected.numpy(),
-                            numbers=True)
+    picture = story_picture(story, shown.image, [b for _, b in shown.boxes])
     name = shown.name
     d1, d2 = st.columns(2)
     d1.download_button("Overlay PNG", png_bytes(picture), f"{name}-xi{xi:.2f}.png",
@@ -336,8 +333,17 @@ def upload_cache(model_path: str, mtime_ns: int, digest: str, name: str, policy:
     return image, single_image_cache(_model, image, _data)
 
 
+@st.cache_resource(max_entries=32, show_spinner=False)
+def test_logits_at(model_path: str, mtime_ns: int, xi: float, _model, _collected):
+    """The test images' image logits at ``xi``, for the unfamiliar-input warning: decoded once
+    per (model, ξ), not on every rerun of an upload's view."""
+    del model_path, mtime_ns  # the cache key
+    with single_threaded():
+        return decode(_model, _collected, xi).logits
+
+
 @st.fragment
-def explore_file(loaded, data, test_logits, payload: bytes, name: str, truth: str) -> None:
+def explore_file(loaded, data, test_collected, payload: bytes, name: str, truth: str) -> None:
     """An uploaded file or a drawn sample, read exactly as the model's training images were;
     beside the ξ slider, the file as given and the exact model input."""
     controls, main = st.columns([1, 3.4], gap="medium")
@@ -349,7 +355,9 @@ def explore_file(loaded, data, test_logits, payload: bytes, name: str, truth: st
                                         loaded.data_config.resize, payload, loaded.model, data)
         with single_threaded():
             out = decode(loaded.model, collected, xi)
-            rank = energy_rank(decode(loaded.model, test_logits, xi).logits, out.logits[0])
+        reference = test_logits_at(loaded.path, Path(loaded.path).stat().st_mtime_ns, xi,
+                                  loaded.model, test_collected)
+        rank = energy_rank(reference, out.logits[0])
         shown = Shown(0, None, image, truth, [], Path(name).stem or "upload",
                       energy_rank=rank)
         with controls:

@@ -264,8 +264,7 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     # the trained cells re-thresholded at another ξ, without retraining
     at.selectbox(key="w_sw_eval_xi").set_value("0.0").run()
     assert not at.exception and list(at.dataframe[-1].value["xi"]) == [0.0, 0.0]
-    assert RunStore(runs_root).names() == sorted(RunStore(runs_root).names())  # no new runs
-    assert len(RunStore(runs_root).names()) == 2
+    assert len(RunStore(runs_root).names()) == 2  # no run was trained for it
     # now that cells have run here, the plan is timed by their measured speed
     assert any("about" in c.value and "img/s" in c.value for c in at.caption)
 

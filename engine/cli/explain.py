@@ -125,17 +125,15 @@ def _write_pictures(model, story, data, pixels, out: Path, stem: str, methods: l
 
     from engine.data.base import model_input
     from engine.explain import explanation_maps
+    from engine.explore import story_picture
     from engine.fsutil import atomic_write
-    from engine.pictures import map_overlay, patch_overlay, png_bytes, to_hwc, weight_colour_value
+    from engine.pictures import map_overlay, png_bytes, to_hwc
 
     image = to_hwc(pixels)
     written = []
     for method in methods:
         if method == "loss_attention":
-            picture = patch_overlay(image, story.grid.boxes.numpy(), story.grid.rows,
-                                    story.grid.cols, weight_colour_value(story.weights.numpy()),
-                                    selection_box=story.selection_box,
-                                    removed=~story.selected.numpy(), numbers=True)
+            picture = story_picture(story, image)
         else:
             x = model_input(data, pixels[None])
             heat = explanation_maps(model, x, torch.tensor([target]), method, xi)[0]

@@ -22,6 +22,12 @@ Stopping: the STOP file, then SIGTERM to the verified process. A job's process i
 SIGTERM handler before it marks itself running (:meth:`Job.attach`), and checks the STOP file
 right after. So a stop during start-up always ends as ``stopped``. A process killed before its
 handler existed is shown as stopped when a stop was requested, and as failed otherwise.
+
+Processes on other machines (a Ray cell or a torchrun rank 0 on another node, writing to a run
+store every node mounts): the identity also records the host. From any other host such a
+process is never signalled (a STOP file is the only way to ask it), and it counts as alive while
+its status file is younger than ``REMOTE_STALE_S`` (the heartbeat: a training run writes its
+status at least once a second while it steps).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +57,13 @@ ACTIVE = ("starting", "running")
 START_GRACE_S = 30.0
 """How long a job may say ``starting`` with no process recorded (its starter died mid-start)."""
 _CREATE_TIME_TOLERANCE_S = 1.0
+REMOTE_STALE_S = 600.0
+"""A process on another host whose job's status has not changed for this long counts as gone
+(long enough for an evaluation pass over a large test set, which writes no status)."""
+
+
+def this_host() -> str:
+    return socket.gethostname()
 """Creation times are read as wall-clock seconds; a clock step can move them slightly."""
 
 
@@ -63,10 +77,12 @@ class JobStopped(BaseException):  # a control-flow signal, like KeyboardInterrup
 
 @dataclass(frozen=True)
 class ProcessIdentity:
-    """A process as (pid, creation time): survives pid reuse."""
+    """A process as (pid, creation time, host): survives pid reuse. ``host`` is None in status
+    files written before hosts were recorded (taken as this host, as they always were)."""
 
     pid: int
     create_time: float
+    host: str | None = None
 
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity | None:
@@ -76,7 +92,7 @@ class ProcessIdentity:
         if not _valid_pid(pid):
             return None
         try:
-            return cls(pid, psutil.Process(pid).create_time())
+            return cls(pid, psutil.Process(pid).create_time(), this_host())
         except psutil.Error:
             return None
 
@@ -92,18 +108,27 @@ class ProcessIdentity:
         if value is None:
             return None
         ok = (isinstance(value, dict) and _valid_pid(value.get("pid"))
-              and _is_number(value.get("create_time")))
+              and _is_number(value.get("create_time"))
+              and isinstance(value.get("host"), str | None))
         if not ok:
-            raise ValueError("must be {'pid': an int > 1, 'create_time': a number}")
-        return cls(int(value["pid"]), float(value["create_time"]))
+            raise ValueError("must be {'pid': an int > 1, 'create_time': a number, "
+                             "'host': a name or absent}")
+        return cls(int(value["pid"]), float(value["create_time"]), value.get("host"))
 
     def to_dict(self) -> dict:
-        return {"pid": self.pid, "create_time": self.create_time}
+        return {"pid": self.pid, "create_time": self.create_time, "host": self.host}
+
+    @property
+    def remote(self) -> bool:
+        """On another machine: its pid means nothing here."""
+        return self.host is not None and self.host != this_host()
 
     def _process(self):
         """The psutil process if it is still this one (not a zombie, pid not reused)."""
         import psutil
 
+        if self.remote:
+            return None
         try:
             proc = psutil.Process(self.pid)
             same = self.matches(ProcessIdentity(self.pid, proc.create_time()))
@@ -117,8 +142,11 @@ class ProcessIdentity:
         return self._process() is not None
 
     def matches(self, other: ProcessIdentity | None) -> bool:
-        """The same process (creation times compared within the clock tolerance)."""
-        return other is not None and other.pid == self.pid and abs(
+        """The same process (creation times compared within the clock tolerance; hosts where
+        both are known)."""
+        same_host = self.host is None or other is None or other.host is None or (
+            self.host == other.host)
+        return other is not None and same_host and other.pid == self.pid and abs(
             other.create_time - self.create_time) <= _CREATE_TIME_TOLERANCE_S
 
     def signal(self, sig: int = signal.SIGTERM) -> bool:
@@ -160,7 +188,8 @@ _NUMBER_FIELDS = ("created", "updated", "launched", "started", "finished", "dura
 _INT_FIELDS = ("epochs", "epochs_done", "epoch", "step", "steps", "best_epoch", "task", "tasks",
                "cells", "world", "params", "train_images", "test_images", "cpu_threads",
                "skipped_train", "skipped_test")
-_TEXT_FIELDS = ("reason", "metric_name", "device", "command", "current", "kind", "warning")
+_TEXT_FIELDS = ("reason", "metric_name", "device", "command", "current", "kind", "warning",
+                "executor", "ray_task")
 
 
 def check_status(data: Any, where: str) -> tuple[dict, list[str]]:
@@ -275,7 +304,11 @@ class Job:
         if status.get("state") not in ACTIVE:
             return status
         process = self.process(status)
-        if process is not None and process.alive():
+        if process is not None and process.remote:
+            quiet = time.time() - float(status.get("updated") or 0.0)
+            if quiet < REMOTE_STALE_S:
+                return status
+        elif process is not None and process.alive():
             return status
         note = status.get("reason") if status.get("reason") not in ("", "starting") else None
         if process is None:
@@ -288,6 +321,9 @@ class Job:
         if self.stop_requested():
             return _ended(status, "stopped",
                           f"stopped{during} (the process ended after a stop request)", note)
+        if process.remote:
+            return _ended(status, "failed", f"no word from its process on {process.host} for "
+                          f"{REMOTE_STALE_S / 60:.0f} min{during} (lost?)", note)
         last = self.last_output_line()
         return _ended(status, "failed", f"process ended unexpectedly{during}"
                       + (f": {last}" if last else " (killed?)")
@@ -353,7 +389,8 @@ class Job:
         except OSError as exc:  # no process exists: say so now, not after the start grace
             self.update(state="failed", reason=f"could not start the process: {exc}")
             raise
-        identity = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, time.time())
+        identity = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, time.time(),
+                                                                        this_host())
         with locked(self.lock_path):
             if self.raw_status().get("process") is None:  # the child may have recorded itself
                 self._merge({"process": identity.to_dict()})

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from engine.cluster import RayExecutor, import_ray
 from engine.config import (
     SECTIONS,
     ConfigError,
@@ -152,11 +153,14 @@ def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
 
 
 def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]], sweep: str,
-                 parallel: int | str = 1) -> int:
+                 parallel: int | str = 1, ray: RayExecutor | None = None) -> int:
     """Train and tabulate a sweep in a background process (``python -m engine sweep``); returns
     its pid. The cells are ordinary runs, so progress is read from the run store; the sweep's
-    own job folder is ``_sweeps/<sweep>/`` (status, process.log, STOP)."""
+    own job folder is ``_sweeps/<sweep>/`` (status, process.log, STOP). ``ray``: its cells are
+    tasks on that Ray cluster (address and resources; the process polls its own STOP)."""
     configs = sweep_configs(base, grid, sweep)  # validate here, where the caller shows errors
+    if ray is not None:
+        import_ray()  # a missing optional extra is said here, not in the process's log
     for config in configs:
         if store.exists(config.name) and store.get(config.name).status().get("state") in ACTIVE:
             raise ConfigError(f"run {config.name} of sweep {sweep!r} is already running")
@@ -169,9 +173,14 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
     args = ["sweep", "--runs-dir", str(store.root.resolve()), "--config",
             str((folder / "base.json").resolve()), "--sweep-name", sweep, "--parallel",
             str(parallel), "--quiet"]
+    if ray is not None:
+        args += ["--executor", "ray", "--ray-cpus", f"{ray.resources.cpus:g}", "--ray-gpus",
+                 f"{ray.resources.gpus:g}", "--ray-retries", str(ray.resources.max_retries)]
+        args += ["--ray-address", ray.address] if ray.address else []
     for field, values in grid:
         args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
-    return job.spawn(args, kind="sweep", cells=len(configs)).pid
+    return job.spawn(args, kind="sweep", cells=len(configs),
+                     executor="ray" if ray is not None else "local").pid
 
 
 def _nested(values: list) -> bool:
@@ -224,16 +233,26 @@ def list_sweeps(store: RunStore) -> list[str]:
 
 
 def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
-              progress_bar: bool = True, log=print) -> list[Run]:
+              progress_bar: bool = True, log=print, ray: RayExecutor | None = None
+              ) -> list[Run]:
     """Train every cell. ``parallel`` > 1: that many background processes at once, each pinned
-    to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``). A stop (SIGTERM or the sweep's
-    STOP file) stops the cell in training and raises :class:`engine.jobs.JobStopped`."""
+    to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``); ``ray``: as tasks on a Ray
+    cluster instead. A stop (SIGTERM or the sweep's STOP file) stops the cells in training and
+    raises :class:`engine.jobs.JobStopped`."""
     pending = [(c, _runnable(store, c)) for c in configs]
     todo = [item for _, item in pending if item is not None]
     for config, item in pending:
         if item is None:
             log(f"{config.name}: finished earlier, skipped")
-    if parallel <= 1:
+    if ray is not None:
+        from engine.cluster import run_sweep_ray
+
+        run_sweep_ray(store, todo, ray.resources, ray.address, ray.stop_requested, log)
+        stopped = [r.name for r, _ in todo if r.status().get("state") == "stopped"]
+        if stopped:  # a cell stopped from outside (its own STOP): the sweep stops, as locally
+            raise JobStopped(f"cell(s) {', '.join(stopped)} stopped; run the sweep again to "
+                             "resume")
+    elif parallel <= 1:
         for run, resume in todo:
             log(f"{run.name}: training")
             state = train_run(run, resume=resume, progress_bar=progress_bar, console=False,

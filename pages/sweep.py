@@ -3,6 +3,7 @@ heat maps of accuracy and patch precision / recall / F."""
 
 import streamlit as st
 
+from engine.cluster import CellResources, RayExecutor
 from engine.jobs import ACTIVE
 from engine.losses import patch_loss_share
 from engine.metric_table import metrics_of
@@ -36,6 +37,7 @@ def launch_form() -> None:
         gammas = c1.text_input("γmax values", **keep("sw_gammas", "0, 0.1"))
         xis = c2.text_input("ξ values", **keep("sw_xis", "0, 0.1"))
         name = c3.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
+        executor = ray_settings()
         with guard("The plan", stop=False):
             plan_notes(settings, gammas, xis)
         submitted = st.button("Launch sweep", type="primary", key="sw_launch")
@@ -46,10 +48,26 @@ def launch_form() -> None:
             for field, values in grid:
                 if not all(isinstance(v, int | float) for v in values):
                     raise ValueError(f"{field} values must be numbers; got {values}")
-            launch_sweep(store(), config_of(settings), grid, name.strip())
+            launch_sweep(store(), config_of(settings), grid, name.strip(), ray=executor)
             remember(WATCH_KEY, name.strip())
-            st.success(f"Sweep {name} started: {len(grid[0][1]) * len(grid[1][1])} runs, one "
-                       "after another, in the background.")
+            where = ("as tasks on the Ray cluster" if executor else
+                     "one after another, in the background")
+            st.success(f"Sweep {name} started: {len(grid[0][1]) * len(grid[1][1])} runs, "
+                       f"{where}.")
+
+
+def ray_settings() -> RayExecutor | None:
+    """The cells as Ray tasks instead of one after another here (README: Sweeps on Ray)."""
+    if not st.toggle("Train the cells on a Ray cluster", **keep("sw_ray", False),
+                     help="Each cell a Ray task. The run store must be on a filesystem every "
+                          "node mounts; a worker that dies is retried and resumes."):
+        return None
+    c1, c2, c3 = st.columns(3)
+    address = c1.text_input("Cluster address", **keep("sw_ray_address", ""),
+                            placeholder="host:port, auto, or empty: a local Ray")
+    cpus = c2.number_input("CPUs per cell", min_value=1, **keep("sw_ray_cpus", 1))
+    gpus = c3.number_input("GPUs per cell", min_value=0, **keep("sw_ray_gpus", 0))
+    return RayExecutor(address.strip() or None, CellResources(float(cpus), float(gpus)))
 
 
 def _count(text: str) -> int:
@@ -89,8 +107,9 @@ def progress(sweep: str) -> None:
         cells = process.get("cells") or len(runs)
         done = states.count("finished")
         alive = process.get("state") in ACTIVE
+        where = " on Ray" if process.get("executor") == "ray" else " in the background"
         st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
-                    + (", training in the background" if alive else ""))
+                    + (f", training{where}" if alive else ""))
         if "failed" in states:
             failed = [r.name for r, s in zip(runs, states, strict=True) if s == "failed"]
             st.error("Failed: " + ", ".join(failed) + " (see the Runs page for the reason).")

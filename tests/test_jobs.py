@@ -88,6 +88,34 @@ def test_a_reused_pid_is_never_signalled(bystander, tmp_path):
     assert bystander.poll() is None  # still running: it was never signalled
 
 
+def test_a_process_on_another_host_is_judged_by_its_heartbeat(bystander, tmp_path):
+    """A run store every node mounts: a cell training on another machine records that host.
+    Its pid means nothing here, so it is never signalled (only asked, by the STOP file); it is
+    running while its status keeps changing, and lost after REMOTE_STALE_S of silence."""
+    from engine import jobs
+
+    here = ProcessIdentity.of(bystander.pid)
+    there = ProcessIdentity(here.pid, here.create_time, "another-node")
+    assert there.remote and not here.remote and not there.matches(here)
+    assert not there.alive() and not there.signal(signal.SIGTERM)
+    job = Job(tmp_path / "job")
+    job.update(state="running", process=there.to_dict())
+    assert job.status()["state"] == "running"
+    assert job.stop() and job.stop_requested()  # asked, not signalled
+    time.sleep(0.2)
+    assert bystander.poll() is None
+    status = json.loads(job.status_path.read_text())
+    status["updated"] = time.time() - jobs.REMOTE_STALE_S - 1
+    job.status_path.write_text(json.dumps(status))
+    ended = job.status()
+    assert ended["state"] == "stopped"  # silent after a stop request
+    job.clear_stop()
+    ended = job.status()
+    assert ended["state"] == "failed" and "another-node" in ended["reason"]
+    # A status written before hosts were recorded still means this machine.
+    assert ProcessIdentity.parse({"pid": here.pid, "create_time": here.create_time}).alive()
+
+
 @pytest.mark.parametrize("pid", [-1, 0, 1])
 def test_pids_up_to_1_are_never_signalled(pid, tmp_path):
     """kill(-1) would reach every process of the user, kill(0) the whole group."""

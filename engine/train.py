@@ -276,8 +276,25 @@ def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist, set_s
         return "failed"
     except Exception as exc:  # any error must end as failed, never as running
         log.exception("training failed")
-        set_status(state="failed", reason=f"{exc.__class__.__name__}: {exc}")
+        set_status(state="failed", reason=_failure_reason(exc, dist))
         return "failed"
+
+
+def _failure_reason(exc: Exception, dist: Dist) -> str:
+    """The status's reason for an error; a broken process group says what that means."""
+    text = f"{exc.__class__.__name__}: {exc}"
+    if dist.world > 1 and _is_group_error(exc):
+        return (f"lost contact with the other ranks of the {dist.world}-process group (a node "
+                f"died or its network failed); resume continues from the last checkpoint. {text}")
+    return text
+
+
+def _is_group_error(exc: Exception) -> bool:
+    import torch.distributed as tdist
+
+    # gloo reports a peer's death as a plain RuntimeError that names its transport
+    return isinstance(exc, tdist.DistError) or any(
+        word in str(exc) for word in ("gloo", "NCCL", "Connection reset by peer"))
 
 
 def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:

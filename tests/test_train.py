@@ -317,6 +317,87 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
 
 
+def _torchrun_node(tmp_path, port: int, rdzv_id: str, node: int, *command: str):
+    """One simulated machine: a torchrun launcher of 1 process joining a 2-node c10d group."""
+    log = (tmp_path / f"node-{rdzv_id}-{node}.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+         "--monitor-interval", "0.5", "-m", "engine", *command],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _node_log(tmp_path, rdzv_id: str, node: int) -> str:
+    return (tmp_path / f"node-{rdzv_id}-{node}.log").read_text()[-3000:]
+
+
+def _kill_node(launcher: subprocess.Popen) -> None:
+    """A machine's death: its launcher and its workers (torchrun starts them in their own
+    sessions, so killing the launcher's process group alone would leave them running)."""
+    import psutil
+
+    for proc in [*psutil.Process(launcher.pid).children(recursive=True),
+                 psutil.Process(launcher.pid)]:
+        proc.kill()
+    launcher.wait(timeout=30)
+
+
+def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resumes(tmp_path):
+    """Two torchrun launchers on localhost (one process each, gloo, c10d rendezvous) stand for
+    two machines. Killing the node without rank 0 mid-run ends the run failed, with a reason;
+    resumed by two launchers, it ends equal to one process with 2 micro-batches."""
+    import psutil
+
+    args = ["--runs-dir", str(tmp_path), "--backbone", "small_cnn", "--epochs", "8",
+            "--train-size", "1024", "--test-size", "32", "--batch-size", "64", "--quiet"]
+    port = _free_port()
+    nodes = [_torchrun_node(tmp_path, port, "first", k, "train", "--name", "mn", *args)
+             for k in range(2)]
+    store = RunStore(tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((tmp_path / "mn/status.json").is_file()
+                   and store.get("mn").status().get("epochs_done", 0) >= 1):
+            assert time.monotonic() < deadline, _node_log(tmp_path, "first", 0)
+            assert all(n.poll() is None for n in nodes), _node_log(tmp_path, "first", 0)
+            time.sleep(0.02)
+        rank0 = psutil.Process(store.get("mn").raw_status()["process"]["pid"])
+        victim = next(n for n in nodes if n.pid not in {p.pid for p in rank0.parents()})
+        _kill_node(victim)
+        survivor = next(n for n in nodes if n is not victim)
+        assert survivor.wait(timeout=120) != 0
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                _kill_node(n)
+    status = store.get("mn").status()
+    assert status["state"] == "failed", status
+    assert 1 <= status["epochs_done"] < 8
+    assert "lost contact with the other ranks of the 2-process group" in status["reason"]
+
+    port = _free_port()
+    nodes = [_torchrun_node(tmp_path, port, "second", k, "resume", "mn", "--runs-dir",
+                            str(tmp_path), "--quiet") for k in range(2)]
+    codes = [n.wait(timeout=300) for n in nodes]
+    assert codes == [0, 0], _node_log(tmp_path, "second", 0) + _node_log(tmp_path, "second", 1)
+    assert store.get("mn").status()["state"] == "finished"
+    log_text = store.get("mn").log_path.read_text()
+    assert f"resumed mn at epoch {status['epochs_done']} step 0" in log_text
+
+    single = subprocess.run([sys.executable, "-m", "engine", "train", "--name", "single",
+                             "--micro-batches", "2", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = weights(tmp_path / "mn/checkpoints/last.pt")
+    b = weights(tmp_path / "single/checkpoints/last.pt")
+    for key in a:
+        if "running_" in key or "num_batches" in key:
+            continue  # BN running stats: DDP keeps rank 0's, one process both micro-batches'
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
 def test_cli_train_resume_and_runs(tmp_path):
     from engine.cli import main
 

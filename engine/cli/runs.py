@@ -188,10 +188,7 @@ def _train_here(store, config, quiet: bool) -> int:
         run = store.get(name[0])
     state = train_run(run, progress_bar=not quiet, console=True, dist=dist,
                       on_status=store.index)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+    _leave_group(dist)
     if dist.is_main:
         print(f"run {run.name}: {state}", file=sys.stderr)
     return 0 if state in ("finished", "stopped") else 1
@@ -199,18 +196,28 @@ def _train_here(store, config, quiet: bool) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine import launch
-    from engine.train import train_run
+    from engine.train import init_distributed, train_run
 
     store = store_of(args)
     if args.background:
         run = launch.resume(store, args.name)
         print(f"resumed run {run.name} in the background")
         return 0
+    dist = init_distributed()  # torchrun: every rank resumes the run from the shared store
     run = store.get(args.name)
-    state = train_run(run, resume=True, progress_bar=not args.quiet, console=True,
+    state = train_run(run, resume=True, progress_bar=not args.quiet, console=True, dist=dist,
                       on_status=store.index)
-    print(f"run {run.name}: {state}", file=sys.stderr)
+    _leave_group(dist)
+    if dist.is_main:
+        print(f"run {run.name}: {state}", file=sys.stderr)
     return 0 if state in ("finished", "stopped") else 1
+
+
+def _leave_group(dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

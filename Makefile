@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 LOSSATTN_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export LOSSATTN_DATA
 
-.PHONY: app test lint bench perf setup
+.PHONY: app test lint bench perf setup gpu-check
 
 setup: $(STAMP)
 
@@ -40,3 +40,7 @@ bench: $(STAMP)
 # The README's Performance table, measured on this machine (quiet it first): about 15 minutes.
 perf: $(STAMP)
 	$(PY) tests/bench_perf.py --readme --out perf.json
+
+# The CUDA paths on one GPU, in one table (bf16 vs fp32, img/s, MFU, runs): under 8 minutes.
+gpu-check: $(STAMP)
+	$(PY) -m engine gpu-check --json gpu-check.json

@@ -15,6 +15,7 @@ time over ``steps`` timed steps after ``warmup`` untimed ones.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from typing import Self
 import torch
 
 from engine.config import LossConfig, ModelConfig
-from engine.device import autocast
+from engine.device import autocast, ieee_fp32
 from engine.losses import Criterion
 from engine.models import build_model, compiled, count_parameters
 
@@ -38,6 +39,8 @@ class BenchMode:
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
+    ieee_fp32: bool = False
+    """No TF32 in fp32 convolutions and matmuls (:func:`engine.device.ieee_fp32`)."""
 
 
 @dataclass
@@ -111,6 +114,12 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,
               steps: int, warmup: int) -> BenchResult:
+    with ieee_fp32() if mode.ieee_fp32 else contextlib.nullcontext():
+        return _bench_one(cfg, mode, device, batch, steps, warmup)
+
+
+def _bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,
+               steps: int, warmup: int) -> BenchResult:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

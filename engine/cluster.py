@@ -159,14 +159,18 @@ def _ended_line(ray, ref, run: Run) -> str:
 
 
 def _stop_cells(ray, pending: dict, log) -> None:
-    """Ask the running cells to stop (they checkpoint), cancel the queued ones, and force what
-    is still there after the grace period."""
-    for run in pending.values():
-        run.request_stop()
+    """Cancel the queued cells, ask the running ones to stop (they checkpoint), and force what
+    is still there after the grace period.
+
+    Queued first: a running cell that stops frees its CPUs, and Ray would start a queued cell
+    on them before it was cancelled. The cancelled cells get the stop request too, so that one
+    caught starting stops at its first step."""
     started = {ref: run for ref, run in pending.items() if run.raw_status().get("state")
                in ACTIVE}
     for ref in set(pending) - set(started):
         ray.cancel(ref)
+    for run in pending.values():
+        run.request_stop()
     deadline = time.monotonic() + STOP_GRACE_S
     while started and time.monotonic() < deadline:
         done, _ = ray.wait(list(started), num_returns=len(started), timeout=1.0)

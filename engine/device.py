@@ -60,6 +60,22 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """True fp32 inside: no TF32 in cuDNN convolutions (torch's default allows it) nor in
+    CUDA matmuls. The new per-backend flags only: torch refuses a mix with the legacy
+    ``allow_tf32`` ones."""
+    flags = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    before = [f.fp32_precision for f in flags]
+    for f in flags:
+        f.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, before, strict=True):
+            f.fp32_precision = value
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on a GPU, else the process's peak RSS.
 

@@ -146,6 +146,7 @@ def gradient_cams(model: PatchModel, features: torch.Tensor, classes: torch.Tens
     acts, grads = features.detach().float(), grads.float()
     read = read_by_patches(model, tuple(acts.shape[-2:]))
     if read is not None:  # only the cells the head reads (see read_by_patches)
+        read = read.to(acts.device)
         acts, grads = acts * read, grads * read
     maps = {}
     for method in methods:
@@ -187,6 +188,7 @@ def explanation_maps(model: PatchModel, x: torch.Tensor, classes: torch.Tensor, 
                      xi: float | None = None) -> torch.Tensor:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+    classes = classes.to(x.device)
     if method not in ONE_PASS:
         return cam_maps(model, x, classes, method, xi)
     features, out = backbone_pass(model, x, xi)

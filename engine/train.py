@@ -446,6 +446,7 @@ def _wrap_for_speed(s: Session) -> None:
     keep = tc.data_on_device
     if keep is None:
         keep = cuda and s.train_set.images.numel() < 0.25 * torch.cuda.mem_get_info(s.device)[0]
+    s.set_status(data_on_device=bool(keep))  # GPU-side batches and augmentation, or not
     if keep:
         s.images = s.train_set.images.to(s.device)
         s.targets = s.train_set.targets.to(s.device)

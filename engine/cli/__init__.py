@@ -16,6 +16,7 @@ its parser and its handler side by side. Everything the app does is scriptable h
   bench                       forward+backward images/s and peak memory per model
   bench-train                 loader-only vs model-only vs full training step images/s
   bench-eval                  patch metrics over N images at a ξ grid
+  gpu-check [--dry-run]       the CUDA paths on one GPU: bf16 vs fp32, img/s, MFU, runs
   mil --dataset D --method M  MIL 5 x 10-fold CV; results table beside the AAAI paper's
   transfer --peer A --peer B  mutual transfer of local attention maps vs the peers alone (same
                               seeds): faithfulness of every peer's maps, beside the seed paper's

@@ -1,4 +1,5 @@
-"""``bench``, ``bench-train`` and ``bench-eval``: what the models and the pipeline cost here."""
+"""``bench``, ``bench-train``, ``bench-eval`` and ``gpu-check``: what the models and the pipeline
+cost here, and whether the CUDA paths work."""
 
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench_eval)
+
+    p = sub.add_parser("gpu-check", help="the CUDA paths verified on one GPU, in one table "
+                       "(bf16 vs fp32, img/s, MFU, runs, evaluation, explorer)")
+    p.add_argument("--device", default="auto", help="default: the first GPU")
+    p.add_argument("--dry-run", action="store_true",
+                   help="rehearse every step at toy sizes on whatever device is here")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's dense bf16 peak (default: from the GPU's name)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compile rows")
+    p.add_argument("--json", help="also write the table's rows to this JSON file")
+    p.set_defaults(func=cmd_gpu_check)
 
 
 def model_list(text: str) -> list[tuple[str, str]]:
@@ -121,6 +133,30 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
     result = bench_evaluation(model.to(device), data, device,
                               parse_floats(args.xi_grid, "--xi-grid"))
     return _report(result, args.json, digits=2)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every target is met, 1 when one is missed (the table says which)."""
+    import dataclasses
+
+    from engine.device import resolve_device
+    from engine.gpu_check import Plan, format_report, run_gpu_check
+
+    device = resolve_device(args.device)
+    if device.type != "cuda" and not args.dry_run:
+        raise ValueError(f"gpu-check needs a CUDA device and found {device.type}; "
+                         "--dry-run rehearses it here at toy sizes")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops must be > 0; got {args.peak_tflops}")
+    plan = Plan.rehearsal(args.peak_tflops) if args.dry_run else Plan(
+        peak_tflops=args.peak_tflops)
+    if args.no_compile:
+        plan = dataclasses.replace(plan, compile=False)
+    report = run_gpu_check(plan, device, echo=lambda line: print(line, file=sys.stderr,
+                                                                 flush=True))
+    print(format_report(report))
+    write_json(args.json, report.as_dict())
+    return 1 if report.failed else 0
 
 
 def _report(result: dict, json_path: str | None, digits: int) -> int:

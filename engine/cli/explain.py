@@ -135,9 +135,9 @@ def _write_pictures(model, story, data, pixels, out: Path, stem: str, methods: l
         if method == "loss_attention":
             picture = story_picture(story, image)
         else:
-            x = model_input(data, pixels[None])
+            x = model_input(data, pixels[None], next(model.parameters()).device)
             heat = explanation_maps(model, x, torch.tensor([target]), method, xi)[0]
-            picture = map_overlay(image, heat.detach().numpy())
+            picture = map_overlay(image, heat.detach().cpu().numpy())
         encoded = png_bytes(picture)
         atomic_write(out / f"{stem}-{method}.png", lambda fh, b=encoded: fh.write(b),
                      durable=False)

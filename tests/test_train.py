@@ -291,6 +291,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _assert_equals_one_process_with_micro_batches(tmp_path, name: str, args: list[str]):
+    """Run ``single``: the same run in one process with 2 micro-batches; its weights must equal
+    those of the 2-rank run ``name`` (BatchNorm's running statistics aside)."""
+    single = subprocess.run([sys.executable, "-m", "engine", "train", "--name", "single",
+                             "--micro-batches", "2", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = weights(tmp_path / name / "checkpoints/last.pt")
+    b = weights(tmp_path / "single/checkpoints/last.pt")
+    for key in a:
+        if "running_" in key or "num_batches" in key:
+            continue  # BN running stats: DDP keeps rank 0's, one process both micro-batches'
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
 def test_ddp_two_processes_equal_single_process(tmp_path):
     """torchrun with 2 gloo ranks == one process with 2 micro-batches (same data, same BN)."""
     args = ["--runs-dir", str(tmp_path), "--backbone", "small_cnn", "--epochs", "2",
@@ -301,16 +317,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
                           "--name", "ddp", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "engine", "train", "--name", "single",
-                             "--micro-batches", "2", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert single.returncode == 0, single.stderr[-3000:]
-    a = weights(tmp_path / "ddp/checkpoints/last.pt")
-    b = weights(tmp_path / "single/checkpoints/last.pt")
-    for key in a:
-        if "running_" in key or "num_batches" in key:
-            continue  # BN running stats: DDP keeps rank 0's, one process both micro-batches'
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    _assert_equals_one_process_with_micro_batches(tmp_path, "ddp", args)
     store = RunStore(tmp_path)
     rows = {name: store.get(name).metrics() for name in ("ddp", "single")}
     for x, y in zip(rows["ddp"], rows["single"], strict=True):
@@ -384,18 +391,7 @@ def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resum
     assert store.get("mn").status()["state"] == "finished"
     log_text = store.get("mn").log_path.read_text()
     assert f"resumed mn at epoch {status['epochs_done']} step 0" in log_text
-
-    single = subprocess.run([sys.executable, "-m", "engine", "train", "--name", "single",
-                             "--micro-batches", "2", *args], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=300, check=False)
-    assert single.returncode == 0, single.stderr[-3000:]
-    a = weights(tmp_path / "mn/checkpoints/last.pt")
-    b = weights(tmp_path / "single/checkpoints/last.pt")
-    for key in a:
-        if "running_" in key or "num_batches" in key:
-            continue  # BN running stats: DDP keeps rank 0's, one process both micro-batches'
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    _assert_equals_one_process_with_micro_batches(tmp_path, "mn", args)
 
 
 def test_cli_train_resume_and_runs(tmp_path):

@@ -370,7 +370,7 @@ def _nccl_row(store, plan: Plan) -> Row:
 
 def evaluation_checks(plan: Plan, run, device: torch.device, root: Path, report: Report,
                       echo) -> None:
-    """The evaluation report and the Explorer's outputs for one image, on ``device``."""
+    """The evaluation report (every metric group, at 3 ξ) of ``run``'s model on ``device``."""
     from engine.checkpoint import load_model
     from engine.data import load_split
     from engine.evaluate import evaluate_model
@@ -396,6 +396,8 @@ def evaluation_checks(plan: Plan, run, device: torch.device, root: Path, report:
 
 
 def explorer_checks(run, device: torch.device, root: Path, report: Report, echo) -> None:
+    """The Explorer's outputs for one image (:func:`_explorer_row`) with the model on
+    ``device``: its own section, so that a failed evaluation does not hide it."""
     from engine.checkpoint import load_model
     from engine.data import load_split
 

@@ -125,22 +125,18 @@ def _bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: i
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with _RssSampler() as rss:
-        model = build_model(cfg).to(device).train()
+        model, loss_of, x = step_parts(cfg, batch, device)
         memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
         run = compiled(model) if mode.compile else model
-        criterion = Criterion(LossConfig(), model.regularised)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, cfg.in_chans, *cfg.input_size, generator=gen)
-        x = x.to(device).contiguous(memory_format=memory_format)
-        y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+        x = x.contiguous(memory_format=memory_format)
         times = []
         for i in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
             with autocast(device, mode.amp):
                 out = run(x)
-            loss = criterion(out, y, 100).total
+            loss = loss_of(out)
             loss.backward()
             model.zero_grad(set_to_none=True)
             _sync(device)
@@ -158,6 +154,17 @@ def _bench_one(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: i
                          plan)
     del model, run, out, loss
     return result
+
+
+def step_parts(cfg: ModelConfig, batch: int, device: torch.device):
+    """What one benchmark step trains: the model (train mode, on ``device``), its loss as a
+    function of the model's output, and a seeded batch of inputs."""
+    model = build_model(cfg).to(device).train()
+    criterion = Criterion(LossConfig(), model.regularised)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_chans, *cfg.input_size, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+    return model, (lambda out: criterion(out, y, 100).total), x
 
 
 def bench_isolated(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,

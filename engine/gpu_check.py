@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -168,18 +169,14 @@ def bf16_agreement(model, images: torch.Tensor, device: torch.device, xi: float 
     from engine.device import autocast, ieee_fp32
 
     model.eval().to(device)
-    fp32, low = [], []
-    for start in range(0, len(images), batch):
-        x = images[start:start + batch].to(device)
-        model.to(memory_format=torch.contiguous_format)
-        with ieee_fp32():
-            fp32.append(_outputs(model(x, xi=xi), model.selection))
-        model.to(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            low.append(_outputs(model(x.contiguous(memory_format=torch.channels_last), xi=xi),
-                                model.selection))
+    chunks = images.split(batch)
+    with ieee_fp32():
+        a = _outputs(model, [x.to(device) for x in chunks], xi)
+    model.to(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        b = _outputs(model, [x.to(device, memory_format=torch.channels_last) for x in chunks],
+                     xi)
     model.to(memory_format=torch.contiguous_format)
-    a, b = ({k: torch.cat([part[k] for part in parts]) for k in parts[0]} for parts in (fp32, low))
     scale = a["logits"].abs().max().clamp_min(1e-12)
     return {
         "logit_max_abs": (a["logits"] - b["logits"]).abs().max().item(),
@@ -192,12 +189,14 @@ def bf16_agreement(model, images: torch.Tensor, device: torch.device, xi: float 
     }
 
 
-def _outputs(out, selection: str) -> dict[str, torch.Tensor]:
+def _outputs(model, batches: list[torch.Tensor], xi: float) -> dict[str, torch.Tensor]:
+    """Logits, patch weights and selections over ``batches``, in fp32 on the CPU."""
     from engine.metrics import selection_mask
 
-    weights = out.patch_weights.float()
-    return {"logits": out.logits.float().cpu(), "weights": weights.cpu(),
-            "selected": selection_mask(weights, selection).cpu()}
+    outs = [model(x, xi=xi) for x in batches]
+    weights = torch.cat([out.patch_weights.float().cpu() for out in outs])
+    return {"logits": torch.cat([out.logits.float().cpu() for out in outs]), "weights": weights,
+            "selected": selection_mask(weights, model.selection)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ def throughput_rows(plan: Plan, device: torch.device, report: Report, echo) -> N
     peak = plan.peak_tflops or (peak_tflops_of(torch.cuda.get_device_name(device))
                                 if device.type == "cuda" else None)
     for size in plan.input_sizes:
-        cfg = _paper_model(size)
+        cfg = dataclasses.replace(PAPER_MODEL, input_size=size)
         flops = _step_flops(cfg, device, plan.batch)
         results = {m.name: _measured(plan, cfg, m, device, report, echo) for m in modes}
         base = results[FP32]
@@ -277,21 +276,12 @@ def _judged(plan: Plan, met: bool | None) -> bool | None:
     return None if plan.dry_run else met
 
 
-def _paper_model(size: int) -> ModelConfig:
-    return ModelConfig(backbone=PAPER_MODEL.backbone, head=PAPER_MODEL.head,
-                       num_classes=PAPER_MODEL.num_classes, input_size=size)
-
-
 def _step_flops(cfg: ModelConfig, device: torch.device, batch: int) -> int:
-    from engine.config import LossConfig
-    from engine.losses import Criterion
-    from engine.models import build_model
+    """FLOPs of the very step the throughput rows time (:func:`engine.bench.step_parts`)."""
+    from engine.bench import step_parts
 
-    model = build_model(cfg).to(device).train()
-    criterion = Criterion(LossConfig(), model.regularised)
-    x = torch.randn(batch, cfg.in_chans, *cfg.input_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    return count_step_flops(model, x, lambda out: criterion(out, y, 100).total)
+    model, loss_of, x = step_parts(cfg, batch, device)
+    return count_step_flops(model, x, loss_of)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,23 +352,34 @@ def _nccl_row(store, plan: Plan) -> Row:
         return Row("training", what, "did not end within 300 s", "finished", False)
     if not (store.root / "gpu-check-nccl").is_dir():
         return Row("training", what, f"did not start: {done.stderr[-160:]}", "finished", False)
-    row = _run_row(what, store.get("gpu-check-nccl"))
-    world = store.get("gpu-check-nccl").status().get("world")
+    run = store.get("gpu-check-nccl")
+    row, world = _run_row(what, run), run.status().get("world")
     return dataclasses.replace(row, value=f"{row.value}, world {world}",
                                met=bool(row.met) and world == 2)
 
 
-def evaluation_checks(plan: Plan, run, device: torch.device, root: Path, report: Report,
-                      echo) -> None:
-    """The evaluation report (every metric group, at 3 ξ) of ``run``'s model on ``device``."""
+class Trained(NamedTuple):
+    """The digits run's model (on the device) and test set, which the later sections share."""
+
+    run: object
+    model: torch.nn.Module
+    data: object
+
+
+def load_trained(run, device: torch.device) -> Trained:
     from engine.checkpoint import load_model
     from engine.data import load_split
+
+    model, _ = load_model(run.last_checkpoint)
+    return Trained(run, model.to(device), load_split(run.config().data, "test"))
+
+
+def evaluation_checks(plan: Plan, trained: Trained, device: torch.device, report: Report,
+                      echo) -> None:
+    """The evaluation report (every metric group, at 3 ξ) of the trained model on ``device``."""
     from engine.evaluate import evaluate_model
 
-    model, _ = load_model(run.best_checkpoint if run.best_checkpoint.is_file()
-                          else run.last_checkpoint)
-    model.to(device)
-    data = load_split(run.config().data, "test")
+    model, data = trained.model, trained.data
     started = time.perf_counter()
     result = evaluate_model(model, data, device, xi_grid=[0.0, 0.1, 0.5],
                             faithfulness_images=min(plan.faithfulness_images, len(data)))
@@ -395,23 +396,14 @@ def evaluation_checks(plan: Plan, run, device: torch.device, root: Path, report:
                    faithful_ok and all(map(math.isfinite, (accuracy, patch_f)))), echo)
 
 
-def explorer_checks(run, device: torch.device, root: Path, report: Report, echo) -> None:
-    """The Explorer's outputs for one image (:func:`_explorer_row`) with the model on
-    ``device``: its own section, so that a failed evaluation does not hide it."""
-    from engine.checkpoint import load_model
-    from engine.data import load_split
-
-    model, _ = load_model(run.last_checkpoint)
-    report.add(_explorer_row(model.to(device), run, load_split(run.config().data, "test"),
-                             root), echo)
-
-
-def _explorer_row(model, run, data, root: Path) -> Row:
+def explorer_checks(trained: Trained, root: Path, report: Report, echo) -> None:
     """What the Patch Explorer and ``explain`` produce for one image: picture, weights CSV,
     Eq. 5's breakdown and Grad-CAM, computed on the model's device."""
     from PIL import Image
 
     from engine.cli.explain import explain_file
+
+    model, run, data = trained.model, trained.run, trained.data
 
     image = root / "explorer-input.png"
     Image.fromarray(data.images[0].permute(1, 2, 0).numpy()).save(image)
@@ -423,9 +415,9 @@ def _explorer_row(model, run, data, root: Path) -> Row:
     seconds = time.perf_counter() - started
     written = [name for name in result["files"] if (out / name).is_file()]
     ok = len(written) == len(result["files"]) and result["eq5"]["exact"]
-    return Row("explorer", "one image: picture, weights, Eq. 5, Grad-CAM",
-               f"{seconds:.2f} s, {result['patches_kept']}/{result['patches']} patches kept, "
-               f"{len(written)} files", "all written, Eq. 5 exact", bool(ok))
+    report.add(Row("explorer", "one image: picture, weights, Eq. 5, Grad-CAM",
+                   f"{seconds:.2f} s, {result['patches_kept']}/{result['patches']} patches "
+                   f"kept, {len(written)} files", "all written, Eq. 5 exact", bool(ok)), echo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,13 +433,15 @@ def run_gpu_check(plan: Plan, device: torch.device, echo=None,
         root = Path(tmp)
         digits = _section(report, "training", echo,
                           lambda: train_checks(plan, device, root, report, echo))
-        if digits is not None:
-            _section(report, "bf16", echo, lambda: _agreement_rows(plan, digits, device,
-                                                                   report, echo))
+        trained = digits and _section(report, "training", echo,
+                                      lambda: load_trained(digits, device))
+        if trained:  # each its own section: one that fails does not hide the others
+            _section(report, "bf16", echo,
+                     lambda: agreement_rows(plan, trained, device, report, echo))
             _section(report, "evaluation", echo,
-                     lambda: evaluation_checks(plan, digits, device, root, report, echo))
+                     lambda: evaluation_checks(plan, trained, device, report, echo))
             _section(report, "explorer", echo,
-                     lambda: explorer_checks(digits, device, root, report, echo))
+                     lambda: explorer_checks(trained, root, report, echo))
         _section(report, "throughput", echo,
                  lambda: throughput_rows(plan, device, report, echo))
     report.seconds = time.perf_counter() - started
@@ -470,16 +464,14 @@ def _section(report: Report, name: str, echo, body):
         return None
 
 
-def _agreement_rows(plan: Plan, run, device: torch.device, report: Report, echo) -> None:
-    from engine.checkpoint import load_model
-    from engine.data import load_split
+def agreement_rows(plan: Plan, trained: Trained, device: torch.device, report: Report,
+                   echo) -> None:
     from engine.data.base import model_input
     from engine.device import amp_supported
 
-    model, _ = load_model(run.last_checkpoint)
-    data = load_split(run.config().data, "test")
+    data = trained.data
     images = model_input(data, data.images[:plan.agreement_images], torch.device("cpu"))
-    r = bf16_agreement(model, images, device, xi=0.1)
+    r = bf16_agreement(trained.model, images, device, xi=0.1)
     name = f"LA-ResNet18, {len(images):,} digits test images, ξ = 0.1"
     if not amp_supported(device):  # autocast is a no-op there: the rows compare layouts only
         name += " (bf16 autocast inactive on this device)"

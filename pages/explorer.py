@@ -1,8 +1,8 @@
 """Patch Explorer: which patches made the prediction, at any ξ, for any class.
 
 The backbone runs once over the test images (cached); the ξ slider re-decodes the cached patch
-logits inside a fragment, so only the picture and its numbers redraw. The picture is a plotly
-figure drawn in the browser; the PNG download is the same picture drawn on the server.
+logits inside a fragment, so only the picture and its numbers redraw. The map and the sorted
+scores are SVG markup (ui.explorer_figures); the PNG download is the same map drawn on the server.
 """
 
 import hashlib
@@ -33,8 +33,9 @@ from engine.samples import SAMPLES, sample_png
 from ui.explorer_figures import (
     breakdown_latex,
     breakdown_rows,
-    patch_map_figure,
-    sorted_scores_figure,
+    patch_map_svg,
+    sorted_scores_svg,
+    svg_width,
 )
 from ui.figures import patch_bars
 from ui.overlay import csv_bytes, gallery_strip
@@ -55,12 +56,12 @@ from ui.st_state import (
     take_link,
     write_link,
 )
+from ui.tables import markdown_table, md_text
 
 GALLERY = 12
 LOW_CONFIDENCE = 0.5
 UNFAMILIAR = 0.99  # warn above this energy rank among the test images
 SAMPLE_DATA = ("digits", "digits_multilabel")  # the data sets the drawn samples are for
-PLOTLY_CONFIG = {"displayModeBar": False}
 
 
 @dataclass
@@ -119,31 +120,51 @@ def adopt_link_view(params: dict[str, str], size: int) -> None:
             remember("xi", round(xi, 2))
 
 
-def pick_test_image(out, data, model_path: str) -> int | None:
-    """Filters and a gallery; returns the index (in ``data``) of the image to show."""
+@dataclass
+class Picked:
+    """The filters and the position in the filtered list, chosen outside the ξ fragment."""
+
+    outcome: str
+    true_class: int | None
+    predicted_class: int | None
+    position: int
+
+
+def matching(out, data, picked: Picked):
+    """The test images that pass the filters at the ξ ``out`` was decoded at."""
+    return filter_indices(out.logits, data.targets, data.multilabel, outcome=picked.outcome,
+                          true_class=picked.true_class, predicted_class=picked.predicted_class)
+
+
+def pick_filters(loaded, data, collected) -> Picked:
+    """Which test images, and which of them: drawn outside the ξ fragment, so that a ξ move
+    does not redraw them (the browser redraws the page once per element it receives). The
+    count in the position's label is at the ξ of the last full run; the gallery's caption
+    gives it at the current ξ."""
     c1, c2, c3, c4 = st.columns(4)
     names = class_options(data.classes)
     outcome = c1.selectbox("Show", OUTCOMES, **keep("ex_outcome", "all", OUTCOMES))
     true_name = c2.selectbox("True class", names, **keep("ex_true", "any", names))
     pred_name = c3.selectbox("Predicted class", names, **keep("ex_pred", "any", names))
-    indices = filter_indices(
-        out.logits, data.targets, data.multilabel, outcome=outcome,
-        true_class=None if true_name == "any" else data.classes.index(true_name),
-        predicted_class=None if pred_name == "any" else data.classes.index(pred_name))
-    if len(indices) == 0:
-        st.info("No test image passes these filters at this ξ.")
-        return None
-    position = c4.number_input(f"Image ({len(indices)} match)", min_value=0,
-                               max_value=len(indices) - 1, step=1,
-                               **keep("ex_pos", 0, low=0, high=len(indices) - 1))
-    position = min(int(position), len(indices) - 1)
+    picked = Picked(outcome, None if true_name == "any" else data.classes.index(true_name),
+                    None if pred_name == "any" else data.classes.index(pred_name), 0)
+    with single_threaded():
+        out = decode(loaded.model, collected,
+                     st.session_state.get("xi", float(loaded.model.config.xi)))
+    count = len(matching(out, data, picked))
+    picked.position = int(c4.number_input(
+        f"Image ({count} match)", min_value=0, max_value=max(count - 1, 0), step=1,
+        **keep("ex_pos", 0, low=0, high=max(count - 1, 0))))
+    return picked
+
+
+def show_gallery(slot, indices, position: int, data, model_path: str, xi: float) -> None:
     start = (position // GALLERY) * GALLERY
     shown = indices[start:start + GALLERY].tolist()
     # One strip image rather than twelve: one media file per rerun keeps the slider quick.
-    st.image(gallery_png(model_path, tuple(shown), position - start, data),
-             caption=f"images #{start}-#{start + len(shown) - 1} of the filtered list; "
-             f"the framed one (#{position}) is shown below")
-    return int(indices[position])
+    slot.image(gallery_png(model_path, tuple(shown), position - start, data),
+               caption=f"images #{start}-#{start + len(shown) - 1} of the {len(indices)} that "
+               f"pass the filters at ξ = {xi:.2f}; the framed one (#{position}) is shown below")
 
 
 def xi_slider(model) -> float:
@@ -155,40 +176,46 @@ def xi_slider(model) -> float:
 
 def view_controls(classes: list[str], num_patches: int, partner: str | None,
                   gamma: float) -> dict:
-    """The controls beside the picture: the class whose patch logits are listed, how many
-    patches the breakdown shows, and the with/without-patch-loss view."""
+    """A row of view options, outside the ξ fragment: the class whose patch logits are listed,
+    how many patches the breakdown shows, and the with/without-patch-loss view."""
+    c1, c2, c3 = st.columns(3)
     choices = ["predicted", *classes]
-    logits_of = st.selectbox("Patch logits for class", choices,
+    logits_of = c1.selectbox("Patch logits for class", choices,
                              **keep("ex_class", "predicted", choices))
     most = max(2, min(12, num_patches))
-    top_k = st.slider("Patches in the breakdown", 1, most,
+    top_k = c2.slider("Patches in the breakdown", 1, most,
                       **keep("ex_topk", min(5, most), low=1, high=most))
     compare = False
     if partner is not None:
         # The pair has exactly one model without the patch loss: this one, or the partner.
-        compare = st.toggle("Beside: γmax = 0" if gamma else "Beside: with patch loss",
+        compare = c3.toggle("Beside: γmax = 0" if gamma else "Beside: with patch loss",
                             **keep("ex_pair", False),
                             help=f"With / without the patch loss: beside this model, {partner}, "
                             "trained the same way but with the other γmax (γmax = 0: no patch "
                             "loss). Same image, same ξ.")
-    return {"logits_of": logits_of, "top_k": top_k, "compare": compare}
+    return {"logits_of": logits_of, "top_k": top_k, "compare": compare, "partner": partner}
 
 
-def map_figure(story, shown, title=None, height=430, colour_bar=True):
-    return patch_map_figure(shown.image, story.grid.boxes.numpy(), story.grid.rows,
-                            story.grid.cols, story.weights.tolist(), story.selected.tolist(),
-                            true_boxes=[b for _, b in shown.boxes],
-                            selection_box=story.selection_box, title=title, height=height,
-                            colour_bar=colour_bar)
+def show_map(story, shown, key: str, title=None, height=430, colour_bar=True,
+             caption: str | None = None, fit: bool = False) -> None:
+    """The patch map (SVG marked ``data-map=key`` for the browser test) as an image: as markup
+    it would go through Streamlit's markdown parser on every ξ move (``st.html`` strips SVG)."""
+    svg = patch_map_svg(shown.image, story.grid.boxes.numpy(), story.grid.rows, story.grid.cols,
+                        story.weights.tolist(), story.selected.tolist(),
+                        true_boxes=[b for _, b in shown.boxes],
+                        selection_box=story.selection_box, title=title, height=height,
+                        colour_bar=colour_bar)
+    # At its own size (``fit``: the column's width, two maps side by side): stretched to the
+    # wide column it would push the slider's view off the screen.
+    st.image(svg.replace("<svg ", f'<svg data-map="{key}" ', 1), caption=caption,
+             width="stretch" if fit else svg_width(svg))
 
 
 def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
-    """The prediction, its confidence, how many patches survive, the box IoU."""
+    """The prediction, its confidence, how many patches survive, the top classes and the box
+    IoU, in one markdown element (warnings apart)."""
     truth, boxes = shown.truth, shown.boxes
     probability = float(story.probabilities[story.predicted])
-    st.metric("Prediction", classes[story.predicted], f"{probability:.1%} confidence",
-              delta_color="off")
-    st.caption(f"True: {truth}")
     if probability < LOW_CONFIDENCE:
         st.warning(f"Low confidence ({probability:.0%}): the model is unsure about this image, "
                    "so its patch weights explain a weak decision.")
@@ -196,16 +223,17 @@ def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
         st.warning(f"Unlike the training data: the model's energy score for this image is "
                    f"higher than for {shown.energy_rank:.1%} of the test images (Liu et al. "
                    "2020). Read its patches as what it grasps at, not as evidence.")
-    st.write(f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches kept at "
-             f"ξ = {xi:.2f}")
     order = story.probabilities.argsort(descending=True)[:3].tolist()
-    st.dataframe({"class": [classes[k] for k in order],
-                  "probability": [round(float(story.probabilities[k]), 4) for k in order]},
-                 hide_index=True)
+    lines = [(f"Prediction: **{md_text(classes[story.predicted])}** ({probability:.1%} "
+              f"confidence); true: {md_text(truth)}"),
+             (f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches kept at "
+              f"ξ = {xi:.2f}"), "| class | probability |", "|---|---:|",
+             *(f"| {md_text(classes[k])} | {float(story.probabilities[k]):.4f} |" for k in order)]
     if story.selection_box and boxes:
         iou = box_iou(torch.tensor([story.selection_box], dtype=torch.float64),
                       torch.tensor([b for _, b in boxes], dtype=torch.float64)).max()
-        st.write(f"Kept-patch box (blue) vs true box (red): IoU **{float(iou):.2f}**")
+        lines.append(f"\nKept-patch box (blue) vs true box (red): IoU **{float(iou):.2f}**")
+    st.markdown(lines[0] + "\n\n" + lines[1] + "\n\n" + "\n".join(lines[2:]))
 
 
 def show_partner(partner: str, data, shown: Shown, xi: float) -> None:
@@ -220,8 +248,8 @@ def show_partner(partner: str, data, shown: Shown, xi: float) -> None:
         out = decode(model, collected, xi)
     story = image_story(model, out, index, int(out.logits[index].argmax()), data.multilabel)
     title = f"γmax = {gamma_of(loaded):g}: {map_title(story, data.classes)}"
-    st.plotly_chart(map_figure(story, shown, title=title, height=360, colour_bar=False),
-                    config=PLOTLY_CONFIG, key="ex_map_partner")
+    show_map(story, shown, "ex_map_partner", title=title, height=360, colour_bar=False,
+             fit=True)
 
 
 def map_title(story, classes) -> str:
@@ -233,39 +261,38 @@ def gamma_of(loaded) -> float:
     return float(loaded.checkpoint["run_config"].get("loss", {}).get("gamma_max", 0.1))
 
 
-def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, main) -> None:
-    """Beside the controls (in ``main``): the map and the prediction; below, the page's full
-    width: the threshold's cut, Eq. 5 with the real numbers, every patch's logit, downloads."""
+def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, main,
+               view: dict) -> None:
+    """The map beside the ξ slider (with the facts under the slider), or the map and the
+    other model's side by side; below, the page's full width: the threshold's cut, Eq. 5 with
+    the real numbers, every patch's logit, downloads. The map is drawn first: on a ξ move the
+    browser redraws once per element received, and the map is what the user watches."""
     model, classes = loaded.model, data.classes
-    with controls:
-        partner = patch_loss_partner(loaded.path)
-        view = view_controls(classes, out.grid.num_patches, partner, gamma_of(loaded))
     predicted = int(out.logits[shown.index].argmax())
     klass = predicted if view["logits_of"] == "predicted" else classes.index(view["logits_of"])
     story = image_story(model, out, shown.index, klass, data.multilabel)
+    caption = (f"{shown.name}: each patch tinted by its weight α (fixed √α colour scale); grey: "
+               "removed by the threshold; red: true box; dashed blue: box of the kept patches.")
     with main:
-        picture, facts = st.columns(2) if view["compare"] else st.columns([2, 1.1])
-    with picture:
-        title = (f"γmax = {gamma_of(loaded):g} (this model): {map_title(story, classes)}"
-                 if view["compare"] else None)
-        st.plotly_chart(map_figure(story, shown, title=title,
-                                   height=360 if view["compare"] else 430),
-                        config=PLOTLY_CONFIG, key="ex_map")
-        st.caption(f"{shown.name}: each patch tinted by its weight α (fixed √α colour scale); "
-                   "grey: removed by the threshold; red: true box; dashed blue: box of the kept "
-                   "patches.")
-    with facts:
         if view["compare"]:
-            show_partner(partner, data, shown, xi)
+            picture, other = st.columns(2)
+            with picture:
+                show_map(story, shown, "ex_map", title=f"γmax = {gamma_of(loaded):g} (this "
+                         f"model): {map_title(story, classes)}", height=360, caption=caption,
+                         fit=True)
+            with other:
+                show_partner(view["partner"], data, shown, xi)
         else:
-            show_facts(story, classes, shown, xi)
+            show_map(story, shown, "ex_map", caption=caption)
+    with controls:
+        show_facts(story, classes, shown, xi)
     left, right = st.columns([2, 3], gap="medium")
     with left:
         st.subheader("What ξ cuts", help="The threshold compares each patch's score with θ.")
         cut = threshold_view(model, collected, out, shown.index, xi)
-        st.plotly_chart(sorted_scores_figure(cut.scores.tolist(), story.selected.tolist(),
-                                             cut.cut, cut.score_name, cut.cut_name),
-                        config=PLOTLY_CONFIG, key="ex_scores")
+        st.image(sorted_scores_svg(cut.scores.tolist(), story.selected.tolist(), cut.cut,
+                                   cut.score_name, cut.cut_name)
+                 .replace("<svg ", '<svg data-map="ex_scores" ', 1))
     with right:
         show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
     # A toggle, not an expander: an expander's content is built and sent on every ξ move even
@@ -275,17 +302,18 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
 
 
 def show_breakdown(out, index, multilabel, classes, top_k) -> None:
-    st.subheader("How the prediction is built (Eq. 5)")
     breakdown = prediction_breakdown(out, index, multilabel, patches=top_k)
     if not breakdown.exact:
+        st.markdown("### How the prediction is built (Eq. 5)")
         st.info("This head's image logit is not a weighted sum of its patch logits (capsule "
                 "heads sum capsule channels), so Eq. 5's breakdown does not apply.")
         return
+    st.markdown("### How the prediction is built (Eq. 5)\n\nA row is one patch m: its weight "
+                "α, its logits O (the shared classifier on that patch alone) and its terms α·O. "
+                "Each α·O column sums to z, the image's logit; removed patches have α = 0 and "
+                "add nothing.")
     st.latex(breakdown_latex(breakdown, classes, multilabel))
-    st.dataframe(breakdown_rows(breakdown, classes, multilabel), hide_index=True)
-    st.caption("A row is one patch m: its weight α, its logits O (the shared classifier on "
-               "that patch alone) and its terms α·O. Each α·O column sums to z, the image's "
-               "logit; removed patches have α = 0 and add nothing.")
+    st.markdown(markdown_table(breakdown_rows(breakdown, classes, multilabel)))
 
 
 def extras(story, shown: Shown, classes, klass, xi) -> None:
@@ -302,23 +330,28 @@ def extras(story, shown: Shown, classes, klass, xi) -> None:
 
 
 @st.fragment
-def explore_test_set(loaded, data, collected) -> None:
-    picker = st.container()
+def explore_test_set(loaded, data, collected, picked: Picked, view: dict) -> None:
+    """What a ξ move redraws: the slider, the map, the facts, the cut, Eq. 5 and the gallery
+    (last, though shown first: the filtered list changes with ξ)."""
+    gallery = st.empty()
     controls, main = st.columns([1, 3.4], gap="medium")
     with controls:
         xi = xi_slider(loaded.model)
     with single_threaded():
         out = decode(loaded.model, collected, xi)
-    with picker:
-        index = pick_test_image(out, data, loaded.path)
-    if index is None:
+    indices = matching(out, data, picked)
+    if len(indices) == 0:
+        gallery.info(f"No test image passes these filters at ξ = {xi:.2f}.")
         return
+    position = min(picked.position, len(indices) - 1)
+    index = int(indices[position])
     target = data.targets[index]
     truth = (", ".join(data.classes[k] for k in target.nonzero().flatten().tolist())
              if data.multilabel else data.classes[int(target)])
     shown = Shown(index, index, data.images[index], truth, true_boxes(data, index),
                   f"test{index}")
-    show_story(loaded, data, out, collected, shown, xi, controls, main)
+    show_story(loaded, data, out, collected, shown, xi, controls, main, view)
+    show_gallery(gallery, indices, position, data, loaded.path, xi)
     write_link(model=link_value(remembered(MODEL_KEY)), image=index, xi=f"{xi:.2f}")
 
 
@@ -343,7 +376,8 @@ def test_logits_at(model_path: str, mtime_ns: int, xi: float, _model, _collected
 
 
 @st.fragment
-def explore_file(loaded, data, test_collected, payload: bytes, name: str, truth: str) -> None:
+def explore_file(loaded, data, test_collected, view: dict, payload: bytes, name: str,
+                 truth: str) -> None:
     """An uploaded file or a drawn sample, read exactly as the model's training images were;
     beside the ξ slider, the file as given and the exact model input."""
     controls, main = st.columns([1, 3.4], gap="medium")
@@ -360,9 +394,9 @@ def explore_file(loaded, data, test_collected, payload: bytes, name: str, truth:
         rank = energy_rank(reference, out.logits[0])
         shown = Shown(0, None, image, truth, [], Path(name).stem or "upload",
                       energy_rank=rank)
+        show_story(loaded, data, out, collected, shown, xi, controls, main, view)
         with controls:
             show_input_preview(payload, image, loaded.data_config.resize)
-        show_story(loaded, data, out, collected, shown, xi, controls, main)
     write_link(model=link_value(remembered(MODEL_KEY)), xi=f"{xi:.2f}")
 
 
@@ -415,8 +449,12 @@ with guard("The Patch Explorer"):
                "upload your own"]
     source = st.radio("Images", sources, horizontal=True, **keep("ex_source", sources[0], sources))
     if source == "test set":
-        explore_test_set(loaded, data, collected)
+        picked, chosen = pick_filters(loaded, data, collected), None
     else:
         chosen = pick_file(loaded, data, source)
-        if chosen is not None:
-            explore_file(loaded, data, collected, *chosen)
+    view = view_controls(data.classes, collected.grid.num_patches,
+                         patch_loss_partner(loaded.path), gamma_of(loaded))
+    if source == "test set":
+        explore_test_set(loaded, data, collected, picked, view)
+    elif chosen is not None:
+        explore_file(loaded, data, collected, view, *chosen)

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from engine.catalog import backbone_catalog, head_catalog
 from ui.st_state import SHIPPED_DIR, ensure_router, guard
+from ui.tables import markdown_table
 
 ensure_router()
 st.title("Loss-Attention Studio")
@@ -34,16 +36,14 @@ with guard("The model cards", stop=False):
         with st.expander(f"Model card: {card.stem}", expanded=position == 0):
             st.markdown(card.read_text())
 
-# Last: the model registry imports torch, and everything above is already on the screen.
-from engine.models import backbone_descriptions, head_spec, list_heads
-
+# The catalog, not the model registry (which imports torch), and markdown tables, not data
+# frames (pandas and pyarrow): Home is the first page, and it waits on neither.
 left, right = st.columns(2)
 with left:
     st.subheader("Backbones")
-    st.dataframe({"backbone": list(backbone_descriptions()),
-                  "description": list(backbone_descriptions().values())}, hide_index=True)
+    st.markdown(markdown_table([{"backbone": name, "description": text}
+                                for name, text in backbone_catalog().items()]))
 with right:
     st.subheader("Heads")
-    st.dataframe({"head": list_heads(),
-                  "description": [head_spec(h).description for h in list_heads()]},
-                 hide_index=True)
+    st.markdown(markdown_table([{"head": name, "description": text}
+                                for name, text in head_catalog().items()]))

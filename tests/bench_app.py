@@ -4,9 +4,11 @@ Starts ``streamlit run app.py`` on a free port with an empty run store, drives D
 with Playwright, and prints (and writes as JSON):
 
 - ``home_title_visible_s`` / ``home_complete_s``: server process start to the Home title on
-  screen / to the script finishing (cold imports included);
+  screen / to the script finishing (cold imports included); ``..._after_answer_s``: the same
+  from the moment the server first answers its health check;
 - ``explorer_cold_s``: first visit of the Patch Explorer (model load and test-set pass included);
 - ``explorer_warm_s``: a later visit, from navigation to the overlay on screen;
+- ``server_rss_mib_after_explorer``: the server process's resident memory after both visits;
 - ``xi_slider_to_overlay_ms``: a ξ slider key press to a new overlay image (median, p90, all),
   alternating page steps (0 <-> 0.1) and jumps (0 <-> 1). A 0.01 arrow step is not used: near
   ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical.
@@ -40,12 +42,17 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-# The overlay is the Explorer's patch map, a plotly figure drawn in the browser: its state is the
-# weights it colours and the patches it greys (traces 1 and 2), as the browser holds them.
-OVERLAY_JS = """() => {
-  const gd = document.querySelector("[data-testid='stMain'] .st-key-ex_map .js-plotly-plot");
-  if (!gd || !gd.data || gd.data.length < 3 || !gd._fullLayout) return null;
-  return JSON.stringify([gd.data[1].z, gd.data[2].z]); }"""
+# The overlay is the Explorer's patch map: SVG shown as an image (a data URI), marked
+# data-map="ex_map" inside. Its state is the image's source: a ξ move that changes any cell's
+# colour or layer changes it.
+MAP_IMG_JS = """(key) => Array.from(
+  document.querySelectorAll("[data-testid='stMain'] img[src^='data:image/svg+xml']"))
+  .find(img => atob(img.src.split(",")[1]).includes(`data-map="${key}"`)) || null"""
+OVERLAY_JS = f"""() => {{ const img = ({MAP_IMG_JS})("ex_map");
+  return img && img.complete ? img.src : null; }}"""
+
+
+SERVER_PIDS: dict[str, int] = {}  # url -> the streamlit server's pid, while it runs
 
 
 def free_port() -> int:
@@ -67,6 +74,7 @@ def app_server(runs_root: str | Path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -79,6 +87,7 @@ def app_server(runs_root: str | Path):
             time.sleep(0.05)
         yield url, started
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(10)
@@ -89,6 +98,11 @@ def app_server(runs_root: str | Path):
 def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                       args=CHROMIUM_ARGS)
+
+
+def xi_slider(page):
+    """The Explorer's ξ slider (the view options above it have a slider too)."""
+    return page.locator(".st-key-w_xi").get_by_role("slider")
 
 
 def idle(page, timeout: float = 60_000) -> None:
@@ -188,11 +202,18 @@ def page_open_times(pages: list[str], runs_root: str | Path | None = None,
 
 
 def open_home(page, url: str, started: float) -> dict:
+    """Times from ``started`` (the server process's start) and from now (the server answers:
+    ``app_server`` returns once its health check does) to the Home title on screen and to the
+    script finishing."""
+    answered = time.monotonic()
     page.goto(url)
     page.get_by_role("heading", name="Loss-Attention Studio").wait_for(timeout=60_000)
-    title = time.monotonic() - started
+    title = time.monotonic()
     idle(page)
-    return {"home_title_visible_s": title, "home_complete_s": time.monotonic() - started}
+    done = time.monotonic()
+    return {"home_title_visible_s": title - started, "home_complete_s": done - started,
+            "home_title_after_answer_s": title - answered,
+            "home_complete_after_answer_s": done - answered}
 
 
 def open_explorer(page, url: str) -> float:
@@ -207,7 +228,7 @@ def open_explorer(page, url: str) -> float:
 
 def slider_latencies(page, moves: int) -> list[float]:
     """Seconds from each ξ key press to the new overlay (the browser's figure data changed)."""
-    page.get_by_role("slider").first.focus()
+    xi_slider(page).focus()
     keys = ["End", "Home", "PageUp", "Home"]  # 1, 0, 0.1, 0: each move changes the overlay
     src, out = overlay_state(page), []
     for i in range(moves):
@@ -217,6 +238,13 @@ def slider_latencies(page, moves: int) -> list[float]:
         out.append(time.monotonic() - start)
         idle(page)
     return out
+
+
+def server_rss_mib(url: str) -> float:
+    """The app server's resident memory now (MiB): the process a user's machine keeps."""
+    import psutil
+
+    return psutil.Process(SERVER_PIDS[url]).memory_info().rss / 2**20
 
 
 def summarise(latencies: list[float]) -> dict:
@@ -237,6 +265,7 @@ def measure(moves: int = 20) -> dict:
         page.goto(f"{url}/runs")
         idle(page)
         result["explorer_warm_s"] = open_explorer(page, url)
+        result["server_rss_mib_after_explorer"] = server_rss_mib(url)
         result["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, moves))
         browser.close()
     import torch

@@ -198,9 +198,16 @@ def table(result: dict) -> str:
     if "app" in result:
         apps = result["app"]
         for key, label in (("home_complete_s", "App Home, server start to rendered"),
+                           ("home_title_after_answer_s",
+                            "App Home, server answering to its title on screen"),
+                           ("home_complete_after_answer_s",
+                            "App Home, server answering to rendered"),
                            ("explorer_cold_s", "Patch Explorer, first visit"),
                            ("explorer_warm_s", "Patch Explorer, later visit")):
             rows.append((label, _mmm(spread([a[key] for a in apps]), " s", 2)))
+        rows.append(("App server memory (RSS) after Home and two Explorer visits",
+                     _mmm(spread([a["server_rss_mib_after_explorer"] for a in apps]), " MiB",
+                          0)))
         for key in ("median", "p90"):
             rows.append((f"ξ slider key press to new overlay, {key} of 20 moves",
                          _mmm(spread([a["xi_slider_to_overlay_ms"][key] for a in apps]),

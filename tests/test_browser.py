@@ -21,6 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_app import (
     CHROMIUM,
+    MAP_IMG_JS,
     ROOT,
     app_server,
     idle,
@@ -31,6 +32,7 @@ from bench_app import (
     slider_latencies,
     summarise,
     wait_new_overlay,
+    xi_slider,
 )
 
 # CI installs chromium and playwright and sets LOSSATTN_REQUIRE_BROWSER=1: there a missing
@@ -83,16 +85,21 @@ def trained_pair(root: Path) -> None:
 
 
 # Where the removed patches' cells are on screen: a point in each (clear of its number, which
-# sits at the cell's centre), in the map's own pixel coordinates.
-REMOVED_CELLS_JS = """() => {
-  const gd = document.querySelector("[data-testid='stMain'] .st-key-ex_map .js-plotly-plot");
-  const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, grey = gd.data[2], out = [];
-  grey.z.forEach((row, r) => row.forEach((v, c) => { if (v === 1) {
-    const x = grey.x[c] + 0.25 * (grey.x[c + 1] - grey.x[c]);
-    const y = grey.y[r] + 0.75 * (grey.y[r + 1] - grey.y[r]);
-    out.push([Math.round(xa._offset + xa.l2p(x)), Math.round(ya._offset + ya.l2p(y))]); } }));
-  return out; }"""
-MAP = "[data-testid='stMain'] .st-key-ex_map .js-plotly-plot"
+# sits at the cell's centre), in page pixels: the map is SVG shown as an image, so its cells
+# are read from the decoded SVG and scaled to the image's size on screen.
+REMOVED_CELLS_JS = f"""() => {{
+  const img = ({MAP_IMG_JS})("ex_map"), box = img.getBoundingClientRect();
+  const bytes = Uint8Array.from(atob(img.src.split(",")[1]), c => c.charCodeAt(0));
+  const svg = new DOMParser().parseFromString(new TextDecoder().decode(bytes), "image/svg+xml")
+    .documentElement;
+  const k = box.width / parseFloat(svg.getAttribute("width"));
+  return Array.from(svg.querySelectorAll("g.removed rect"), r => {{
+    const x = +r.getAttribute("x"), y = +r.getAttribute("y");
+    const w = +r.getAttribute("width"), h = +r.getAttribute("height");
+    return [Math.round(box.left + k * (x + 0.25 * w)), Math.round(box.top + k * (y + 0.75 * h))];
+  }}); }}"""
+# The map, then (with the other model beside it) the partner's map, then the sorted scores.
+PICTURES = "[data-testid='stMain'] img[src^='data:image/svg+xml']"
 
 
 def inside(box: dict, viewport: dict) -> bool:
@@ -102,15 +109,15 @@ def inside(box: dict, viewport: dict) -> bool:
 
 def set_xi(page, key: str) -> None:
     old = overlay_state(page)
-    page.get_by_role("slider").first.focus()
+    xi_slider(page).focus()
     page.keyboard.press(key)
     wait_new_overlay(page, old)
     idle(page)
 
 
 def map_pixels(page) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(page.locator(MAP).screenshot())).convert("RGB"),
-                      dtype=np.float64)
+    """The page's pixels (a screenshot of the viewport), where REMOVED_CELLS_JS points."""
+    return np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"), dtype=np.float64)
 
 
 def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
@@ -119,22 +126,22 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     together; ξ = 0.1 visibly greys the patches it removes (their pixels differ from ξ = 0)."""
     page = browser.new_page(viewport={"width": 1366, "height": 768})
     page.goto(f"{url}/explorer?model=digits_small_cnn_la&image=7&xi=0.30")
-    page.locator(MAP).wait_for(timeout=120_000)
+    overlay_state(page, timeout=120_000)
     idle(page, 120_000)
     no_traceback(page)
     assert page.get_by_text("Model to explain").count() == 1  # app.py ran: the router
     assert page.get_by_text("test7:").count() == 1
     assert page.get_by_role("spinbutton", name="Image (1000 match)").input_value() == "7"
-    assert page.get_by_role("slider").first.input_value() == "0.3"
-    page.locator(MAP).scroll_into_view_if_needed()
+    assert xi_slider(page).input_value() == "0.3"
+    page.locator(PICTURES).first.scroll_into_view_if_needed()
     viewport = page.viewport_size
     assert inside(page.locator(".st-key-w_xi").bounding_box(), viewport)  # label, bar, value
-    assert inside(page.locator(MAP).bounding_box(), viewport)
+    assert inside(page.locator(PICTURES).first.bounding_box(), viewport)
     page.screenshot(path=artifacts / "explorer-link-xi0.30.png")
     shots = {}
     for key, xi in [("Home", "0"), ("PageUp", "0.1"), ("End", "1")]:
         set_xi(page, key)
-        assert page.get_by_role("slider").first.input_value() == xi
+        assert xi_slider(page).input_value() == xi
         page.screenshot(path=artifacts / f"explorer-xi{xi}.png")
         shots[xi] = map_pixels(page)
         if xi == "0.1":
@@ -144,10 +151,9 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     changed = [np.abs(shots["0"][spot] - shots["0.1"][spot]).mean() > 10 for spot in spots]
     assert all(changed), f"{changed.count(False)} removed patches look the same at ξ = 0 and 0.1"
     page.get_by_text("Beside: γmax = 0").click()
-    page.locator("[data-testid='stMain'] .st-key-ex_map_partner .js-plotly-plot").wait_for(
-        timeout=120_000)
+    page.wait_for_function(f"() => ({MAP_IMG_JS})('ex_map_partner')", timeout=120_000)
     idle(page)
-    page.locator(MAP).scroll_into_view_if_needed()
+    page.locator(PICTURES).first.scroll_into_view_if_needed()
     page.screenshot(path=artifacts / "explorer-with-without-patch-loss.png")
     page.close()
 

@@ -251,3 +251,24 @@ def test_svhn_download_fetches_both_splits(tmp_path, monkeypatch):
     assert sorted(calls) == ["test", "train"]
     assert (len(train), len(test)) == (5, 3)
     assert train.targets.tolist() == [0, 1, 2, 3, 4]  # label 10 is the digit 0
+
+
+def test_digit_scans_are_sklearns_without_importing_sklearn():
+    """The embedded digits read scikit-learn's scans from its data file: the same arrays as
+    load_digits, and no scikit-learn import (135 MiB in the app server)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from engine.data.digits import _sklearn_digits
+
+    scans, labels = _sklearn_digits()
+    reference = load_digits()
+    assert np.array_equal(scans, reference.images) and np.array_equal(labels, reference.target)
+    probe = ("import sys; from engine.data.digits import generate;"
+             "generate('test', 8, 32, False, 0);"
+             "print('SKLEARN' if 'sklearn' in sys.modules else 'NO SKLEARN')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("NO SKLEARN")

@@ -2,6 +2,7 @@
 Eq. 5 term by term, the patch map's colours and greyed patches, the ablation pair, the cards."""
 
 import math
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -18,12 +19,15 @@ from engine.explore import (
 from engine.models import PatchOutput, build_model
 from engine.models.geometry import PatchGrid
 from ui.explorer_figures import (
+    KEPT_COLOUR,
     REMOVED_COLOUR,
     breakdown_latex,
     breakdown_rows,
-    patch_map_figure,
-    sorted_scores_figure,
+    patch_map_svg,
+    sorted_scores_svg,
+    svg_width,
 )
+from ui.tables import markdown_table
 
 
 def grid_2x2():
@@ -102,45 +106,87 @@ def test_threshold_view_of_a_baseline_is_its_weights_against_one_over_m():
     assert view.cut == pytest.approx(0.25) and view.cut_name == "1/M"
 
 
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_tree(markup: str) -> ET.Element:
+    return ET.fromstring(markup)  # well-formed XML, or this raises
+
+
+def layer(root: ET.Element, name: str) -> ET.Element:
+    return next(g for g in root.iter(f"{SVG}g") if g.get("class") == name)
+
+
 def test_patch_map_colours_kept_patches_on_the_fixed_scale_and_greys_the_rest():
     image = np.zeros((20, 20, 3), np.uint8)
-    fig = patch_map_figure(image, grid_2x2().boxes.numpy(), 2, 2, [0.64, 0.36, 0.0, 0.0],
+    markup = patch_map_svg(image, grid_2x2().boxes.numpy(), 2, 2, [0.64, 0.36, 0.0, 0.0],
                            [True, True, False, False], true_boxes=[(0, 0, 10, 10)],
-                           selection_box=(0, 0, 20, 10))
-    picture, kept, removed, numbers = fig.data
-    assert picture.type == "image" and picture.source.startswith("data:image/png;base64,")
-    assert list(kept.x) == [0, 10, 20] and list(kept.y) == [0, 10, 20]  # cell edges
-    assert np.asarray(kept.z, dtype=float)[0] == pytest.approx([0.8, 0.6])  # √α
-    assert np.isnan(np.asarray(kept.z, dtype=float)[1]).all()
-    assert (kept.zmin, kept.zmax) == (0, 1)  # fixed, not stretched per image
-    assert list(kept.colorbar.ticktext) == [f"{t:g}" for t in pictures.WEIGHT_TICKS]
-    assert kept.colorbar.tickvals[3] == pytest.approx(math.sqrt(0.1))
-    grey = np.asarray(removed.z, dtype=float)
-    assert np.isnan(grey[0]).all() and (grey[1] == 1).all()
-    assert removed.colorscale[0][1] == REMOVED_COLOUR
-    assert list(numbers.text) == ["0", "1", "2", "3"]
-    assert list(numbers.x) == [5, 15, 5, 15] and list(numbers.y) == [5, 5, 15, 15]
-    assert [s.line.color for s in fig.layout.shapes] == ["rgb(255,64,64)", "rgb(64,200,255)"]
-    assert fig.layout.yaxis.range == (20, 0)  # image orientation: row 0 at the top
+                           selection_box=(0, 0, 20, 10), height=200, title="a <b> & c")
+    root = svg_tree(markup)
+    scale, top = (200 - 26) / 20, 26  # the image is drawn 174 px tall under the title band
+    picture = root.find(f"{SVG}image")
+    assert picture.get("href").startswith("data:image/png;base64,")
+    assert float(picture.get("height")) == pytest.approx(20 * scale)
+    kept = layer(root, "kept").findall(f"{SVG}rect")
+    assert [r.get("data-patch") for r in kept] == ["0", "1"]
+    # the fixed √α scale: α = 0.64 and 0.36 sit at 0.8 and 0.6, in the PNG download's colours
+    expected = pictures.colorize(np.array([0.8, 0.6]))
+    assert [r.get("fill") for r in kept] == ["rgb({},{},{})".format(*c) for c in expected]
+    cells = [float(r.get(a)) for r in kept for a in ("x", "y", "width")]
+    assert cells == pytest.approx([0, top, 10 * scale, 10 * scale, top, 10 * scale], abs=0.01)
+    removed = layer(root, "removed").findall(f"{SVG}rect")
+    assert [r.get("data-patch") for r in removed] == ["2", "3"]
+    assert {r.get("fill") for r in removed} == {REMOVED_COLOUR}
+    assert float(removed[0].get("y")) == pytest.approx(top + 10 * scale, abs=0.01)  # row 1
+    assert [t.text for t in layer(root, "numbers")] == ["0", "1", "2", "3"]
+    boxes = layer(root, "boxes").findall(f"{SVG}rect")
+    assert [b.get("stroke") for b in boxes] == ["rgb(255,64,64)", "rgb(64,200,255)"]
+    assert boxes[1].get("stroke-dasharray") and not boxes[0].get("stroke-dasharray")
+    assert float(boxes[1].get("width")) == pytest.approx(20 * scale, abs=0.01)
+    ticks = [t.text for t in layer(root, "colour-bar").iter(f"{SVG}text")][1:]
+    assert ticks == [f"{t:g}" for t in pictures.WEIGHT_TICKS]
+    assert root.find(f"{SVG}text").text == "a <b> & c"  # escaped in the markup, read back whole
+    assert svg_width(markup) == round(20 * scale + 70)
+    plain = svg_tree(patch_map_svg(image, grid_2x2().boxes.numpy(), 2, 2, [0.25] * 4,
+                                   [True] * 4, focus_patch=1, colour_bar=False, height=200))
+    assert not [g for g in plain.iter(f"{SVG}g") if g.get("class") == "colour-bar"]
+    assert [b.get("stroke") for b in layer(plain, "boxes")] == ["rgb(255,255,255)"]
 
 
 def test_sorted_scores_put_the_largest_first_and_draw_the_cut():
-    fig = sorted_scores_figure([0.1, 0.6, 0.0, 0.3], [False, True, False, True], 0.125,
-                               "â_m", "θ = ξ/M")
-    bars = fig.data[0]
-    assert list(bars.x) == ["1", "3", "0", "2"]
-    assert list(bars.customdata) == pytest.approx([0.6, 0.3, 0.1, 0.0])
-    assert bars.y[-1] == pytest.approx(0.05)  # a zero score drawn at half the smallest (log)
-    assert bars.marker.color[2] == REMOVED_COLOUR and bars.marker.color[0] != REMOVED_COLOUR
-    lines = sorted(s.y0 for s in fig.layout.shapes)
-    assert lines == pytest.approx([0.125, 0.25])  # the cut and 1/M
-    assert any("2 kept" in a.text for a in fig.layout.annotations)
-    assert fig.layout.annotations[1].y == pytest.approx(math.log10(0.125))  # log units
-    at_zero = sorted_scores_figure([0.5, 0.5], [True, True], 0.0, "â_m", "θ = ξ/M")
-    assert any("θ = ξ/M = 0: every patch is kept" in a.text for a in at_zero.layout.annotations)
-    mean_pooling = sorted_scores_figure([0.5, 0.5], [True, True], None, "α_m", "1/M")
-    assert [a.text for a in mean_pooling.layout.annotations][-1] == (
-        "no threshold: every patch is kept")
+    root = svg_tree(sorted_scores_svg([0.1, 0.6, 0.0, 0.3], [False, True, False, True], 0.125,
+                                      "â_m", "θ = ξ/M"))
+    bars = layer(root, "bars").findall(f"{SVG}rect")
+    assert [b.get("data-patch") for b in bars] == ["1", "3", "0", "2"]
+    assert [float(b.get("data-score")) for b in bars] == pytest.approx([0.6, 0.3, 0.1, 0.0])
+    assert [b.get("fill") for b in bars][1:3] == [KEPT_COLOUR, REMOVED_COLOUR]
+    # a log axis: each decade is the same height, and a zero score is drawn at half the
+    # smallest (0.05), so its bar is log10(0.1 / 0.05) of a decade shorter than 0.1's
+    tops = [float(b.get("y")) for b in bars]
+    ticks = {t.text: float(t.get("y")) for t in layer(root, "y-ticks")}
+    decade = ticks["0.1"] - ticks["1"]
+    assert tops[0] - ticks["1"] == pytest.approx(decade * -math.log10(0.6), abs=0.01)
+    assert tops[3] - tops[2] == pytest.approx(decade * math.log10(2), abs=0.01)
+    lines = layer(root, "lines")
+    heights = sorted(float(line.get("y1")) for line in lines.findall(f"{SVG}line"))
+    assert heights == pytest.approx(sorted([ticks["0.1"] - decade * math.log10(1.25),
+                                            ticks["0.1"] - decade * math.log10(2.5)]), abs=0.01)
+    assert any("2 kept" in t.text for t in lines.iter(f"{SVG}text"))
+    at_zero = svg_tree(sorted_scores_svg([0.5, 0.5], [True, True], 0.0, "â_m", "θ = ξ/M"))
+    assert any(t.text == "θ = ξ/M = 0: every patch is kept" for t in at_zero.iter(f"{SVG}text"))
+    mean_pooling = svg_tree(sorted_scores_svg([0.5, 0.5], [True, True], None, "α_m", "1/M"))
+    assert any(t.text == "no threshold: every patch is kept"
+               for t in mean_pooling.iter(f"{SVG}text"))
+
+
+def test_a_markdown_table_keeps_every_cell_literal_and_right_aligns_numbers():
+    table = markdown_table([{"term": "patch *3*", "α_m": "0.5000", "O[a|b]": ""},
+                            {"term": "z = Σ α·O", "α_m": "1.0000", "O[a|b]": "-0.25"}])
+    lines = table.splitlines()
+    assert lines[0] == r"| term | α\_m | O\[a\|b\] |"
+    assert lines[1] == "|---|---:|---:|"
+    assert lines[2] == r"| patch \*3\* | 0.5000 |  |"
+    assert lines[3] == "| z = Σ α·O | 1.0000 | -0.25 |"
 
 
 def test_the_ablation_pair_differs_only_in_the_patch_loss():
@@ -194,10 +240,12 @@ def test_explorer_samples_show_the_input_and_warn_when_unlike_the_training_data(
     at.radio(key="w_ex_source").set_value("samples").run()
     at.selectbox(key="w_ex_sample").set_value("a typed 7").run()
     assert not at.exception and not errors(at)
-    assert at.metric[0].value == "7" and not at.warning  # a clean typed digit: no warning
-    assert any("True: 7 (a drawn sample)" in c.value for c in at.caption)
-    # beside the slider: the file as given and the exact model input
-    assert len(at.get("image")) == 2
+    facts = next(m.value for m in at.markdown if m.value.startswith("Prediction: "))
+    assert facts.startswith("Prediction: **7**") and not at.warning  # a clean typed digit
+    assert "true: 7 (a drawn sample)" in facts
+    # beside the slider: the file as given and the exact model input (with the map and the
+    # sorted scores, four images)
+    assert len(at.get("image")) == 4
     at.selectbox(key="w_ex_sample").set_value("no digit: noise").run()
     warnings = " ".join(w.value for w in at.warning)
     assert "Unlike the training data" in warnings and "Low confidence" in warnings

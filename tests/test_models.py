@@ -233,3 +233,25 @@ def test_xi_cache_reproduces_forward_at_every_xi(head):
     if head in ("loss_attention", "capsule_loss_attention"):
         per_image = sum(v[0].numel() for v in cache.values())
         assert per_image < model.encode(x)[0].numel()  # smaller than the tokens
+
+
+def test_the_torch_free_catalog_lists_exactly_the_registry():
+    """`python -m engine models` reads the catalog from the registration decorators' source
+    so that it does not import torch; it must say what the registry holds, in its order."""
+    import subprocess
+    import sys
+
+    from engine.catalog import backbone_catalog, head_catalog
+    from engine.models import backbone_descriptions, head_spec, list_heads
+
+    assert backbone_catalog() == backbone_descriptions()
+    assert list(backbone_catalog()) == list(backbone_descriptions())
+    assert head_catalog() == {name: head_spec(name).description for name in list_heads()}
+    assert list(head_catalog()) == list_heads()
+    probe = ("import sys, runpy; sys.argv = ['engine', 'models'];\n"
+             "try: runpy.run_module('engine', run_name='__main__')\n"
+             "except SystemExit: pass\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert "loss_attention" in out and out.strip().endswith("NO TORCH")

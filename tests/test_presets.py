@@ -286,7 +286,7 @@ def test_the_digits_default_is_the_live_preset_and_its_run_uses_it(tmp_path):
         2, 32, "onecycle", 500)
     assert (cfg.loss.ramp_by, cfg.loss.ramp_epochs, cfg.data.augment) == ("step", 0, False)
     assert cfg.loss.gamma_max == 0.3
-    assert cfg.data.train_size == 96  # given: wins over the preset's 9,000
+    assert cfg.data.train_size == 96  # given: wins over the preset's 12,000
     run = RunStore(tmp_path).create(prepare_run_config(cfg))
     assert train_run(run, progress_bar=False) == "finished"
     rows = run.metrics()
@@ -308,7 +308,7 @@ def test_the_train_page_opens_with_the_default_data_sets_preset():
     assert at.selectbox(key="w_tr_preset").value == "live" and not errors(at)
     values = {k: at.number_input(key=f"w_tr_{k}").value
               for k in ("epochs", "batch", "train_size", "test_size", "gamma")}
-    assert values == {"epochs": 2, "batch": 32, "train_size": 9000, "test_size": 0,
+    assert values == {"epochs": 2, "batch": 32, "train_size": 12000, "test_size": 0,
                       "gamma": 0.3}
     kept = open_page("train", tr_epochs=1, tr_train_size=64)
     assert kept.number_input(key="w_tr_epochs").value == 1

@@ -30,7 +30,7 @@ def map_grid_figure(images: Sequence[np.ndarray], maps: dict[str, np.ndarray],
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.015,
                         vertical_spacing=0.06 if rows > 1 else 0.0)
     for r, image in enumerate(images):
-        source = image_source(image)
+        source = image_source(image, UPSCALE)
         for c in range(cols):
             fig.add_trace(go.Image(source=source, x0=0.5 / UPSCALE, dx=1 / UPSCALE,
                                    y0=0.5 / UPSCALE, dy=1 / UPSCALE, hoverinfo="skip"),

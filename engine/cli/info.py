@@ -21,15 +21,16 @@ def register(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engine.models import backbone_descriptions, head_spec, list_heads
+    # The catalog, not engine.models: listing must not wait on importing torch.
+    from engine.catalog import backbone_catalog, head_catalog
     from engine.presets import PRESETS
 
     print("backbones:")
-    for name, text in backbone_descriptions().items():
+    for name, text in backbone_catalog().items():
         print(f"  {name:24s} {text}")
     print("heads:")
-    for name in list_heads():
-        print(f"  {name:24s} {head_spec(name).description}")
+    for name, text in head_catalog().items():
+        print(f"  {name:24s} {text}")
     print("presets (train / sweep --preset NAME; what you give explicitly wins):")
     for name, preset in PRESETS.items():
         print(f"  {name:24s} {preset.description}")

@@ -14,6 +14,10 @@ never reuse a training scan. Everything is deterministic given the seed, and cac
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,13 +32,28 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 TEST_SOURCE_FRACTION = 0.3
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digit scans (values 0-16) and their labels, read from the file
+    ``sklearn.datasets.load_digits`` reads, without importing scikit-learn: importing
+    ``sklearn.datasets`` costs the app server about 135 MiB, kept for as long as it runs."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package; does not import it
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    path = folder / "datasets" / "data" / "digits.csv.gz" if folder else None
+    if path is None or not path.is_file():  # a scikit-learn that keeps its data elsewhere
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def _sources(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The sklearn digits as alpha maps in [0, 1], split into train / test scans."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    targets = digits.target.astype(np.int64)
+    scans, labels = _sklearn_digits()
+    images = (scans / 16.0).astype(np.float32)
+    targets = labels.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(images))
     n_test = round(len(images) * TEST_SOURCE_FRACTION)
     test, train = order[:n_test], order[n_test:]

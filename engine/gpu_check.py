@@ -76,12 +76,17 @@ class Plan:
     """Images for the evaluation's faithfulness group (Score-CAM: one masked forward per
     feature channel of each image, the slowest path)."""
     peak_tflops: float | None = None
+    model: ModelConfig = field(default_factory=lambda: dataclasses.replace(PAPER_MODEL))
+    """The model every section trains and measures: the paper's LA-ResNet18 on the GPU; the
+    dry run takes the same paths with small_cnn (its stride-free ResNet18 on a CPU spent 40
+    of the test suite's seconds on toy-sized steps)."""
 
     @classmethod
     def rehearsal(cls, peak_tflops: float | None = None) -> Plan:
         return cls(dry_run=True, batch=4, steps=2, warmup=1, compile=False, train_size=32,
                    test_size=16, agreement_images=16, faithfulness_images=0,
-                   peak_tflops=peak_tflops)
+                   peak_tflops=peak_tflops,
+                   model=dataclasses.replace(PAPER_MODEL, backbone="small_cnn"))
 
 
 @dataclass
@@ -213,7 +218,7 @@ def throughput_rows(plan: Plan, device: torch.device, report: Report, echo) -> N
     peak = plan.peak_tflops or (peak_tflops_of(torch.cuda.get_device_name(device))
                                 if device.type == "cuda" else None)
     for size in plan.input_sizes:
-        cfg = dataclasses.replace(PAPER_MODEL, input_size=size)
+        cfg = dataclasses.replace(plan.model, input_size=size)
         flops = _step_flops(cfg, device, plan.batch)
         results = {m.name: _measured(plan, cfg, m, device, report, echo) for m in modes}
         base = results[FP32]
@@ -293,7 +298,7 @@ def train_checks(plan: Plan, device: torch.device, root: Path, report: Report, e
     from engine.runs import RunStore
 
     store = RunStore(root / "runs")
-    digits = _train(store, "gpu-check-digits", device, DataConfig(
+    digits = _train(store, "gpu-check-digits", plan.model, device, DataConfig(
         train_size=plan.train_size, test_size=plan.test_size), epochs=2)
     report.add(_run_row("digits, 2 epochs (the device's training defaults)", digits), echo)
     # 896 = 7 batches of 128 of the slice's 932: a short last batch would compile again
@@ -301,7 +306,8 @@ def train_checks(plan: Plan, device: torch.device, root: Path, report: Report, e
                        test_size=plan.test_size)
     what = f"CIFAR-10 slice, 1 epoch{' (compile; img/s includes it)' if plan.compile else ''}"
     try:
-        run = _train(store, "gpu-check-cifar", device, cifar, epochs=1, compile_=plan.compile)
+        run = _train(store, "gpu-check-cifar", plan.model, device, cifar, epochs=1,
+                     compile_=plan.compile)
         report.add(_run_row(what, run), echo)
     except Exception as exc:  # noqa: BLE001 - e.g. the slice is not here: the rest still runs
         report.add(Row("training", what, f"not run: {exc.__class__.__name__}: {exc}"[:200],
@@ -311,13 +317,13 @@ def train_checks(plan: Plan, device: torch.device, root: Path, report: Report, e
     return digits
 
 
-def _train(store, name: str, device: torch.device, data: DataConfig, epochs: int,
-           compile_: bool = False):
+def _train(store, name: str, model: ModelConfig, device: torch.device, data: DataConfig,
+           epochs: int, compile_: bool = False):
     from engine.data import load_split
     from engine.train import prepare_run_config, train_run
 
     load_split(data, "test")  # a missing data set is named before a run is created for it
-    config = RunConfig(name=name, model=PAPER_MODEL, data=data, train=TrainConfig(
+    config = RunConfig(name=name, model=model, data=data, train=TrainConfig(
         epochs=epochs, batch_size=128, device=str(device), compile=compile_))
     run = store.create(prepare_run_config(config))
     train_run(run, progress_bar=False, console=False)
@@ -341,7 +347,7 @@ def _nccl_row(store, plan: Plan) -> Row:
     what = "digits, 1 epoch, 2 GPUs (nccl DDP)"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--standalone", "-m", "engine", "train", "--runs-dir", root, "--name",
-               "gpu-check-nccl", "--preset", "none", "--backbone", PAPER_MODEL.backbone,
+               "gpu-check-nccl", "--preset", "none", "--backbone", plan.model.backbone,
                "--batch-size", "128", "--epochs", "1", "--quiet"]
     if plan.train_size:
         command += ["--train-size", str(plan.train_size), "--test-size", str(plan.test_size)]
@@ -472,7 +478,9 @@ def agreement_rows(plan: Plan, trained: Trained, device: torch.device, report: R
     data = trained.data
     images = model_input(data, data.images[:plan.agreement_images], torch.device("cpu"))
     r = bf16_agreement(trained.model, images, device, xi=0.1)
-    name = f"LA-ResNet18, {len(images):,} digits test images, ξ = 0.1"
+    model = ("LA-ResNet18" if plan.model.backbone == "resnet18"
+             else f"{plan.model.backbone}/{plan.model.head}")
+    name = f"{model}, {len(images):,} digits test images, ξ = 0.1"
     if not amp_supported(device):  # autocast is a no-op there: the rows compare layouts only
         name += " (bf16 autocast inactive on this device)"
     report.add(Row("bf16 vs fp32", f"{name}: logits",

@@ -31,9 +31,8 @@ app: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# Two workers (pytest-xdist), each taking whole test files: a file's tests share its fixtures.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m engine bench

@@ -146,16 +146,17 @@ def pick_filters(loaded, data, collected) -> Picked:
     outcome = c1.selectbox("Show", OUTCOMES, **keep("ex_outcome", "all", OUTCOMES))
     true_name = c2.selectbox("True class", names, **keep("ex_true", "any", names))
     pred_name = c3.selectbox("Predicted class", names, **keep("ex_pred", "any", names))
-    picked = Picked(outcome, None if true_name == "any" else data.classes.index(true_name),
-                    None if pred_name == "any" else data.classes.index(pred_name), 0)
+    true_class = None if true_name == "any" else data.classes.index(true_name)
+    predicted_class = None if pred_name == "any" else data.classes.index(pred_name)
     with single_threaded():
         out = decode(loaded.model, collected,
                      st.session_state.get("xi", float(loaded.model.config.xi)))
-    count = len(matching(out, data, picked))
-    picked.position = int(c4.number_input(
-        f"Image ({count} match)", min_value=0, max_value=max(count - 1, 0), step=1,
-        **keep("ex_pos", 0, low=0, high=max(count - 1, 0))))
-    return picked
+    count = len(filter_indices(out.logits, data.targets, data.multilabel, outcome=outcome,
+                               true_class=true_class, predicted_class=predicted_class))
+    position = c4.number_input(f"Image ({count} match)", min_value=0,
+                               max_value=max(count - 1, 0), step=1,
+                               **keep("ex_pos", 0, low=0, high=max(count - 1, 0)))
+    return Picked(outcome, true_class, predicted_class, int(position))
 
 
 def show_gallery(slot, indices, position: int, data, model_path: str, xi: float) -> None:
@@ -204,11 +205,10 @@ def show_map(story, shown, key: str, title=None, height=430, colour_bar=True,
                         story.weights.tolist(), story.selected.tolist(),
                         true_boxes=[b for _, b in shown.boxes],
                         selection_box=story.selection_box, title=title, height=height,
-                        colour_bar=colour_bar)
+                        colour_bar=colour_bar, name=key)
     # At its own size (``fit``: the column's width, two maps side by side): stretched to the
     # wide column it would push the slider's view off the screen.
-    st.image(svg.replace("<svg ", f'<svg data-map="{key}" ', 1), caption=caption,
-             width="stretch" if fit else svg_width(svg))
+    st.image(svg, caption=caption, width="stretch" if fit else svg_width(svg))
 
 
 def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
@@ -224,16 +224,18 @@ def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
                    f"higher than for {shown.energy_rank:.1%} of the test images (Liu et al. "
                    "2020). Read its patches as what it grasps at, not as evidence.")
     order = story.probabilities.argsort(descending=True)[:3].tolist()
-    lines = [(f"Prediction: **{md_text(classes[story.predicted])}** ({probability:.1%} "
-              f"confidence); true: {md_text(truth)}"),
-             (f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches kept at "
-              f"ξ = {xi:.2f}"), "| class | probability |", "|---|---:|",
-             *(f"| {md_text(classes[k])} | {float(story.probabilities[k]):.4f} |" for k in order)]
+    paragraphs = [(f"Prediction: **{md_text(classes[story.predicted])}** ({probability:.1%} "
+                  f"confidence); true: {md_text(truth)}"),
+                  (f"**{int(story.selected.sum())}** of {story.grid.num_patches} patches kept "
+                  f"at ξ = {xi:.2f}"),
+                  markdown_table([{"class": classes[k],
+                                   "probability": f"{float(story.probabilities[k]):.4f}"}
+                                  for k in order])]
     if story.selection_box and boxes:
         iou = box_iou(torch.tensor([story.selection_box], dtype=torch.float64),
                       torch.tensor([b for _, b in boxes], dtype=torch.float64)).max()
-        lines.append(f"\nKept-patch box (blue) vs true box (red): IoU **{float(iou):.2f}**")
-    st.markdown(lines[0] + "\n\n" + lines[1] + "\n\n" + "\n".join(lines[2:]))
+        paragraphs.append(f"Kept-patch box (blue) vs true box (red): IoU **{float(iou):.2f}**")
+    st.markdown("\n\n".join(paragraphs))
 
 
 def show_partner(partner: str, data, shown: Shown, xi: float) -> None:
@@ -291,8 +293,7 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
         st.subheader("What ξ cuts", help="The threshold compares each patch's score with θ.")
         cut = threshold_view(model, collected, out, shown.index, xi)
         st.image(sorted_scores_svg(cut.scores.tolist(), story.selected.tolist(), cut.cut,
-                                   cut.score_name, cut.cut_name)
-                 .replace("<svg ", '<svg data-map="ex_scores" ', 1))
+                                   cut.score_name, cut.cut_name, name="ex_scores"))
     with right:
         show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
     # A toggle, not an expander: an expander's content is built and sent on every ξ move even

@@ -59,26 +59,23 @@ def _rgb(colour: tuple[int, int, int]) -> str:
     return "rgb({},{},{})".format(*colour)
 
 
-def _box(box, colour, dash: str = "solid") -> dict:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return {"type": "rect", "x0": x0, "y0": y0, "x1": x1, "y1": y1, "xref": "x", "yref": "y",
-            "line": {"color": _rgb(colour), "width": 3, "dash": dash}}
-
-
 def patch_map_svg(image: np.ndarray, grid_boxes: np.ndarray, rows: int, cols: int,
                   weights: Sequence[float], kept: Sequence[bool], *,
                   true_boxes: Sequence = (), selection_box=None, focus_patch: int | None = None,
-                  title: str | None = None, height: int = 430, colour_bar: bool = True) -> str:
+                  title: str | None = None, height: int = 430, colour_bar: bool = True,
+                  name: str = "map") -> str:
     """The patch map as SVG markup: the image with each patch's cell tinted by its weight on
     the fixed √α scale (the colours of the PNG download), removed patches greyed out, every
     patch's number in its cell (grids up to ``NUMBERED_UP_TO`` patches), the true boxes red, the
-    selected patches' box dashed blue, a focused patch white; a colour bar. Each cell carries its
-    patch number and layer (``g.kept`` / ``g.removed``) for tests.
+    selected patches' box dashed blue, a focused patch white; a colour bar. The root is marked
+    ``data-map=name`` and each cell carries its patch number and layer (``g.kept`` /
+    ``g.removed``), for the page's tests.
 
     SVG rather than a plotly chart because of the ξ slider: Streamlit gives a plotly chart a new
     identity whenever its figure changes, so every move tore the map down and built it again in
-    the browser (about 60 ms of a 240 ms move here). The page shows it as an image: drawn as
-    markup it went through Streamlit's markdown parser, another 15-20 ms a move.
+    the browser (with the sorted scores, about 125 of a 240 ms move here, measured by leaving
+    the charts out). The page shows it as an image: drawn as markup it went through Streamlit's
+    markdown parser (37 ms of a move's browser time in a CDP profile).
     Units are screen pixels: the image is drawn ``height`` pixels tall (less the title band)."""
     h, w = image.shape[:2]
     top = 26 if title else 0
@@ -95,12 +92,13 @@ def patch_map_svg(image: np.ndarray, grid_boxes: np.ndarray, rows: int, cols: in
         cells[bool(keep[m])].append(
             f'<rect x="{xs[c]:.2f}" y="{ys[r] + top:.2f}" width="{xs[c + 1] - xs[c]:.2f}" '
             f'height="{ys[r + 1] - ys[r]:.2f}" fill="{fill}" data-patch="{m}"/>')
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * scale + bar:.0f}" '
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" data-map="{escape(name)}" '
+              f'width="{w * scale + bar:.0f}" '
              f'height="{height}" viewBox="0 0 {w * scale + bar:.2f} {height}" role="img" '
              f'aria-label="{escape(_summary(keep))}" style="max-width:100%;height:auto">')]
     if title:
         parts.append(f'<text x="0" y="17" font-size="15" font-family="sans-serif">'
-                     f"{_text(title)}</text>")
+                     f"{escape(title)}</text>")
     parts.append(f'<image href="{image_source(image)}" x="0" y="{top}" width="{w * scale:.2f}" '
                  f'height="{h * scale:.2f}" preserveAspectRatio="none" '
                  'style="image-rendering:pixelated"/>')
@@ -128,11 +126,6 @@ def patch_map_svg(image: np.ndarray, grid_boxes: np.ndarray, rows: int, cols: in
                                  0.9 * (height - top)))
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _text(value: str) -> str:
-    """``value`` as SVG text content."""
-    return escape(value)
 
 
 def svg_width(markup: str) -> int:
@@ -173,12 +166,13 @@ def _colour_bar(x: float, y: float, length: float, thickness: float = 14) -> str
 
 
 def sorted_scores_svg(scores: Sequence[float], kept: Sequence[bool], cut: float | None,
-                      score_name: str, cut_name: str, width: int = 380, height: int = 300) -> str:
+                      score_name: str, cut_name: str, width: int = 380, height: int = 300,
+                      name: str = "scores") -> str:
     """Every patch's score as a bar, largest first, on a log axis (the scores span decades),
     with the threshold's cut drawn across and the uniform share 1/M for reference: the bars
     above the cut survive (blue), the rest are grey; the patch numbers under the bars are the
     map's (every other one when they would not fit). SVG for the reason :func:`patch_map_svg`
-    gives: it is redrawn on every ξ move."""
+    gives: it is redrawn on every ξ move. The root is marked ``data-map=name``."""
     values = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-values, kind="stable")
     keep = np.asarray(kept, dtype=bool)
@@ -222,8 +216,9 @@ def sorted_scores_svg(scores: Sequence[float], kept: Sequence[bool], cut: float 
         text = ("no threshold: every patch is kept" if cut is None
                 else f"{cut_name} = 0: every patch is kept")
         lines.append(f'<text class="note" x="{left + plot_w}" y="{top - 6}" text-anchor="end">'
-                     f"{_text(text)}</text>")
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                     f"{escape(text)}</text>")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" data-map="{escape(name)}" '
+            f'width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" font-family="sans-serif" '
             f'aria-label="{escape(f"{score_name} of every patch, largest first")}" '
             'style="max-width:100%;height:auto">'
@@ -237,7 +232,7 @@ def sorted_scores_svg(scores: Sequence[float], kept: Sequence[bool], cut: float 
             f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="12" text-anchor="middle">'
             "patch (largest first)</text>"
             f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" font-size="12" '
-            f'text-anchor="middle">{_text(f"{score_name}, log scale")}</text></svg>')
+            f'text-anchor="middle">{escape(f"{score_name}, log scale")}</text></svg>')
 
 
 def _svg_hline(left: float, length: float, y: float, colour: str, width: float, dash: str,
@@ -247,7 +242,7 @@ def _svg_hline(left: float, length: float, y: float, colour: str, width: float, 
     return (f'<line x1="{left}" x2="{left + length}" y1="{y:.2f}" y2="{y:.2f}" '
             f'stroke="{colour}" stroke-width="{width}" stroke-dasharray="{dash}"/>'
             f'<text x="{left + length}" y="{label_y:.2f}" text-anchor="end" '
-            f'fill="{label_colour}">{_text(label)}</text>')
+            f'fill="{label_colour}">{escape(label)}</text>')
 
 
 def breakdown_rows(breakdown, classes: Sequence[str], multilabel: bool = False) -> list[dict]:

@@ -15,16 +15,20 @@ reason of its own (a bad config, a non-finite loss) returns that state and is no
 
 Stopping: the sweep's STOP file or SIGTERM reaches the driver, which asks every running cell to
 stop (their STOP files: a cell checkpoints and ends ``stopped``), cancels the cells not yet
-started, and force-cancels what has not ended after ``STOP_GRACE_S``.
+started, and force-cancels what has not ended after ``STOP_GRACE_S``. While the driver waits
+on Ray, SIGTERM only sets a flag that its loop polls: Ray's ``wait`` runs the Python signal
+handler from inside its C++ loop and turns an exception raised there into a ``SystemError``
+(the sweep then ended ``failed`` instead of ``stopped``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PASSED_ENV = ("LOSSATTN_DATA", "HF_HUB_OFFLINE", "LOSSATTN_BF16_CPU")
 """Environment variables a cell needs as the driver has them (data location, offline hub)."""
 STOP_GRACE_S = 60.0
+CANCEL_SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -82,12 +87,20 @@ def connect(address: str | None, local_cpus: int | None = None) -> str:
     ray = import_ray()
     if not ray.is_initialized():
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, num_cpus=local_cpus if address is None else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env=_runtime_env())
-        if threading.current_thread() is threading.main_thread():
-            # ray.init makes SIGTERM exit the driver; a sweep's SIGTERM must stop its cells
-            signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            ray.init(address=address, num_cpus=local_cpus if address is None else None,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env=_runtime_env())
+        except SystemExit as exc:
+            # ray.init makes SIGTERM exit the driver, at once; one that came while it joined
+            # goes to the handler the process had (a sweep's: stop, not fail)
+            if exc.code != signal.SIGTERM or not callable(on_sigterm):
+                raise
+            on_sigterm(signal.SIGTERM, None)
+            raise
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_sigterm)
     return ray.get_runtime_context().gcs_address
 
 
@@ -134,18 +147,35 @@ def run_sweep_ray(store: RunStore, todo: list[tuple[Run, bool]], resources: Cell
         num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=resources.max_retries,
         retry_exceptions=False)
     root = str(store.root.resolve())
-    pending = {task.remote(root, run.name): run for run, _ in todo}
+    with _sigterm_as_flag() as sigterm:
+        pending = {task.remote(root, run.name): run for run, _ in todo}
+        try:
+            while pending:
+                if sigterm.is_set() or stop_requested():
+                    raise JobStopped("sweep stopped; run it again to resume its cells")
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                for ref in done:
+                    run = pending.pop(ref)
+                    log(_ended_line(ray, ref, run))
+        except BaseException:
+            _stop_cells(ray, pending, log)
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_flag() -> Iterator[threading.Event]:
+    """SIGTERM sets the yielded event instead of raising (see the module docstring), also during
+    the stop's clean-up; the previous handler is back afterwards. Off the main thread Python
+    allows no handler: nothing changes."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
     try:
-        while pending:
-            if stop_requested():
-                raise JobStopped("sweep stopped; run it again to resume its cells")
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in done:
-                run = pending.pop(ref)
-                log(_ended_line(ray, ref, run))
-    except BaseException:
-        _stop_cells(ray, pending, log)
-        raise
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ended_line(ray, ref, run: Run) -> str:
@@ -163,11 +193,14 @@ def _stop_cells(ray, pending: dict, log) -> None:
     is still there after the grace period.
 
     Queued first: a running cell that stops frees its CPUs, and Ray would start a queued cell
-    on them before it was cancelled. The cancelled cells get the stop request too, so that one
-    caught starting stops at its first step."""
+    on them before it was cancelled. A queued cell caught starting is not stopped by a STOP file
+    (a run's own start clears a request it did not see coming) but by its cancel, which raises
+    KeyboardInterrupt in it: it ends ``stopped``, and the driver waits for the cancels to
+    settle before it returns."""
     started = {ref: run for ref, run in pending.items() if run.raw_status().get("state")
                in ACTIVE}
-    for ref in set(pending) - set(started):
+    queued = [ref for ref in pending if ref not in started]
+    for ref in queued:
         ray.cancel(ref)
     for run in pending.values():
         run.request_stop()
@@ -178,6 +211,8 @@ def _stop_cells(ray, pending: dict, log) -> None:
             started.pop(ref)
     for ref in started:
         ray.cancel(ref, force=True)
+    if queued:
+        ray.wait(queued, num_returns=len(queued), timeout=CANCEL_SETTLE_S)
     for run in pending.values():
         if run.status().get("state") not in ACTIVE:
             run.job.clear_stop()  # a cell that never started must not find a stale request

@@ -207,10 +207,14 @@ def sweep_process_alive(store: RunStore, sweep: str) -> bool:
 
 def stop_sweep(store: RunStore, sweep: str) -> None:
     """Stop the sweep's process (no new cells start) and every cell that is training. A cell
-    that the sweep's own process trains only gets the STOP request: one SIGTERM per process."""
+    that the sweep's own process trains only gets the STOP request: one SIGTERM per process.
+    A live Ray driver stops its cells itself: it must cancel the queued ones before a stopped
+    cell frees its CPUs, or Ray would start one of them there."""
     job = sweep_job(store, sweep)
-    process = job.process()
-    job.stop()
+    status = job.status()
+    process = job.process(status)
+    if job.stop() and status.get("executor") == "ray":
+        return
     for run in sweep_runs(store, sweep):
         if process is not None and process.matches(run.job.process()):
             run.request_stop()

@@ -18,8 +18,9 @@ from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.cluster import CellResources, RayExecutor, connect
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
+from engine.jobs import JobStopped
 from engine.runs import RunStore
-from engine.sweep import launch_sweep, run_sweep, sweep_configs, sweep_status
+from engine.sweep import launch_sweep, run_sweep, sweep_configs, sweep_job, sweep_status
 from engine.train import prepare_run_config
 
 CELL = {"data": {"dataset": "digits", "train_size": 256, "test_size": 64},
@@ -152,14 +153,50 @@ def test_stopping_a_ray_sweep_stops_its_tasks(cluster, tmp_path):
     while sweep_status(store, "stopme").get("state") in ("starting", "running"):
         assert time.monotonic() < deadline, "the sweep did not stop"
         time.sleep(0.2)
-    assert sweep_status(store, "stopme")["state"] == "stopped"
     states = {r["name"]: store.get(r["name"]).status()["state"] for r in store.list()}
+    status = sweep_status(store, "stopme")
+    assert status["state"] == "stopped", status.get("reason")
     assert states[first] == "stopped" and store.get(first).last_checkpoint.is_file()
     assert sorted(states.values()) == ["created", "created", "stopped"]
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, "Ray tasks still hold CPUs after the stop"
         time.sleep(0.2)
+
+
+def _sigterm_when_stepped(run, sent: list) -> None:
+    """SIGTERM this very process (the sweep's driver), once the cell has taken a step."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not run.raw_status().get("step"):
+        time.sleep(0.05)
+    if run.raw_status().get("step"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sent.append(True)
+
+
+def test_sigterm_while_the_driver_waits_on_ray_stops_the_sweep(cluster, tmp_path):
+    """SIGTERM alone (no STOP file) reaching the driver inside ray.wait: the sweep ends stopped,
+    not failed. Ray runs the handler inside its C++ wait, where the JobStopped the jobs' handler
+    raises came out as a SystemError; the driver now only sets a flag there."""
+    store = RunStore(tmp_path)
+    configs = sweep_configs({**CELL, "train": {**CELL["train"], "epochs": 30}},
+                            [("train.seed", [0, 1])], "term")
+    first = store.create(prepare_run_config(configs[0]))
+    sent: list[bool] = []
+    killer = threading.Thread(target=_sigterm_when_stepped, args=(first, sent))
+    job, before = sweep_job(store, "term"), signal.getsignal(signal.SIGTERM)
+    executor = RayExecutor(resources=CellResources(cpus=THREADS),
+                           stop_requested=job.stop_requested)
+    # job.attach: the jobs' SIGTERM handler, as in `engine sweep`
+    with pytest.raises(JobStopped), job.attach(kind="sweep"):
+        killer.start()
+        run_sweep(store, configs, ray=executor, log=lambda m: None)
+    killer.join()
+    assert sent, "the cell never stepped"
+    assert job.status()["state"] == "stopped", job.status().get("reason")
+    assert first.status()["state"] == "stopped" and first.last_checkpoint.is_file()
+    assert store.get(configs[1].name).status()["state"] == "created"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers were put back
 
 
 def test_bad_resources_and_a_missing_ray_are_named(monkeypatch):
@@ -170,6 +207,27 @@ def test_bad_resources_and_a_missing_ray_are_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ConfigError, match="requirements-cluster.txt"):
         import_ray()
+
+
+def test_sigterm_while_joining_ray_goes_to_the_sweeps_handler(monkeypatch, tmp_path):
+    """ray.init replaces the SIGTERM handler with sys.exit for as long as it joins; a stop in
+    that window still stops the sweep (not `failed: SystemExit`), and the handler is back."""
+    from engine.jobs import Job
+
+    def init(**kw):  # what ray.init does on a SIGTERM: its handler exits
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs first
+        raise AssertionError("SIGTERM did not arrive")
+
+    fake = type(sys)("ray")
+    fake.is_initialized, fake.init = lambda: False, init
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    job, before = Job(tmp_path / "sweep"), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(JobStopped), job.attach(kind="sweep"):
+        connect("192.0.2.1:6379")
+    assert job.status()["state"] == "stopped"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_the_sweep_page_launches_on_ray_and_shows_it_like_a_local_sweep(cluster, tmp_path,

@@ -193,10 +193,10 @@ def _stop_cells(ray, pending: dict, log) -> None:
     is still there after the grace period.
 
     Queued first: a running cell that stops frees its CPUs, and Ray would start a queued cell
-    on them before it was cancelled. A queued cell caught starting is not stopped by a STOP file
-    (a run's own start clears a request it did not see coming) but by its cancel, which raises
-    KeyboardInterrupt in it: it ends ``stopped``, and the driver waits for the cancels to
-    settle before it returns."""
+    on them before it was cancelled. The queued cells get the STOP request too: one that had
+    just started sees it at its next step, while one still starting clears it as stale and is
+    stopped by its cancel instead (Ray raises KeyboardInterrupt in a running task). The driver
+    waits for the cancels to settle before it returns."""
     started = {ref: run for ref, run in pending.items() if run.raw_status().get("state")
                in ACTIVE}
     queued = [ref for ref in pending if ref not in started]

@@ -350,6 +350,22 @@ def _kill_node(launcher: subprocess.Popen) -> None:
     launcher.wait(timeout=30)
 
 
+def _wait_for_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """The launchers' exit codes. Once one fails, the others are killed at once: torchrun's
+    exit barrier would otherwise hold a healthy launcher for 300 s before it gives up."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(n.poll() is None for n in nodes) and time.monotonic() < deadline:
+            if any(n.poll() not in (None, 0) for n in nodes):
+                break
+            time.sleep(0.1)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                _kill_node(n)
+    return [n.returncode for n in nodes]
+
+
 def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resumes(tmp_path):
     """Two torchrun launchers on localhost (one process each, gloo, c10d rendezvous) stand for
     two machines. Killing the node without rank 0 mid-run ends the run failed, with a reason;
@@ -386,7 +402,7 @@ def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resum
     port = _free_port()
     nodes = [_torchrun_node(tmp_path, port, "second", k, "resume", "mn", "--runs-dir",
                             str(tmp_path), "--quiet") for k in range(2)]
-    codes = [n.wait(timeout=300) for n in nodes]
+    codes = _wait_for_nodes(nodes, timeout=300)
     assert codes == [0, 0], _node_log(tmp_path, "second", 0) + _node_log(tmp_path, "second", 1)
     assert store.get("mn").status()["state"] == "finished"
     log_text = store.get("mn").log_path.read_text()

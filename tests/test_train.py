@@ -1,5 +1,6 @@
 """Training runs: the run directory, stop / resume / kill, NaN losses, DDP, and bad input."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -344,9 +345,14 @@ def _kill_node(launcher: subprocess.Popen) -> None:
     sessions, so killing the launcher's process group alone would leave them running)."""
     import psutil
 
-    for proc in [*psutil.Process(launcher.pid).children(recursive=True),
-                 psutil.Process(launcher.pid)]:
-        proc.kill()
+    try:  # the launcher may end on its own between a poll and this kill
+        launcher_proc = psutil.Process(launcher.pid)
+        procs = [*launcher_proc.children(recursive=True), launcher_proc]
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     launcher.wait(timeout=30)
 
 
@@ -364,6 +370,15 @@ def _wait_for_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[int |
             if n.poll() is None:
                 _kill_node(n)
     return [n.returncode for n in nodes]
+
+
+def test_a_failed_node_ends_the_wait_for_the_others_at_once():
+    """What keeps a crashed rank from costing the two-node test torchrun's 300 s barrier."""
+    failed = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    healthy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = time.monotonic()
+    assert _wait_for_nodes([failed, healthy], timeout=60) == [3, -signal.SIGKILL]
+    assert time.monotonic() - start < 10
 
 
 def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resumes(tmp_path):

@@ -7,8 +7,7 @@ explain, the device, the run folder) are drawn here, once.
 
 import streamlit as st
 
-from engine.runs import default_runs_root
-from ui.st_state import adopt_link, device_badge, guard, model_picker, router_ran
+from ui.st_state import adopt_link, device_footer, guard, model_picker, router_ran
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 
@@ -44,4 +43,5 @@ with st.sidebar, guard("The sidebar", stop=False):
     model_picker()
 navigation.run()
 # After the page, so that the page never waits for torch to import just for this line.
-st.sidebar.caption(f"{device_badge()} · runs in `{default_runs_root()}`")
+with guard("The device line", stop=False):
+    device_footer()

@@ -1,8 +1,6 @@
 """``python -m engine``: the command line (:mod:`engine.cli`)."""
 
-import sys
-
-from engine.cli import main
+from engine.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

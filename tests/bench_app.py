@@ -9,6 +9,8 @@ with Playwright, and prints (and writes as JSON):
 - ``explorer_cold_s``: first visit of the Patch Explorer (model load and test-set pass included);
 - ``explorer_warm_s``: a later visit, from navigation to the overlay on screen;
 - ``server_rss_mib_after_explorer``: the server process's resident memory after both visits;
+- ``server_cpu_ms_per_xi_move``: the server's CPU time (all threads) over the slider moves
+  below, per move;
 - ``xi_slider_to_overlay_ms``: a ξ slider key press to a new overlay image (median, p90, all),
   alternating page steps (0 <-> 0.1) and jumps (0 <-> 1). A 0.01 arrow step is not used: near
   ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical.
@@ -247,6 +249,14 @@ def server_rss_mib(url: str) -> float:
     return psutil.Process(SERVER_PIDS[url]).memory_info().rss / 2**20
 
 
+def server_cpu_s(url: str) -> float:
+    """CPU seconds the app server has used so far, all its threads (script runs, websocket)."""
+    import psutil
+
+    times = psutil.Process(SERVER_PIDS[url]).cpu_times()
+    return times.user + times.system
+
+
 def summarise(latencies: list[float]) -> dict:
     ms = sorted(1000 * v for v in latencies)
     return {"median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
@@ -266,7 +276,9 @@ def measure(moves: int = 20) -> dict:
         idle(page)
         result["explorer_warm_s"] = open_explorer(page, url)
         result["server_rss_mib_after_explorer"] = server_rss_mib(url)
+        cpu = server_cpu_s(url)
         result["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, moves))
+        result["server_cpu_ms_per_xi_move"] = 1000 * (server_cpu_s(url) - cpu) / moves
         browser.close()
     import torch
 

@@ -9,11 +9,19 @@ explanation method on the shipped model), ``startup`` (``python -m engine --help
 ``models``), ``app`` (ξ-slider latency, Home and Explorer, via tests/bench_app.py), ``pages``
 (every page's first useful view). Writes ``--out`` (JSON) and, with ``--readme``, replaces the
 table between the ``perf`` markers of README.md.
+
+Before and after, side by side: ``--tree DIR`` measures another checkout of the project (a git
+worktree of an older commit) with this script: its CLI and its app, its own
+``tests/bench_app.py`` for the browser figures, and ``--train-limit S`` to end a default run
+that would train for an hour once S seconds have passed (its times to 95 % and 97 % are read
+from its metrics). ``--compare BEFORE.json AFTER.json`` prints the two as one table, and
+``--from F.json --readme`` writes a saved result's table into README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,9 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-SHIPPED = ROOT / "checkpoints" / "digits_small_cnn_la.pt"
+TREE = ROOT  # the checkout measured (--tree); this one unless told otherwise
 DEFAULT_TRAIN = ["train", "--dataset", "digits", "--backbone", "small_cnn", "--head",
                  "loss_attention", "--quiet"]
 PAGES = ["", "train", "runs", "explorer", "compare", "curves", "sweep", "stride", "mil",
@@ -40,41 +46,85 @@ def spread(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def shipped() -> Path:
+    return TREE / "checkpoints" / "digits_small_cnn_la.pt"
+
+
+def engine_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(TREE), "HF_HUB_OFFLINE": "1"}
+
+
 def engine(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=TREE, env=engine_env(),
                           capture_output=True, text=True, check=True, **kw)
 
 
 def _first_reaching(rows: list[dict], created: float, level: float) -> float | None:
     """Seconds from process start to the first epoch whose whole-test-set accuracy is
     >= ``level`` (a sampled mid-run evaluation does not count; the last row is always on the
-    whole set)."""
-    whole = rows[-1]["eval_images"]
+    whole set; rows without ``eval_images``, from before sampling existed, are all whole)."""
+    whole = rows[-1].get("eval_images")
     for row in rows:
-        if row["eval_images"] == whole and row["test_acc"] >= level:
+        if row.get("eval_images") == whole and row["test_acc"] >= level:
             return row["time"] - created
     return None
 
 
-def train_default(runs: int, store: Path) -> dict:
-    """The README's own command with no schedule flags, from process start to finished."""
-    walls, accs, to95, to97 = [], [], [], []
+def _metrics(run: Path) -> list[dict]:
+    """The run's metrics lines so far; a line the trainer is still writing is left out."""
+    path = run / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def _train_one(store: Path, name: str, limit: float | None) -> tuple[float, bool]:
+    """One default run; with ``limit``, ended (SIGTERM: the trainer checkpoints and stops) once
+    it has reached 97 % or run ``limit`` seconds. Returns (seconds, whether it finished)."""
+    started = time.time()
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: nothing can block on it
+        proc = subprocess.Popen([sys.executable, "-m", "engine", *DEFAULT_TRAIN, "--runs-dir",
+                                 str(store), "--name", name], cwd=TREE, env=engine_env(),
+                                stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if limit is None:
+                continue
+            rows = _metrics(store / name)
+            if time.time() - started > limit or (rows and _first_reaching(rows, started, 0.97)):
+                proc.terminate()
+                proc.wait(120)
+                return time.time() - started, False
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"the default run failed: {errors.read()[-2000:]}")
+    return time.time() - started, True
+
+
+def train_default(runs: int, store: Path, limit: float | None = None) -> dict:
+    """The README's own command with no schedule flags, from process start to finished (or,
+    with ``limit``, to where it was ended: see :func:`_train_one`)."""
+    walls, accs, to95, to97, ended = [], [], [], [], []
     for i in range(runs):
         started = time.time()
-        engine([*DEFAULT_TRAIN, "--runs-dir", str(store), "--name", f"default-{i}"])
-        walls.append(time.time() - started)
-        run = store / f"default-{i}"
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        seconds, finished = _train_one(store, f"default-{i}", limit)
+        rows = _metrics(store / f"default-{i}")
+        (walls if finished else ended).append(seconds)
+        if not rows:  # ended by --train-limit before its first epoch
+            continue
         accs.append(rows[-1]["test_acc"])
         for level, out in ((0.95, to95), (0.97, to97)):
             reached = _first_reaching(rows, started, level)
             if reached is not None:
                 out.append(reached)
     config = json.loads((store / "default-0" / "config.json").read_text())
-    return {"wall_s": spread(walls), "final_test_acc": spread(accs),
+    return {"wall_s": spread(walls) if walls else None,
+            "ended_unfinished_s": spread(ended) if ended else None,
+            "final_test_acc": spread(accs) if accs else None,
             "to_95_s": spread(to95) if to95 else None, "to_97_s": spread(to97) if to97 else None,
-            "preset": config["preset"], "epochs": config["train"]["epochs"],
+            "preset": config.get("preset"), "epochs": config["train"]["epochs"],
             "train_images": config["data"]["train_size"]}
 
 
@@ -82,7 +132,7 @@ def patch_quality(store: Path) -> dict:
     """Patch precision / recall / F (paper's definitions) at ξ = 0.1: the default run's
     against the shipped model's, on the same test set."""
     out = {}
-    for label, source in (("shipped", str(SHIPPED)), ("default", "default-0")):
+    for label, source in (("shipped", str(shipped())), ("default", "default-0")):
         with tempfile.TemporaryDirectory() as folder:
             engine(["evaluate", "--runs-dir", str(store), source, "--metrics", "image,patch",
                     "--out", folder])
@@ -107,7 +157,7 @@ def explain_cost(images: int = 32, repeats: int = 3) -> dict:
     from engine.data.base import model_input
     from engine.explain import METHODS, explanation_maps
 
-    model, ckpt = load_model(SHIPPED)
+    model, ckpt = load_model(shipped())
     test = load_split(config_from_dict(DataConfig, ckpt["run_config"]["data"]), "test")
     x = model_input(test, test.images[:images])
     classes = test.targets[:images]
@@ -142,8 +192,11 @@ def app_latency(runs: int) -> list[dict]:
 
 
 def page_times(runs: int) -> dict:
-    from bench_app import page_open_times
+    import bench_app
 
+    if not hasattr(bench_app, "page_open_times"):
+        return {}  # an older checkout's bench_app cannot time the pages
+    page_open_times = bench_app.page_open_times
     measured = [page_open_times(PAGES) for _ in range(runs)]
     return {page or "home": {kind: spread([m[page][kind] for m in measured])
                              for kind in ("cold_s", "warm_s")} for page in PAGES}
@@ -152,11 +205,17 @@ def page_times(runs: int) -> dict:
 def machine() -> dict:
     import torch
 
-    from engine.device import cpu_has_native_bf16
-
+    try:  # the same test as engine.device.cpu_has_native_bf16
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux
+        flags = []
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=TREE, check=False,
+                            capture_output=True, text=True).stdout.strip()
     return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": cpu_has_native_bf16(), "load_avg_1min": os.getloadavg()[0]}
+            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+            "load_avg_1min": os.getloadavg()[0], "tree": str(TREE), "commit": commit}
 
 
 def _mmm(d: dict | None, unit: str = "", digits: int = 1) -> str:
@@ -165,59 +224,102 @@ def _mmm(d: dict | None, unit: str = "", digits: int = 1) -> str:
     return f"{d['min']:.{digits}f} / {d['median']:.{digits}f} / {d['max']:.{digits}f}{unit}"
 
 
+def _train_rows(t: dict) -> list[tuple[str, str, str]]:
+    epochs = (f"{t['preset'] or 'no preset'}: {t['epochs']} epochs, "
+              f"{t['train_images'] or 'all'} train images")
+    ended = ("" if t.get("ended_unfinished_s") is None
+             else f"ended unfinished after {_mmm(t['ended_unfinished_s'], ' s')}")
+    return [("train_wall", "Default digits run: process start to finished",
+             f"{_mmm(t['wall_s'], ' s')} ({epochs})" if t["wall_s"] else f"{ended} ({epochs})"),
+            ("train_95", "... its first whole-test-set accuracy >= 95 %", _mmm(t["to_95_s"], " s")),
+            ("train_97", "... >= 97 %", _mmm(t["to_97_s"], " s")),
+            ("train_acc", "... test accuracy at the end (finished, or ended)",
+             _mmm(t["final_test_acc"], "", 4))]
+
+
+def _app_rows(apps: list[dict]) -> list[tuple[str, str, str]]:
+    """The browser figures; an older checkout's bench_app measures only some of them."""
+    out = []
+    for key, label, unit, digits in (
+            ("home_complete_s", "App Home, server start to rendered", " s", 2),
+            ("home_title_after_answer_s", "App Home, server answering to its title on screen",
+             " s", 2),
+            ("home_complete_after_answer_s", "App Home, server answering to rendered", " s", 2),
+            ("explorer_cold_s", "Patch Explorer, first visit", " s", 2),
+            ("explorer_warm_s", "Patch Explorer, later visit", " s", 2),
+            ("server_rss_mib_after_explorer",
+             "App server memory (RSS) after Home and two Explorer visits", " MiB", 0),
+            ("server_cpu_ms_per_xi_move", "App server CPU time per ξ move (all threads)",
+             " ms", 1)):
+        if all(key in a for a in apps):
+            out.append((key, label, _mmm(spread([a[key] for a in apps]), unit, digits)))
+    # What a user who opens the Explorer as soon as Home is drawn waits in all: Home no longer
+    # imports torch, so the Explorer's first visit may wait for the rest of that import.
+    total = spread([a["home_complete_s"] + a["explorer_cold_s"] for a in apps])
+    out.append(("home_then_explorer_s",
+                "App: server start to the Explorer's picture (Home, then the Explorer at once)",
+                _mmm(total, " s", 2)))
+    for key in ("median", "p90"):
+        out.append((f"xi_{key}", f"ξ slider key press to new overlay, {key} of 20 moves",
+                    _mmm(spread([a["xi_slider_to_overlay_ms"][key] for a in apps]), " ms", 0)))
+    return out
+
+
+def rows(result: dict) -> list[tuple[str, str, str]]:
+    """(key, figure, measured) for every figure in ``result``: the key is the same for the
+    same figure of another checkout, so that two results line up (:func:`compare`)."""
+    m = result["machine"]
+    out = [("machine", "Machine", (f"{m['cpus']} CPUs ({m['cpu_capability']}, native bf16: "
+                                   f"{m['native_bf16']}), torch {m['torch']}, load "
+                                   f"{m['load_avg_1min']:.2f}"))]
+    if "train" in result:
+        out += _train_rows(result["train"])
+    for label, v in result.get("patch", {}).items():
+        out.append((f"patch_{label}", f"Patch precision / recall / F (paper), ξ = 0.1, {label}",
+                    (f"{v['precision_paper']:.3f} / {v['recall_paper']:.3f} / "
+                     f"{v['f_paper']:.3f}")))
+    for r in result.get("models", []):
+        # The mode beside the figure, not in the label: an older checkout benchmarks another.
+        out.append((f"model_{r['model']}", (f"Training images/s, {r['model']} (batch "
+                    f"{r['batch']}, {r['input_size'][0]}x{r['input_size'][1]})"),
+                    (f"{r['images_per_s']:.0f} img/s in {r['mode']}, peak "
+                     f"{r['peak_mem_mb']:.0f} MiB ({r['memory_kind']})")))
+    for method, v in result.get("explain", {}).items():
+        out.append((f"explain_{method}", f"Explanation {method}, shipped model, batch of 32",
+                    _mmm(v, " ms/image")))
+    for label, v in result.get("startup", {}).items():
+        out.append((label, f"`python -m engine {'--help' if 'help' in label else 'models'}`",
+                    _mmm(v, " s", 2)))
+    if "app" in result:
+        out += _app_rows(result["app"])
+    for page, v in result.get("pages", {}).items():
+        out.append((f"page_{page}", f"Page `{page}`: first useful view, cold / warm (median)",
+                    f"{v['cold_s']['median']:.2f} s / {v['warm_s']['median']:.2f} s"))
+    return out
+
+
+def markdown(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
 def table(result: dict) -> str:
     """The README table: one row per figure, min / median / max of the repeats."""
-    rows = [("Figure", "Measured (min / median / max)")]
-    m = result["machine"]
-    rows.append(("Machine", (f"{m['cpus']} CPUs ({m['cpu_capability']}, native bf16: "
-                            f"{m['native_bf16']}), torch {m['torch']}, load "
-                            f"{m['load_avg_1min']:.2f}")))
-    if "train" in result:
-        t = result["train"]
-        rows += [((f"Default digits run ({t['preset']}: {t['epochs']} epochs, "
-                  f"{t['train_images']} images): process start to finished"),
-                  _mmm(t["wall_s"], " s")),
-                 ("... its first whole-test-set accuracy >= 95 %", _mmm(t["to_95_s"], " s")),
-                 ("... >= 97 %", _mmm(t["to_97_s"], " s")),
-                 ("... final test accuracy", _mmm(t["final_test_acc"], "", 4))]
-    if "patch" in result:
-        for label, v in result["patch"].items():
-            rows.append((f"Patch precision / recall / F (paper), ξ = 0.1, {label}",
-                         (f"{v['precision_paper']:.3f} / {v['recall_paper']:.3f} / "
-                         f"{v['f_paper']:.3f}")))
-    for r in result.get("models", []):
-        rows.append(((f"Training images/s, {r['model']} ({r['mode']}, batch {r['batch']}, "
-                     f"{r['input_size'][0]}x{r['input_size'][1]})"),
-                     (f"{r['images_per_s']:.0f} img/s, peak {r['peak_mem_mb']:.0f} MiB "
-                     f"({r['memory_kind']})")))
-    for method, v in result.get("explain", {}).items():
-        rows.append((f"Explanation {method}, shipped model, batch of 32", _mmm(v, " ms/image")))
-    for label, v in result.get("startup", {}).items():
-        rows.append((f"`python -m engine {'--help' if 'help' in label else 'models'}`",
-                     _mmm(v, " s", 2)))
-    if "app" in result:
-        apps = result["app"]
-        for key, label in (("home_complete_s", "App Home, server start to rendered"),
-                           ("home_title_after_answer_s",
-                            "App Home, server answering to its title on screen"),
-                           ("home_complete_after_answer_s",
-                            "App Home, server answering to rendered"),
-                           ("explorer_cold_s", "Patch Explorer, first visit"),
-                           ("explorer_warm_s", "Patch Explorer, later visit")):
-            rows.append((label, _mmm(spread([a[key] for a in apps]), " s", 2)))
-        rows.append(("App server memory (RSS) after Home and two Explorer visits",
-                     _mmm(spread([a["server_rss_mib_after_explorer"] for a in apps]), " MiB",
-                          0)))
-        for key in ("median", "p90"):
-            rows.append((f"ξ slider key press to new overlay, {key} of 20 moves",
-                         _mmm(spread([a["xi_slider_to_overlay_ms"][key] for a in apps]),
-                              " ms", 0)))
-    for page, v in result.get("pages", {}).items():
-        rows.append((f"Page `{page}`: first useful view, cold / warm (median)",
-                     f"{v['cold_s']['median']:.2f} s / {v['warm_s']['median']:.2f} s"))
-    lines = [f"| {a} | {b} |" for a, b in rows]
-    lines.insert(1, "|---|---|")
-    return "\n".join(lines)
+    return markdown(("Figure", "Measured (min / median / max)"),
+                    [(label, value) for _, label, value in rows(result)])
+
+
+def compare(before: dict, after: dict) -> str:
+    """Two results (``--out`` files) side by side, one row per figure either has; a figure the
+    older checkout could not measure shows a dash."""
+    old = {key: value for key, _, value in rows(before)}
+    new = rows(after)
+    keys = {key for key, _, _ in new}
+    body = [(label, old.get(key, "-"), value) for key, label, value in new]
+    body += [(label, value, "-") for key, label, value in rows(before) if key not in keys]
+    heads = [f"{side} ({r['machine']['commit']})" if r["machine"].get("commit") else side
+             for side, r in (("before", before), ("after", after))]
+    return markdown(("Figure", *heads), body)
 
 
 def write_readme(text: str) -> None:
@@ -234,19 +336,42 @@ SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "pages")
 
 
 def main() -> int:
+    global TREE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--out", default="perf.json")
     parser.add_argument("--readme", action="store_true", help="rewrite README's table")
+    parser.add_argument("--tree", type=Path, default=ROOT,
+                        help="measure this checkout of the project (default: this one)")
+    parser.add_argument("--train-limit", type=float, metavar="S",
+                        help="end a default run after S seconds or once at 97 %%")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print two --out files side by side, and measure nothing")
+    parser.add_argument("--from", dest="saved", type=Path, metavar="F",
+                        help="the table of an --out file (with --readme: into README.md), "
+                             "measuring nothing")
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(f).read_text()) for f in args.compare)
+        print(compare(before, after))
+        return 0
+    if args.saved:
+        text = table(json.loads(args.saved.read_text()))
+        print(text)
+        if args.readme:
+            write_readme(text)
+        return 0
+    TREE = args.tree.resolve()
+    # The measured checkout's own engine (explanations) and bench_app (the browser figures).
+    sys.path[:0] = [str(TREE), str(TREE / "tests")]
     only = args.only.split(",")
     result: dict = {"machine": machine()}
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
         if "train" in only:
-            result["train"] = train_default(args.runs, store)
-        if "patch" in only:
+            result["train"] = train_default(args.runs, store, args.train_limit)
+        if "patch" in only and result.get("train", {}).get("wall_s", True):
             if "train" not in only:
                 engine([*DEFAULT_TRAIN, "--runs-dir", str(store), "--name", "default-0"])
             result["patch"] = patch_quality(store)

@@ -66,6 +66,48 @@ def test_home(runs_root):
     assert at.title[0].value == "Patch Explorer" and not at.exception
 
 
+FIRST_PAGE_PROBE = """
+import sys
+from streamlit.testing.v1 import AppTest
+import ui.st_state as state
+state._PRELOAD_STARTED.acquire()  # as if the background import had not had its turn yet
+at = AppTest.from_file(sys.argv[1], default_timeout=120)
+if sys.argv[2] != "home":
+    at.switch_page(f"pages/{sys.argv[2]}.py")
+at.run()
+assert not at.exception, [e.message for e in at.exception]
+print("TORCH" if "torch" in sys.modules else "NO TORCH")
+print("TITLE", at.title[0].value)
+print("LINE", [c.value for c in at.sidebar.caption])
+state._PRELOAD_STARTED.release()
+state.preload_torch()
+assert state._TORCH_LOADED.wait(120)
+print("PRELOADED" if "torch" in sys.modules else "NOT PRELOADED", state.device_badge())
+"""
+DEVICE = r"(CPU \(\d+ threads\)|GPU: .+)"
+
+
+@pytest.mark.parametrize("page, title, torch_line", [
+    ("home", "Loss-Attention Studio", "NO TORCH"), ("explorer", "Patch Explorer", "TORCH")])
+def test_the_first_page_waits_for_torch_only_if_it_needs_it(runs_root, page, title, torch_line):
+    """Home, the usual first page, ends without importing torch (about 1 s, most of its first
+    render before): its sidebar line waits for the background import, which then holds torch
+    for the pages that need it. A page that imported torch itself (a link opened first) names
+    the device at once, whether or not the background import has had its turn."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FIRST_PAGE_PROBE, str(ROOT / "app.py"), page],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == torch_line and lines[1] == f"TITLE {title}", lines
+    line = "Device: loading torch…" if page == "home" else DEVICE
+    assert re.fullmatch(rf"LINE \['{line} · runs in `{re.escape(str(runs_root))}`'\]",
+                        lines[2]), lines
+    assert re.fullmatch(f"PRELOADED {DEVICE}", lines[3]), lines
+
+
 def map_svg(at, key: str) -> str:
     """The Explorer's SVG picture marked ``data-map=key``, decoded from its image element."""
     for image in at.get("image"):
@@ -472,3 +514,45 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
 
     sources = model_sources()
     assert {"run: ui-s0-mutual · peer 0", "run: ui-s0-mutual · peer 1"} <= set(sources)
+
+
+def test_overlapping_xi_moves_leave_torch_threads_as_they_found_them(monkeypatch):
+    """Two sessions' script threads inside single_threaded at once (a ξ move in each): a script
+    thread started afterwards gets torch's threads as before, not the 1 one of them set."""
+    import threading
+
+    import torch
+
+    import ui.st_state as state
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # also the default of threads started from here on
+    monkeypatch.setattr(state, "_default_threads", None)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with state.single_threaded():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():  # starts while the first is inside, so it starts at 1 thread
+        with state.single_threaded():
+            b_in.set()
+            a_out.wait(10)
+
+    seen = []
+    try:
+        a = threading.Thread(target=first)
+        a.start()
+        assert a_in.wait(10)
+        b = threading.Thread(target=second)
+        b.start()
+        a.join(10)
+        b.join(10)
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join(10)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]

@@ -10,6 +10,7 @@ benchmark proper is ``python tests/bench_app.py``.
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,27 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     page.locator(PICTURES).first.scroll_into_view_if_needed()
     page.screenshot(path=artifacts / "explorer-with-without-patch-loss.png")
     page.close()
+
+
+def test_home_on_a_fresh_server_then_the_device_line(artifacts, tmp_path):
+    """Home, the first page of a fresh server, ends without waiting for torch; the sidebar's
+    device line then fills in by itself (torch loads in the background, and the app reruns
+    once), with the rest of the sidebar and the page still there."""
+    with app_server(tmp_path / "runs") as (url, started), sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        timings = open_home(page, url, started)
+        sidebar = page.locator("[data-testid='stSidebar']")
+        sidebar.get_by_text(re.compile(r"^(CPU \(\d+ threads\)|GPU: .+) · runs in")).wait_for(
+            timeout=60_000)
+        idle(page)
+        assert sidebar.get_by_text("Device: loading torch").count() == 0
+        assert sidebar.get_by_text("Model to explain").count() == 1
+        assert page.get_by_role("heading", name="Loss-Attention Studio").count() == 1
+        no_traceback(page)
+        page.screenshot(path=artifacts / "home-fresh-server.png")
+        browser.close()
+    print("fresh home timings:", json.dumps(timings))
 
 
 def test_every_page_in_a_real_browser(artifacts, tmp_path):

@@ -1,4 +1,5 @@
-"""Sweeps on a Ray cluster (engine/cluster.py): a local Ray with 2 CPUs, started here.
+"""Sweeps on a Ray cluster (engine/cluster.py): a local Ray with as many CPUs as a cell trains
+with (one cell at a time), started here.
 
 Ray is in the test requirements (requirements-cluster.txt via requirements-dev.txt), so these
 tests run wherever the suite does; a missing Ray fails them at import."""
@@ -33,7 +34,8 @@ compute exactly the same floating-point sums."""
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = connect(None, local_cpus=max(2, THREADS))
+    # Room for one cell at a time: the stop tests need cells still queued behind a running one.
+    address = connect(None, local_cpus=THREADS)
     yield address
     ray.shutdown()
 

@@ -470,9 +470,12 @@ def test_cli_writes_the_table(tmp_path, capsys):
     out = tmp_path / "mil"
     rc = main(["mil", "--dataset", "digit_bags", "--method", "loss_attention,mean", "--folds",
                "3", "--repeats", "1", "--epochs", "2", "--out", str(out), "--quiet",
-               "--threads", "1"])
+               "--threads", "2"])
     assert rc == 0
     assert {r["method"] for r in read_results(out)} == {"loss_attention", "mean"}
+    # It trained on the threads asked for, and left the caller's setting as it was.
+    assert {r["threads"] for r in read_results(out)} == {2}
+    assert torch.get_num_threads() == 1  # this module's setting (_one_thread)
     assert "digit_bags" in capsys.readouterr().out
     assert main(["mil", "--method", "max", "--out", str(out)]) == 2
     assert main(["mil", "--dataset", "musk9", "--out", str(out)]) == 2

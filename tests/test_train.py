@@ -308,6 +308,37 @@ def _assert_equals_one_process_with_micro_batches(tmp_path, name: str, args: lis
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+EXIT_PROBE = """
+import atexit, logging, logging.handlers, sys
+from engine.cli import exit_process
+# Held in memory until the handlers are flushed and closed: only logging.shutdown writes it.
+held = logging.handlers.MemoryHandler(100, logging.CRITICAL, logging.FileHandler(sys.argv[1]))
+logging.getLogger().addHandler(held)
+logging.getLogger().setLevel(logging.INFO)
+logging.getLogger("probe").info("logged before the exit")
+atexit.register(lambda: print("FINALIZED", flush=True))
+print("printed before the exit", end="")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world", [None, "2"])
+def test_a_torchrun_rank_ends_flushed_and_without_finalizing(tmp_path, world):
+    """``python -m engine`` ends through exit_process: under torchrun (WORLD_SIZE > 1) with its
+    code, its output and log flushed, and no interpreter finalization (where a gloo worker
+    thread still dropping the last collective's work aborts the rank); otherwise as usual."""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world:
+        env["WORLD_SIZE"] = world
+    log = tmp_path / "probe.log"
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(log)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.startswith("printed before the exit")
+    assert "logged before the exit" in log.read_text()
+    assert ("FINALIZED" in out.stdout) == (world is None)
+
+
 def test_ddp_two_processes_equal_single_process(tmp_path):
     """torchrun with 2 gloo ranks == one process with 2 micro-batches (same data, same BN)."""
     args = ["--runs-dir", str(tmp_path), "--backbone", "small_cnn", "--epochs", "2",

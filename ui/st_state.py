@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,21 +103,34 @@ def _relative(text: str) -> str:
     return shown_relative(text)
 
 
+_ONE_THREAD = threading.Lock()
+_default_threads: int | None = None  # torch's threads before any session took them down to 1
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Run tiny tensor work (re-decoding cached patch logits on a slider move) on one thread.
 
     On a busy machine (a run training beside the app) two OpenMP threads make a 1 ms op take
-    10-20 ms while they wait for a core; one thread does not wait. Process-wide, so two
-    sessions overlapping here only cost speed, never correctness."""
+    10-20 ms while they wait for a core; one thread does not wait.
+
+    ``torch.set_num_threads`` sets the calling thread's count and the default of threads
+    started later (Streamlit starts one per script run). So each session sets 1 for itself
+    and then restores the process's count as first seen here, never one it read while
+    another session was inside: saving and restoring its own left every later run at 1
+    thread when two overlapped."""
+    global _default_threads
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _ONE_THREAD:
+        if _default_threads is None:
+            _default_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _ONE_THREAD:
+            torch.set_num_threads(_default_threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +315,65 @@ def device_badge() -> str:
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+_TORCH_LOADED = threading.Event()
+_PRELOAD_STARTED = threading.Lock()  # held for good by the first caller of preload_torch
+
+
+def preload_torch() -> None:
+    """Import torch on a background thread, once per server process.
+
+    Home needs no torch, but every explaining page does, and importing it is most of a cold
+    first visit (about 1 s of the Explorer's here). Started after Home is drawn, the import
+    runs while a user reads it; a page that needs torch sooner waits on Python's import lock
+    for the same import, never a second one. Only torch: it imports nothing of this project,
+    so the two threads cannot wait on each other's imports."""
+    if not _PRELOAD_STARTED.acquire(blocking=False):
+        return
+
+    def load() -> None:
+        try:
+            import torch  # noqa: F401
+        finally:  # a failed import is tried again, and fails, where a page imports torch
+            _TORCH_LOADED.set()
+
+    threading.Thread(target=load, name="preload-torch", daemon=True).start()
+
+
+def device_footer() -> None:
+    """The sidebar's last line: the device and the run folder.
+
+    The device needs torch. A page that imported torch has it at once; on Home (the first
+    page), a small fragment shows the line without the device and polls the background
+    import (:func:`preload_torch`), then reruns the app once to draw the full line, so that
+    Home finishes without waiting a second for torch."""
+    from engine.runs import default_runs_root
+
+    preload_torch()
+    runs = f"runs in `{default_runs_root()}`"
+    if _torch_loaded():
+        st.sidebar.caption(f"{device_badge()} · {runs}")
+        return
+    with st.sidebar:
+        _device_pending(runs)
+
+
+def _torch_loaded() -> bool:
+    """Whether torch is imported and done initialising: by a page of this run, or by the
+    background import (which may not have had a turn yet on a busy machine)."""
+    if _TORCH_LOADED.is_set():
+        return True
+    module = sys.modules.get("torch")
+    spec = getattr(module, "__spec__", None)
+    return module is not None and not getattr(spec, "_initializing", False)
+
+
+@st.fragment(run_every=0.5)
+def _device_pending(runs: str) -> None:
+    if _torch_loaded():
+        st.rerun()  # the whole app: the next run draws the full line, without this fragment
+    st.caption(f"Device: loading torch… · {runs}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine.device import torch_threads
 from engine.jobs import Job
 from engine.mil.config import MilConfig
 from engine.mil.data import BENCHMARKS, load_mil_dataset
@@ -57,15 +58,15 @@ def run_experiment(datasets: Sequence[str], methods: Sequence[str], config: MilC
     ``out`` is this experiment's job folder: its status says how far it is, and a stop
     (SIGTERM, its STOP file) or an error ends it as ``stopped`` or ``failed``."""
     out = Path(out)
-    torch.set_num_threads(threads or default_threads())
     # Every set is read before anything is written: a bad name or file leaves ``out`` alone.
     loaded = {d: load_mil_dataset(d, data_root, seed=config.seed) for d in datasets}
     tasks = [(d, m) for d in datasets for m in methods]
     job = Job(out)
     rows = []
-    with job.attach(finish=True, kind="mil", tasks=len(tasks), task=0, fraction=0.0,
-                    current=None, datasets=list(datasets), methods=list(methods),
-                    config=config.to_dict()):
+    with torch_threads(threads or default_threads()), \
+            job.attach(finish=True, kind="mil", tasks=len(tasks), task=0, fraction=0.0,
+                       current=None, datasets=list(datasets), methods=list(methods),
+                       config=config.to_dict()):
         started = time.time()
         for i, (dataset, method) in enumerate(tasks):
             data = loaded[dataset]

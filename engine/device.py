@@ -31,9 +31,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 def torch_threads(count: int):
     """torch's intra-op threads set to ``count`` inside, and what they were restored after.
     The setting outlives the call (it is the calling thread's count and the default of threads
-    started later), and a library call must not leave it changed for its caller: a test
-    process that compared runs bit for bit with a Ray worker once trained on 2 threads where
-    the worker had 1, after an in-process MIL experiment had set them."""
+    started later), and a library call must not leave it changed for its caller, whose later
+    floating-point sums (and so bit-for-bit comparisons of runs) depend on it."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -80,10 +80,11 @@ def _metrics(run: Path) -> list[dict]:
     return rows
 
 
-def _train_one(store: Path, name: str, limit: float | None) -> tuple[float, bool]:
-    """One default run; with ``limit``, ended (SIGTERM: the trainer checkpoints and stops) once
-    it has reached 97 % or run ``limit`` seconds. Returns (seconds, whether it finished)."""
-    started = time.time()
+def _train_one(store: Path, name: str, started: float, limit: float | None
+               ) -> tuple[float, bool]:
+    """One default run, started now (``started``: ``time.time()``); with ``limit``, ended
+    (SIGTERM: the trainer checkpoints and stops) once it has reached 97 % or run ``limit``
+    seconds. Returns (seconds, whether it finished)."""
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: nothing can block on it
         proc = subprocess.Popen([sys.executable, "-m", "engine", *DEFAULT_TRAIN, "--runs-dir",
                                  str(store), "--name", name], cwd=TREE, env=engine_env(),
@@ -109,7 +110,7 @@ def train_default(runs: int, store: Path, limit: float | None = None) -> dict:
     walls, accs, to95, to97, ended = [], [], [], [], []
     for i in range(runs):
         started = time.time()
-        seconds, finished = _train_one(store, f"default-{i}", limit)
+        seconds, finished = _train_one(store, f"default-{i}", started, limit)
         rows = _metrics(store / f"default-{i}")
         (walls if finished else ended).append(seconds)
         if not rows:  # ended by --train-limit before its first epoch
@@ -205,7 +206,8 @@ def page_times(runs: int) -> dict:
 def machine() -> dict:
     import torch
 
-    try:  # the same test as engine.device.cpu_has_native_bf16
+    # engine.device.cpu_has_native_bf16's test, not imported: an older --tree may lack it.
+    try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:  # not Linux
@@ -227,10 +229,9 @@ def _mmm(d: dict | None, unit: str = "", digits: int = 1) -> str:
 def _train_rows(t: dict) -> list[tuple[str, str, str]]:
     epochs = (f"{t['preset'] or 'no preset'}: {t['epochs']} epochs, "
               f"{t['train_images'] or 'all'} train images")
-    ended = ("" if t.get("ended_unfinished_s") is None
-             else f"ended unfinished after {_mmm(t['ended_unfinished_s'], ' s')}")
-    return [("train_wall", "Default digits run: process start to finished",
-             f"{_mmm(t['wall_s'], ' s')} ({epochs})" if t["wall_s"] else f"{ended} ({epochs})"),
+    wall = (_mmm(t["wall_s"], " s") if t["wall_s"]
+            else f"ended unfinished after {_mmm(t['ended_unfinished_s'], ' s')}")
+    return [("train_wall", "Default digits run: process start to finished", f"{wall} ({epochs})"),
             ("train_95", "... its first whole-test-set accuracy >= 95 %", _mmm(t["to_95_s"], " s")),
             ("train_97", "... >= 97 %", _mmm(t["to_97_s"], " s")),
             ("train_acc", "... test accuracy at the end (finished, or ended)",
@@ -312,11 +313,11 @@ def table(result: dict) -> str:
 def compare(before: dict, after: dict) -> str:
     """Two results (``--out`` files) side by side, one row per figure either has; a figure the
     older checkout could not measure shows a dash."""
-    old = {key: value for key, _, value in rows(before)}
-    new = rows(after)
+    old, new = rows(before), rows(after)
+    was = {key: value for key, _, value in old}
     keys = {key for key, _, _ in new}
-    body = [(label, old.get(key, "-"), value) for key, label, value in new]
-    body += [(label, value, "-") for key, label, value in rows(before) if key not in keys]
+    body = [(label, was.get(key, "-"), value) for key, label, value in new]
+    body += [(label, value, "-") for key, label, value in old if key not in keys]
     heads = [f"{side} ({r['machine']['commit']})" if r["machine"].get("commit") else side
              for side, r in (("before", before), ("after", after))]
     return markdown(("Figure", *heads), body)

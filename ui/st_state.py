@@ -122,15 +122,14 @@ def single_threaded():
     global _default_threads
     import torch
 
-    with _ONE_THREAD:
+    with _ONE_THREAD:  # the first two sessions in must not both read the default
         if _default_threads is None:
             _default_threads = torch.get_num_threads()
         torch.set_num_threads(1)
     try:
         yield
     finally:
-        with _ONE_THREAD:
-            torch.set_num_threads(_default_threads)
+        torch.set_num_threads(_default_threads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ explain, the device, the run folder) are drawn here, once.
 
 import streamlit as st
 
+from ui.st_gamma import adopt_link_gamma
 from ui.st_state import adopt_link, device_footer, guard, model_picker, router_ran
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
@@ -38,7 +39,9 @@ PAGES = {
 navigation = st.navigation(PAGES)
 router_ran()
 with guard("The link", stop=False):
-    adopt_link()  # before the sidebar: a link's model is the one to explain
+    # Before the sidebar: a link's model (and the model of its family at the link's γmax)
+    # is the one to explain.
+    adopt_link_gamma(adopt_link())
 with st.sidebar, guard("The sidebar", stop=False):
     model_picker()
 navigation.run()

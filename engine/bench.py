@@ -169,11 +169,14 @@ def step_parts(cfg: ModelConfig, batch: int, device: torch.device):
 
 def bench_isolated(cfg: ModelConfig, mode: BenchMode, device: torch.device, batch: int,
                    steps: int, warmup: int) -> BenchResult:
-    """:func:`bench_one` in a fresh spawned process (see the module docstring for why)."""
+    """:func:`bench_one` in a fresh spawned process (see the module docstring for why), with
+    this process's torch threads (a background benchmark's share of the cores)."""
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+                             initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
         return pool.submit(bench_one, cfg, mode, device, batch, steps, warmup).result()
 
 

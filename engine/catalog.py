@@ -47,3 +47,15 @@ def backbone_catalog() -> dict[str, str]:
 def head_catalog() -> dict[str, str]:
     """Head name -> description, in registry order."""
     return {name: text for name, text, _ in _registrations(_HEAD_MODULES, "register_head")}
+
+
+# The shipped γmax family's names (engine.gamma_family makes and describes it; it imports torch)
+FAMILY_GAMMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FAMILY_PREFIX = "digits_live_gamma"
+FAMILY_DEFAULT_GAMMA = 0.3
+"""The live preset's own γmax: the member the README's default command trains."""
+
+
+def family_checkpoint_name(gamma: float) -> str:
+    """The shipped family member's file name in ``checkpoints/``: ``digits_live_gamma0.3.pt``."""
+    return f"{FAMILY_PREFIX}{gamma:g}.pt"

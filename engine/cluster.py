@@ -35,6 +35,7 @@ from pathlib import Path
 from engine.config import ConfigError
 from engine.jobs import ACTIVE, JobStopped
 from engine.runs import Run, RunStore
+from engine.slots import THREADS_ENV
 
 RAY_MISSING = ("the Ray executor needs Ray, an optional extra: pip install -r "
                "requirements-cluster.txt")
@@ -119,8 +120,9 @@ def train_cell(root: str, name: str) -> dict:
 
     task = ray.get_runtime_context().get_task_id()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:  # the CPUs the task declared, not every core of the node it landed on
+    if cpus:  # the CPUs the task declared, not every core's share of the node it landed on
         torch.set_num_threads(max(1, int(cpus)))
+        os.environ[THREADS_ENV] = str(max(1, int(cpus)))  # the trainer's budget, pinned
     store = RunStore(root)
     run = store.get(name)
     raw = run.raw_status()

@@ -135,9 +135,10 @@ def _pair(value: Any, field_name: str) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-def _optional_positive_int(value: Any, field_name: str) -> None:
+def _optional_positive_int(value: Any, field_name: str, none_means: str = "backbone default"
+                           ) -> None:
     check_field(value is None or value >= 1, field_name,
-           "None (backbone default) or a positive int", value)
+           f"None ({none_means}) or a positive int", value)
 
 
 @dataclass
@@ -309,7 +310,7 @@ class DataConfig:
         check_field(self.input_size is None or self.input_size >= 8,
                "input_size", "None or an int >= 8", self.input_size)
         for name in ("train_size", "test_size"):
-            _optional_positive_int(getattr(self, name), name)
+            _optional_positive_int(getattr(self, name), name, "the whole split")
         check_field(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
                self.resize)
         check_field(self.seed >= 0, "seed", "an int >= 0", self.seed)
@@ -365,6 +366,12 @@ class TrainConfig:
     on the whole test set (``None``: the whole set every epoch, as the paper). The metrics row
     says how many (``eval_images``); best.pt prefers a whole-set evaluation to a sample's."""
 
+    threads: int | None = None
+    """torch CPU threads (``--threads``). ``None``: the run's share of the cores among the jobs
+    computing under its run store, followed as they start and end (``engine.slots``). Sums
+    in floating point depend on the count, so a run meant to be repeated bit for bit pins it;
+    the run's status and metrics record the count used."""
+
     def __post_init__(self) -> None:
         with section_errors("train"):
             check_types(self)
@@ -390,7 +397,8 @@ class TrainConfig:
                self.micro_batches)
         check_field(self.checkpoint_minutes > 0,
                "checkpoint_minutes", "a number > 0", self.checkpoint_minutes)
-        _optional_positive_int(self.eval_sample, "eval_sample")
+        _optional_positive_int(self.eval_sample, "eval_sample", "the whole test set")
+        _optional_positive_int(self.threads, "threads", "the share of the cores")
         check_field(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
                f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
 

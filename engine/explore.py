@@ -6,6 +6,7 @@ moving ξ only re-decodes the cached per-patch logits and norms, which takes mil
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,80 @@ def patch_loss_partner(mine: dict, theirs: dict) -> bool:
     a, gamma_a = without_gamma(mine)
     b, gamma_b = without_gamma(theirs)
     return a == b and (gamma_a == 0) != (gamma_b == 0)
+
+
+HOW_IT_RAN = ("train.threads", "train.device", "train.checkpoint_minutes",
+              "train.data_on_device", "train.compile")
+"""Config fields that say how a run was computed, not what was trained: two runs that differ
+only in them are the same experiment."""
+RAMP = ("loss.ramp_epochs", "loss.ramp_by")
+"""The patch loss's ramp-up: it only matters where the patch loss exists (γmax > 0)."""
+
+
+def flat_config(config: dict) -> dict[str, object]:
+    """A run config as ``section.field`` -> value (JSON text), through RunConfig so that fields
+    added since a run was trained take their defaults; what makes an experiment only (no
+    name, tags, notes, preset name, nor :data:`HOW_IT_RAN`). Raises ValueError for a config
+    that does not validate."""
+    full = config_to_dict(config_from_dict(RunConfig, config))
+    flat = {}
+    for section, part in full.items():
+        if section in ABLATION_IGNORED:
+            continue
+        if isinstance(part, dict):
+            flat.update({f"{section}.{k}": json.dumps(v, sort_keys=True) for k, v in part.items()})
+        else:
+            flat[section] = json.dumps(part, sort_keys=True)
+    return {k: v for k, v in flat.items() if k not in HOW_IT_RAN}
+
+
+def gamma_of_config(config: dict) -> float:
+    return float(json.loads(flat_config(config)["loss.gamma_max"]))
+
+
+def gamma_families(configs: dict[str, dict]) -> list[dict[float, str]]:
+    """The γmax families among labelled run configs: sets of models that are one experiment
+    except for γmax, as {γmax: label} (ascending, at least two values; the first label of a
+    repeated γmax). A γmax = 0 model joins every family it matches regardless of the ramp,
+    which it does not use. Configs that do not validate are left out."""
+    flats = {}
+    for label, config in configs.items():
+        try:
+            flats[label] = flat_config(config)
+        except ValueError:
+            continue
+
+    def key(flat: dict, ramp: bool) -> str:
+        return json.dumps({k: v for k, v in flat.items()
+                           if k != "loss.gamma_max" and (ramp or k not in RAMP)}, sort_keys=True)
+
+    families: dict[str, dict[float, str]] = {}
+    loose: dict[str, str] = {}  # a family's key with the ramp -> without it
+    zeros = []
+    for label, flat in flats.items():
+        gamma = float(json.loads(flat["loss.gamma_max"]))
+        if gamma == 0:
+            zeros.append((label, key(flat, False)))
+            continue
+        k = key(flat, True)
+        families.setdefault(k, {}).setdefault(gamma, label)
+        loose[k] = key(flat, False)
+    for label, k in zeros:
+        matched = [fk for fk, lk in loose.items() if lk == k]
+        for fk in matched or [f"zero:{k}"]:
+            families.setdefault(fk, {}).setdefault(0.0, label)
+    return [dict(sorted(f.items())) for f in families.values() if len(f) >= 2]
+
+
+def varied_fields_beyond_gamma(configs: list[dict]) -> list[str]:
+    """The experiment fields (``section.field``) whose values differ between the configs,
+    γmax aside (and the ramp, when some model has no patch loss): why they are no γmax
+    family."""
+    flats = [flat_config(c) for c in configs]
+    zero = any(float(json.loads(f["loss.gamma_max"])) == 0 for f in flats)
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if k != "loss.gamma_max" and not (zero and k in RAMP)
+            and len({f.get(k) for f in flats}) > 1]
 
 
 def free_energy(logits: torch.Tensor) -> torch.Tensor:

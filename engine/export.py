@@ -13,9 +13,10 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
-EXPLANATION_KEYS = ("precision_paper", "recall_paper", "f_paper", "precision", "recall", "f",
-                    "gt_known_loc", "top1_loc", "patches_per_image")
-"""The evaluation's columns that a card shows: how well the selected patches explain."""
+EXPLANATION_KEYS = ("accuracy", "precision_paper", "recall_paper", "f_paper", "precision",
+                    "recall", "f", "gt_known_loc", "top1_loc", "patches_per_image")
+"""The evaluation's columns that a card shows: how well the selected patches explain (and the
+accuracy of the weights as written, which for a half-precision file are not the trained ones)."""
 
 
 def explanation_metrics(path: Path, data_config) -> dict | None:
@@ -53,18 +54,21 @@ def explanation_section(explanation: dict) -> list[str]:
 
 
 def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0,
-               explanation: dict | None = None) -> str:
+               explanation: dict | None = None, half: bool = False,
+               title: str | None = None) -> str:
     cfg, status = run.config(), run.status()
     transfer = cfg.transfer
     data, model, loss, train = cfg.data, cfg.models[peer], cfg.loss, cfg.train
     minutes = status.get("duration_s", 0.0) / 60
     lines = [
-        f"# {run.name}" + (f", peer {peer}" if transfer else ""),
+        f"# {title or run.name}" + (f", peer {peer}" if transfer else ""),
         "",
         (f"- **Model**: `{model.backbone}` backbone + `{model.head}` head, {params:,} parameters "
         f"({size_bytes / 1e6:.2f} MB on disk), input {model.input_size[0]}x{model.input_size[1]}, "
         f"{model.num_classes} classes; patches {model.patch_kernel}x{model.patch_kernel} / stride "
-        f"{model.patch_stride}; ξ = {model.xi} (denominator {model.xi_denominator})."),
+        f"{model.patch_stride}; ξ = {model.xi} (denominator {model.xi_denominator})."
+        + (" Stored in half precision (float16): loading decodes it exactly, to float32 "
+           "weights equal to these values." if half else "")),
         (f"- **Data**: `{data.dataset}`, {_count(status.get('train_images'))} train / "
         f"{_count(status.get('test_images'))} test images (seed {data.seed}), augmentation "
         f"{'on' if data.augment else 'off'}."),
@@ -72,8 +76,8 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
         f"(lr {train.lr}, weight decay {train.weight_decay}), γmax = {loss.gamma_max} ramped over "
         f"{loss.ramp_epochs} epochs, seed {train.seed}; {minutes:.1f} min of training on "
         f"{status.get('device', '?')}"
-        + (f" ({status['cpu_threads']} threads)" if status.get("device") == "cpu"
-           and status.get("cpu_threads") else "") + ".",
+        + (f" ({status['cpu_threads']} thread{'s' if status['cpu_threads'] != 1 else ''})"
+           if status.get("device") == "cpu" and status.get("cpu_threads") else "") + ".",
         (f"- **Selected checkpoint**: epoch {(metrics.get('epoch') or 0) + 1} of {train.epochs} "
         "(best test metric, as the paper selects" + (", the peers' mean)." if transfer else ").")),
         "",
@@ -90,20 +94,27 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
     for metric in metrics_of("epoch"):
         if metric.key in metrics and metric.key != "lr":
             lines.append(f"| {metric.key} ({metric.label}) | {metrics[metric.key]:.4f} |")
+    if half:
+        lines += ["", ("The table above was measured in training, before the weights were "
+                       "rounded to float16; the one below measures the weights as stored.")]
     if explanation:
         lines += ["", *explanation_section(explanation)]
     command = status.get("command")
     if command:
-        lines += ["", "Reproduce (then `python -m engine export NAME --out FILE.pt`):", "",
+        how = "export NAME --half --out FILE.pt" if half else "export NAME --out FILE.pt"
+        lines += ["", f"Reproduce (then `python -m engine {how}`):", "",
                   "```bash", command, "```"]
     return "\n".join(lines) + "\n"
 
 
-def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: bool = True
-                 ) -> tuple[Path, Path]:
+def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: bool = True,
+                 half: bool = False, title: str | None = None) -> tuple[Path, Path]:
     """Write ``out`` (.pt, weights + config + metrics, no optimizer) and its ``.md`` card. For a
     mutual-transfer run, ``peer`` (default 0) says which peer, exported as itself. With
-    ``evaluate``, the card also reports :func:`explanation_metrics`."""
+    ``evaluate``, the card also reports :func:`explanation_metrics`. ``half``: floating-point
+    tensors stored as float16 (half the size; a model loads them into float32 exactly, so what
+    the card measures is what any later load computes). ``title``: the card's heading (the
+    run's name by default)."""
     from engine.errors import RunError
 
     out = Path(out)
@@ -114,6 +125,10 @@ def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: b
     ckpt = load_checkpoint(source)
     slim = {key: ckpt[key] for key in ("format", "version", "run_config", "model", "metrics",
                                        "classes") if key in ckpt}
+    if half:
+        slim["model"] = {k: v.half() if v.is_floating_point() else v
+                         for k, v in slim["model"].items()}
+        slim["stored_dtype"] = "float16"
     atomic_torch_save(slim, out)
     params = sum(v.numel() for k, v in ckpt["model"].items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
@@ -121,5 +136,5 @@ def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: b
                    if evaluate and peers == 1 else None)
     card = out.with_suffix(".md")
     card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params,
-                               peer or 0, explanation))
+                               peer or 0, explanation, half, title))
     return out, card

@@ -10,7 +10,10 @@ that they outlive the app's script reruns and a closed tab. Each has a job folde
 
 plus whatever the job itself writes (a run's config and checkpoints, a sweep's report, ...).
 
-States: ``created`` -> ``starting`` -> ``running`` -> ``finished`` | ``stopped`` | ``failed``.
+States: ``created`` -> (``queued``) -> ``starting`` -> ``running`` -> ``finished`` | ``stopped`` |
+``failed``. A job that computes holds one of its run store's slots (:mod:`engine.slots`): when
+``$LOSSATTN_MAX_JOBS`` are held, :meth:`Job.spawn` leaves it ``queued`` (its start spec in
+``spawn.json``) and :func:`dispatch` starts it, oldest first, when a slot frees.
 
 Process identity: a pid alone is not a process. A pid is recycled once its process has ended,
 so a stale pid in a status file may name an unrelated process. A job therefore records its
@@ -48,11 +51,12 @@ from typing import Any
 
 from engine.errors import JobError
 from engine.fsutil import locked, write_json_atomic
+from engine.slots import Slots, job_limit, store_root_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 JOB_ENV = "LOSSATTN_JOB_DIR"
 """Set in a spawned process's environment: the job folder it belongs to."""
-STATES = ("created", "starting", "running", "finished", "stopped", "failed")
+STATES = ("created", "queued", "starting", "running", "finished", "stopped", "failed")
 ACTIVE = ("starting", "running")
 START_GRACE_S = 30.0
 """How long a job may say ``starting`` with no process recorded (its starter died mid-start)."""
@@ -183,8 +187,9 @@ def _is_bad_number(v: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Status files: validated on read, so a malformed field is named instead of crashing a reader
 
-_NUMBER_FIELDS = ("created", "updated", "launched", "started", "finished", "duration_s", "eta_s",
-                  "images_per_s", "best_metric", "last_metric", "fraction", "seconds")
+_NUMBER_FIELDS = ("created", "updated", "queued", "launched", "started", "finished",
+                  "duration_s", "eta_s", "images_per_s", "best_metric", "last_metric",
+                  "fraction", "seconds")
 _INT_FIELDS = ("epochs", "epochs_done", "epoch", "step", "steps", "best_epoch", "task", "tasks",
                "cells", "world", "params", "train_images", "test_images", "cpu_threads",
                "skipped_train", "skipped_test")
@@ -244,6 +249,7 @@ class Job:
         self.log_path = self.folder / "process.log"
         self.stop_path = self.folder / "STOP"
         self.lock_path = self.folder / ".lock"
+        self.spec_path = self.folder / "spawn.json"
 
     # -- status -----------------------------------------------------------------------------
 
@@ -352,9 +358,17 @@ class Job:
         self.stop_path.unlink(missing_ok=True)
 
     def stop(self) -> bool:
-        """Ask the job to stop (STOP file + SIGTERM to its verified process). Returns whether it
-        was active. A stale or foreign pid is never signalled."""
+        """Ask the job to stop (STOP file + SIGTERM to its verified process); a queued job
+        stops at once, without ever starting. Returns whether it was active or queued. A
+        stale or foreign pid is never signalled."""
         status = self.status()
+        if status.get("state") == "queued":
+            with locked(self.lock_path):
+                if self.raw_status().get("state") == "queued":  # not started meanwhile
+                    self._merge({"state": "stopped", "finished": time.time(),
+                                 "reason": "stopped while queued (it never started)"})
+                    return True
+            status = self.status()
         if status.get("state") not in ACTIVE:
             return False
         self.request_stop()
@@ -365,20 +379,52 @@ class Job:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def spawn(self, args: list[str], env: dict[str, str] | None = None,
-              **fields: Any) -> ProcessIdentity:
+    def spawn(self, args: list[str], env: dict[str, str] | None = None, compute: bool = True,
+              **fields: Any) -> ProcessIdentity | None:
         """Start ``python -m engine <args>`` as this job, in its own session, and record its
-        identity at once. ``fields`` go into the status (e.g. ``kind``, ``cells``)."""
+        identity at once; ``fields`` go into the status (e.g. ``kind``, ``cells``).
+
+        ``compute``: the process computes, so it takes one of the store's slots
+        (:mod:`engine.slots`), or, when ``$LOSSATTN_MAX_JOBS`` are taken, the job waits as
+        ``queued`` and None is returned; :func:`dispatch` starts it when a slot frees. A job
+        that only watches others (a sweep whose cells run as jobs of their own) takes none."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with locked(self.lock_path):
-            status = self.status()
-            if status.get("state") in ACTIVE:
-                process = self.process(status)
-                raise JobError(f"{self.folder.name} is already running"
-                               + (f" (pid {process.pid})" if process else ""))
-            self.clear_stop()  # a stale request must not stop the new process
-            self._merge({"state": "starting", "reason": "starting", "process": None,
-                         "launched": time.time(), **fields})
+        slots = Slots(store_root_of(self.folder)) if compute else None
+        limit = job_limit() if compute else 0  # a bad $LOSSATTN_MAX_JOBS: said before anything
+        with slots.locked() if slots else contextlib.nullcontext():
+            with locked(self.lock_path):
+                status = self.status()
+                self._refuse_if_taken(status, slots)
+                self.clear_stop()  # a stale request must not stop the new process
+                queue = slots is not None and slots.held() >= limit
+                write_json_atomic(self.spec_path, {"args": list(args), "env": dict(env or {})},
+                                  durable=False)
+                self._merge({"state": "queued" if queue else "starting",
+                             "reason": "waiting for a free slot" if queue else "starting",
+                             "process": None, ("queued" if queue else "launched"): time.time(),
+                             **fields})
+            if queue:
+                slots.enqueue(self.folder)
+                return None
+            return self._start(args, env, slots)
+
+    def _refuse_if_taken(self, status: dict, slots: Slots | None) -> None:
+        state = status.get("state")
+        if state in ACTIVE:
+            process = self.process(status)
+            raise JobError(f"{self.folder.name} is already running"
+                           + (f" (pid {process.pid})" if process else ""))
+        if state == "queued":
+            place = slots.place(self.folder) if slots else None
+            raise JobError(f"{self.folder.name} is already queued"
+                           + (f" (place {place[0]} of {place[1]})" if place else "")
+                           + "; it starts when a slot frees")
+
+    def _start(self, args: list[str], env: dict[str, str] | None,
+               slots: Slots | None) -> ProcessIdentity:
+        """The process itself (the job already says ``starting``); with ``slots`` (held
+        locked by the caller) it gets a slot, which it takes up with its thread budget
+        (:func:`engine.budget.holding`) before it computes."""
         cmd = [sys.executable, "-m", "engine", *args]
         try:
             with open(self.log_path, "ab") as out:
@@ -389,6 +435,8 @@ class Job:
         except OSError as exc:  # no process exists: say so now, not after the start grace
             self.update(state="failed", reason=f"could not start the process: {exc}")
             raise
+        if slots is not None:
+            slots.write_lease(proc.pid, self.folder)
         identity = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, time.time(),
                                                                         this_host())
         with locked(self.lock_path):
@@ -490,11 +538,57 @@ def spawned_job() -> Job | None:
 
 
 def wait(job: Job, timeout: float = 600.0, poll: float = 0.2) -> dict:
-    """Block until the job is no longer active (for scripts and tests); returns its status."""
+    """Block until the job is no longer active nor queued (for scripts and tests); returns its
+    status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = job.status()
-        if status.get("state") not in ACTIVE:
+        if status.get("state") not in (*ACTIVE, "queued"):
             return status
+        if status.get("state") == "queued":  # a look: a killed job cannot start it
+            dispatch(store_root_of(job.folder))
         time.sleep(poll)
     raise TimeoutError(f"{job.folder.name} still running after {timeout:.0f} s")
+
+
+def dispatch(root: str | Path) -> list[Path]:
+    """Start the queued jobs of the run store at ``root``, oldest first, while fewer than
+    ``$LOSSATTN_MAX_JOBS`` slots are held; returns their folders. A job that frees its slot
+    calls this, and so does every look at the store (the Runs, Train and Sweep pages, ``runs
+    list``), which starts what a killed job could not. Cheap when nothing is queued."""
+    slots = Slots(root)
+    if not slots.queue_folder.is_dir() or not any(slots.queue_folder.iterdir()):
+        return []
+    started = []
+    with slots.locked():
+        free = job_limit() - slots.held()
+        for pointer, folder in slots.queue_entries():
+            if free <= 0:
+                break
+            pointer.unlink(missing_ok=True)  # started, failed or gone: out of the queue
+            job = Job(folder)
+            if job.raw_status().get("state") != "queued":  # stopped or deleted while it waited
+                continue
+            try:
+                spec = json.loads(job.spec_path.read_text())
+                args, env = list(spec["args"]), dict(spec.get("env") or {})
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                job.update(state="failed", reason=f"queued, but its start spec "
+                                                  f"{job.spec_path} is unreadable ({exc})")
+                continue
+            with locked(job.lock_path):
+                if job.raw_status().get("state") != "queued":  # stopped meanwhile
+                    continue
+                job._merge({"state": "starting", "reason": "starting", "launched": time.time()})
+            try:
+                job._start(args, env, slots)
+            except OSError:
+                continue  # _start marked it failed with the reason
+            started.append(folder)
+            free -= 1
+    return started
+
+
+def queue_place(folder: str | Path) -> tuple[int, int] | None:
+    """(1-based place, queue length) of a queued job; None when it is not queued."""
+    return Slots(store_root_of(folder)).place(folder)

@@ -15,9 +15,11 @@ from engine.train import check_startable, prepare_run_config
 
 
 def start(store: RunStore, run: Run, *, resume: bool = False,
-          env: dict[str, str] | None = None) -> ProcessIdentity:
-    """Start the trainer of ``run`` in its own process; returns the process's identity. ``env``
-    adds to its environment (e.g. ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
+          env: dict[str, str] | None = None) -> ProcessIdentity | None:
+    """Start the trainer of ``run`` in its own process; returns the process's identity, or
+    None when the store's slots are taken and the run waits as ``queued`` (it starts when one
+    frees: :func:`engine.jobs.dispatch`). ``env`` adds to its environment (e.g.
+    ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
     check_startable(run, resume)  # refuse here, where the caller can show the message
     args = ["train", "--run-dir", str(run.path.resolve()), "--quiet"]
     identity = run.job.spawn(args + (["--resume"] if resume else []), env=env)

@@ -33,7 +33,7 @@ from engine.config import (
     split_setting,
 )
 from engine.fsutil import write_json_atomic
-from engine.jobs import ACTIVE, Job, JobStopped
+from engine.jobs import ACTIVE, Job, JobStopped, dispatch
 from engine.launch import start
 from engine.metric_table import metrics_of
 from engine.preset_fill import fill_preset
@@ -42,6 +42,24 @@ from engine.runs import Run, RunStore
 from engine.train import prepare_run_config, train_run
 
 DEFAULT_GRID = [("loss.gamma_max", [0.0, 0.1]), ("model.xi", [0.0, 0.1])]
+SEED_FIELD = "train.seed"
+"""A grid axis over this field repeats each cell with other seeds: tables give mean ± sd."""
+MAX_SEEDS = 20
+
+
+def with_seeds(grid: list[tuple[str, list]], seeds: int, first: int = 0
+               ) -> list[tuple[str, list]]:
+    """``grid`` with each cell repeated for ``seeds`` seeds (``first``, ``first + 1``, ...;
+    ``--seeds``). One seed leaves the grid as it is."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be an int from 1 to {MAX_SEEDS} (runs per cell); "
+                          f"got {seeds!r}")
+    if seeds == 1:
+        return grid
+    if any(field == SEED_FIELD for field, _ in grid):
+        raise ConfigError(f"--seeds {seeds} and --grid {SEED_FIELD}=... both give the seeds; "
+                          "use one of them")
+    return [*grid, (SEED_FIELD, list(range(first, first + seeds)))]
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
@@ -116,8 +134,8 @@ def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
     state = run.status().get("state")
     if state == "finished":
         return None
-    if state in ACTIVE:
-        raise ConfigError(f"run {config.name} of this sweep is running; stop it or wait")
+    if state in ACTIVE or state == "queued":
+        raise ConfigError(f"run {config.name} of this sweep is {state}; stop it or wait")
     return run, state != "created"
 
 
@@ -162,11 +180,13 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
     if ray is not None:
         import_ray()  # a missing optional extra is said here, not in the process's log
     for config in configs:
-        if store.exists(config.name) and store.get(config.name).status().get("state") in ACTIVE:
-            raise ConfigError(f"run {config.name} of sweep {sweep!r} is already running")
+        state = store.get(config.name).status().get("state") if store.exists(config.name) else None
+        if state in ACTIVE or state == "queued":
+            raise ConfigError(f"run {config.name} of sweep {sweep!r} is already {state}")
     job = sweep_job(store, sweep)
-    if job.status().get("state") in ACTIVE:
-        raise ConfigError(f"sweep {sweep!r} is already running")
+    state = job.status().get("state")
+    if state in ACTIVE or state == "queued":
+        raise ConfigError(f"sweep {sweep!r} is already {state}")
     write_manifest(store, sweep, grid)
     folder = sweep_folder(store, sweep)
     write_json_atomic(folder / "base.json", config_to_dict(base))
@@ -179,8 +199,11 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
         args += ["--ray-address", ray.address] if ray.address else []
     for field, values in grid:
         args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
-    return job.spawn(args, kind="sweep", cells=len(configs),
-                     executor="ray" if ray is not None else "local").pid
+    # One after another, the sweep's process trains the cells itself and takes a slot; side by
+    # side (or on Ray) it only watches cells that are jobs of their own.
+    identity = job.spawn(args, compute=ray is None and parallel in (1, "1"), kind="sweep",
+                         cells=len(configs), executor="ray" if ray is not None else "local")
+    return None if identity is None else identity.pid
 
 
 def _nested(values: list) -> bool:
@@ -270,6 +293,9 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
 
 
 def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, log) -> None:
+    """At most ``parallel`` cells at once, each a background job (on the GPU of its slot when
+    there are GPUs); a cell waits in the store's queue while its slots are taken by other
+    jobs, so a sweep shares the cores with everything else the store runs."""
     gpus = torch.cuda.device_count()
     active: dict[int, Run] = {}
     queue = list(todo)
@@ -280,13 +306,14 @@ def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, 
                     run, resume = queue.pop(0)
                     env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {}
                     active[slot] = run  # before it starts: an error in between still stops it
-                    start(store, run, resume=resume, env=env)
-                    log(f"{run.name}: started (slot {slot})")
+                    started = start(store, run, resume=resume, env=env)
+                    log(f"{run.name}: " + (f"started (slot {slot})" if started else "queued"))
             for slot, run in list(active.items()):
                 state = run.status().get("state")
-                if state not in ACTIVE:
+                if state not in ACTIVE and state != "queued":
                     log(f"{run.name}: {state}")
                     del active[slot]
+            dispatch(store.root)  # a look: starts what a killed job's slot held back
             time.sleep(0.5)
     except BaseException:  # a stop or an error: the cells are processes of their own
         for run in active.values():
@@ -410,18 +437,69 @@ def sweep_report(store: RunStore, sweep: str, device: torch.device | None = None
     return out
 
 
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def seed_groups(report: dict) -> list[dict]:
+    """The sweep's cells over seeds (a grid axis over ``train.seed``): one row per combination
+    of the other swept fields, in grid order, with for each metric its mean, its sample
+    standard deviation (``KEY_sd``, n - 1; None for one value) and its values (``KEY_values``),
+    the runs, and ``states`` (state -> count). Only finished runs give values: a failed or
+    missing cell is a gap with its state, never a 0. Without a seed axis every run is a group
+    of one."""
+    fields = [f for f in report["fields"] if f != SEED_FIELD]
+    metrics = [m.key for m in metrics_of("summary")]
+    groups: dict[str, dict] = {}
+    for row in report["rows"]:
+        key = json.dumps([row.get(f) for f in fields])
+        group = groups.setdefault(key, {**{f: row.get(f) for f in fields}, "runs": [],
+                                        "states": {}, "_values": {m: [] for m in metrics}})
+        group["runs"].append(row["run"])
+        state = row.get("state") or "missing"
+        group["states"][state] = group["states"].get(state, 0) + 1
+        if state == "finished":
+            for m in metrics:
+                if _finite(row.get(m)):
+                    group["_values"][m].append(float(row[m]))
+    out = []
+    for group in groups.values():
+        values = group.pop("_values")
+        group["n"] = max((len(v) for v in values.values()), default=0)
+        for m, vs in values.items():
+            if vs:
+                group[m] = sum(vs) / len(vs)
+                group[f"{m}_sd"] = (math.sqrt(sum((v - group[m]) ** 2 for v in vs)
+                                              / (len(vs) - 1)) if len(vs) > 1 else None)
+                group[f"{m}_values"] = vs
+        out.append(group)
+    return out
+
+
 def format_sweep(report: dict) -> str:
-    rows = report["rows"]
+    """The table as text: one line per cell, or per cell over its seeds with mean ± sd."""
+    seeded = SEED_FIELD in report["fields"]
+    rows = seed_groups(report) if seeded else report["rows"]
+    fields = [f for f in report["fields"] if f != SEED_FIELD] if seeded else report["fields"]
     columns = [m.key for m in metrics_of("summary")]
     shown = [c for c in columns if any(c in r for r in rows)]
-    header = [*report["fields"], *shown]
-    lines = ["  ".join(f"{h:>16s}" for h in header)]
+    width = 18 if seeded else 16
+    header = [*fields, "runs" if seeded else "state", *shown]
+    lines = ["  ".join(f"{h:>{width}s}" for h in header)]
     for r in rows:
-        cells = [f"{json.dumps(r.get(f)):>16s}" for f in report["fields"]]
+        cells = [f"{json.dumps(r.get(f)):>{width}s}" for f in fields]
+        # a cell that did not finish is a gap with its state, never a 0
+        done = (f"{r['states'].get('finished', 0)}/{len(r['runs'])} finished" if seeded
+                else str(r.get("state") or "missing"))
+        cells.append(f"{done:>{width}s}")
         for c in shown:
-            v = r.get(c)
-            finite = isinstance(v, float) and math.isfinite(v)
-            cells.append(f"{v:16.4f}" if finite else f"{'-':>16s}")
+            v, sd = r.get(c), r.get(f"{c}_sd")
+            text = "-" if not _finite(v) else f"{v:.4f}" + (
+                f" ± {sd:.4f}" if seeded and sd is not None else "")
+            cells.append(f"{text:>{width}s}")
         lines.append("  ".join(cells))
+    if seeded:
+        lines.append("mean ± sample sd over the finished seeds of each cell")
     return "\n".join(lines)
 

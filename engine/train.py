@@ -37,6 +37,7 @@ from typing import Self
 
 import torch
 
+from engine.budget import ThreadBudget, holding
 from engine.checkpoint import atomic_torch_save, check_classes, load_checkpoint
 from engine.config import ConfigError, RunConfig
 from engine.data import augment_of, describe, load_split
@@ -52,6 +53,7 @@ from engine.models import build_model, compiled, head_spec, resolve_config
 from engine.mutual.team import Team, map_agreement, map_plan, peer_checkpoint
 from engine.recipes import RECIPES
 from engine.runs import Run, RunError
+from engine.slots import store_root_of
 
 log = logging.getLogger("engine.train")
 
@@ -312,6 +314,9 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
     if state in ACTIVE:
         raise RunError(f"run {run.name} is already running"
                        + (f" (pid {recorded.pid})" if recorded else ""))
+    if state == "queued":
+        raise RunError(f"run {run.name} is queued: it starts when one of the store's slots "
+                       "frees (stop it to take it out of the queue)")
     if resume:
         if state == "finished":
             raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "
@@ -364,16 +369,22 @@ class Session:
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
            set_status) -> str:
     """Set up, then epochs of steps, each epoch ending with its evaluation and checkpoints."""
-    s = _set_up(run, cfg, resume, dist, set_status)
-    reporter = Reporter(set_status, cfg.train, math.ceil(len(s.train_set) / cfg.train.batch_size))
-    with StopSignal() as stop, contextlib.closing(s.team):
-        for epoch in range(s.progress.epoch, cfg.train.epochs):
-            ended = _train_epoch(s, epoch, stop, reporter, progress_bar)
-            if ended is None:
-                return "stopped"
-            _end_epoch(s, epoch, *ended)
-        # Inside: a SIGTERM now only sets the flag, so a trained-out run always says finished.
-        set_status(state="finished", reason="", duration_s=s.progress.total_seconds, eta_s=0.0)
+    # The run holds one of its store's slots while it computes; its threads are its share of
+    # the cores (or train.threads), followed once a second as other jobs start and end.
+    with holding(store_root_of(run.path), run.path, cfg.train.threads) as budget:
+        s = _set_up(run, cfg, resume, dist, set_status)
+        set_status(threads_from=budget.source)
+        reporter = Reporter(set_status, cfg.train,
+                            math.ceil(len(s.train_set) / cfg.train.batch_size), budget)
+        with StopSignal() as stop, contextlib.closing(s.team):
+            for epoch in range(s.progress.epoch, cfg.train.epochs):
+                ended = _train_epoch(s, epoch, stop, reporter, progress_bar)
+                if ended is None:
+                    return "stopped"
+                _end_epoch(s, epoch, *ended, reporter.epoch_threads())
+            # Inside: a SIGTERM now only sets the flag, so a trained-out run says finished.
+            set_status(state="finished", reason="", duration_s=s.progress.total_seconds,
+                       eta_s=0.0)
     return "finished"
 
 
@@ -454,11 +465,14 @@ def _wrap_for_speed(s: Session) -> None:
 
 
 class Reporter:
-    """The run's live status: step, images/s and the ETA, written at most once a second."""
+    """The run's live status: step, images/s and the ETA, written at most once a second; at
+    the same pace the thread budget is looked at again (:mod:`engine.slots`)."""
 
-    def __init__(self, set_status, tc, steps_per_epoch: int) -> None:
+    def __init__(self, set_status, tc, steps_per_epoch: int, budget: ThreadBudget) -> None:
         self.set_status, self.tc, self.steps = set_status, tc, steps_per_epoch
+        self.budget = budget
         self.last = 0.0
+        self.threads_seen = {budget.threads}
 
     def start_epoch(self, start_step: int, seconds_before: float) -> None:
         """``seconds_before``: time this epoch already took before a resume."""
@@ -476,8 +490,19 @@ class Reporter:
         rate = (step - self.start_step) * self.tc.batch_size / max(
             self.elapsed() - self.seconds_before, 1e-9)
         remaining = (self.steps - step + (self.tc.epochs - epoch - 1) * self.steps)
+        threads = self.budget.follow()
+        if threads is not None:
+            log.info("torch threads now %d: %d job(s) compute under this run store", threads,
+                     self.budget.slots_seen)
+            self.threads_seen.add(threads)
         self.set_status(epoch=epoch, step=step, steps=self.steps, images_per_s=rate,
-                        eta_s=remaining * self.tc.batch_size / max(rate, 1e-9))
+                        eta_s=remaining * self.tc.batch_size / max(rate, 1e-9),
+                        cpu_threads=self.budget.threads)
+
+    def epoch_threads(self) -> list[int]:
+        """The thread counts used since the last call (for the epoch's metrics row)."""
+        seen, self.threads_seen = sorted(self.threads_seen), {self.budget.threads}
+        return seen
 
 
 def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
@@ -550,13 +575,14 @@ def _stopped(s: Session, epoch: int) -> None:
 
 
 def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: float,
-               seconds: float) -> None:
+               seconds: float, threads: list[int]) -> None:
     """Evaluate, append the metrics line, write last.pt (and best.pt when it improved)."""
     cfg, progress, metric_name = s.cfg, s.progress, main_metric(s.cfg.loss.multilabel)
     _reduce_sums(sums, s.dist)
     row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel,
                      len(s.team.peers))
     row["peak_memory_mb"] = peak_memory_mb(s.device)
+    row["cpu_threads"] = threads  # every count the epoch trained with (the budget moves)
     if s.dist.is_main:
         row.update(_evaluate_team(s, _eval_count(s, epoch)))
     _barrier(s.dist)

@@ -37,8 +37,9 @@ from ui.explorer_figures import (
     sorted_scores_svg,
     svg_width,
 )
-from ui.figures import patch_bars
+from ui.figures import gamma_effects, patch_bars
 from ui.overlay import csv_bytes, gallery_strip
+from ui.st_gamma import NONE, GammaSource, gamma_sources, source_of
 from ui.st_state import (
     MODEL_KEY,
     collected_test_set,
@@ -59,6 +60,9 @@ from ui.st_state import (
 from ui.tables import markdown_table, md_text
 
 GALLERY = 12
+GAMMA_OVER = "ex_gamma_over"  # the family the γmax slider slides over, as last chosen
+SHOWN_INDEX = "_ex_shown_index"  # the test image on screen (kept by a γmax move)
+GAMMA_MOVED = "_ex_gamma_moved"  # a γmax move asks the next run to draw the whole page
 LOW_CONFIDENCE = 0.5
 UNFAMILIAR = 0.99  # warn above this energy rank among the test images
 SAMPLE_DATA = ("digits", "digits_multilabel")  # the data sets the drawn samples are for
@@ -151,12 +155,36 @@ def pick_filters(loaded, data, collected) -> Picked:
     with single_threaded():
         out = decode(loaded.model, collected,
                      st.session_state.get("xi", float(loaded.model.config.xi)))
-    count = len(filter_indices(out.logits, data.targets, data.multilabel, outcome=outcome,
-                               true_class=true_class, predicted_class=predicted_class))
+    indices = filter_indices(out.logits, data.targets, data.multilabel, outcome=outcome,
+                             true_class=true_class, predicted_class=predicted_class)
+    count = len(indices)
+    keep_image(indices)
     position = c4.number_input(f"Image ({count} match)", min_value=0,
                                max_value=max(count - 1, 0), step=1,
                                **keep("ex_pos", 0, low=0, high=max(count - 1, 0)))
     return Picked(outcome, true_class, predicted_class, int(position))
+
+
+KEEP_IMAGE = "_ex_keep_image"  # the test image a γmax move must keep on screen
+
+
+def keep_image(indices) -> None:
+    """After a γmax move the new model filters the test images its own way: the image on
+    screen stays, at its place among the images that pass the filters, or, where it no longer
+    passes them, with the filters reset (said in a toast)."""
+    index = st.session_state.pop(KEEP_IMAGE, None)
+    if index is None:
+        return
+    found = (indices == index).nonzero().flatten().tolist()
+    if found:
+        remember("ex_pos", found[0])
+        return
+    for key, value in [("ex_outcome", "all"), ("ex_true", "any"), ("ex_pred", "any"),
+                       ("ex_pos", index)]:
+        remember(key, value)
+    st.toast("The same image under the new γmax no longer passes the filters: they were "
+             "reset to show it.")
+    st.rerun()
 
 
 def show_gallery(slot, indices, position: int, data, model_path: str, xi: float) -> None:
@@ -179,7 +207,7 @@ def view_controls(classes: list[str], num_patches: int, partner: str | None,
                   gamma: float) -> dict:
     """A row of view options, outside the ξ fragment: the class whose patch logits are listed,
     how many patches the breakdown shows, and the with/without-patch-loss view."""
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     choices = ["predicted", *classes]
     logits_of = c1.selectbox("Patch logits for class", choices,
                              **keep("ex_class", "predicted", choices))
@@ -194,7 +222,67 @@ def view_controls(classes: list[str], num_patches: int, partner: str | None,
                             help=f"With / without the patch loss: beside this model, {partner}, "
                             "trained the same way but with the other γmax (γmax = 0: no patch "
                             "loss). Same image, same ξ.")
-    return {"logits_of": logits_of, "top_k": top_k, "compare": compare, "partner": partner}
+    return {"logits_of": logits_of, "top_k": top_k, "compare": compare, "partner": partner,
+            "gamma_column": c4}
+
+
+def gamma_control(current: str, gamma: float, column) -> GammaSource | None:
+    """*γmax slides over* (in ``column``, with the view options): a shipped family, or a
+    sweep's cells that differ only in γmax. Choosing one opens its model nearest this γmax.
+    Returns the source the γmax slider (:func:`gamma_slider`) moves over, if any."""
+    sources = gamma_sources(current)
+    names = [NONE, *[s.name for s in sources]]
+    # The model explained decides what is slid over, except just after a choice that could
+    # not be slid over: it stays chosen, with its reason, until another choice or model.
+    name, model = remembered(GAMMA_OVER) or (None, None)
+    picked = next((s for s in sources if s.name == name and s.problem), None)
+    chosen = picked if picked and model == current else source_of(sources, current)
+    st.session_state[f"w_{GAMMA_OVER}"] = chosen.name if chosen else NONE
+
+    def over_changed() -> None:
+        name = st.session_state[f"w_{GAMMA_OVER}"]
+        remember(GAMMA_OVER, (name, current))
+        new = next((s for s in sources if s.name == name), None)
+        if new is not None and new.stops:  # its model nearest this γmax
+            open_stop(new.stops[min(new.stops, key=lambda g: abs(g - gamma))])
+
+    column.selectbox("γmax slides over", names, key=f"w_{GAMMA_OVER}", on_change=over_changed,
+                     help="γmax shapes training, so each stop of the γmax slider is a model "
+                          "trained at that γmax: a shipped family (the live preset's: γmax 0 "
+                          "to 3, the README's default command; the 30-epoch pair: 0 and 0.1), "
+                          "or the cells of a finished sweep that differ only in γmax.")
+    if chosen is not None and chosen.problem:
+        st.warning(chosen.problem)
+        return None
+    return chosen
+
+
+def open_stop(label: str) -> None:
+    """Explain model ``label`` next, on the image now on screen (a γmax move)."""
+    remember(MODEL_KEY, label)
+    remember(KEEP_IMAGE, remembered(SHOWN_INDEX))
+    remember(GAMMA_MOVED, True)
+
+
+def gamma_slider(family: GammaSource | None, gamma: float) -> None:
+    """The γmax slider, under the ξ slider: each stop a model of ``family``. A move opens that
+    model, and the whole page is drawn again for it (the sidebar, the filters' counts and the
+    link included), not only this fragment."""
+    if family is None:
+        return
+    st.session_state["w_gamma"] = gamma
+    st.select_slider("γmax (one trained model a stop)", list(family.stops), key="w_gamma",
+                     format_func=lambda g: f"{g:g}",
+                     on_change=lambda: open_stop(family.stops[st.session_state["w_gamma"]]),
+                     help=f"{family.name}" + (f", {family.note}" if family.note else "")
+                     + ". A move opens the model trained at that γmax on the same image at "
+                     "the same ξ: ξ re-thresholds a trained model, γmax needs training.")
+
+
+def rerun_after_gamma_move() -> None:
+    """A γmax move (a widget of the ξ fragment) swapped the model: draw the whole page."""
+    if st.session_state.pop(GAMMA_MOVED, False):
+        st.rerun(scope="app")
 
 
 def show_map(story, shown, key: str, title=None, height=430, colour_bar=True,
@@ -296,10 +384,47 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
                                    cut.score_name, cut.cut_name, name="ex_scores"))
     with right:
         show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
-    # A toggle, not an expander: an expander's content is built and sent on every ξ move even
-    # when closed (a third chart, the PNG and the CSV), and the slider waits on it.
+    # Toggles, not expanders: an expander's content is built and sent on every ξ move even
+    # when closed (a chart, the PNG and the CSV), and the slider waits on it.
+    if shipped_family(loaded.path) and st.toggle(
+            "What γmax does: this family over 3 seeds, at this ξ", **keep("ex_gamma_fx", False)):
+        gamma_effects_view(xi, gamma_of(loaded))
     if st.toggle("Every patch's logit, and downloads", **keep("ex_extras", False)):
         extras(story, shown, classes, klass, xi)
+
+
+def shipped_family(path: str) -> bool:
+    """Whether ``path`` is a member of the shipped γmax family, which the results describe."""
+    from engine.gamma_family import CHECKPOINTS, GAMMAS, checkpoint_name
+
+    here = Path(path).resolve()
+    return any(here == (CHECKPOINTS / checkpoint_name(g)).resolve() for g in GAMMAS)
+
+
+@st.cache_data(show_spinner=False)
+def _family_results(mtime_ns: int) -> dict:
+    del mtime_ns  # the cache key: a regenerated file is read again
+    from engine.gamma_family import load_results
+
+    return load_results()
+
+
+def gamma_effects_view(xi: float, gamma: float) -> None:
+    """Accuracy, patch P / R / F, localization and patches kept against γmax at this ξ, from
+    the shipped results file (3 seeds per value on the whole test set; no compute here)."""
+    from engine.gamma_family import RESULTS, at_xi, effect_sentences
+
+    with guard("What γmax does", stop=False):
+        results = _family_results((RESULTS / "results.csv").stat().st_mtime_ns)
+        entries = at_xi(results, xi)
+        st.plotly_chart(gamma_effects(entries, gamma), key="ex_gamma_fx_chart")
+        st.caption(f"At ξ = {entries[0]['xi']:.2f}, this model's γmax ({gamma:g}) in orange. "
+                   f"Markers: the mean of {len(results['seeds'])} seeds (3 models per γmax, "
+                   "one recipe); bars: the lowest to the highest seed. A step between two "
+                   "γmax values exceeds the seeds' spread when their bars do not overlap; "
+                   "with 3 seeds that happens by chance about 1 time in 10 where nothing "
+                   "differs, so read one small step with care.")
+        st.markdown("\n".join(f"- {line}" for line in effect_sentences(entries)))
 
 
 def show_breakdown(out, index, multilabel, classes, top_k) -> None:
@@ -334,10 +459,12 @@ def extras(story, shown: Shown, classes, klass, xi) -> None:
 def explore_test_set(loaded, data, collected, picked: Picked, view: dict) -> None:
     """What a ξ move redraws: the slider, the map, the facts, the cut, Eq. 5 and the gallery
     (last, though shown first: the filtered list changes with ξ)."""
+    rerun_after_gamma_move()
     gallery = st.empty()
     controls, main = st.columns([1, 3.4], gap="medium")
     with controls:
         xi = xi_slider(loaded.model)
+        gamma_slider(view["family"], gamma_of(loaded))
     with single_threaded():
         out = decode(loaded.model, collected, xi)
     indices = matching(out, data, picked)
@@ -351,9 +478,11 @@ def explore_test_set(loaded, data, collected, picked: Picked, view: dict) -> Non
              if data.multilabel else data.classes[int(target)])
     shown = Shown(index, index, data.images[index], truth, true_boxes(data, index),
                   f"test{index}")
+    remember(SHOWN_INDEX, index)
     show_story(loaded, data, out, collected, shown, xi, controls, main, view)
     show_gallery(gallery, indices, position, data, loaded.path, xi)
-    write_link(model=link_value(remembered(MODEL_KEY)), image=index, xi=f"{xi:.2f}")
+    write_link(model=link_value(remembered(MODEL_KEY)), image=index, xi=f"{xi:.2f}",
+               gamma=f"{gamma_of(loaded):g}")
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -381,9 +510,12 @@ def explore_file(loaded, data, test_collected, view: dict, payload: bytes, name:
                  truth: str) -> None:
     """An uploaded file or a drawn sample, read exactly as the model's training images were;
     beside the ξ slider, the file as given and the exact model input."""
+    rerun_after_gamma_move()
+    remember(SHOWN_INDEX, None)  # not a test image: a γmax move keeps this file instead
     controls, main = st.columns([1, 3.4], gap="medium")
     with controls:
         xi = xi_slider(loaded.model)
+        gamma_slider(view["family"], gamma_of(loaded))
     with guard("The image", stop=False):
         image, collected = upload_cache(loaded.path, Path(loaded.path).stat().st_mtime_ns,
                                         hashlib.sha256(payload).hexdigest(), name,
@@ -398,7 +530,8 @@ def explore_file(loaded, data, test_collected, view: dict, payload: bytes, name:
         show_story(loaded, data, out, collected, shown, xi, controls, main, view)
         with controls:
             show_input_preview(payload, image, loaded.data_config.resize)
-    write_link(model=link_value(remembered(MODEL_KEY)), xi=f"{xi:.2f}")
+    write_link(model=link_value(remembered(MODEL_KEY)), xi=f"{xi:.2f}",
+               gamma=f"{gamma_of(loaded):g}")
 
 
 def show_input_preview(payload: bytes, image, policy: str) -> None:
@@ -455,6 +588,8 @@ with guard("The Patch Explorer"):
         chosen = pick_file(loaded, data, source)
     view = view_controls(data.classes, collected.grid.num_patches,
                          patch_loss_partner(loaded.path), gamma_of(loaded))
+    view["family"] = gamma_control(remembered(MODEL_KEY), gamma_of(loaded),
+                                   view.pop("gamma_column"))
     if source == "test set":
         explore_test_set(loaded, data, collected, picked, view)
     elif chosen is not None:

@@ -4,9 +4,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine.catalog import backbone_catalog, head_catalog
-from ui.st_state import SHIPPED_DIR, ensure_router, guard
+from engine.catalog import (
+    FAMILY_DEFAULT_GAMMA,
+    FAMILY_PREFIX,
+    backbone_catalog,
+    family_checkpoint_name,
+    head_catalog,
+)
+from ui.st_state import DEFAULT_SHIPPED, MODEL_KEY, SHIPPED_DIR, ensure_router, guard, remember
 from ui.tables import markdown_table
+
+RESULTS = SHIPPED_DIR.parent / "results" / "gamma_family"  # engine.gamma_family.RESULTS
 
 ensure_router()
 st.title("Loss-Attention Studio")
@@ -24,17 +32,31 @@ st.latex(r"z = \sum_m \alpha_m O_m,\qquad L = \mathrm{CE}(z, y) + w(\tau)\sum_m 
 st.caption("M patches, ξ ∈ [0, 1] the threshold (ξ = 0 keeps every patch, ξ = 1 keeps the "
            "above-average ones), τ the epoch, w(τ) the Gaussian ramp-up of the patch loss.")
 
-if st.button("Open the Patch Explorer on the shipped model", type="primary", key="home_go"):
+go, slide = st.columns(2)
+if go.button("Open the Patch Explorer on the shipped model", type="primary", key="home_go"):
+    st.switch_page("pages/explorer.py")
+if slide.button("Slide γmax: the shipped family, 0 to 3", key="home_gamma",
+                help="The Patch Explorer on the default digits model trained at seven values "
+                     "of γmax, with a γmax slider beside the ξ slider"):
+    remember(MODEL_KEY, f"shipped: {Path(family_checkpoint_name(FAMILY_DEFAULT_GAMMA)).stem}")
     st.switch_page("pages/explorer.py")
 
 with guard("The model cards", stop=False):
-    cards = sorted(Path(SHIPPED_DIR).glob("*.md"))
-    cards = [c for c in cards if c.name.lower() != "readme.md"]
+    cards = [c for c in sorted(Path(SHIPPED_DIR).glob("*.md")) if c.name.lower() != "readme.md"]
+    family = [c for c in cards if c.stem.startswith(FAMILY_PREFIX)]
     # The default model first and open; beside it, its ablation partner (trained without the
     # patch loss): together they are the paper's Table VI on the embedded default.
-    for position, card in enumerate(cards):
+    pair = sorted((c for c in cards if c not in family), key=lambda c: c.stem != DEFAULT_SHIPPED)
+    for position, card in enumerate(pair):
         with st.expander(f"Model card: {card.stem}", expanded=position == 0):
             st.markdown(card.read_text())
+    if family:
+        with st.expander(f"Model cards: the γmax family ({len(family)} models)"):
+            table = RESULTS / "results.md"
+            if table.is_file():
+                st.markdown(table.read_text().replace("# ", "#### ", 1))
+            for card in sorted(family, key=lambda c: float(c.stem[len(FAMILY_PREFIX):])):
+                st.markdown("---\n" + card.read_text().replace("# ", "#### ", 1))
 
 # The catalog, not the model registry (which imports torch), and markdown tables, not data
 # frames (pandas and pyarrow): Home is the first page, and it waits on neither.

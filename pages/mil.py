@@ -22,8 +22,8 @@ from engine.mil.paper import PAPER_ACCURACY
 from engine.mil.results import TEST_MAX, read_bag_weights, read_results, table_rows
 from engine.runs import default_runs_root
 from ui.figures import bag_weights_figure
-from ui.st_forms import data_folder_picker, eta_text, show_job_end
-from ui.st_state import ensure_router, guard, keep
+from ui.st_forms import data_folder_picker, eta_text, queue_note, show_job_end
+from ui.st_state import ensure_router, guard, keep, look_at_queue
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = PROJECT_ROOT / "results" / "mil"
@@ -116,7 +116,13 @@ def progress(folder: Path) -> None:
         if not status:
             return
         fraction = float(status.get("fraction") or 0.0)
-        if state in ("starting", "running"):
+        if state == "queued":
+            look_at_queue()
+            st.progress(0.0, text=queue_note(folder))
+            if st.button("Stop", key="mil_stop"):
+                stop_experiment(folder)
+                st.rerun(scope="app")
+        elif state in ("starting", "running"):
             current = status.get("current") or "starting"
             st.progress(min(1.0, fraction), text=f"{fraction:.0%} - {current} "
                         f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})"

@@ -1,21 +1,41 @@
 """Runs: every run in the store; compare curves and configs; export; delete."""
 
 import datetime
+from pathlib import Path
 
 import streamlit as st
 
 from engine import launch
 from engine.jobs import ACTIVE
 from engine.metric_table import label, metrics_of
+from engine.slots import Slots
 from engine.sweep import config_value, varied_fields
 from ui.figures import metric_overlay
 from ui.overlay import csv_bytes
-from ui.st_state import ensure_router, explorable, explore_run, guard, keep, remember, store
+from ui.st_state import (
+    ensure_router,
+    explorable,
+    explore_run,
+    guard,
+    keep,
+    look_at_queue,
+    remember,
+    store,
+)
 
 CURVE_KEYS = [m.key for m in metrics_of("epoch")]
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
+def table_rows(rows: list[dict], queued: list | None = None) -> list[dict]:
+    """The table's rows; ``queued``: the store's queue in order, for a queued run's place."""
+    order = [Path(q).name for q in queued or []]
+
+    def note(r: dict) -> str:
+        if r["state"] == "queued" and r["name"] in order:
+            return (f"place {order.index(r['name']) + 1} of {len(order)} in the queue; starts "
+                    "when a running job ends")
+        return r["reason"]
+
     return [{
         "name": r["name"], "state": r["state"], "data": r["dataset"],
         "model": f"{r['backbone']}/{r['head']}", "γmax": r["gamma_max"], "ξ": r["xi"],
@@ -25,7 +45,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
         "minutes": round((r["duration_s"] or 0) / 60, 2),
         "created": datetime.datetime.fromtimestamp(r["created"] or 0).strftime("%Y-%m-%d %H:%M"),
         "skipped images": r.get("skipped") or 0,
-        "tags": ", ".join(r["tags"]), "note": r["reason"],
+        "tags": ", ".join(r["tags"]), "note": note(r),
     } for r in rows]
 
 
@@ -44,9 +64,10 @@ def row_actions(name: str) -> None:
         with guard(f"Resuming {name}", stop=False):
             launch.resume(store(), name)
             st.toast(f"Resumed {name}.")
-    if c4.button("Stop", key="runs_row_stop", disabled=state not in ACTIVE):
+    if c4.button("Stop", key="runs_row_stop", disabled=state not in (*ACTIVE, "queued")):
         store().stop(name)
-        st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
+        st.toast(f"{name} is out of the queue: it never started." if state == "queued" else
+                 f"Stopping {name}: it checkpoints and stops after the current step.")
     # The tick belongs to this run (its own key): picking another row never inherits it.
     sure = c5.checkbox("delete it", key=f"runs_row_sure_{name}", disabled=state in ACTIVE,
                        help="Tick, then press Delete: its folder and checkpoints go")
@@ -61,13 +82,15 @@ def row_actions(name: str) -> None:
 ensure_router()
 st.title("Runs")
 with guard("The run table"):
+    look_at_queue()
     rows = store().list()
     if not rows:
         st.info("No runs yet: the Train and Sweep pages start them, and so does "
                 "`python -m engine train`.")
         st.stop()
     text = st.text_input("Filter (name, model, data or tag contains)", **keep("runs_filter", ""))
-    shown = [r for r in table_rows(rows)
+    queued = Slots(store().root).queued() if any(r["state"] == "queued" for r in rows) else []
+    shown = [r for r in table_rows(rows, queued)
              if text.lower() in " ".join(str(v) for v in r.values()).lower()]
     picked = st.dataframe(shown, hide_index=True, key="runs_table", on_select="rerun",
                           selection_mode="single-row")

@@ -17,8 +17,17 @@ from engine.sweep import (
     sweep_runs,
 )
 from ui.figures import bench_figure, stride_sketch_figure, stride_time_figure
-from ui.st_forms import config_of, run_settings
-from ui.st_state import device_badge, ensure_router, guard, keep, remember, remembered, store
+from ui.st_forms import config_of, queue_note, run_settings
+from ui.st_state import (
+    device_badge,
+    ensure_router,
+    guard,
+    keep,
+    look_at_queue,
+    remember,
+    remembered,
+    store,
+)
 
 BENCH_KEY = "st_bench_folder"
 
@@ -87,6 +96,9 @@ def bench_results() -> None:
         st.dataframe(rows, hide_index=True)
     elif status.get("state") in ACTIVE:
         st.progress(0.5, text="Measuring in the background...")
+    elif status.get("state") == "queued":
+        look_at_queue()
+        st.progress(0.0, text=f"The benchmark is {queue_note(folder)}.")
     else:
         st.error("The benchmark ended without a result: "
                  + (status.get("reason") or Job(folder).last_output_line() or "no output"))

@@ -1,59 +1,84 @@
 """Sweep: a γmax x ξ grid (the paper's Table VI and Fig. 7), trained in the background, shown as
 heat maps of accuracy and patch precision / recall / F."""
 
+import contextlib
+import math
+
 import streamlit as st
 
 from engine.cluster import CellResources, RayExecutor
 from engine.jobs import ACTIVE
 from engine.losses import patch_loss_share
 from engine.metric_table import metrics_of
+from engine.slots import job_limit
 from engine.sweep import (
+    MAX_SEEDS,
+    SEED_FIELD,
     cell_seconds,
     evaluate_cell,
     launch_sweep,
     list_sweeps,
     parse_grid,
     read_manifest,
+    seed_groups,
     stop_sweep,
     sweep_folder,
     sweep_runs,
     sweep_status,
     sweep_table,
+    with_seeds,
 )
 from engine.train import prepare_run_config
-from ui.figures import grid_heatmap
+from ui.figures import FIELD_LABELS, grid_heatmap
 from ui.overlay import csv_bytes
-from ui.st_forms import config_of, format_seconds, run_settings
-from ui.st_state import ensure_router, guard, keep, remember, store
+from ui.st_forms import (
+    config_of,
+    first_visit_preset,
+    format_seconds,
+    preset_picker,
+    queue_note,
+    run_settings,
+)
+from ui.st_state import ensure_router, explore_run, guard, keep, look_at_queue, remember, store
 
 WATCH_KEY = "sw_watch"
 RATES = [(m.key, m.label) for m in metrics_of("summary") if m.better == "higher"]
+FIELDS = ("train.epochs", "train.batch_size", "data.train_size")  # the preset's, in the form
 
 
 def launch_form() -> None:
+    first_visit_preset("sw", FIELDS)
     with st.container(border=True):  # no st.form: its widgets could not remember values
+        preset = preset_picker("sw", FIELDS, given=("model.xi", "loss.gamma_max"))  # the grid
         settings = run_settings("sw", gamma_xi=False)
-        c1, c2, c3 = st.columns(3)
+        c1, c2, c3, c4 = st.columns(4)
         gammas = c1.text_input("γmax values", **keep("sw_gammas", "0, 0.1"))
         xis = c2.text_input("ξ values", **keep("sw_xis", "0, 0.1"))
-        name = c3.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
+        seeds = int(c3.number_input(
+            "Seeds per cell", 1, MAX_SEEDS, step=1, **keep("sw_seeds", 1),
+            help="Each cell trained with this many seeds (the seed above, +1, ...): the heat "
+                 "maps show mean ± sd, and which cells are within the seeds' spread of the "
+                 "best."))
+        name = c4.text_input("Sweep name", **keep("sw_name", "gamma-xi"))
         executor = ray_settings()
         with guard("The plan", stop=False):
-            plan_notes(settings, gammas, xis)
+            plan_notes(settings, preset, gammas, xis, seeds, executor)
         submitted = st.button("Launch sweep", type="primary", key="sw_launch")
     if submitted:
         with guard("Launching the sweep", stop=False):
+            base = config_of(settings, preset=preset or None)
             grid = parse_grid([f"loss.gamma_max={gammas.replace(' ', '')}",
                                f"model.xi={xis.replace(' ', '')}"])
             for field, values in grid:
                 if not all(isinstance(v, int | float) for v in values):
                     raise ValueError(f"{field} values must be numbers; got {values}")
-            launch_sweep(store(), config_of(settings), grid, name.strip(), ray=executor)
+            grid = with_seeds(grid, seeds, base.train.seed)
+            launch_sweep(store(), base, grid, name.strip(), parallel="auto", ray=executor)
             remember(WATCH_KEY, name.strip())
+            cells = len(grid[0][1]) * len(grid[1][1]) * seeds
             where = ("as tasks on the Ray cluster" if executor else
-                     "one after another, in the background")
-            st.success(f"Sweep {name} started: {len(grid[0][1]) * len(grid[1][1])} runs, "
-                       f"{where}.")
+                     f"in the background, {job_limit()} at a time")
+            st.success(f"Sweep {name} started: {cells} runs, {where}.")
 
 
 def ray_settings() -> RayExecutor | None:
@@ -74,17 +99,25 @@ def _count(text: str) -> int:
     return len([v for v in text.split(",") if v.strip()])
 
 
-def plan_notes(settings: dict, gammas: str, xis: str) -> None:
-    """Before launch: what the grid will cost here, and whether γmax can act at all."""
-    config = prepare_run_config(config_of(settings))
-    cells = _count(gammas) * _count(xis)
+def plan_notes(settings: dict, preset: str, gammas: str, xis: str, seeds: int,
+               executor: RayExecutor | None) -> None:
+    """Before launch: the preset the cells train with, what the grid will cost here, and
+    whether γmax can act at all."""
+    config = prepare_run_config(config_of(settings, preset=preset or None))
+    cells = _count(gammas) * _count(xis) * seeds
+    st.caption(f"Every cell trains with preset **{preset or 'none'}** "
+               f"({config.train.epochs} epochs, batch {config.train.batch_size}, recipe "
+               f"{config.train.recipe}), exactly as `python -m engine sweep"
+               f"{f' --preset {preset}' if preset else ' --preset none'}` would.")
+    at_once = "as Ray tasks" if executor else f"{min(cells, job_limit())} at a time"
     seconds, basis = cell_seconds(store(), config)
     if seconds is None:
-        st.caption(f"{cells} cells, one after another. Time: unknown ({basis}); the first "
+        st.caption(f"{cells} cells, {at_once}. Time: unknown ({basis}); the first "
                    "cell's speed sets the ETA on its progress bar.")
     else:
-        st.caption(f"{cells} cells, one after another: about {format_seconds(cells * seconds)} "
-                   f"here ({format_seconds(seconds)} a cell: {basis}).")
+        st.caption(f"{cells} cells, {at_once}: about {format_seconds(cells * seconds)} of "
+                   f"training one after another ({format_seconds(seconds)} a cell: {basis}); "
+                   "side by side they share the cores and end sooner.")
     loss = config.loss
     share = patch_loss_share(1.0, loss.ramp_epochs, loss.ramp_by, config.train.epochs)
     if share == 0:
@@ -101,15 +134,20 @@ def plan_notes(settings: dict, gammas: str, xis: str) -> None:
 @st.fragment(run_every=2.0)
 def progress(sweep: str) -> None:
     with guard("The sweep's progress", stop=False):
+        look_at_queue()
         runs = sweep_runs(store(), sweep)
         states = [r.status().get("state") for r in runs]
         process = sweep_status(store(), sweep)  # the sweep's job status, read once per tick
         cells = process.get("cells") or len(runs)
         done = states.count("finished")
-        alive = process.get("state") in ACTIVE
+        alive = process.get("state") in (*ACTIVE, "queued")
         where = " on Ray" if process.get("executor") == "ray" else " in the background"
+        waiting = states.count("queued")
         st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
-                    + (f", training{where}" if alive else ""))
+                    + (f", training{where}" if alive else "")
+                    + (f"; {waiting} waiting in the queue for a slot" if waiting else "")
+                    + ("; the sweep itself is " + queue_note(sweep_folder(store(), sweep))
+                       if process.get("state") == "queued" else ""))
         if "failed" in states:
             failed = [r.name for r, s in zip(runs, states, strict=True) if s == "failed"]
             st.error("Failed: " + ", ".join(failed) + " (see the Runs page for the reason).")
@@ -142,28 +180,62 @@ def report_of(sweep: str, xi: float | None = None) -> dict:
 
 
 def heat_maps(report: dict) -> None:
-    rows = [r for r in report["rows"] if r.get("state") == "finished"]
-    fields = report["fields"] or ["run"]
-    if not rows:
+    """One heat map per rate over the grid (mean ± sd over seeds), each on its natural colour
+    range; cells at chance say so; the table and its CSV below."""
+    groups = seed_groups(report)
+    fields = [f for f in report["fields"] if f != SEED_FIELD] or ["run"]
+    if not any(g["states"].get("finished") for g in groups):
         st.info("No finished run in this sweep yet.")
         return
     x_field = fields[-1]
     y_field = fields[0] if len(fields) > 1 else None
     if y_field is None:
-        for r in rows:
-            r["sweep"] = report["sweep"]
+        for g in groups:
+            g["sweep"] = report["sweep"]
         y_field = "sweep"
-    shown = [(key, label) for key, label in RATES if any(key in r for r in rows)]
-    st.caption("Colours span each map's own range (the values are written in the cells); "
-               "rows: γmax, which needs training; columns: ξ, as trained or as re-thresholded.")
+    seeded = SEED_FIELD in report["fields"]
+    chance = _chance(report)
+    shown = [(key, label) for key, label in RATES if any(key in g for g in groups)]
+    st.caption("Each cell: " + ("mean ± sd over its seeds; **≈ best**: its seeds reach into "
+                                "the best cell's, a difference within the seeds' spread"
+                                if seeded else "one run (add seeds to see the spread)")
+               + ". Colours: rates on 0 to 1, the same for every sweep, so noise stays one "
+               "colour. Rows: γmax, which needs training; columns: ξ, as trained or as "
+               "re-thresholded. A cell without a value shows its runs' state.")
+    nothing = [g for g in groups if chance and _finite(g.get("accuracy"))
+               and g["accuracy"] <= 1.5 * chance]
+    if nothing:
+        st.warning("Learned nothing (more epochs or data): " + "; ".join(
+            f"{', '.join(f'{FIELD_LABELS.get(f, f)} = {g.get(f)}' for f in fields)} at "
+            f"accuracy {g['accuracy']:.3f}" for g in nothing)
+            + f", no better than guessing ({chance:.3f}).")
     columns = st.columns(min(3, len(shown)) or 1)
     for i, (key, label) in enumerate(shown):
         with columns[i % len(columns)]:
-            st.plotly_chart(grid_heatmap(rows, x_field, y_field, key, label, own_range=True),
+            st.plotly_chart(grid_heatmap(groups, x_field, y_field, key, label,
+                                         chance=chance if key == "accuracy" else None),
                             key=f"sw_heat_{key}")
+    finished = [r for r in report["rows"] if r.get("state") == "finished"]
+    if finished and st.button("Slide over these cells in the Patch Explorer",
+                              key="sw_explore", help="Opens a finished cell; the Explorer's "
+                              "γmax slider then moves over the cells beside it."):
+        explore_run(finished[0]["run"])
     st.dataframe(report["rows"], hide_index=True)
     st.download_button("Sweep table CSV", csv_bytes(report["rows"]), f"{report['sweep']}.csv",
                        "text/csv", key="sw_dl")
+
+
+def _chance(report: dict) -> float | None:
+    """The accuracy of guessing: 1 / the number of classes of the sweep's models."""
+    for row in report["rows"]:
+        with contextlib.suppress(ValueError, OSError):
+            classes = store().get(row["run"]).config().model.num_classes
+            return 1.0 / classes if classes else None
+    return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 ensure_router()

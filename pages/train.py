@@ -7,84 +7,36 @@ on when the tab closes. The live panel is a fragment that re-reads the run's fil
 import streamlit as st
 
 from engine import launch
-from engine.data.registry import dataset_spec
 from engine.jobs import ACTIVE
 from engine.metric_table import main_metric
-from engine.preset_fill import preset_context
-from engine.presets import PRESETS, preset_settings
 from ui.figures import training_curves
-from ui.st_forms import config_of, progress_of, run_settings, show_job_end
-from ui.st_state import ensure_router, explorable, explore_run, guard, keep, remember, store
+from ui.st_forms import (
+    config_of,
+    first_visit_preset,
+    preset_picker,
+    progress_of,
+    queue_note,
+    run_settings,
+    show_job_end,
+)
+from ui.st_state import (
+    ensure_router,
+    explorable,
+    explore_run,
+    guard,
+    keep,
+    look_at_queue,
+    remember,
+    store,
+)
 
 LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
-PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
-# Preset settings that this form has fields for (section.field -> the field's state key); a
-# comment, not a string: Streamlit would draw a bare string on the page.
-FORM_FIELDS = {"model.xi": "tr_xi", "loss.gamma_max": "tr_gamma", "train.epochs": "tr_epochs",
-               "train.batch_size": "tr_batch", "data.train_size": "tr_train_size"}
-
-
-def _preset_label(name: str) -> str:
-    return f"{name}: {PRESETS[name].description}" if name else "none (recipe defaults)"
-
-
-def _preset_of_form(name: str) -> dict:
-    """What preset ``name`` sets for the head and data set now chosen in the form."""
-    state = st.session_state
-    data = {"data": {"dataset": state.get("tr_dataset", "digits")}}
-    return preset_settings(name, preset_context(data, {"head": state.get("tr_head",
-                                                                          "loss_attention")}))
-
-
-def _write_preset_into_form(name: str, keep_given: bool = False) -> None:
-    """The preset's values into the form's fields; ``keep_given``: not over values the session
-    already holds (a link's or a test's)."""
-    for path, setting in _preset_of_form(name).items():
-        if path in FORM_FIELDS and not (keep_given and FORM_FIELDS[path] in st.session_state):
-            st.session_state[FORM_FIELDS[path]] = setting.value
-
-
-def _first_visit_defaults() -> None:
-    """On the first visit the form shows the default data set's own preset (the digits: live,
-    a run short enough to train during a lesson on a CPU) and its whole test set."""
-    if "tr_preset" in st.session_state:
-        return
-    name = dataset_spec(st.session_state.get("tr_dataset", "digits")).default_preset or ""
-    st.session_state["tr_preset"] = name
-    st.session_state.setdefault("tr_test_size", 0)
-    if name:
-        _write_preset_into_form(name, keep_given=True)
-
-
-def _preset_picker() -> str:
-    """The preset select. Choosing one writes its values into the form's own fields, so the
-    form shows what will run (and may still be edited: the form's values win)."""
-    kwargs = keep("tr_preset", "", PRESET_CHOICES)
-    remember_choice = kwargs["on_change"]
-
-    def show_in_form() -> None:
-        remember_choice()
-        name = st.session_state["tr_preset"]
-        if name:
-            _write_preset_into_form(name)
-
-    name = st.selectbox("Preset", PRESET_CHOICES, format_func=_preset_label,
-                        **{**kwargs, "on_change": show_in_form},
-                        help="Fills the form's ξ, γmax, epochs, batch and train images, and "
-                             "sets what the form has no field for (threshold denominator, "
-                             "stem, learning rate, ramp-up). Values you then type in the form "
-                             "win.")
-    if name:
-        rest = {k: v for k, v in _preset_of_form(name).items() if k not in FORM_FIELDS}
-        st.caption(f"**{name}** also sets: " + "; ".join(
-            f"`{path} = {setting.value}` ({setting.reason})" for path, setting in rest.items()))
-    return name
 
 
 def launch_form() -> None:
-    _first_visit_defaults()
+    first_visit_preset("tr")
     with st.container(border=True):  # no st.form: its widgets could not remember values
-        preset = _preset_picker()
+        preset = preset_picker("tr")
         settings = run_settings("tr")
         name = st.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
         submitted = st.button("Launch training", type="primary", key="tr_launch")
@@ -93,12 +45,16 @@ def launch_form() -> None:
             config = config_of(settings, name.strip() or None, preset=preset or None)
             run = launch.launch(store(), config)
             remember(LIVE_KEY, run.name)
-            st.success(f"Run {run.name} started in the background.")
+            if run.status().get("state") == "queued":
+                st.info(f"Run {run.name} is {queue_note(run.path)}.")
+            else:
+                st.success(f"Run {run.name} started in the background.")
 
 
 @st.fragment(run_every=1.0)
 def live_panel(name: str) -> None:
     with guard("The live view", stop=False):
+        look_at_queue()
         if not store().exists(name):
             st.warning(f"Run {name} no longer exists (deleted).")
             return
@@ -110,9 +66,10 @@ def live_panel(name: str) -> None:
         show_job_end(status, f"Run {name}", "Resume continues the same curves.",
                      f" in {status.get('duration_s') or 0:.0f} s")
         c1, c2, c3, _ = st.columns([1, 1, 1.6, 2.4])
-        if c1.button("Stop", disabled=state not in ACTIVE, key="tr_stop"):
+        if c1.button("Stop", disabled=state not in (*ACTIVE, "queued"), key="tr_stop"):
             store().stop(name)
-            st.toast(f"Stopping {name}: it checkpoints and stops after the current step.")
+            st.toast(f"{name} is out of the queue: it never started." if state == "queued"
+                     else f"Stopping {name}: it checkpoints and stops after the current step.")
         if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):
             launch.resume(store(), name)
             st.toast(f"Resumed {name}.")

@@ -100,7 +100,7 @@ def live_panel(rows: list[dict]) -> None:
             fraction, text = progress_of(run, status)
             c1, c2 = st.columns([6, 1])
             c1.progress(fraction, text=f"{run.name}: {text}")
-            if c2.button("Stop", disabled=status.get("state") not in ACTIVE,
+            if c2.button("Stop", disabled=status.get("state") not in (*ACTIVE, "queued"),
                          key=f"mt_stop_{run.name}"):
                 store().stop(run.name)
             if status.get("state") in ("stopped", "failed") and c2.button(

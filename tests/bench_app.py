@@ -13,11 +13,17 @@ with Playwright, and prints (and writes as JSON):
   below, per move;
 - ``xi_slider_to_overlay_ms``: a ξ slider key press to a new overlay image (median, p90, all),
   alternating page steps (0 <-> 0.1) and jumps (0 <-> 1). A 0.01 arrow step is not used: near
-  ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical.
+  ξ = 1 it can leave the selected patches and so the rendered overlay pixel-identical;
+- ``xi_slider_to_overlay_ms_with_training`` (``--training N``): the same while N default digits
+  runs, launched in the background into the server's store, train or queue.
 
 ``python tests/bench_app.py --pages compare,curves [--runs 3]`` instead times each page's first
 useful view (:func:`page_open_times`): from navigation to the element a user came for, on the
 first visit (cold), a second one (warm) and in a fresh tab (reload).
+
+``python tests/bench_app.py --gamma [--moves 20]`` times the γmax slider over the shipped family
+at 1366x768: each model's first use, then moves between models already used, and the server's
+memory with the whole family loaded.
 
 The browser test (tests/test_browser.py) shares these helpers.
 """
@@ -40,6 +46,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the engine, for the runs that load the app's store
+    sys.path.insert(0, str(ROOT))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -242,6 +250,48 @@ def slider_latencies(page, moves: int) -> list[float]:
     return out
 
 
+def gamma_slider(page):
+    """The Explorer's γmax slider (a select slider over the trained models)."""
+    return page.locator(".st-key-w_gamma").get_by_role("slider")
+
+
+FAMILY_LINK = "/explorer?model=digits_live_gamma0.3&image=7&xi=0.10"
+"""The shipped γmax family's default member, on a test image."""
+FAMILY_STOPS = len(list(ROOT.glob("checkpoints/digits_live_gamma*.pt")))
+
+
+def gamma_latencies(page, url: str, moves: int) -> dict:
+    """Seconds from a γmax key press to the new overlay (the page then shows another model):
+    first over every stop once, from 0 up (each model's first use: its load and its pass over
+    the test images), then ``moves`` moves between stops already used. Also the server's
+    resident memory once every model of the family was used, and the URL after a move."""
+    page.goto(f"{url}{FAMILY_LINK}")
+    src = overlay_state(page, timeout=120_000)
+    idle(page)
+    gamma_slider(page).focus()
+    stops = FAMILY_STOPS  # the slider's element does not say how many stops it has
+    first = []
+    for i in range(stops):  # Home: the first stop; then one stop up at a time
+        start = time.monotonic()
+        page.keyboard.press("Home" if i == 0 else "ArrowRight")
+        src = wait_new_overlay(page, src, timeout=120_000)
+        first.append(time.monotonic() - start)
+        idle(page)
+        gamma_slider(page).focus()
+    rss = server_rss_mib(url)
+    keys = ["Home", "End", "ArrowLeft"]  # from the last stop: 0, 3, 1, 0, 3, 1, ...
+    warm = []
+    for i in range(moves):
+        start = time.monotonic()
+        page.keyboard.press(keys[i % len(keys)])
+        src = wait_new_overlay(page, src)
+        warm.append(time.monotonic() - start)
+        idle(page)
+        gamma_slider(page).focus()
+    return {"gamma_first_use_ms": summarise(first[1:]), "gamma_move_ms": summarise(warm),
+            "server_rss_mib_family_loaded": rss, "url_after_moves": page.url}
+
+
 def server_rss_mib(url: str) -> float:
     """The app server's resident memory now (MiB): the process a user's machine keeps."""
     import psutil
@@ -263,7 +313,80 @@ def summarise(latencies: list[float]) -> dict:
             "all": [round(v) for v in ms]}
 
 
-def measure(moves: int = 20) -> dict:
+def measure_gamma(moves: int = 20) -> dict:
+    """The γmax slider on the shipped family, on a fresh server (``--gamma``)."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as runs, app_server(runs) as (url, _), \
+            sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        result = gamma_latencies(page, url, moves)
+        browser.close()
+    result["machine"] = {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
+    return result
+
+
+def start_training(runs: str | Path, count: int) -> list[str]:
+    """``count`` default digits runs launched in the background into the server's store, as
+    a user's launches would be (they queue beyond the store's job limit); returns their names
+    once every one of them is training or waiting in the queue."""
+    names = [f"load-{i}" for i in range(count)]
+    for name in names:
+        subprocess.run([sys.executable, "-m", "engine", "train", "--dataset", "digits",
+                        "--backbone", "small_cnn", "--head", "loss_attention", "--background",
+                        "--runs-dir", str(runs), "--name", name], cwd=ROOT, check=True,
+                       capture_output=True)
+    deadline = time.monotonic() + 120
+    from engine.runs import RunStore
+
+    store = RunStore(runs)
+    while time.monotonic() < deadline:
+        states = [store.get(n).status().get("state") for n in names]
+        if any(s == "running" for s in states) and "starting" not in states:
+            return names
+        time.sleep(0.2)
+    return names
+
+
+def stop_training(runs: str | Path, names: list[str]) -> None:
+    """Stop the runs and wait until each has ended (checkpointed), before the store goes."""
+    from engine.jobs import wait
+    from engine.runs import RunStore
+
+    store = RunStore(runs)
+    for name in names:
+        store.stop(name)
+    for name in names:
+        wait(store.get(name).job, timeout=120)
+
+
+def measure_queue(launches: int = 20) -> dict:
+    """``launches`` short runs launched at once into the store of a server whose Runs page is
+    open (it looks at the store every few seconds): what computed at once, the queue, and the
+    server's memory, sampled at every look (tests/bench_jobs.py's queue)."""
+    import bench_jobs
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as runs, app_server(runs) as (url, _), \
+            sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        page.goto(f"{url}/runs")
+        idle(page)
+        rss = [server_rss_mib(url)]
+        result = bench_jobs.queue_of(launches, runs, lambda: rss.append(server_rss_mib(url)))
+        page.reload()
+        idle(page)
+        result["server_rss_mib_max"] = max(rss)
+        result["server_rss_mib_start"] = rss[0]
+        browser.close()
+    return result
+
+
+def measure(moves: int = 20, training: int = 0) -> dict:
+    """``training``: also time the ξ slider again while that many default runs train (or wait
+    in the queue) in the server's store."""
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as runs, app_server(runs) as (url, started), \
@@ -279,6 +402,12 @@ def measure(moves: int = 20) -> dict:
         cpu = server_cpu_s(url)
         result["xi_slider_to_overlay_ms"] = summarise(slider_latencies(page, moves))
         result["server_cpu_ms_per_xi_move"] = 1000 * (server_cpu_s(url) - cpu) / moves
+        if training:
+            names = start_training(runs, training)
+            result["xi_slider_to_overlay_ms_with_training"] = summarise(
+                slider_latencies(page, moves))
+            result["runs_training_meanwhile"] = training
+            stop_training(runs, names)
         browser.close()
     import torch
 
@@ -294,6 +423,11 @@ def main() -> int:
     parser.add_argument("--pages", help="comma-separated url paths: time their first useful "
                         "view instead (cold, warm, reload; '' or 'home' for Home)")
     parser.add_argument("--runs", type=int, default=1, help="with --pages: repeat this often")
+    parser.add_argument("--gamma", action="store_true", help="time the γmax slider over the "
+                        "shipped family instead (first use of each model, then --moves moves)")
+    parser.add_argument("--training", type=int, default=0, metavar="N",
+                        help="also time the ξ slider while N default runs train in the "
+                             "server's store")
     parser.add_argument("--first", default="", help="with --pages: comma-separated pages to "
                         "open (untimed) before each timed one")
     args = parser.parse_args()
@@ -302,8 +436,10 @@ def main() -> int:
         first = [n.strip() for n in args.first.split(",") if n.strip()]
         result = {"runs": [page_open_times(names, first=first) for _ in range(args.runs)],
                   "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}}
+    elif args.gamma:
+        result = measure_gamma(args.moves)
     else:
-        result = measure(args.moves)
+        result = measure(args.moves, args.training)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

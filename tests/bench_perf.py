@@ -6,9 +6,11 @@ Sections (``--only a,b``): ``train`` (the default digits run, process start to f
 its time to 95 % and 97 %), ``patch`` (patch precision / recall / F of that run against the
 shipped model), ``models`` (training images/s per model), ``explain`` (ms per image per
 explanation method on the shipped model), ``startup`` (``python -m engine --help`` and
-``models``), ``app`` (ξ-slider latency, Home and Explorer, via tests/bench_app.py), ``pages``
-(every page's first useful view). Writes ``--out`` (JSON) and, with ``--readme``, replaces the
-table between the ``perf`` markers of README.md.
+``models``), ``app`` (ξ-slider latency, Home and Explorer, via tests/bench_app.py; the first
+repeat also with four runs training), ``gamma`` (the γmax slider over the shipped family),
+``pages`` (every page's first useful view), ``jobs`` (four runs at once against in a row, and
+twenty launches at once: tests/bench_jobs.py). Writes ``--out`` (JSON) and, with ``--readme``,
+replaces the table between the ``perf`` markers of README.md.
 
 Before and after, side by side: ``--tree DIR`` measures another checkout of the project (a git
 worktree of an older commit) with this script: its CLI and its app, its own
@@ -187,9 +189,34 @@ def startup(runs: int) -> dict:
 
 
 def app_latency(runs: int) -> list[dict]:
+    """The browser figures; the first repeat also times the ξ slider while four default runs
+    train in the server's store (a checkout whose bench_app cannot: without)."""
+    import inspect
+
     from bench_app import measure
 
-    return [measure(moves=20) for _ in range(runs)]
+    loaded = {"training": 4} if "training" in inspect.signature(measure).parameters else {}
+    return [measure(moves=20, **(loaded if i == 0 else {})) for i in range(runs)]
+
+
+def jobs() -> dict:
+    """Four default runs at once against one after another, under each job limit, and twenty
+    launches at once (tests/bench_jobs.py)."""
+    import bench_jobs
+    from bench_app import measure_queue
+
+    from engine.slots import default_limit
+
+    limits = list(dict.fromkeys([default_limit(), 1, 4]))
+    result = bench_jobs.measure(limits, launches=0, before=False, before_limit=0)
+    result["queue"] = measure_queue(20)
+    return result
+
+
+def gamma_slider() -> dict:
+    from bench_app import measure_gamma
+
+    return measure_gamma(moves=20)
 
 
 def page_times(runs: int) -> dict:
@@ -263,7 +290,48 @@ def _app_rows(apps: list[dict]) -> list[tuple[str, str, str]]:
     for key in ("median", "p90"):
         out.append((f"xi_{key}", f"ξ slider key press to new overlay, {key} of 20 moves",
                     _mmm(spread([a["xi_slider_to_overlay_ms"][key] for a in apps]), " ms", 0)))
+    loaded = [a for a in apps if "xi_slider_to_overlay_ms_with_training" in a]
+    if loaded:
+        ms = loaded[0]["xi_slider_to_overlay_ms_with_training"]
+        out.append(("xi_with_training", ("... the same while 4 default runs train (queued at "
+                    "the job limit), median / p90"), f"{ms['median']:.0f} / {ms['p90']:.0f} ms"))
     return out
+
+
+def _job_rows(j: dict) -> list[tuple[str, str, str]]:
+    together = j["together_s"][str(j["default_limit"])]["seconds"]
+    out = [("jobs_alone", "One default digits run alone (foreground)", f"{j['alone_s']:.1f} s"),
+           ("jobs_row", "Four default runs one after another", f"{j['in_a_row_s']:.1f} s"),
+           ("jobs_together", (f"Four launched together in the background (job limit "
+                              f"{j['default_limit']}, the default: one per core)"),
+            (f"{together:.1f} s: {j['together_over_in_a_row']:.2f}x four in a row, "
+             f"{j['together_over_alone']:.2f}x one alone"))]
+    for limit, t in j["together_s"].items():
+        if limit != str(j["default_limit"]):
+            out.append((f"jobs_limit_{limit}", f"... the same with job limit {limit}",
+                        f"{t['seconds']:.1f} s"))
+    q = j.get("queue")
+    if q:
+        out.append(("jobs_queue", (f"{q['launches']} short runs launched at once: computing at "
+                                   "once (most) / queued (most) / all ended"),
+                    (f"{q['most_computing_at_once']} / {q['longest_queue']} / "
+                     f"{q['seconds']:.0f} s ({q['end_states']})")))
+    if q and "server_rss_mib_max" in q:
+        out.append(("jobs_queue_rss", ("... the app server's memory (RSS) meanwhile, Runs page "
+                    "open: at the start / at most"),
+                    f"{q['server_rss_mib_start']:.0f} / {q['server_rss_mib_max']:.0f} MiB"))
+    return out
+
+
+def _gamma_rows(g: dict) -> list[tuple[str, str, str]]:
+    return [("gamma_move", ("γmax slider (7 shipped models) key press to new overlay, median "
+             "/ p90 of 20 moves between models used before"),
+             f"{g['gamma_move_ms']['median']:.0f} / {g['gamma_move_ms']['p90']:.0f} ms"),
+            ("gamma_first", "... each model's first use (median / max of 6)",
+             (f"{g['gamma_first_use_ms']['median']:.0f} / {max(g['gamma_first_use_ms']['all'])} "
+             "ms")),
+            ("gamma_rss", "App server memory (RSS) with the whole family used",
+             f"{g['server_rss_mib_family_loaded']:.0f} MiB")]
 
 
 def rows(result: dict) -> list[tuple[str, str, str]]:
@@ -293,6 +361,10 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
                     _mmm(v, " s", 2)))
     if "app" in result:
         out += _app_rows(result["app"])
+    if "gamma" in result:
+        out += _gamma_rows(result["gamma"])
+    if "jobs" in result:
+        out += _job_rows(result["jobs"])
     for page, v in result.get("pages", {}).items():
         out.append((f"page_{page}", f"Page `{page}`: first useful view, cold / warm (median)",
                     f"{v['cold_s']['median']:.2f} s / {v['warm_s']['median']:.2f} s"))
@@ -333,7 +405,7 @@ def write_readme(text: str) -> None:
     readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
-SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "pages")
+SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "gamma", "pages", "jobs")
 
 
 def main() -> int:
@@ -378,7 +450,7 @@ def main() -> int:
             result["patch"] = patch_quality(store)
     steps = {"models": train_throughput, "explain": explain_cost,
              "startup": lambda: startup(5), "app": lambda: app_latency(args.runs),
-             "pages": lambda: page_times(1)}
+             "gamma": gamma_slider, "pages": lambda: page_times(1), "jobs": jobs}
     for name, step in steps.items():
         if name in only:
             result[name] = step()

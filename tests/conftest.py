@@ -9,6 +9,14 @@ os.environ.setdefault("LOSSATTN_CACHE", tempfile.mkdtemp(prefix="lossattn-cache-
 import pytest
 import torch
 
+# One torch thread for this process and for every job a test starts (issue 34). OpenMP threads
+# that wait on each other at every barrier collapse when the cores are busy with other work
+# (a first `make test` on a loaded 2-core machine took 37 min instead of about 5); one thread
+# each only slows down. Bit-for-bit comparisons between a test's own training and its jobs'
+# need the same count anyway. Tests of the thread budget itself unset it.
+os.environ.setdefault("LOSSATTN_THREADS", "1")
+torch.set_num_threads(int(os.environ["LOSSATTN_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

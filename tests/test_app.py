@@ -54,7 +54,9 @@ def test_home(runs_root):
     at = open_page()
     assert at.title[0].value == "Loss-Attention Studio"
     assert len(at.latex) >= 2
-    assert any("digits_small_cnn_la" in e.label for e in at.expander)  # the model card
+    cards = [e.label for e in at.expander]
+    assert cards[0] == "Model card: digits_small_cnn_la"  # the default model's card first
+    assert cards[-1] == "Model cards: the γmax family (7 models)"
     assert any("test_acc" in m.value for m in at.markdown)
     # the catalog tables: every backbone and head with its description
     assert any(m.value.startswith("| backbone | description |") and "| resnet18 |" in m.value
@@ -64,6 +66,11 @@ def test_home(runs_root):
     assert at.sidebar.selectbox[0].value == "shipped: digits_small_cnn_la"
     at.button(key="home_go").click().run()
     assert at.title[0].value == "Patch Explorer" and not at.exception
+    at = open_page()
+    at.button(key="home_gamma").click().run()  # one click to the γmax slider
+    assert at.title[0].value == "Patch Explorer" and not at.exception
+    assert at.session_state["model_source"] == "shipped: digits_live_gamma0.3"
+    assert len(at.select_slider(key="w_gamma").options) == 7
 
 
 FIRST_PAGE_PROBE = """
@@ -189,6 +196,89 @@ def test_explorer_view_is_in_the_url_and_a_link_reopens_it(runs_root):
     assert "'x' is not a test image number" in warnings and "'7' is not a number" in warnings
 
 
+def test_the_gamma_slider_moves_over_the_shipped_family_and_keeps_the_image(runs_root):
+    at = open_page("explorer", model_source="shipped: digits_live_gamma0.3")
+    slider = at.select_slider(key="w_gamma")
+    assert list(slider.options) == ["0", "0.01", "0.03", "0.1", "0.3", "1", "3"]
+    assert slider.value == 0.3 and at.selectbox(key="w_ex_gamma_over").value.startswith("live")
+    at.slider(key="w_xi").set_value(0.2).run()
+    at.selectbox(key="w_ex_outcome").set_value("correct").run()
+    at.number_input(key="w_ex_pos").set_value(5).run()
+    image = at.query_params["image"]
+    before = map_svg(at, "ex_map")
+    at.select_slider(key="w_gamma").set_value(1.0).run()
+    assert not at.exception and not errors(at)
+    assert at.session_state["model_source"] == "shipped: digits_live_gamma1"
+    assert at.query_params["gamma"] == "1" and at.query_params["model"] == "digits_live_gamma1"
+    assert at.query_params["image"] == image and at.query_params["xi"] == "0.20"
+    assert at.select_slider(key="w_gamma").value == 1.0
+    assert map_svg(at, "ex_map") != before  # another model's map of the same image
+    # What γmax does: from the shipped results, at this ξ, in words
+    at.toggle(key="w_ex_gamma_fx").set_value(True).run()
+    assert not at.exception and at.get("plotly_chart")
+    assert any("beyond the seeds' spread" in m.value for m in at.markdown)
+    assert any("At ξ = 0.20" in c.value for c in at.caption)
+    # another family: its model nearest this γmax opens
+    pair = next(o for o in at.selectbox(key="w_ex_gamma_over").options if "no preset" in o)
+    at.selectbox(key="w_ex_gamma_over").set_value(pair).run()
+    assert at.session_state["model_source"] == "shipped: digits_small_cnn_la"  # γmax 0.1
+    assert list(at.select_slider(key="w_gamma").options) == ["0", "0.1"]
+
+
+def test_a_link_with_gamma_opens_that_model_of_the_family(runs_root):
+    from streamlit.testing.v1 import AppTest
+
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in {"model": "digits_live_gamma0.3", "image": "7", "xi": "0.3",
+                       "gamma": "0.01"}.items():
+        link.query_params[key] = value
+    link.switch_page("pages/explorer.py").run()
+    assert not link.exception and not errors(link)
+    assert link.session_state["model_source"] == "shipped: digits_live_gamma0.01"
+    assert link.select_slider(key="w_gamma").value == 0.01
+    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in {"model": "digits_live_gamma0.3", "gamma": "0.5"}.items():
+        bad.query_params[key] = value
+    bad.switch_page("pages/explorer.py").run()
+    assert not bad.exception and bad.session_state["model_source"] == (
+        "shipped: digits_live_gamma0.3")
+    assert any("γmax '0.5' is not a stop" in w.value for w in bad.warning)
+    # a model of no family: its own γmax in the link is no reason for a warning
+    name = tiny_run(runs_root, "alone")
+    own = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in {"model": f"run/{name}", "gamma": "0.1"}.items():
+        own.query_params[key] = value
+    own.switch_page("pages/explorer.py").run()
+    assert not own.exception and not any("γmax" in w.value for w in own.warning)
+    assert own.session_state["model_source"] == f"run: {name}"
+
+
+def test_the_gamma_slider_moves_over_a_sweeps_cells(runs_root):
+    """A finished sweep's cells are stops; a sweep that varies more than γmax is refused with
+    the fields it varies, unless a cell is explained (then its column is slid over)."""
+    from engine.sweep import run_sweep, sweep_configs
+
+    store = RunStore(runs_root)
+    base = {"data": {"dataset": "digits", "train_size": 64, "test_size": 32},
+            "model": {"backbone": "small_cnn"}, "train": {"epochs": 1, "batch_size": 32}}
+    grid = [("loss.gamma_max", [0.0, 0.3]), ("model.xi", [0.1, 0.5])]
+    run_sweep(store, sweep_configs(base, grid, "gx"), parallel=1, progress_bar=False,
+              log=lambda m: None)
+    at = open_page("explorer")
+    name = next(o for o in at.selectbox(key="w_ex_gamma_over").options if o == "sweep gx")
+    at.selectbox(key="w_ex_gamma_over").set_value(name).run()
+    assert not at.exception
+    assert any("more than γmax (model.xi)" in w.value for w in at.warning)
+    assert at.session_state["model_source"] == "shipped: digits_small_cnn_la"  # unchanged
+    cell = next(n for n in store.names() if "gamma0.3-xi0.5" in n)
+    at = open_page("explorer", model_source=f"run: {cell}")
+    assert at.selectbox(key="w_ex_gamma_over").value == "sweep gx"
+    assert list(at.select_slider(key="w_gamma").options) == ["0", "0.3"]
+    at.select_slider(key="w_gamma").set_value(0.0).run()
+    other = next(n for n in store.names() if "gamma0.0-xi0.5" in n)
+    assert at.session_state["model_source"] == f"run: {other}" and not errors(at)
+
+
 def test_explorer_shows_the_model_with_and_without_the_patch_loss(runs_root):
     at = open_page("explorer")
     assert at.toggle(key="w_ex_pair").value is False
@@ -281,6 +371,36 @@ def test_runs_page_row_actions_open_resume_and_delete_the_picked_run(runs_root):
     assert "(32 test images)" in at.caption[0].value  # the run's own test set
 
 
+def test_a_queued_run_shows_its_place_and_stops_from_the_pages(runs_root, monkeypatch):
+    """With every slot taken (a job computing elsewhere), a launch waits in the queue: Train
+    and Runs say where, and Stop takes it out of the queue."""
+    import subprocess
+    import sys
+
+    from engine.slots import Slots
+
+    monkeypatch.setenv("LOSSATTN_MAX_JOBS", "1")
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        Slots(runs_root).write_lease(busy.pid, runs_root / "busy")
+        at = open_page("train", **TINY)
+        at.text_input(key="w_tr_name").set_value("waits").run()
+        at.button(key="tr_launch").click().run()
+        assert not at.exception and not errors(at)
+        assert any("waits is queued: place 1 of 1" in i.value for i in at.info)
+        assert any("queued: place 1 of 1" in p.proto.text for p in at.get("progress"))
+        at.switch_page("pages/runs.py").run()
+        table = at.dataframe[0].value
+        assert list(table["state"]) == ["queued"] and "place 1 of 1" in table["note"][0]
+        pick_row(at, 0)
+        assert not at.button(key="runs_row_stop").disabled
+        at.button(key="runs_row_stop").click().run()
+        assert RunStore(runs_root).get("waits").status()["state"] == "stopped"
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def test_explorer_survives_a_deleted_model(runs_root):
     name = tiny_run(runs_root, "gone")
     at = open_page("explorer", model_source=f"run: {name}")
@@ -296,12 +416,26 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     state = {"sw_train_size": 64, "sw_test_size": 32, "sw_epochs": 1, "sw_batch": 32,
              "sw_gammas": "0, 0.1", "sw_xis": "0.1", "sw_name": "tiny"}
     at = open_page("sweep", **state)
-    # one epoch ramped by epoch: w(τ) = 0 throughout, and the page says so before launch
-    assert any("every γmax trains the same model" in w.value for w in at.warning)
+    # the cells train with the data set's preset, as `python -m engine sweep` does
+    assert at.selectbox(key="w_sw_preset").value == "live"
+    assert any("Every cell trains with preset **live**" in c.value for c in at.caption)
     assert any("2 cells" in c.value and "unknown" in c.value for c in at.caption)
+    assert not any("every γmax" in w.value for w in at.warning)  # live ramps by step
+    # without a preset, one epoch ramped by epoch: w(τ) = 0 throughout, and the page says so
+    at.selectbox(key="w_sw_preset").set_value("").run()
+    assert any("every γmax trains the same model" in w.value for w in at.warning)
     at.number_input(key="w_sw_epochs").set_value(2).run()
     assert not any("every γmax" in w.value for w in at.warning)
     at.number_input(key="w_sw_epochs").set_value(1).run()
+    at.selectbox(key="w_sw_preset").set_value("live").run()
+    # the preset's values, written into the form (and what the form then says wins)
+    assert at.number_input(key="w_sw_epochs").value == 2
+    assert at.number_input(key="w_sw_train_size").value == 12000
+    at.number_input(key="w_sw_epochs").set_value(1).run()
+    at.number_input(key="w_sw_train_size").set_value(64).run()
+    at.number_input(key="w_sw_batch").set_value(32).run()
+    at.number_input(key="w_sw_seeds").set_value(2).run()
+    assert any("4 cells" in c.value for c in at.caption)  # 2 γmax x 1 ξ x 2 seeds
     at.text_input(key="w_sw_gammas").set_value("0, x").run()
     at.button(key="sw_launch").click().run()
     assert errors(at) and not at.exception
@@ -316,16 +450,21 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
         time.sleep(0.5)
     at.run()
     assert not at.exception and not errors(at)
-    assert "2/2 runs finished" in at.get("progress")[0].proto.text
+    assert "4/4 runs finished" in at.get("progress")[0].proto.text
+    for name in store.names():  # each cell: the live preset, filled as the CLI fills it
+        config = store.get(name).config()
+        assert config.preset == "live" and config.train.recipe == "onecycle"
+        assert config.loss.ramp_by == "step" and config.train.epochs == 1
     charts = [c for c in at.get("plotly_chart")]
     assert len(charts) >= 4  # accuracy and patch precision / recall / F
     table = at.dataframe[-1].value
-    assert sorted(table["loss.gamma_max"]) == [0, 0.1]
-    assert list(table["xi"]) == [0.1, 0.1]
+    assert sorted(table["loss.gamma_max"]) == [0, 0, 0.1, 0.1]
+    assert sorted(table["train.seed"]) == [0, 0, 1, 1]
+    assert list(table["xi"]) == [0.1] * 4
     # the trained cells re-thresholded at another ξ, without retraining
     at.selectbox(key="w_sw_eval_xi").set_value("0.0").run()
-    assert not at.exception and list(at.dataframe[-1].value["xi"]) == [0.0, 0.0]
-    assert len(RunStore(runs_root).names()) == 2  # no run was trained for it
+    assert not at.exception and list(at.dataframe[-1].value["xi"]) == [0.0] * 4
+    assert len(RunStore(runs_root).names()) == 4  # no run was trained for it
     # now that cells have run here, the plan is timed by their measured speed
     assert any("about" in c.value and "img/s" in c.value for c in at.caption)
 

@@ -226,7 +226,9 @@ def test_config_file_errors_name_the_file(config, message, tmp_path, capsys):
     (["data", "check", "image_folder", "--data-root", "/nonexistent"], "does not exist"),
     (["mil", "--dataset", "nope", "--out"], "unknown MIL data set"),
     (["mil", "--epochs", "0", "--out"], "epochs must be an int >= 1"),
-    (["mil", "--threads", "-3", "--out"], "--threads must be >= 0"),
+    (["mil", "--threads", "-3", "--out"], "--threads must be a positive int"),
+    (["mil", "--threads", "0", "--out"], "--threads must be a positive int"),
+    (["train", "--threads", "0"], "train.threads"),
     (["bench-eval", "/dev/null"], "/dev/null is not a regular file"),
 ])
 def test_expected_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):

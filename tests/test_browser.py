@@ -1,6 +1,7 @@
 """One real-browser test: Debian's chromium driven by Playwright against `streamlit run app.py`.
 
-It opens every page, moves the ξ slider on the Patch Explorer and checks the overlay changes,
+It opens every page, moves the ξ and γmax sliders on the Patch Explorer and checks the overlay
+(and, for γmax, the link and the sidebar's model) changes,
 uploads an image and a non-image, launches a one-epoch run on the Train page and waits for it to
 finish, and keeps a second browser session open at the same time. Screenshots and the timings
 seen on the way are written to ``test-artifacts/browser/`` (or $LOSSATTN_ARTIFACTS). The
@@ -22,9 +23,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_app import (
     CHROMIUM,
+    FAMILY_LINK,
     MAP_IMG_JS,
     ROOT,
     app_server,
+    gamma_slider,
     idle,
     launch_browser,
     open_explorer,
@@ -159,6 +162,40 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     page.close()
 
 
+def check_gamma_slider(browser, url: str, artifacts: Path) -> dict:
+    """At 1366x768 the γmax slider sits under the ξ slider, beside the map; a move swaps the
+    model for the same image and ξ: the map changes, and so do the link (model and gamma) and
+    the sidebar's model. Returns the moves' timings (each model once first, then warm)."""
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.goto(f"{url}{FAMILY_LINK}")
+    src = overlay_state(page, timeout=120_000)
+    idle(page, 120_000)
+    page.locator(PICTURES).first.scroll_into_view_if_needed()
+    for widget in (".st-key-w_xi", ".st-key-w_gamma", PICTURES):
+        assert inside(page.locator(widget).first.bounding_box(), page.viewport_size), widget
+    times = {}
+    for key, gamma in [("End", "3"), ("Home", "0"), ("End", "3"), ("Home", "0")]:
+        gamma_slider(page).focus()
+        start = time.monotonic()
+        page.keyboard.press(key)
+        src = wait_new_overlay(page, src, timeout=120_000)
+        times.setdefault(gamma, []).append(round(1000 * (time.monotonic() - start)))
+        idle(page)
+        assert f"model=digits_live_gamma{gamma}&image=7&xi=0.10&gamma={gamma}" in page.url
+        assert page.get_by_role("combobox", name="Model to explain").input_value() == (
+            f"shipped: digits_live_gamma{gamma}")
+        no_traceback(page)
+    page.screenshot(path=artifacts / "explorer-gamma0.png")
+    page.get_by_text("What γmax does").click()
+    page.locator(".st-key-ex_gamma_fx_chart .js-plotly-plot").wait_for(timeout=60_000)
+    idle(page)
+    page.locator(".st-key-ex_gamma_fx_chart").scroll_into_view_if_needed()
+    assert page.get_by_text("beyond the seeds' spread").count() >= 1
+    page.screenshot(path=artifacts / "explorer-what-gamma-does.png")
+    page.close()
+    return {"gamma_move_ms (first, warm)": times}
+
+
 def test_home_on_a_fresh_server_then_the_device_line(artifacts, tmp_path):
     """Home, the first page of a fresh server, ends without waiting for torch; the sidebar's
     device line then fills in by itself (torch loads in the background, and the app reruns
@@ -185,8 +222,10 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
     with app_server(tmp_path / "runs") as (url, _), sync_playwright() as p:
         browser = launch_browser(p)
         check_link_and_threshold_view(browser, url, artifacts)
+        gamma = check_gamma_slider(browser, url, artifacts)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         timings = open_home(page, url, time.monotonic())  # timed from this navigation
+        timings.update(gamma)
         page.screenshot(path=artifacts / "home.png", full_page=True)
         # .streamlit/config.toml: a tool to use, not a script to deploy (toolbarMode viewer).
         assert page.get_by_text("Deploy", exact=True).count() == 0

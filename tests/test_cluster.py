@@ -56,8 +56,10 @@ def cell_args(root, name, *more):
 
 def test_a_ray_sweep_equals_the_local_one(cluster, tmp_path):
     """The same 2x2 (γmax x ξ) digits sweep by both executors: the same runs, bit for bit, and
-    the same table; the Ray one is a sweep like any other in the store."""
-    common = ["--epochs", "2"]
+    the same table; the Ray one is a sweep like any other in the store. The local executor runs
+    its cells side by side, so both pin the threads (with the budget each local cell's count
+    would follow how many run at once)."""
+    common = ["--epochs", "2", "--threads", str(THREADS)]
     assert main(cell_args(tmp_path / "local", "grid", *common)) == 0
     assert main(cell_args(tmp_path / "ray", "grid", *common, "--executor", "ray",
                           "--ray-cpus", str(THREADS))) == 0

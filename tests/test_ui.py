@@ -98,23 +98,39 @@ def test_png_and_csv_bytes():
 
 def test_grid_heatmap_places_values_and_fixes_rate_range():
     rows = [{"g": 0, "x": 0.1, "f": 0.5}, {"g": 0, "x": 0.0, "f": 0.25},
-            {"g": 0.1, "x": 0.0, "f": 0.75}, {"g": 0.1, "x": 0.1, "f": float("nan")}]
+            {"g": 0.1, "x": 0.0, "f": 0.75},
+            {"g": 0.1, "x": 0.1, "f": float("nan"), "states": {"failed": 1}}]
     fig = figures.grid_heatmap(rows, "x", "g", "f")
     heat = fig.data[0]
     assert list(heat.x) == ["0.0", "0.1"] and list(heat.y) == ["0", "0.1"]
-    assert [list(r) for r in heat.z] == [[0.25, 0.5], [0.75, None]]
+    assert [list(r) for r in heat.z] == [[0.25, 0.5], [0.75, None]]  # a gap, never a 0
     assert (heat.zmin, heat.zmax) == (0, 1)
-    wide = figures.grid_heatmap([{"g": 1, "x": 1, "f": 7.0}], "x", "g", "f")
-    assert wide.data[0].zmax is None  # not a rate: free range
-    assert [list(t) for t in heat.text] == [["0.250", "0.500"], ["0.750", ""]]
-    # own_range: close accuracies get distinct colours; the axes say γmax and ξ; square cells
-    close = [{"loss.gamma_max": g, "model.xi": x, "acc": 0.97 + g / 10 + x / 100}
+    assert [list(t) for t in heat.text] == [["0.250", "0.500"], ["0.750<br>best", "failed"]]
+    counts = figures.grid_heatmap([{"g": 1, "x": 1, "f": 7.0}], "x", "g", "f")
+    assert (counts.data[0].zmin, counts.data[0].zmax) == (0, 7.0)  # a count: 0 to its largest
+    # close values stay one colour: the scale is the metric's own range, stated in the title
+    close = [{"loss.gamma_max": g, "model.xi": x, "acc": 0.13697 + g / 1000 + x / 10000}
              for g in (0, 0.1) for x in (0, 0.1)]
-    spread = figures.grid_heatmap(close, "model.xi", "loss.gamma_max", "acc", own_range=True)
-    assert spread.data[0].zmin is None and spread.data[0].zmax is None
-    assert spread.layout.xaxis.title.text == "ξ" and spread.layout.yaxis.title.text == "γmax"
-    assert spread.layout.yaxis.scaleanchor == "x"
-    assert figures.grid_heatmap(close, "model.xi", "loss.gamma_max", "acc").data[0].zmax == 1
+    fig = figures.grid_heatmap(close, "model.xi", "loss.gamma_max", "acc")
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (0, 1) and "0 to 1" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "ξ" and fig.layout.yaxis.title.text == "γmax"
+    assert fig.layout.yaxis.scaleanchor == "x"
+
+
+def test_grid_heatmap_marks_the_seeds_spread_and_chance():
+    """Cells over seeds: mean ± sd; ≈ best where the seeds' range reaches into the best
+    cell's; 'learned nothing' at chance accuracy."""
+    groups = [{"g": 0, "x": 0, "acc": 0.9, "acc_sd": 0.01, "acc_values": [0.89, 0.9, 0.91]},
+              {"g": 1, "x": 0, "acc": 0.895, "acc_sd": 0.02, "acc_values": [0.87, 0.895, 0.92]},
+              {"g": 2, "x": 0, "acc": 0.8, "acc_sd": 0.01, "acc_values": [0.79, 0.8, 0.81]},
+              {"g": 3, "x": 0, "acc": 0.1, "acc_sd": 0.0, "acc_values": [0.1, 0.1, 0.1]},
+              {"g": 4, "x": 0, "states": {"running": 2, "queued": 1}}]
+    text = [t[0] for t in figures.grid_heatmap(groups, "x", "g", "acc", chance=0.1).data[0].text]
+    assert text[0] == "0.900 ± 0.010<br>best"
+    assert text[1] == "0.895 ± 0.020<br>≈ best"        # 0.92 >= 0.89: within the spread
+    assert text[2] == "0.800 ± 0.010"                  # 0.81 < 0.89: beyond it
+    assert text[3] == "0.100 ± 0.000<br>learned nothing"
+    assert text[4] == "2 running, queued"
 
 
 def test_curve_figures():

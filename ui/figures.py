@@ -69,35 +69,69 @@ FIELD_LABELS = {"loss.gamma_max": "γmax", "model.xi": "ξ", "train.epochs": "ep
 """How swept config fields are named on axes."""
 
 
-def grid_heatmap(rows: list[dict], x_field: str, y_field: str, value: str,
-                 title: str | None = None, own_range: bool = False) -> go.Figure:
-    """Heat map of ``value`` over two swept fields, square cells, each cell's value written in
-    it; cells without a value are blank. Rates in [0, 1] use the fixed range [0, 1] so that
-    heat maps compare by colour; ``own_range`` spreads the colours over the values' own span
-    instead (accuracies of 0.97-0.99 are one colour on [0, 1])."""
-    xs = sorted({json_key(r.get(x_field)) for r in rows}, key=_sort_key)
-    ys = sorted({json_key(r.get(y_field)) for r in rows}, key=_sort_key)
+def grid_heatmap(groups: list[dict], x_field: str, y_field: str, value: str,
+                 title: str | None = None, *, chance: float | None = None) -> go.Figure:
+    """Heat map of ``value`` over two swept fields, one square cell per grid cell: its value
+    written in it (mean ± sd where the cell has several seeds: the groups of
+    :func:`engine.sweep.seed_groups`), and a cell without a value left blank with its runs'
+    state written instead (failed, running, queued), never drawn as 0.
+
+    One colour scale per metric over a stated range, never the values' own span (that drew
+    0.13697 against 0.13702 as the darkest against the brightest colour): rates over [0, 1],
+    counts over [0, their largest]. The best cell says ``best``; a cell whose seeds' range
+    reaches into the best cell's says ``≈ best`` (its difference is within the seeds' spread);
+    with ``chance`` (the accuracy of guessing), a cell at no more than 1.5x it says ``learned
+    nothing``."""
+    xs = sorted({json_key(r.get(x_field)) for r in groups}, key=_sort_key)
+    ys = sorted({json_key(r.get(y_field)) for r in groups}, key=_sort_key)
     z = [[None] * len(xs) for _ in ys]
-    for r in rows:
+    text = [[""] * len(xs) for _ in ys]
+    cells = {(ys.index(json_key(r.get(y_field))), xs.index(json_key(r.get(x_field)))): r
+             for r in groups}
+    values = [r[value] for r in groups if _finite(r.get(value))]
+    best = max((r for r in groups if _finite(r.get(value))), key=lambda r: r[value],
+               default=None)
+    for (i, j), r in cells.items():
         v = r.get(value)
-        if _finite(v):
-            z[ys.index(json_key(r.get(y_field)))][xs.index(json_key(r.get(x_field)))] = v
-    flat = [v for line in z for v in line if v is not None]
-    rate = bool(flat) and all(0 <= v <= 1 for v in flat)
-    fixed = rate and not (own_range and len(set(flat)) > 1)
+        if not _finite(v):
+            text[i][j] = _states_text(r)
+            continue
+        z[i][j] = v
+        sd = r.get(f"{value}_sd")
+        lines = [f"{v:.3f}" + (f" ± {sd:.3f}" if _finite(sd) else "")]
+        if r is best:
+            lines.append("best")
+        elif best is not None and _within_spread(r, best, value):
+            lines.append("≈ best")
+        if chance is not None and v <= 1.5 * chance:
+            lines.append("learned nothing")
+        text[i][j] = "<br>".join(lines)
+    rate = bool(values) and all(0 <= v <= 1 for v in values)
+    top = 1.0 if rate else max(values, default=1.0) or 1.0
     x_label, y_label = FIELD_LABELS.get(x_field, x_field), FIELD_LABELS.get(y_field, y_field)
     fig = go.Figure(go.Heatmap(
         z=z, x=[str(x) for x in xs], y=[str(y) for y in ys], colorscale=COLORSCALE,
-        zmin=0 if fixed else None, zmax=1 if fixed else None,
-        text=[[("" if v is None else f"{v:.3f}") for v in line] for line in z],
-        texttemplate="%{text}", textfont={"size": 14},
+        zmin=0.0, zmax=top, text=text, texttemplate="%{text}", textfont={"size": 12},
         colorbar={"thickness": 12, "len": 0.9},
-        hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>"
-        f"{value}=%{{z:.4f}}<extra></extra>"))
+        hovertemplate=f"{x_label}=%{{x}}<br>{y_label}=%{{y}}<br>%{{text}}<extra></extra>"))
     fig.update_xaxes(title_text=x_label, type="category", constrain="domain")
     fig.update_yaxes(title_text=y_label, type="category", scaleanchor="x", constrain="domain")
-    side = 90 * max(len(xs), len(ys))
-    return _layout(fig, title or value, height=min(520, max(300, side + 130)))
+    side = 100 * max(len(xs), len(ys))
+    heading = f"{title or value} (colours: 0 to {top:g})"
+    return _layout(fig, heading, height=min(560, max(320, side + 130)))
+
+
+def _within_spread(cell: dict, best: dict, value: str) -> bool:
+    """Whether ``cell``'s seed values reach the lowest of the best cell's (both with two or
+    more seeds): the two differ by less than the seeds themselves do."""
+    mine, theirs = cell.get(f"{value}_values") or [], best.get(f"{value}_values") or []
+    return len(mine) > 1 and len(theirs) > 1 and max(mine) >= min(theirs)
+
+
+def _states_text(group: dict) -> str:
+    """A cell without a value: what its runs are doing (``2 running, 1 failed``)."""
+    states = {k: n for k, n in (group.get("states") or {}).items() if k != "finished"}
+    return ", ".join(f"{n} {k}" if n > 1 else k for k, n in states.items()) or "no value"
 
 
 def json_key(value):
@@ -289,3 +323,39 @@ def stride_sketch_figure(plans: Sequence[tuple[str, object]], size: tuple[int, i
                          scaleanchor="x" if col == 1 else f"x{col}", constrain="domain")
     fig.update_layout(showlegend=False)
     return _layout(fig, height=300)
+
+
+GAMMA_PANELS = (("accuracy", "test accuracy"), ("precision_paper", "patch precision (paper)"),
+                ("recall_paper", "patch recall (paper)"), ("f_paper", "patch F (paper)"),
+                ("gt_known_loc", "GT-known localization"),
+                ("patches_per_image", "patches kept per image"))
+
+
+def gamma_effects(entries: list[dict], current: float | None = None) -> go.Figure:
+    """*What γmax does*: one small panel per measure against γmax (evenly spaced categories:
+    the family's values step by about x3), the seeds' mean as a marker and their range (lowest
+    to highest) as its error bar; ``current`` (this model's γmax) is drawn in another colour.
+    Rates on [0, 1], patches on [0, all of them]: the axes do not zoom into noise."""
+    fig = make_subplots(rows=2, cols=3, subplot_titles=[label for _, label in GAMMA_PANELS],
+                        horizontal_spacing=0.08, vertical_spacing=0.2)
+    xs = [f"{e['gamma_max']:g}" for e in entries]
+    colours = [PALETTE[1] if current is not None and e["gamma_max"] == current else PALETTE[0]
+               for e in entries]
+    for n, (key, label) in enumerate(GAMMA_PANELS):
+        row, col = n // 3 + 1, n % 3 + 1
+        means = [e.get(key) for e in entries]
+        fig.add_trace(go.Scatter(
+            x=xs, y=means, mode="lines+markers", name=label, showlegend=False,
+            line={"color": "#999", "width": 1}, marker={"color": colours, "size": 9},
+            error_y={"type": "data", "symmetric": False, "thickness": 1.5,
+                     "array": [e[f"{key}_max"] - e[key] if key in e else None
+                               for e in entries],
+                     "arrayminus": [e[key] - e[f"{key}_min"] if key in e else None
+                                    for e in entries]},
+            hovertemplate="γmax %{x}<br>" + label + " %{y:.3f}<extra></extra>"), row=row, col=col)
+        top = max((e.get(f"{key}_max") or 0 for e in entries), default=1)
+        fig.update_yaxes(range=[0, 1.02] if key != "patches_per_image" else [0, top * 1.05],
+                         row=row, col=col)
+    fig.update_xaxes(type="category", title_text="γmax", title_standoff=2)
+    fig.update_annotations(font_size=13)
+    return _layout(fig, height=430)

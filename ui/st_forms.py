@@ -9,12 +9,86 @@ import streamlit as st
 
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import DataError, list_datasets
+from engine.data.registry import dataset_spec
 from engine.data.roots import data_roots, folder_in_root, shown_relative
 from engine.device import DEVICE_CHOICES
 from engine.models import head_spec, list_backbones, list_heads
-from engine.preset_fill import fill_preset
+from engine.preset_fill import fill_preset, preset_context
+from engine.presets import PRESETS, preset_settings
 from engine.runs import Run
 from ui.st_state import keep
+
+PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
+FORM_FIELDS = {"model.xi": "xi", "loss.gamma_max": "gamma", "train.epochs": "epochs",
+               "train.batch_size": "batch", "data.train_size": "train_size"}
+"""Preset settings that the run form has fields for: section.field -> the field's key, after
+the form's prefix (``tr_xi``)."""
+
+
+def preset_label(name: str) -> str:
+    return f"{name}: {PRESETS[name].description}" if name else "none (recipe defaults)"
+
+
+def _preset_of_form(prefix: str, name: str) -> dict:
+    """What preset ``name`` sets for the head and data set now chosen in the form."""
+    state = st.session_state
+    data = {"data": {"dataset": state.get(f"{prefix}_dataset", "digits")}}
+    head = state.get(f"{prefix}_head", "loss_attention")
+    return preset_settings(name, preset_context(data, {"head": head}))
+
+
+def _form_fields(prefix: str, fields) -> dict[str, str]:
+    return {path: f"{prefix}_{FORM_FIELDS[path]}" for path in fields}
+
+
+def write_preset_into_form(prefix: str, name: str, fields=tuple(FORM_FIELDS),
+                           keep_given: bool = False) -> None:
+    """The preset's values into the form's fields (those of ``fields`` the form has);
+    ``keep_given``: not over values the session already holds (a link's or a test's)."""
+    keys = _form_fields(prefix, fields)
+    for path, setting in _preset_of_form(prefix, name).items():
+        if path in keys and not (keep_given and keys[path] in st.session_state):
+            st.session_state[keys[path]] = setting.value
+
+
+def first_visit_preset(prefix: str, fields=tuple(FORM_FIELDS)) -> None:
+    """On the first visit the form shows the default data set's own preset (the digits: live,
+    a run short enough to train during a lesson on a CPU) and its whole test set."""
+    if f"{prefix}_preset" in st.session_state:
+        return
+    name = dataset_spec(st.session_state.get(f"{prefix}_dataset", "digits")).default_preset or ""
+    st.session_state[f"{prefix}_preset"] = name
+    st.session_state.setdefault(f"{prefix}_test_size", 0)
+    if name:
+        write_preset_into_form(prefix, name, fields, keep_given=True)
+
+
+def preset_picker(prefix: str, fields=tuple(FORM_FIELDS), given=()) -> str:
+    """The preset select. Choosing one writes its values into the form's own fields
+    (``fields``), so the form shows what will run (and may still be edited: the form's
+    values win); what else it sets is listed under it, with the reasons, except the fields
+    the page sets otherwise (``given``: a sweep's grid)."""
+    kwargs = keep(f"{prefix}_preset", "", PRESET_CHOICES)
+    remember_choice = kwargs["on_change"]
+
+    def show_in_form() -> None:
+        remember_choice()
+        name = st.session_state[f"{prefix}_preset"]
+        if name:
+            write_preset_into_form(prefix, name, fields)
+
+    shown = ", ".join(FORM_FIELDS[f].replace("_", " ") for f in fields)
+    name = st.selectbox("Preset", PRESET_CHOICES, format_func=preset_label,
+                        **{**kwargs, "on_change": show_in_form},
+                        help=f"Fills the form's {shown}, and sets what the form has no field "
+                             "for (threshold denominator, stem, learning rate, ramp-up). "
+                             "Values you then type in the form win.")
+    if name:
+        rest = {k: v for k, v in _preset_of_form(prefix, name).items()
+                if k not in fields and k not in given}
+        st.caption(f"**{name}** also sets: " + "; ".join(
+            f"`{path} = {setting.value}` ({setting.reason})" for path, setting in rest.items()))
+    return name
 
 
 def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True,
@@ -103,8 +177,21 @@ def config_of(settings: dict, name: str | None = None, tags: tuple[str, ...] = (
     return config_from_dict(RunConfig, fill_preset(data))
 
 
+def queue_note(folder) -> str:
+    """Where a queued job stands: its place, and what it waits for."""
+    from engine.jobs import queue_place
+    from engine.slots import job_limit
+
+    place = queue_place(folder)
+    where = f"place {place[0]} of {place[1]} in the queue" if place else "in the queue"
+    return (f"queued: {where}; it starts when one of the {job_limit()} job(s) computing now "
+            "ends (LOSSATTN_MAX_JOBS)")
+
+
 def progress_of(run: Run, status: dict) -> tuple[float, str]:
     """(fraction done, a line of text) from a run's status (read once by the caller)."""
+    if status.get("state") == "queued":
+        return 0.0, queue_note(run.path)
     epochs = status.get("epochs") or run.config().train.epochs
     done = status.get("epochs_done") or 0
     steps, step = status.get("steps") or 0, status.get("step") or 0

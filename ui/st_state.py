@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -147,6 +148,14 @@ def store() -> RunStore:
     return _store(str(default_runs_root().resolve()))
 
 
+def look_at_queue() -> None:
+    """Start what the store's queue holds for the slots that are free: a job that ends starts
+    the next itself, but a killed one cannot (engine.jobs.dispatch; cheap when none waits)."""
+    from engine.jobs import dispatch
+
+    dispatch(store().root)
+
+
 @dataclass
 class LoadedModel:
     model: PatchModel
@@ -163,7 +172,13 @@ class LoadedModel:
         return list(self.checkpoint.get("classes") or [])
 
 
-@st.cache_resource(max_entries=4, show_spinner="Loading the model...")
+# Room for a whole γmax family (7 shipped models) and a few more: sliding γmax back to a model
+# used before must not load it again (each holds 1.6 MB of weights and 1.4 MB of patch logits
+# for its 1,000 test images).
+MODELS_KEPT = 12
+
+
+@st.cache_resource(max_entries=MODELS_KEPT, show_spinner="Loading the model...")
 def _load(path: str, mtime_ns: int) -> LoadedModel:
     del mtime_ns  # part of the cache key: a rewritten checkpoint is loaded again
     from engine.checkpoint import load_model
@@ -201,7 +216,8 @@ def test_set(cfg: DataConfig) -> ImageSet:
     return _test_set(_data_key(cfg))
 
 
-@st.cache_resource(max_entries=4, show_spinner="Running the model over the test images...")
+@st.cache_resource(max_entries=MODELS_KEPT,
+                   show_spinner="Running the model over the test images...")
 def _collected(path: str, mtime_ns: int, data_json: str, limit: int) -> tuple[ImageSet, Collected]:
     del mtime_ns
     import torch
@@ -213,7 +229,22 @@ def _collected(path: str, mtime_ns: int, data_json: str, limit: int) -> tuple[Im
     if limit and len(data) > limit:
         data = data.subset(torch.arange(limit))
     with loaded.lock:
-        return data, collect(loaded.model, data, torch.device("cpu"))
+        collected = collect(loaded.model, data, torch.device("cpu"))
+    _return_freed_memory()
+    return data, collected
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``). A model's pass
+    over the test images frees its batches' activations, which glibc keeps mapped, so every
+    model the server opens (a γmax family has seven) would leave the process bigger for
+    good. A no-op where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def collected_test_set(loaded: LoadedModel, limit: int = 1000) -> tuple[ImageSet, Collected]:
@@ -237,9 +268,21 @@ def map_memo(loaded: LoadedModel, method: str) -> dict:
                      _data_key(loaded.data_config), method)
 
 
+DEFAULT_SHIPPED = "digits_small_cnn_la"  # the model a first visit explains
+
+
+def _shipped_order(path: Path) -> tuple:
+    """The default model first, then by name, a family's members by γmax (``..._gamma0.01``
+    after ``..._gamma0``, not after it as text)."""
+    match = re.fullmatch(r"(.*_gamma)(\d+(?:\.\d+)?)", path.stem)
+    family = (match.group(1), float(match.group(2))) if match else (path.stem, -1.0)
+    return (path.stem != DEFAULT_SHIPPED, *family)
+
+
 def model_sources() -> dict[str, str]:
     """Label -> checkpoint path: the shipped models, then every run with a best checkpoint."""
-    sources = {f"shipped: {p.stem}": str(p) for p in sorted(SHIPPED_DIR.glob("*.pt"))}
+    sources = {f"shipped: {p.stem}": str(p)
+               for p in sorted(SHIPPED_DIR.glob("*.pt"), key=_shipped_order)}
     try:
         runs = store()
         rows = runs.list()
@@ -455,7 +498,7 @@ def write_link(**values) -> None:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _run_config_at(path: str, mtime_ns: int) -> dict | None:
+def run_config_at(path: str, mtime_ns: int) -> dict | None:
     """The run config of a checkpoint: its run's config.json when it has one (no weights are
     read), else the checkpoint's own copy; None for a file that is not a checkpoint."""
     del mtime_ns
@@ -485,13 +528,13 @@ def _partner(path: str, mtime_ns: int) -> str | None:
     del mtime_ns
     from engine.explore import patch_loss_partner as partners
 
-    mine = _run_config_at(path, Path(path).stat().st_mtime_ns)
+    mine = run_config_at(path, Path(path).stat().st_mtime_ns)
     if mine is None:
         return None
     for label, other in model_sources().items():
         if other == path or not Path(other).is_file():
             continue
-        theirs = _run_config_at(other, Path(other).stat().st_mtime_ns)
+        theirs = run_config_at(other, Path(other).stat().st_mtime_ns)
         with contextlib.suppress(ValueError):
             if theirs is not None and partners(mine, theirs):
                 return label

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     job = jobs.spawned_job()
     try:
-        with job.attach() if job else contextlib.nullcontext():
+        with job.attach() if job else contextlib.nullcontext(), _slot_of(job):
             code = args.func(args)
             if job:
                 job.complete(code)
@@ -89,6 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug "
               "for the traceback)", file=sys.stderr)
         return 1
+
+
+def _slot_of(job):
+    """A spawned job that computes holds the slot its starter took for it until the process
+    ends (:mod:`engine.slots`); giving it back starts the next queued job."""
+    if job is None:
+        return contextlib.nullcontext()
+    from engine.budget import holding
+    from engine.slots import store_root_of
+
+    return holding(store_root_of(job.folder), job.folder, adopt_only=True)
 
 
 def one_line(exc: BaseException) -> str:

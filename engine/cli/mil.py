@@ -51,7 +51,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="results/mil", help="results folder (merged into)")
     p.add_argument("--data-root", help="folder holding mil/<set>/ (default $LOSSATTN_DATA)")
     add_config_flags(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: up to 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: this job's share of the cores among the "
+                        "jobs of the run store, engine.slots)")
     p.add_argument("--quiet", action="store_true", help="no per-pair log lines")
     p.set_defaults(func=cmd_mil)
 
@@ -60,8 +62,8 @@ def cmd_mil(args: argparse.Namespace) -> int:
     from engine.mil.config import MilConfig
     from engine.mil.experiment import parse_datasets, parse_methods, run_experiment
 
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: up to 4); got {args.threads}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive int; got {args.threads}")
     fields = {f.name for f in dataclasses.fields(MilConfig)} - {"method"}
     values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     methods = parse_methods(args.method)

@@ -21,7 +21,7 @@ TRAIN_FLAGS = {
     "epochs": ("train", "epochs", int), "batch_size": ("train", "batch_size", int),
     "lr": ("train", "lr", float), "recipe": ("train", "recipe", str),
     "seed": ("train", "seed", int), "device": ("train", "device", str),
-    "micro_batches": ("train", "micro_batches", int),
+    "micro_batches": ("train", "micro_batches", int), "threads": ("train", "threads", int),
 }
 SWITCHES = {"compile": ("train", "compile", True), "no_amp": ("train", "amp", False),
             "download": ("data", "download", True)}
@@ -79,6 +79,9 @@ def register(sub) -> None:
                    help="do not measure patch precision / recall / F and localization on the "
                    "test set for the card (they are measured by default where the data has "
                    "boxes)")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (half the size; loading decodes them "
+                        "exactly, and the card measures the stored weights)")
     p.set_defaults(func=cmd_export)
 
 
@@ -165,9 +168,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     store = store_of(args)
     if args.background:
         run = launch.launch(store, config)
-        print(f"started run {run.name} in the background: {run.path}")
+        print(_background_line(run, "started"))
         return 0
     return _train_here(store, config, args.quiet)
+
+
+def _background_line(run, verb: str) -> str:
+    """What a background start says: started, or queued behind the store's busy slots."""
+    from engine.jobs import queue_place
+    from engine.slots import job_limit
+
+    place = queue_place(run.path)
+    if place is None:
+        return f"{verb} run {run.name} in the background: {run.path}"
+    return (f"queued run {run.name} (place {place[0]} of {place[1]}): {job_limit()} job(s) "
+            f"already compute under {run.path.parent} ($LOSSATTN_MAX_JOBS); it starts when "
+            "one ends")
 
 
 def _train_here(store, config, quiet: bool) -> int:
@@ -201,7 +217,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = store_of(args)
     if args.background:
         run = launch.resume(store, args.name)
-        print(f"resumed run {run.name} in the background")
+        print(_background_line(run, "resumed"))
         return 0
     dist = init_distributed()  # torchrun: every rank resumes the run from the shared store
     run = store.get(args.name)
@@ -223,13 +239,18 @@ def _leave_group(dist) -> None:
 def cmd_runs(args: argparse.Namespace) -> int:
     store = store_of(args)
     if args.action in (None, "list"):  # `runs` alone lists (argparse leaves None)
+        from engine.jobs import dispatch, queue_place
+
+        dispatch(store.root)  # a look starts what the queue holds for slots a killed job left
         rows = store.list()
         if not rows:
             print(f"no runs in {store.root}")
         for r in rows:
             best = "" if r["best_metric"] is None else f"{r['metric_name']} {r['best_metric']:.4f}"
+            place = queue_place(store.root / r["name"]) if r["state"] == "queued" else None
+            where = f"  (place {place[0]} of {place[1]} in the queue)" if place else ""
             print(f"  {r['name']:48s} {r['state']:9s} {r['epochs_done']}/{r['epochs']} ep  "
-                  f"{r['dataset']}/{r['backbone']}/{r['head']}  {best}")
+                  f"{r['dataset']}/{r['backbone']}/{r['head']}  {best}{where}")
     elif args.action == "reindex":
         print(f"indexed {store.rebuild_index()} runs in {store.root}")
     elif args.action == "show":
@@ -248,6 +269,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import export_model
 
     weights, card = export_model(store_of(args).get(args.name), args.out, args.peer,
-                                 evaluate=args.evaluate)
+                                 evaluate=args.evaluate, half=args.half)
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {card}")
     return 0

@@ -16,9 +16,16 @@ def register(sub) -> None:
     p.add_argument("--grid", action="append", metavar="SECTION.FIELD=V1,V2",
                    help="a grid axis (repeatable); default: loss.gamma_max=0,0.1 and "
                         "model.xi=0,0.1 (the paper's Table VI)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every cell with N seeds (train.seed = the config's seed, +1, "
+                        "...; 1-20): the table gives mean ± sd over them")
     p.add_argument("--sweep-name", default="sweep", help="names and tags the runs")
-    p.add_argument("--parallel", default="1",
-                   help="processes at once (auto: one per visible GPU)")
+    p.add_argument("--parallel", default="auto",
+                   help="cells at once, each a background job of its own (1: one after another "
+                        "in this process). auto: one per visible GPU; on a CPU as many as the "
+                        "store's job limit ($LOSSATTN_MAX_JOBS, default one per core), each "
+                        "with its share of the threads, which finished four digits runs in "
+                        "the time of two or three one after another")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where the cells train: this machine (default), or as tasks on a Ray "
                         "cluster (the run store on a filesystem every node mounts)")
@@ -35,12 +42,27 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("gamma-family", parents=[runs_dir_parent()],
+                       help="regenerate the shipped γmax family (checkpoints/digits_live_gamma*."
+                            "pt and results/gamma_family/)")
+    p.add_argument("--checkpoints", default=None, metavar="DIR",
+                   help="where seed 0 of every γmax is exported (default: checkpoints/)")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="where results.json/.csv/.md go (default: results/gamma_family/)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N",
+                   help="seeds per γmax for the results (1-20; default 3)")
+    p.add_argument("--parallel", default="auto",
+                   help="cells at once (auto: the store's job limit; each cell has 1 thread)")
+    p.set_defaults(func=cmd_gamma_family)
+
 
 def _parallel(text: str) -> int:
     if text == "auto":
         import torch
 
-        return max(1, torch.cuda.device_count())
+        from engine.slots import job_limit
+
+        return torch.cuda.device_count() or job_limit()
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--parallel must be a positive int or auto; got {text!r}")
     return int(text)
@@ -56,7 +78,6 @@ def _ray_executor(args: argparse.Namespace, job):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from engine.device import resolve_device
     from engine.sweep import (
         DEFAULT_GRID,
         format_sweep,
@@ -64,7 +85,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         run_sweep,
         sweep_configs,
         sweep_job,
-        sweep_report,
+        with_seeds,
         write_manifest,
     )
 
@@ -78,8 +99,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                               "not running; stopped any cell still training"))
         return 0
     if not args.report_only:
-        grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
         data = run_config_data(args)
+        seed = (data.get("train") or {}).get("seed", 0)
+        grid = with_seeds(parse_grid(args.grid) if args.grid else DEFAULT_GRID, args.seeds,
+                          seed if isinstance(seed, int) else 0)
         validated_run_config(data, args)  # the base alone: its error names the file and flags
         # The cells get the settings as given, so that each fills its preset by its own head.
         configs = sweep_configs(data, grid, args.sweep_name)
@@ -92,9 +115,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with job.attach(finish=True, kind="sweep", cells=len(configs), executor=args.executor):
             run_sweep(store, configs, parallel, progress_bar=not args.quiet,
                       log=lambda m: print(m, file=sys.stderr), ray=_ray_executor(args, job))
-            report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+            report = _report(store, args)
     else:
-        report = sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+        report = _report(store, args)
     print(format_sweep(report))
     print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
+    return 0
+
+
+def _report(store, args: argparse.Namespace) -> dict:
+    """The table, evaluated with a slot of the store (this process may only have watched)."""
+    from engine.budget import holding
+    from engine.device import resolve_device
+    from engine.sweep import sweep_folder, sweep_report
+
+    with holding(store.root, sweep_folder(store, args.sweep_name)):
+        return sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+
+
+def cmd_gamma_family(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine import gamma_family as family
+    from engine.sweep import with_seeds
+
+    with_seeds([], args.seeds)  # the flag's range, said before anything trains
+    out = family.build_family(
+        store_of(args), Path(args.checkpoints or family.CHECKPOINTS),
+        Path(args.results or family.RESULTS), args.seeds, parallel=_parallel(args.parallel),
+        log=lambda m: print(m, file=sys.stderr))
+    print(family.results_markdown(out, 0.1))
     return 0

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from engine.device import torch_threads
-from engine.jobs import Job
+from engine.budget import holding
+from engine.jobs import Job, spawned_job
 from engine.mil.config import MilConfig
 from engine.mil.data import BENCHMARKS, load_mil_dataset
 from engine.mil.models import MIL_METHODS
 from engine.mil.protocol import cross_validate
-from engine.mil.results import default_threads, write_results
+from engine.mil.results import write_results
+from engine.runs import default_runs_root
+from engine.slots import store_root_of
 
 MIL_FOLDER = "_mil"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}"
@@ -50,7 +52,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run_experiment(datasets: Sequence[str], methods: Sequence[str], config: MilConfig,
-                   out: str | Path, data_root: str | None = None, threads: int = 0,
+                   out: str | Path, data_root: str | None = None, threads: int | None = None,
                    log: Callable[[str], None] = print) -> list[dict]:
     """Cross-validate every (data set, method) with ``config`` (its ``method`` is replaced);
     results are merged into ``out`` after each pair. Returns the new rows (without weights).
@@ -63,7 +65,10 @@ def run_experiment(datasets: Sequence[str], methods: Sequence[str], config: MilC
     tasks = [(d, m) for d in datasets for m in methods]
     job = Job(out)
     rows = []
-    with torch_threads(threads or default_threads()), \
+    # A background experiment holds its store's slot; one in the foreground counts in the
+    # default store's. Its threads: ``threads``, or its share of the cores.
+    root = store_root_of(out) if spawned_job() is not None else default_runs_root()
+    with holding(root, out, threads), \
             job.attach(finish=True, kind="mil", tasks=len(tasks), task=0, fraction=0.0,
                        current=None, datasets=list(datasets), methods=list(methods),
                        config=config.to_dict()):
@@ -105,7 +110,7 @@ def list_experiments(runs_root: str | Path) -> list[str]:
 
 
 def cli_args(datasets: Sequence[str], methods: Sequence[str], config: MilConfig, out: Path,
-             data_root: str | None = None, threads: int = 0) -> list[str]:
+             data_root: str | None = None, threads: int | None = None) -> list[str]:
     """``python -m engine`` arguments that run this experiment."""
     args = ["mil", "--dataset", ",".join(datasets), "--method", ",".join(methods),
             "--out", str(out), "--quiet"]
@@ -129,7 +134,7 @@ def cli_args(datasets: Sequence[str], methods: Sequence[str], config: MilConfig,
 
 def start_experiment(runs_root: str | Path, name: str, datasets: Sequence[str],
                      methods: Sequence[str], config: MilConfig, data_root: str | None = None,
-                     threads: int = 0) -> Path:
+                     threads: int | None = None) -> Path:
     """Start the experiment in a background process; returns its folder. Refuses a name that
     is taken by an experiment still running."""
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
@@ -119,7 +118,3 @@ def write_results(folder: str | Path, rows: list[dict], note: str = "") -> list[
     md = results_markdown(merged, note=note)
     atomic_write(folder / "results.md", lambda fh: fh.write(md.encode()), durable=False)
     return [folder / "results.json", folder / "results.csv", folder / "results.md"]
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,15 @@ from typing import Any
 
 from engine.errors import JobError
 from engine.fsutil import locked, write_json_atomic
-from engine.slots import Slots, job_limit, store_root_of
+from engine.slots import (
+    Slots,
+    environment_for,
+    job_environment,
+    job_limit,
+    job_state,
+    store_root_of,
+    this_host,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 JOB_ENV = "LOSSATTN_JOB_DIR"
@@ -64,11 +71,6 @@ _CREATE_TIME_TOLERANCE_S = 1.0
 REMOTE_STALE_S = 600.0
 """A process on another host whose job's status has not changed for this long counts as gone
 (long enough for an evaluation pass over a large test set, which writes no status)."""
-
-
-def this_host() -> str:
-    return socket.gethostname()
-"""Creation times are read as wall-clock seconds; a clock step can move them slightly."""
 
 
 class JobStopped(BaseException):  # a control-flow signal, like KeyboardInterrupt
@@ -367,6 +369,7 @@ class Job:
                 if self.raw_status().get("state") == "queued":  # not started meanwhile
                     self._merge({"state": "stopped", "finished": time.time(),
                                  "reason": "stopped while queued (it never started)"})
+                    Slots(store_root_of(self.folder)).dequeue(self.folder)
                     return True
             status = self.status()
         if status.get("state") not in ACTIVE:
@@ -396,15 +399,20 @@ class Job:
                 status = self.status()
                 self._refuse_if_taken(status, slots)
                 self.clear_stop()  # a stale request must not stop the new process
-                queue = slots is not None and slots.held() >= limit
-                write_json_atomic(self.spec_path, {"args": list(args), "env": dict(env or {})},
+                # Behind the jobs already waiting here, even when a slot is free: first come,
+                # first served.
+                queue = slots is not None and (slots.held() >= limit
+                                               or bool(slots.queued(this_host())))
+                write_json_atomic(self.spec_path, {"args": list(args), "env": dict(env or {}),
+                                                   "environment": job_environment()},
                                   durable=False)
                 self._merge({"state": "queued" if queue else "starting",
                              "reason": "waiting for a free slot" if queue else "starting",
                              "process": None, ("queued" if queue else "launched"): time.time(),
                              **fields})
+                if queue:
+                    slots.enqueue(self.folder)
             if queue:
-                slots.enqueue(self.folder)
                 return None
             return self._start(args, env, slots)
 
@@ -416,22 +424,27 @@ class Job:
                            + (f" (pid {process.pid})" if process else ""))
         if state == "queued":
             place = slots.place(self.folder) if slots else None
+            if slots is not None and place is None:  # its entry was lost: it waits again
+                slots.enqueue(self.folder)
+                place = slots.place(self.folder)
             raise JobError(f"{self.folder.name} is already queued"
                            + (f" (place {place[0]} of {place[1]})" if place else "")
                            + "; it starts when a slot frees")
 
-    def _start(self, args: list[str], env: dict[str, str] | None,
-               slots: Slots | None) -> ProcessIdentity:
+    def _start(self, args: list[str], env: dict[str, str] | None, slots: Slots | None,
+               environment: dict[str, str] | None = None) -> ProcessIdentity:
         """The process itself (the job already says ``starting``); with ``slots`` (held
         locked by the caller) it gets a slot, which it takes up with its thread budget
-        (:func:`engine.budget.holding`) before it computes."""
+        (:func:`engine.budget.holding`) before it computes. ``environment``: the job's, as
+        recorded when it was queued (:func:`engine.slots.job_environment`)."""
         cmd = [sys.executable, "-m", "engine", *args]
+        base = os.environ if environment is None else environment_for(environment)
         try:
             with open(self.log_path, "ab") as out:
                 proc = subprocess.Popen(
                     cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     cwd=PROJECT_ROOT, start_new_session=True,
-                    env={**os.environ, **(env or {}), JOB_ENV: str(self.folder.resolve())})
+                    env={**base, **(env or {}), JOB_ENV: str(self.folder.resolve())})
         except OSError as exc:  # no process exists: say so now, not after the start grace
             self.update(state="failed", reason=f"could not start the process: {exc}")
             raise
@@ -552,43 +565,61 @@ def wait(job: Job, timeout: float = 600.0, poll: float = 0.2) -> dict:
 
 
 def dispatch(root: str | Path) -> list[Path]:
-    """Start the queued jobs of the run store at ``root``, oldest first, while fewer than
-    ``$LOSSATTN_MAX_JOBS`` slots are held; returns their folders. A job that frees its slot
-    calls this, and so does every look at the store (the Runs, Train and Sweep pages, ``runs
-    list``), which starts what a killed job could not. Cheap when nothing is queued."""
+    """Start the queued jobs of the run store at ``root`` that this host queued, oldest first,
+    while fewer than ``$LOSSATTN_MAX_JOBS`` slots are held here; returns their folders. A job
+    that frees its slot calls this, and so does every look at the store (the Runs, Train and
+    Sweep pages, ``runs list``), which starts what a killed job could not. Cheap when nothing
+    is queued."""
     slots = Slots(root)
     if not slots.queue_folder.is_dir() or not any(slots.queue_folder.iterdir()):
         return []
     started = []
     with slots.locked():
         free = job_limit() - slots.held()
-        for pointer, folder in slots.queue_entries():
+        for folder in slots.queued(this_host()):
             if free <= 0:
                 break
-            pointer.unlink(missing_ok=True)  # started, failed or gone: out of the queue
-            job = Job(folder)
-            if job.raw_status().get("state") != "queued":  # stopped or deleted while it waited
-                continue
-            try:
-                spec = json.loads(job.spec_path.read_text())
-                args, env = list(spec["args"]), dict(spec.get("env") or {})
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                job.update(state="failed", reason=f"queued, but its start spec "
-                                                  f"{job.spec_path} is unreadable ({exc})")
-                continue
-            with locked(job.lock_path):
-                if job.raw_status().get("state") != "queued":  # stopped meanwhile
-                    continue
-                job._merge({"state": "starting", "reason": "starting", "launched": time.time()})
-            try:
-                job._start(args, env, slots)
-            except OSError:
-                continue  # _start marked it failed with the reason
-            started.append(folder)
-            free -= 1
+            if _start_queued(Job(folder), slots):
+                started.append(folder)
+                free -= 1
     return started
 
 
+def _start_queued(job: Job, slots: Slots) -> bool:
+    """Start one queued job with what it was queued with; whether it started. Its queue entry
+    goes only once it says ``starting`` (an interrupted start leaves it queued)."""
+    if not job.folder.is_dir():  # deleted while it waited (never re-created by a lock file)
+        return False
+    try:
+        spec = json.loads(job.spec_path.read_text())
+        args, env = list(spec["args"]), dict(spec.get("env") or {})
+        environment = spec.get("environment")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        job.update(state="failed", reason=f"queued, but its start spec {job.spec_path} is "
+                                          f"unreadable ({exc})")
+        slots.dequeue(job.folder)
+        return False
+    with locked(job.lock_path):
+        if job.raw_status().get("state") != "queued":  # stopped meanwhile
+            return False
+        job._merge({"state": "starting", "reason": "starting", "launched": time.time()})
+    slots.dequeue(job.folder)
+    try:
+        job._start(args, env, slots, environment if isinstance(environment, dict) else None)
+    except OSError:
+        return False  # _start marked it failed with the reason
+    return True
+
+
 def queue_place(folder: str | Path) -> tuple[int, int] | None:
-    """(1-based place, queue length) of a queued job; None when it is not queued."""
-    return Slots(store_root_of(folder)).place(folder)
+    """(1-based place, queue length) of a queued job; None when it is not queued. A job whose
+    folder says ``queued`` but whose queue entry was lost (a start interrupted at the wrong
+    moment) is queued again, at the end: every look that asks where it is heals it."""
+    slots = Slots(store_root_of(folder))
+    place = slots.place(folder)
+    if place is None and job_state(Path(folder)) == "queued":
+        with slots.locked():
+            if slots.place(folder) is None:
+                slots.enqueue(folder)
+        place = slots.place(folder)
+    return place

@@ -298,6 +298,8 @@ class RunStore:
             process = run.job.process(status)
             raise RunError(f"run {name!r} is running"
                            + (f" (pid {process.pid})" if process else "") + "; stop it first")
+        if status.get("state") == "queued":  # out of the queue first: it must not start now
+            run.job.stop()
         shutil.rmtree(run.path)
         self._execute(f"DELETE FROM runs{INDEX_VERSION} WHERE name = ?", (name,))
 

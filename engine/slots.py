@@ -3,7 +3,8 @@
 Four default digits runs started together with torch's default threads (two each on a 2-core
 machine) had not finished after 11 minutes: OpenMP threads that wait on each other at every
 barrier collapse when more of them than cores compete. With one thread each, all four finished
-in 38 s (issue 34). So every process that computes under a run store holds a *slot* while it
+in 38 s, faster than one after another (issue 34's measurement; ``tests/bench_jobs.py`` has
+this project's). So every process that computes under a run store holds a *slot* while it
 computes: a lease file ``<store>/_slots/<pid>-<create time>.json`` naming its process and its
 job. Two things follow from the leases of this host:
 
@@ -97,12 +98,37 @@ def budget_for(slots_held: int) -> int:
     return max(1, cores() // max(1, slots_held))
 
 
+JOB_SUBFOLDERS = ("_sweeps", "_mil", "_bench")
+"""Where the store keeps the folders of jobs that are not runs (engine.runs' layout)."""
+
+
 def store_root_of(job_folder: str | Path) -> Path:
     """The run store a job folder belongs to: a run's folder lies in the store's root, the
     other jobs' (``_sweeps/NAME``, ``_mil/NAME``, ``_bench/NAME``) one level deeper."""
     folder = Path(job_folder).resolve()
     parent = folder.parent
-    return parent.parent if parent.name.startswith(("_", ".")) else parent
+    return parent.parent if parent.name in JOB_SUBFOLDERS else parent
+
+
+ENV_PREFIXES = ("LOSSATTN_", "HF_", "CUDA_", "OMP_", "MKL_", "PYTHONPATH", "RAY_")
+"""The environment a job depends on (its data roots, thread pins, devices): recorded when it
+is queued and given to it when it starts, whoever starts it (the app, ``runs list``, another
+job that ended)."""
+
+
+def job_environment(environ: dict | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (this process's by default) that :data:`ENV_PREFIXES`
+    name, but the job folder's own."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if k.startswith(ENV_PREFIXES) and k != "LOSSATTN_JOB_DIR"}
+
+
+def environment_for(recorded: dict[str, str]) -> dict[str, str]:
+    """This process's environment with the recorded job environment in place of its own
+    (a variable the job's starter did not have is not passed on either)."""
+    mine = {k: v for k, v in os.environ.items() if k not in job_environment()}
+    return {**mine, **recorded}
 
 
 def this_host() -> str:
@@ -189,11 +215,14 @@ class Slots:
         return sum(1 for lease in self.leases() if lease.host == this_host())
 
     def lease_of(self, pid: int) -> Lease | None:
-        create_time = _creation_time(pid)
-        if create_time is None:
-            return None
-        lease = _read_lease(self._lease_path(pid, create_time))
-        return lease if lease is not None and lease.alive() else None
+        """Process ``pid``'s live lease on this host. By pid and creation time within the
+        tolerance, not by the exact file name: a creation time read again after a clock step
+        differs slightly."""
+        for path in self.folder.glob(f"{pid}-*.json"):
+            lease = _read_lease(path)
+            if lease is not None and lease.host == this_host() and lease.alive():
+                return lease
+        return None
 
     def write_lease(self, pid: int, job: str | Path | None) -> Lease | None:
         """Record that process ``pid`` (already started) holds a slot for ``job``."""
@@ -209,34 +238,43 @@ class Slots:
     # -- the queue --------------------------------------------------------------------------
 
     def enqueue(self, job: str | Path) -> None:
-        """Put ``job`` at the end of the queue (its folder already says ``queued``)."""
+        """Put ``job`` at the end of the queue (its folder already says ``queued``), for this
+        host to start: a job queued here starts here, never on a node that shares the store."""
+        self.dequeue(job)
         name = f"{time.time_ns():020d}-{os.getpid()}.json"
-        write_json_atomic(self.queue_folder / name, {"job": str(Path(job).resolve())},
-                          durable=False)
+        write_json_atomic(self.queue_folder / name, {"job": str(Path(job).resolve()),
+                                                     "host": this_host()}, durable=False)
 
-    def queue_entries(self) -> list[tuple[Path, Path]]:
-        """(pointer file, job folder) in queue order, oldest first."""
+    def dequeue(self, job: str | Path) -> None:
+        """Take ``job`` out of the queue (stopped, deleted, or starting)."""
+        target = Path(job).resolve()
+        for pointer, folder, _ in self.queue_entries():
+            if folder == target:
+                pointer.unlink(missing_ok=True)
+
+    def queue_entries(self) -> list[tuple[Path, Path, str]]:
+        """(pointer file, job folder, host) in queue order, oldest first."""
         if not self.queue_folder.is_dir():
             return []
         entries = []
         for pointer in sorted(self.queue_folder.glob("*.json")):
             try:
-                job = Path(json.loads(pointer.read_text())["job"])
+                data = json.loads(pointer.read_text())
+                entries.append((pointer, Path(data["job"]), str(data.get("host") or "")))
             except (OSError, ValueError, KeyError, TypeError):
                 pointer.unlink(missing_ok=True)  # a torn or foreign file: not a queue entry
-                continue
-            entries.append((pointer, job))
         return entries
 
-    def queued(self) -> list[Path]:
-        """The queued job folders, oldest first (entries of jobs that no longer say
-        ``queued``, stopped or deleted while they waited, are dropped)."""
+    def queued(self, host: str | None = None) -> list[Path]:
+        """The queued job folders, oldest first (``host``: only those that host starts);
+        entries of jobs that no longer say ``queued``, stopped or deleted while they waited,
+        are dropped."""
         order = []
-        for pointer, job in self.queue_entries():
-            if job_state(job) == "queued" and job not in order:
-                order.append(job)
-            else:
+        for pointer, job, where in self.queue_entries():
+            if job_state(job) != "queued" or job in order:
                 pointer.unlink(missing_ok=True)
+            elif host is None or where == host:
+                order.append(job)
         return order
 
     def place(self, job: str | Path) -> tuple[int, int] | None:

@@ -170,12 +170,25 @@ def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
         return None
 
 
+def resolve_parallel(text: int | str) -> int:
+    """``--parallel``: a positive int, or ``auto``: one cell per visible GPU, or on a CPU as
+    many as the store's job limit (``$LOSSATTN_MAX_JOBS``)."""
+    if text == "auto":
+        from engine.slots import job_limit
+
+        return torch.cuda.device_count() or job_limit()
+    if isinstance(text, bool) or not str(text).isdigit() or int(text) < 1:
+        raise ConfigError(f"--parallel must be a positive int or auto; got {text!r}")
+    return int(text)
+
+
 def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]], sweep: str,
-                 parallel: int | str = 1, ray: RayExecutor | None = None) -> int:
+                 parallel: int | str = 1, ray: RayExecutor | None = None) -> int | None:
     """Train and tabulate a sweep in a background process (``python -m engine sweep``); returns
-    its pid. The cells are ordinary runs, so progress is read from the run store; the sweep's
-    own job folder is ``_sweeps/<sweep>/`` (status, process.log, STOP). ``ray``: its cells are
-    tasks on that Ray cluster (address and resources; the process polls its own STOP)."""
+    its pid (None while it waits in the store's queue). The cells are ordinary runs, so
+    progress is read from the run store; the sweep's own job folder is ``_sweeps/<sweep>/``
+    (status, process.log, STOP). ``ray``: its cells are tasks on that Ray cluster (address and
+    resources; the process polls its own STOP)."""
     configs = sweep_configs(base, grid, sweep)  # validate here, where the caller shows errors
     if ray is not None:
         import_ray()  # a missing optional extra is said here, not in the process's log
@@ -201,7 +214,8 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
         args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
     # One after another, the sweep's process trains the cells itself and takes a slot; side by
     # side (or on Ray) it only watches cells that are jobs of their own.
-    identity = job.spawn(args, compute=ray is None and parallel in (1, "1"), kind="sweep",
+    serial = ray is None and resolve_parallel(parallel) == 1
+    identity = job.spawn(args, compute=serial, kind="sweep",
                          cells=len(configs), executor="ray" if ray is not None else "local")
     return None if identity is None else identity.pid
 
@@ -225,7 +239,8 @@ def sweep_status(store: RunStore, sweep: str) -> dict:
 
 
 def sweep_process_alive(store: RunStore, sweep: str) -> bool:
-    return sweep_status(store, sweep).get("state") in ACTIVE
+    """Whether the sweep's process runs, or waits in the store's queue to run."""
+    return sweep_status(store, sweep).get("state") in (*ACTIVE, "queued")
 
 
 def stop_sweep(store: RunStore, sweep: str) -> None:

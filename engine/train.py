@@ -45,7 +45,7 @@ from engine.data.base import BatchStream, ImageSet, model_input
 from engine.data.registry import CACHE_VERSION as DATA_VERSION
 from engine.device import amp_supported, channels_last_supported, peak_memory_mb, resolve_device
 from engine.fsutil import remove_temp_files
-from engine.jobs import ACTIVE, JobStopped, ProcessIdentity
+from engine.jobs import ACTIVE, JobStopped, ProcessIdentity, queue_place
 from engine.losses import scaled_ramp_epochs
 from engine.metric_table import main_metric
 from engine.metrics import evaluate
@@ -315,8 +315,11 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
         raise RunError(f"run {run.name} is already running"
                        + (f" (pid {recorded.pid})" if recorded else ""))
     if state == "queued":
-        raise RunError(f"run {run.name} is queued: it starts when one of the store's slots "
-                       "frees (stop it to take it out of the queue)")
+        place = queue_place(run.path)
+        raise RunError(f"run {run.name} is already queued"
+                       + (f" (place {place[0]} of {place[1]})" if place else "")
+                       + ": it starts when one of the store's slots frees (stop it to take it "
+                       "out of the queue)")
     if resume:
         if state == "finished":
             raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "

@@ -236,7 +236,10 @@ def gamma_control(current: str, gamma: float, column) -> GammaSource | None:
     # not be slid over: it stays chosen, with its reason, until another choice or model.
     name, model = remembered(GAMMA_OVER) or (None, None)
     picked = next((s for s in sources if s.name == name and s.problem), None)
-    chosen = picked if picked and model == current else source_of(sources, current)
+    if model == current and name == NONE:  # "this model only", chosen for this model
+        chosen = None
+    else:
+        chosen = picked if picked and model == current else source_of(sources, current)
     st.session_state[f"w_{GAMMA_OVER}"] = chosen.name if chosen else NONE
 
     def over_changed() -> None:

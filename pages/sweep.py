@@ -29,7 +29,7 @@ from engine.sweep import (
     with_seeds,
 )
 from engine.train import prepare_run_config
-from ui.figures import FIELD_LABELS, grid_heatmap
+from ui.figures import FIELD_LABELS, at_chance, grid_heatmap
 from ui.overlay import csv_bytes
 from ui.st_forms import (
     config_of,
@@ -203,7 +203,7 @@ def heat_maps(report: dict) -> None:
                "colour. Rows: γmax, which needs training; columns: ξ, as trained or as "
                "re-thresholded. A cell without a value shows its runs' state.")
     nothing = [g for g in groups if chance and _finite(g.get("accuracy"))
-               and g["accuracy"] <= 1.5 * chance]
+               and at_chance(g["accuracy"], chance)]
     if nothing:
         st.warning("Learned nothing (more epochs or data): " + "; ".join(
             f"{', '.join(f'{FIELD_LABELS.get(f, f)} = {g.get(f)}' for f in fields)} at "

@@ -34,6 +34,9 @@ compute exactly the same floating-point sums."""
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15: on a machine busy with other work they got about 5 %
+    # of a core and these tests crawled (seen with two busy loops beside the suite).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Room for one cell at a time: the stop tests need cells still queued behind a running one.
     address = connect(None, local_cpus=THREADS)
     yield address

@@ -261,3 +261,111 @@ def test_cells_side_by_side_equal_cells_one_after_another_with_pinned_threads(tm
         assert together.get(name).status()["state"] == "finished"
         a, b = weights(apart.get(name).last_checkpoint), weights(together.get(name).last_checkpoint)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------------------------
+# The queue's corners (review of the first version)
+
+
+def test_a_queued_job_starts_with_the_environment_it_was_queued_with(tmp_path, monkeypatch,
+                                                                     other_process):
+    from engine.slots import environment_for
+
+    monkeypatch.setenv(LIMIT_ENV, "1")
+    monkeypatch.setenv("LOSSATTN_DATA", "/data/of/the/launcher")
+    Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
+    run = launch.launch(RunStore(tmp_path), tiny("envy"))
+    recorded = json.loads(run.job.spec_path.read_text())["environment"]
+    assert recorded["LOSSATTN_DATA"] == "/data/of/the/launcher"
+    assert "LOSSATTN_JOB_DIR" not in recorded
+    # whoever starts it later (a Ray worker with its own pinned threads, a shell without the
+    # data root) gives it the launcher's, not its own
+    monkeypatch.setenv("LOSSATTN_DATA", "/elsewhere")
+    monkeypatch.setenv(THREADS_ENV, "7")
+    env = environment_for(recorded)
+    assert env["LOSSATTN_DATA"] == "/data/of/the/launcher" and THREADS_ENV not in env
+    assert env["PATH"] == os.environ["PATH"]
+    RunStore(tmp_path).stop("envy")
+
+
+def test_a_job_queued_on_another_host_is_not_started_here(tmp_path, monkeypatch):
+    monkeypatch.setenv(LIMIT_ENV, "1")
+    store = RunStore(tmp_path)
+    run = store.create(tiny("theirs"))
+    run.update_status(state="queued")
+    slots = Slots(tmp_path)
+    slots.queue_folder.mkdir(parents=True)
+    (slots.queue_folder / "00000000000000000001-1.json").write_text(json.dumps(
+        {"job": str(run.path.resolve()), "host": "another-node"}))
+    assert dispatch(tmp_path) == [] and run.status()["state"] == "queued"
+    assert queue_place(run.path) == (1, 1)  # still shown in its place
+
+
+def test_a_new_launch_waits_behind_the_queue_even_when_a_slot_is_free(tmp_path, monkeypatch,
+                                                                       other_process):
+    monkeypatch.setenv(LIMIT_ENV, "1")
+    store = RunStore(tmp_path)
+    Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
+    first = launch.launch(store, tiny("first"))
+    other_process.kill()  # the slot frees, but nobody has looked at the queue yet
+    other_process.wait()
+    later = launch.launch(store, tiny("later"))
+    assert later.status()["state"] == "queued" and queue_place(later.path) == (2, 2)
+    assert dispatch(tmp_path) == [first.path.resolve()]  # first come, first served
+    assert launch.wait(first, timeout=180)["state"] == "finished"
+    assert launch.wait(later, timeout=180)["state"] == "finished"  # started by first's end
+
+
+def test_a_lost_queue_entry_is_made_again_and_stop_and_delete_clear_it(tmp_path, monkeypatch,
+                                                                        other_process):
+    monkeypatch.setenv(LIMIT_ENV, "1")
+    store = RunStore(tmp_path)
+    slots = Slots(tmp_path)
+    slots.write_lease(other_process.pid, tmp_path / "busy")
+    run = launch.launch(store, tiny("lost"))
+    for pointer, *_ in slots.queue_entries():
+        pointer.unlink()  # an interrupted start or a hand: the folder says queued, no entry
+    assert slots.place(run.path) is None
+    with pytest.raises(ValueError, match=r"already queued \(place 1 of 1\)"):
+        launch.start(store, run)  # asking where it is queues it again
+    assert slots.place(run.path) == (1, 1)
+    store.stop("lost")
+    assert not slots.queue_entries()  # the stopped job is out of the queue at once
+    gone = launch.launch(store, tiny("gone"))
+    store.delete("gone")
+    assert not slots.queue_entries() and not gone.path.exists()
+    other_process.kill()
+    other_process.wait()
+    assert dispatch(tmp_path) == [] and not gone.path.exists()  # nothing re-created
+
+
+def test_a_sweep_that_trains_its_cells_itself_takes_a_slot(tmp_path, monkeypatch,
+                                                           other_process):
+    """``--parallel auto`` is one cell at a time where the limit is 1: then the sweep's own
+    process trains, so it queues like any job that computes."""
+    from engine.sweep import launch_sweep, stop_sweep, sweep_status
+
+    monkeypatch.setenv(LIMIT_ENV, "1")
+    store = RunStore(tmp_path)
+    Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
+    assert launch_sweep(store, tiny("base"), [("loss.gamma_max", [0.0, 0.3])], "s",
+                        parallel="auto") is None
+    assert sweep_status(store, "s")["state"] == "queued"
+    stop_sweep(store, "s")
+    assert sweep_status(store, "s")["state"] == "stopped"
+
+
+def test_store_roots_named_like_job_folders_are_their_own(tmp_path):
+    assert store_root_of(tmp_path / "_runs" / "r") == (tmp_path / "_runs").resolve()
+    assert store_root_of(tmp_path / ".lossattn" / "_mil" / "e") == (
+        tmp_path / ".lossattn").resolve()
+
+
+def test_a_lease_is_found_by_its_process_within_the_clock_tolerance(tmp_path, other_process):
+    slots = Slots(tmp_path)
+    lease = slots.write_lease(other_process.pid, tmp_path / "a")
+    shifted = json.loads(lease.path.read_text())
+    shifted["create_time"] += 0.3  # the parent read the creation time before a clock step
+    lease.path.rename(tmp_path / "_slots" / f"{other_process.pid}-1.json")
+    (tmp_path / "_slots" / f"{other_process.pid}-1.json").write_text(json.dumps(shifted))
+    assert slots.lease_of(other_process.pid) is not None

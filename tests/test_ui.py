@@ -123,13 +123,14 @@ def test_grid_heatmap_marks_the_seeds_spread_and_chance():
     groups = [{"g": 0, "x": 0, "acc": 0.9, "acc_sd": 0.01, "acc_values": [0.89, 0.9, 0.91]},
               {"g": 1, "x": 0, "acc": 0.895, "acc_sd": 0.02, "acc_values": [0.87, 0.895, 0.92]},
               {"g": 2, "x": 0, "acc": 0.8, "acc_sd": 0.01, "acc_values": [0.79, 0.8, 0.81]},
-              {"g": 3, "x": 0, "acc": 0.1, "acc_sd": 0.0, "acc_values": [0.1, 0.1, 0.1]},
+              {"g": 3, "x": 0, "acc": 0.14, "acc_sd": 0.0, "acc_values": [0.14, 0.14, 0.14]},
               {"g": 4, "x": 0, "states": {"running": 2, "queued": 1}}]
     text = [t[0] for t in figures.grid_heatmap(groups, "x", "g", "acc", chance=0.1).data[0].text]
     assert text[0] == "0.900 ± 0.010<br>best"
     assert text[1] == "0.895 ± 0.020<br>≈ best"        # 0.92 >= 0.89: within the spread
     assert text[2] == "0.800 ± 0.010"                  # 0.81 < 0.89: beyond it
-    assert text[3] == "0.100 ± 0.000<br>learned nothing"
+    assert text[3] == "0.140 ± 0.000<br>learned nothing"  # 10 classes: at most 0.15
+    assert figures.at_chance(0.55, 0.5) and not figures.at_chance(0.6, 0.5)  # 2 classes
     assert text[4] == "2 running, queued"
 
 

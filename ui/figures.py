@@ -80,8 +80,8 @@ def grid_heatmap(groups: list[dict], x_field: str, y_field: str, value: str,
     0.13697 against 0.13702 as the darkest against the brightest colour): rates over [0, 1],
     counts over [0, their largest]. The best cell says ``best``; a cell whose seeds' range
     reaches into the best cell's says ``≈ best`` (its difference is within the seeds' spread);
-    with ``chance`` (the accuracy of guessing), a cell at no more than 1.5x it says ``learned
-    nothing``."""
+    with ``chance`` (the accuracy of guessing), a cell at most 5 points above it says
+    ``learned nothing`` (:func:`at_chance`)."""
     xs = sorted({json_key(r.get(x_field)) for r in groups}, key=_sort_key)
     ys = sorted({json_key(r.get(y_field)) for r in groups}, key=_sort_key)
     z = [[None] * len(xs) for _ in ys]
@@ -103,7 +103,7 @@ def grid_heatmap(groups: list[dict], x_field: str, y_field: str, value: str,
             lines.append("best")
         elif best is not None and _within_spread(r, best, value):
             lines.append("≈ best")
-        if chance is not None and v <= 1.5 * chance:
+        if chance is not None and at_chance(v, chance):
             lines.append("learned nothing")
         text[i][j] = "<br>".join(lines)
     rate = bool(values) and all(0 <= v <= 1 for v in values)
@@ -119,6 +119,16 @@ def grid_heatmap(groups: list[dict], x_field: str, y_field: str, value: str,
     side = 100 * max(len(xs), len(ys))
     heading = f"{title or value} (colours: 0 to {top:g})"
     return _layout(fig, heading, height=min(560, max(320, side + 130)))
+
+
+CHANCE_MARGIN = 0.05
+
+
+def at_chance(accuracy: float, chance: float) -> bool:
+    """Whether an accuracy is no better than guessing: at most 5 points above it (0.15 for ten
+    classes, 0.55 for two; a margin in points, not a factor, so that few classes are judged
+    as strictly as many)."""
+    return accuracy <= chance + CHANCE_MARGIN
 
 
 def _within_spread(cell: dict, best: dict, value: str) -> bool:

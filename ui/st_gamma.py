@@ -125,13 +125,13 @@ def adopt_link_gamma(params: dict[str, str]) -> None:
     current = remembered(MODEL_KEY)
     source = source_of(gamma_sources(current), current)
     stops = source.stops if source else {}
-    try:
-        gamma = float(text)
+    try:  # as the link wrote it (:g): a γmax like 0.1234567 is 0.123457 in a link
+        wanted = f"{float(text):g}"
     except ValueError:
-        gamma = None
-    stop = next((label for g, label in stops.items()
-                 if gamma is not None and abs(g - gamma) < 1e-9), None)
-    if stop is None and gamma is not None and _own_gamma(current) == gamma:
+        wanted = None
+    stop = next((label for g, label in stops.items() if f"{g:g}" == wanted), None)
+    own = _own_gamma(current)
+    if stop is None and own is not None and f"{own:g}" == wanted:
         return  # the model's own γmax (a link to a model of no family)
     if stop is None:
         listed = ", ".join(f"{g:g}" for g in stops) or "none"

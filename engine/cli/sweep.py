@@ -57,15 +57,9 @@ def register(sub) -> None:
 
 
 def _parallel(text: str) -> int:
-    if text == "auto":
-        import torch
+    from engine.sweep import resolve_parallel
 
-        from engine.slots import job_limit
-
-        return torch.cuda.device_count() or job_limit()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--parallel must be a positive int or auto; got {text!r}")
-    return int(text)
+    return resolve_parallel(text)
 
 
 def _ray_executor(args: argparse.Namespace, job):

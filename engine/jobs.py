@@ -470,16 +470,21 @@ class Job:
         (``finish``) or left for :meth:`complete`. Nested attaches of one job are fine."""
         me = ProcessIdentity.current()
         with _raise_on_sigterm() if sigterm else contextlib.nullcontext():
-            with locked(self.lock_path):
-                status = self.status()  # active with a process: that process is alive
-                other = self.process(status)
-                if status.get("state") in ACTIVE and other is not None and not me.matches(other):
-                    raise JobError(f"{self.folder.name} is already running (pid {other.pid})")
-                if not self._spawned_here(me, other):
-                    self.clear_stop()
-                self._merge({"state": "running", "reason": "", "process": me.to_dict(),
-                             "started": time.time(), **fields})
+            # The marking is inside the try: a SIGTERM right after it (a sweep stopped as its
+            # next cell starts) must still end the job as stopped, never leave it running.
+            # Before the marking, or with another process recorded, the ending is a no-op.
             try:
+                with locked(self.lock_path):
+                    status = self.status()  # active with a process: that process is alive
+                    other = self.process(status)
+                    if (status.get("state") in ACTIVE and other is not None
+                            and not me.matches(other)):
+                        raise JobError(f"{self.folder.name} is already running "
+                                       f"(pid {other.pid})")
+                    if not self._spawned_here(me, other):
+                        self.clear_stop()
+                    self._merge({"state": "running", "reason": "", "process": me.to_dict(),
+                                 "started": time.time(), **fields})
                 if self.stop_requested():
                     raise JobStopped("stop requested before the job started")
                 yield self

@@ -377,3 +377,29 @@ def test_a_process_that_cannot_start_is_failed_at_once(tmp_path, monkeypatch):
         job.spawn(["models"])
     status = job.status()
     assert status["state"] == "failed" and "Too many open files" in status["reason"]
+
+
+def test_a_sigterm_just_after_the_job_is_marked_running_still_ends_it_stopped(tmp_path,
+                                                                              monkeypatch):
+    """Seen once on a loaded machine: a sweep stopped just as its next cell attached left the
+    cell saying running. The signal is simulated where it landed: as the lock that wrote
+    'running' is released."""
+    import contextlib
+
+    from engine import jobs
+    from engine.jobs import JobStopped
+
+    job = Job(tmp_path / "cell")
+    real = jobs.locked
+
+    @contextlib.contextmanager
+    def locked_then_signalled(path):
+        with real(path):
+            yield
+        if job.raw_status().get("state") == "running":
+            raise JobStopped("stopped by SIGTERM")
+
+    monkeypatch.setattr(jobs, "locked", locked_then_signalled)
+    with pytest.raises(JobStopped), job.attach():
+        pytest.fail("the body must not run")
+    assert job.raw_status()["state"] == "stopped"

@@ -223,6 +223,9 @@ def test_the_gamma_slider_moves_over_the_shipped_family_and_keeps_the_image(runs
     at.selectbox(key="w_ex_gamma_over").set_value(pair).run()
     assert at.session_state["model_source"] == "shipped: digits_small_cnn_la"  # γmax 0.1
     assert list(at.select_slider(key="w_gamma").options) == ["0", "0.1"]
+    at.selectbox(key="w_ex_gamma_over").set_value("this model only").run()
+    assert not at.select_slider and at.selectbox(key="w_ex_gamma_over").value == (
+        "this model only")
 
 
 def test_a_link_with_gamma_opens_that_model_of_the_family(runs_root):

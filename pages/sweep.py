@@ -10,7 +10,6 @@ from engine.cluster import CellResources, RayExecutor
 from engine.jobs import ACTIVE
 from engine.losses import patch_loss_share
 from engine.metric_table import metrics_of
-from engine.slots import job_limit
 from engine.sweep import (
     MAX_SEEDS,
     SEED_FIELD,
@@ -20,6 +19,7 @@ from engine.sweep import (
     list_sweeps,
     parse_grid,
     read_manifest,
+    resolve_parallel,
     seed_groups,
     stop_sweep,
     sweep_folder,
@@ -77,7 +77,7 @@ def launch_form() -> None:
             remember(WATCH_KEY, name.strip())
             cells = len(grid[0][1]) * len(grid[1][1]) * seeds
             where = ("as tasks on the Ray cluster" if executor else
-                     f"in the background, {job_limit()} at a time")
+                     f"in the background, {resolve_parallel('auto')} at a time")
             st.success(f"Sweep {name} started: {cells} runs, {where}.")
 
 
@@ -109,7 +109,7 @@ def plan_notes(settings: dict, preset: str, gammas: str, xis: str, seeds: int,
                f"({config.train.epochs} epochs, batch {config.train.batch_size}, recipe "
                f"{config.train.recipe}), exactly as `python -m engine sweep"
                f"{f' --preset {preset}' if preset else ' --preset none'}` would.")
-    at_once = "as Ray tasks" if executor else f"{min(cells, job_limit())} at a time"
+    at_once = "as Ray tasks" if executor else f"{min(cells, resolve_parallel('auto'))} at a time"
     seconds, basis = cell_seconds(store(), config)
     if seconds is None:
         st.caption(f"{cells} cells, {at_once}. Time: unknown ({basis}); the first "

@@ -7,10 +7,15 @@ explain, the device, the run folder) are drawn here, once.
 
 import streamlit as st
 
+from engine.roots import confine_reads_to, data_roots
 from ui.st_gamma import adopt_link_gamma
 from ui.st_state import adopt_link, device_footer, guard, model_picker, router_ran
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
+# A server reads data only inside its data roots, links followed, and so does every job it
+# starts (they inherit the setting): whoever opens the page must not reach the server's other
+# folders. Set on every script run, so that a root created meanwhile counts.
+confine_reads_to(data_roots())
 
 PAGES = {
     "Explore": [

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -30,6 +31,22 @@ RAMP_UNITS = ("epoch", "step")
 """How often the patch-loss ramp-up moves (LossConfig.ramp_by)."""
 RESIZE_POLICIES = ("squash", "center_crop")
 """How an image of another shape becomes the square model input (engine.inputs.fit)."""
+
+# Upper bounds of counts and sizes. JSON, a form or a command line can give any int; beyond
+# these a value overflows what torch or the run index (SQLite, int64) holds, or asks for more
+# than any machine has, and would fail deep inside a run instead of here.
+SEED_LIMIT = 2**63
+"""Seeds (train.seed, data.seed) lie in [0, 2**63): torch's generators take a signed int64."""
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**20
+"""Largest train.batch_size (about a million images a step)."""
+MAX_IMAGES = 100_000_000
+"""Largest image count (data.train_size / test_size, train.eval_sample)."""
+MAX_SIDE = 8192
+"""Largest input side in pixels (data.input_size, model.input_size)."""
+MAX_WIDTH = 2**20
+"""Largest layer width, channel, class, kernel or stride count of a model section."""
+MAX_THREADS = 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +135,22 @@ def section_errors(section: str) -> Iterator[None]:
 
 def check_field(ok: bool, field_name: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{field_name} must be {allowed}; got {value!r}")
+        shown = _int_text(value) if _is_int(value) else repr(value)
+        raise ConfigError(f"{field_name} must be {allowed}; got {shown}")
+
+
+def check_at_most(value: Any, field_name: str, limit: int, why: str) -> None:
+    """Refuse an int above ``limit`` (None passes: it means a default), naming why."""
+    if value is not None and value > limit:
+        raise ConfigError(f"{field_name} must be at most {limit:,} ({why}); got "
+                          f"{_int_text(value)}")
+
+
+def _int_text(value: int) -> str:
+    """``value`` for a message; a huge int by its size (str() refuses over 4300 digits)."""
+    if value.bit_length() <= 128:
+        return repr(value)
+    return f"an int of about {int(value.bit_length() * math.log10(2)) + 1} digits"
 
 
 def _is_int(v: Any) -> bool:
@@ -132,6 +164,7 @@ def _pair(value: Any, field_name: str) -> tuple[int, int]:
     ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
     check_field(ok, field_name, "an int or a pair of ints (height, width)", value)
     check_field(min(value) >= 1, field_name, "positive", value)
+    check_at_most(max(value), field_name, MAX_SIDE, "pixels a side")
     return (int(value[0]), int(value[1]))
 
 
@@ -150,6 +183,9 @@ class ModelConfig:
     head: str = "loss_attention"
     """Registered head name (``engine.models.list_heads()``)."""
     num_classes: int = 10
+    """Classes the model predicts. A run takes them from its data (engine.train.
+    prepare_run_config): the default, 10, stands for "the data's count"; any other value must
+    equal the data's count, or the run is refused."""
     in_chans: int = 3
     input_size: tuple[int, int] = (32, 32)
     """Input (height, width) the model is built and validated for; other sizes work at run time
@@ -209,6 +245,7 @@ class ModelConfig:
             value = getattr(self, name)
             check_field(value >= 1, name, "a positive int", value)
         check_field(self.num_classes >= 2, "num_classes", ">= 2", self.num_classes)
+        self._check_widths()
         check_field(0.0 <= self.xi <= 1.0, "xi", "a number in [0, 1]", self.xi)
         check_field(self.xi_denominator in XI_DENOMINATORS, "xi_denominator",
                f"one of {list(XI_DENOMINATORS)}", self.xi_denominator)
@@ -223,6 +260,16 @@ class ModelConfig:
                "a tuple of positive ints", self.plain_hidden)
         check_field(self.timm_output_stride in (None, 8, 16, 32), "timm_output_stride",
                "None, 8, 16 or 32", self.timm_output_stride)
+
+    def _check_widths(self) -> None:
+        """Sizes beyond any machine's memory (and torch's int64 shapes) are refused here."""
+        for name in ("num_classes", "in_chans", "primary_caps", "primary_dim", "caps_channels",
+                     "caps_dim", "attention_hidden", "routing_iters", "patch_kernel",
+                     "patch_stride", "patch_padding", "patch_channels", "timm_output_stride"):
+            check_at_most(getattr(self, name), name, MAX_WIDTH, "MAX_WIDTH")
+        for name in ("stride_plan", "plain_hidden"):
+            check_at_most(max(getattr(self, name) or (0,)), name, MAX_WIDTH,
+                          "MAX_WIDTH, for each entry")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
@@ -257,6 +304,7 @@ class LossConfig:
                     self.ramp_by)
         check_field(self.ramp_epochs is None or self.ramp_epochs >= 0, "ramp_epochs",
                "None or an int >= 0", self.ramp_epochs)
+        check_at_most(self.ramp_epochs, "ramp_epochs", MAX_EPOCHS, "MAX_EPOCHS")
 
 
 @dataclass
@@ -309,11 +357,18 @@ class DataConfig:
         check_field(bool(self.dataset), "dataset", "a data set name", self.dataset)
         check_field(self.input_size is None or self.input_size >= 8,
                "input_size", "None or an int >= 8", self.input_size)
+        check_at_most(self.input_size, "input_size", MAX_SIDE, "pixels a side")
         for name in ("train_size", "test_size"):
             _optional_positive_int(getattr(self, name), name, "the whole split")
+            check_at_most(getattr(self, name), name, MAX_IMAGES, "MAX_IMAGES")
         check_field(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
                self.resize)
-        check_field(self.seed >= 0, "seed", "an int >= 0", self.seed)
+        check_seed(self.seed)
+
+
+def check_seed(seed: int) -> None:
+    check_field(0 <= seed < SEED_LIMIT, "seed",
+                "an int >= 0 and < 2**63 (torch's generators take a signed 64-bit seed)", seed)
 
 
 RECIPE_NAMES = ("sgd", "onecycle", "adam")
@@ -381,6 +436,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "micro_batches"):
             value = getattr(self, name)
             check_field(value >= 1, name, "a positive int", value)
+        check_at_most(self.epochs, "epochs", MAX_EPOCHS, "MAX_EPOCHS")
+        check_at_most(self.batch_size, "batch_size", MAX_BATCH, "MAX_BATCH")
         check_field(self.recipe in RECIPES, "recipe", f"one of {list(RECIPES)}", self.recipe)
         check_field(self.lr is None or self.lr > 0, "lr",
                "None or a number > 0", self.lr)
@@ -390,17 +447,31 @@ class TrainConfig:
                self.momentum)
         check_field(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of the epochs, each in (0, 1)", self.milestones)
+        ordered = all(a < b for a, b in zip(self.milestones, self.milestones[1:]))
+        check_field(ordered, "milestones", "in increasing order without repeats (the lr decays "
+                    "once at each)", self.milestones)
         check_field(0 < self.lr_decay <= 1, "lr_decay", "in (0, 1]",
                self.lr_decay)
-        check_field(self.seed >= 0, "seed", "an int >= 0", self.seed)
+        check_seed(self.seed)
         check_field(self.micro_batches <= self.batch_size, "micro_batches", "<= batch_size",
                self.micro_batches)
         check_field(self.checkpoint_minutes > 0,
                "checkpoint_minutes", "a number > 0", self.checkpoint_minutes)
         _optional_positive_int(self.eval_sample, "eval_sample", "the whole test set")
+        check_at_most(self.eval_sample, "eval_sample", MAX_IMAGES, "MAX_IMAGES")
         _optional_positive_int(self.threads, "threads", "the share of the cores")
-        check_field(self.device in DEVICE_CHOICES or str(self.device).startswith("cuda:"), "device",
-               f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
+        check_at_most(self.threads, "threads", MAX_THREADS, "MAX_THREADS")
+        # Only the name here: whether this machine has the device is checked before a run
+        # starts (engine.device.check_device), so that a GPU run's config loads anywhere.
+        check_field(is_device_name(self.device), "device",
+                    f"one of {list(DEVICE_CHOICES)} or 'cuda:N'", self.device)
+
+
+def is_device_name(name: Any) -> bool:
+    """Whether ``name`` is a device this program knows: auto, cpu, cuda, mps or cuda:N."""
+    return isinstance(name, str) and (name in DEVICE_CHOICES
+                                      or re.fullmatch(r"cuda:[0-9]{1,6}", name) is not None)
+
 
 MAP_SOURCES = ("activations", "patch_weights")
 """Where a peer's attention map comes from in mutual transfer (engine.mutual.maps)."""
@@ -445,9 +516,11 @@ class TransferConfig:
             check_field(self.lam >= 0, "lam", "a number >= 0 (λ; 0 trains the peers alone)",
                         self.lam)
             check_field(self.grid >= 1, "grid", "a positive int", self.grid)
+            check_at_most(self.grid, "grid", MAX_SIDE, "regions a side")
             check_field(self.map_source in MAP_SOURCES, "map_source",
                         f"one of {list(MAP_SOURCES)}", self.map_source)
             check_field(self.layers >= 1, "layers", "a positive int", self.layers)
+            check_at_most(self.layers, "layers", MAX_WIDTH, "MAX_WIDTH")
             check_field(self.power > 0, "power", "a number > 0", self.power)
             check_field(self.kl >= 0, "kl", "a number >= 0", self.kl)
 
@@ -482,8 +555,6 @@ class RunConfig:
     give; recorded so that Runs and diffs show it. None: the recipe defaults alone."""
 
     def __post_init__(self) -> None:
-        import re
-
         if isinstance(self.transfer, dict):
             self.transfer = config_from_dict(TransferConfig, self.transfer, section="transfer")
         check_field(self.transfer is None or isinstance(self.transfer, TransferConfig),
@@ -569,11 +640,18 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T
 
 __all__ = [
     "MAP_SOURCES",
+    "MAX_BATCH",
+    "MAX_EPOCHS",
+    "MAX_IMAGES",
+    "MAX_SIDE",
+    "MAX_THREADS",
+    "MAX_WIDTH",
     "RECIPES",
     "RECIPE_NAMES",
     "RESIZE_POLICIES",
     "RUN_NAME_PATTERN",
     "SECTIONS",
+    "SEED_LIMIT",
     "XI_DENOMINATORS",
     "ConfigError",
     "DataConfig",
@@ -584,6 +662,7 @@ __all__ = [
     "TransferConfig",
     "config_from_dict",
     "config_to_dict",
+    "is_device_name",
     "parse_setting",
     "parse_value",
     "split_setting",

@@ -7,24 +7,50 @@ import functools
 
 import torch
 
-from engine.config import DEVICE_CHOICES
+from engine.config import DEVICE_CHOICES, is_device_name
+from engine.errors import ConfigError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu. An unavailable explicit device is an error."""
-    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
-        raise ValueError(f"device must be one of {list(DEVICE_CHOICES)} or 'cuda:N'; got {name!r}")
+def resolve_device(name: str = "auto", field: str = "device") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu. An unknown or unavailable explicit device is
+    an error naming ``field`` (:func:`check_device`)."""
+    check_device(name, field)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but MPS is not available here")
     return torch.device(name)
+
+
+def check_device(name: str, field: str = "train.device") -> None:
+    """Refuse a device this machine does not have, with one line naming ``field``: the
+    pre-flight of a run (before its folder is made) and of every ``--device``. A property of
+    the machine, not of the config: a GPU run's config still loads on a CPU for viewing."""
+    if not is_device_name(name):
+        raise ConfigError(f"{field} must be one of {list(DEVICE_CHOICES)} or 'cuda:N'; "
+                          f"got {name!r}")
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"{field}: {problem}")
+
+
+def device_problem(name: str) -> str | None:
+    """Why the known device ``name`` cannot be used here (None: it can)."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return (f"{name} is not available on this machine (no CUDA GPU visible); use cpu "
+                    "or auto")
+        count = torch.cuda.device_count()
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            return (f"{name} is not on this machine, whose {count} CUDA GPU(s) are {have}; use "
+                    "one of them, cuda or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        return "mps is not available on this machine (no Apple MPS GPU); use cpu or auto"
+    return None
 
 
 @contextlib.contextmanager

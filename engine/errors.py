@@ -34,3 +34,9 @@ class JobError(ValueError):
 
 class EvaluationError(ValueError):
     """A metric cannot be computed for this model or data set; the message says why."""
+
+
+class FileRefused(OSError):
+    """A file was not read: it is not a regular file, it is larger than its kind allows, or it
+    lies outside the folders it must stay in. An ``OSError``, so that code which handles an
+    unreadable file handles it too; the message names the file and the reason."""

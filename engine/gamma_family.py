@@ -33,6 +33,7 @@ from engine.config import RunConfig
 from engine.export import export_model
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.runs import Run, RunStore
+from engine.safe_io import TABLE_CAP, read_json, read_text
 from engine.sweep import run_sweep, sweep_configs, write_manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -155,13 +156,15 @@ def write_results(out: dict, folder: Path) -> None:
 def load_results(folder: Path = RESULTS) -> dict:
     """What :func:`write_results` wrote: the settings, with the rows (numbers as numbers)."""
     import csv
+    import io
 
     from engine.errors import RunError
 
     try:
-        data = json.loads((Path(folder) / "results.json").read_text())
-        with open(Path(folder) / "results.csv", newline="") as fh:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        data = read_json(Path(folder) / "results.json", "the γmax family's results")
+        table = read_text(Path(folder) / "results.csv", TABLE_CAP, "the γmax family's table")
+        rows = [{k: _number(v) for k, v in row.items()}
+                for row in csv.DictReader(io.StringIO(table, newline=""))]
         if not isinstance(data, dict) or not rows:
             raise TypeError("no rows")
     except (OSError, ValueError, TypeError) as exc:

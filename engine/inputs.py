@@ -11,7 +11,7 @@ what it saw in training:
    pixel grid (as COCO's and Tiny ImageNet's are) are turned with the image.
 3. **To RGB**: palette and alpha are composited on white, CMYK is converted. 16-bit, 32-bit
    and float greyscale are rescaled by the image's own range (else nearly all of it would clip
-   to white).
+   to white); a constant one, which has no range, by its mode's (:func:`high_bit_to_grey`).
 4. **Fit** to the input size by the data set's policy: ``squash`` (both sides scaled, every
    object kept) or ``center_crop`` (the centre region with the input's aspect ratio). Bilinear
    resampling, antialiased when shrinking. Only the region that is kept is resampled, so a very
@@ -23,6 +23,7 @@ Python object's repr.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import RESIZE_POLICIES
-from engine.errors import ImageInputError
+from engine.errors import FileRefused, ImageInputError
 
 MAX_BYTES = 20 * 2**20
 """Uploads only: data set files on disk may be larger."""
@@ -62,14 +63,16 @@ def open_image(source: bytes | str | Path, name: str | None = None):
                                   f"{MAX_BYTES // 2**20} MB")
         source = io.BytesIO(source)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _opened(source, name) as fh:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
+            image = Image.open(fh)
             check_size(*image.size, name)
             image.seek(0)
             image.load()
     except ImageInputError:
         raise
+    except FileRefused as exc:
+        raise ImageInputError(str(exc)) from None
     except FileNotFoundError:
         raise ImageInputError(f"{name} is missing") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -81,6 +84,18 @@ def open_image(source: bytes | str | Path, name: str | None = None):
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ImageInputError(f"{name} could not be decoded: {detail[:200]}") from None
     return image
+
+
+def _opened(source, name: str):
+    """The file to decode: bytes as they are; a path opened as a data file (a regular file
+    within :data:`~engine.safe_io.IMAGE_CAP`, inside the data roots where reads are confined),
+    closed once the pixels are loaded."""
+    if not isinstance(source, str | Path):
+        return contextlib.nullcontext(source)
+    from engine.roots import open_data
+    from engine.safe_io import IMAGE_CAP
+
+    return open_data(source, IMAGE_CAP, f"an image ({name})")
 
 
 def check_size(width: int, height: int, name: str) -> None:
@@ -112,15 +127,31 @@ def orient_point(x: float, y: float, orientation: int, width: int, height: int
             8: (y, width - x)}[orientation]
 
 
+HIGH_BIT_WHITE = {"F": 1.0}
+"""The value that is white in a high-bit mode, for a constant image: 1.0 for float images (the
+usual convention), 65535 for the integer modes (PIL decodes 16-bit files to ``I;16`` or ``I``)."""
+
+
+def high_bit_to_grey(array: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 grey levels of a 16-bit, 32-bit or float greyscale image, stretched over the
+    image's own range (its values rarely span the mode's, so most of it would clip to white
+    or black). A constant image has no range: it is scaled by the mode's full range instead
+    (16-bit 32768 -> 128), so a flat grey stays that grey rather than turning black."""
+    low, high = float(array.min()), float(array.max())
+    if high > low:
+        scaled = (array - low) / (high - low) * 255
+    else:
+        scaled = array / HIGH_BIT_WHITE.get(mode, 65535.0) * 255
+    return np.round(np.clip(np.nan_to_num(scaled), 0, 255)).astype(np.uint8)
+
+
 def to_rgb(image):
     """RGB by one policy for every mode (see the module docstring)."""
     from PIL import Image
 
     if image.mode in HIGH_BIT_MODES:
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
-        image = Image.fromarray(np.round(array).astype(np.uint8), "L")
+        grey = high_bit_to_grey(np.asarray(image, dtype=np.float64), image.mode)
+        image = Image.fromarray(grey, "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
             image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -195,10 +226,17 @@ def box_transform(to_upright, to_input, out_size: tuple[int, int]) -> BoxTransfo
 def load_for_model(source: bytes | str | Path, input_size: int | tuple[int, int],
                    policy: str = "squash", name: str | None = None
                    ) -> tuple[np.ndarray, BoxTransform]:
-    """The whole path: uint8 (H, W, 3) model-input pixels and the box transform."""
+    """The whole path: uint8 (H, W, 3) model-input pixels and the box transform. The
+    transform's ``stored_size`` is the file's (width, height) before EXIF orientation: the grid
+    its boxes are given in, which a reader may check against its annotation's (COCO)."""
     image, to_upright = decode(source, name)
     pixels, to_input, out_size = fit(image, input_size, policy)
-    return pixels, box_transform(to_upright, to_input, out_size)
+    transform = box_transform(to_upright, to_input, out_size)
+    # An orientation that transposes (EXIF 5-8) swaps the sides: upright x then follows stored y.
+    width, height = image.size
+    transposed = to_upright(1, 0)[0] == to_upright(0, 0)[0]
+    transform.stored_size = (height, width) if transposed else (width, height)
+    return pixels, transform
 
 
 def image_from_bytes(data: bytes, input_size: tuple[int, int], name: str = "upload",

@@ -36,7 +36,6 @@ status at least once a second while it steps).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -50,6 +49,7 @@ from typing import Any
 
 from engine.errors import JobError
 from engine.fsutil import locked, write_json_atomic
+from engine.safe_io import open_bounded, read_json
 from engine.slots import (
     Slots,
     environment_for,
@@ -256,7 +256,7 @@ class Job:
     # -- status -----------------------------------------------------------------------------
 
     def _read_json(self) -> Any:
-        return json.loads(self.status_path.read_text())
+        return read_json(self.status_path, "a job status")
 
     def raw_status(self) -> dict:
         """The status file as written, without its malformed fields, which the reason names.
@@ -340,7 +340,8 @@ class Job:
     def last_output_line(self) -> str:
         """The last non-empty line the process printed (a crash's error message)."""
         try:
-            with open(self.log_path, "rb") as fh:
+            # any size: only its end is read; a regular file only (a FIFO would block)
+            with open_bounded(self.log_path, sys.maxsize, "a process log") as fh:
                 fh.seek(0, os.SEEK_END)
                 fh.seek(max(0, fh.tell() - 4096))
                 lines = fh.read().decode(errors="replace").splitlines()
@@ -596,7 +597,7 @@ def _start_queued(job: Job, slots: Slots) -> bool:
     if not job.folder.is_dir():  # deleted while it waited (never re-created by a lock file)
         return False
     try:
-        spec = json.loads(job.spec_path.read_text())
+        spec = read_json(job.spec_path, "a queued job's start spec")
         args, env = list(spec["args"]), dict(spec.get("env") or {})
         environment = spec.get("environment")
     except (OSError, ValueError, KeyError, TypeError) as exc:

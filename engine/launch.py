@@ -8,10 +8,11 @@ the app and the CLI only read files.
 from __future__ import annotations
 
 from engine.config import RunConfig
+from engine.errors import ConfigError
 from engine.jobs import ProcessIdentity
 from engine.jobs import wait as wait_job
 from engine.runs import Run, RunStore
-from engine.train import check_startable, prepare_run_config
+from engine.train import check_machine, check_startable, prepare_run_config
 
 
 def start(store: RunStore, run: Run, *, resume: bool = False,
@@ -21,6 +22,13 @@ def start(store: RunStore, run: Run, *, resume: bool = False,
     frees: :func:`engine.jobs.dispatch`). ``env`` adds to its environment (e.g.
     ``CUDA_VISIBLE_DEVICES`` to pin it to one GPU)."""
     check_startable(run, resume)  # refuse here, where the caller can show the message
+    if resume:  # a new run was checked before its folder was made (prepare_run_config)
+        try:
+            check_machine(run.config())
+        except ConfigError as exc:  # "use cpu or auto" cannot help: a run keeps its device
+            raise ConfigError(f"run {run.name} cannot resume here: {str(exc).split('; use')[0]}"
+                              "; a run resumes on the device it was made for, so resume it on "
+                              "a machine that has one") from None
     args = ["train", "--run-dir", str(run.path.resolve()), "--quiet"]
     identity = run.job.spawn(args + (["--resume"] if resume else []), env=env)
     store.index(run)
@@ -28,7 +36,8 @@ def start(store: RunStore, run: Run, *, resume: bool = False,
 
 
 def launch(store: RunStore, config: RunConfig) -> Run:
-    """Resolve ``config`` against its data, create the run, and train it in the background."""
+    """Resolve ``config`` against its data and this machine (its device: checked before the
+    run's folder is made), create the run, and train it in the background."""
     run = store.create(prepare_run_config(config))
     start(store, run)
     return run

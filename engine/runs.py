@@ -37,6 +37,7 @@ from engine.config import RUN_NAME_PATTERN, RunConfig, config_from_dict, config_
 from engine.errors import RunError
 from engine.fsutil import atomic_write, write_json_atomic
 from engine.jobs import ACTIVE, Job
+from engine.safe_io import METRICS_CAP, read_bytes, read_json
 
 log = logging.getLogger(__name__)
 INDEX_NAME = ".index.sqlite"
@@ -102,7 +103,7 @@ class Run:
 
     def config(self) -> RunConfig:
         try:
-            data = json.loads(self.config_path.read_text())
+            data = read_json(self.config_path, "a run config")
             if isinstance(data, dict) and isinstance(data.get("data"), dict):
                 # A run made before data.skip_unreadable existed skipped such images: it keeps
                 # doing so (and now counts them) rather than failing on resume.
@@ -118,8 +119,8 @@ class Run:
         """The config as plain JSON for tables ({} where unreadable; non-object sections are
         left out), without validating it."""
         try:
-            data = json.loads(self.config_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = read_json(self.config_path, "a run config")
+        except (OSError, ValueError):
             return {}
         if not isinstance(data, dict):
             return {}
@@ -152,7 +153,7 @@ class Run:
         """Epoch rows; a torn last line (a kill mid-write) is ignored."""
         rows = []
         try:
-            lines = self.metrics_path.read_text().splitlines()
+            lines = read_bytes(self.metrics_path, METRICS_CAP, "a metrics log").splitlines()
         except OSError:
             return rows
         for line in lines:

@@ -29,7 +29,6 @@ can use it; a process holds its slot through :func:`engine.budget.holding`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from engine.errors import ConfigError
 from engine.fsutil import locked, write_json_atomic
+from engine.safe_io import read_json
 
 LIMIT_ENV = "LOSSATTN_MAX_JOBS"
 """How many jobs may compute at once under one store on this host (the queue's limit)."""
@@ -259,7 +259,7 @@ class Slots:
         entries = []
         for pointer in sorted(self.queue_folder.glob("*.json")):
             try:
-                data = json.loads(pointer.read_text())
+                data = read_json(pointer, "a queue entry")
                 entries.append((pointer, Path(data["job"]), str(data.get("host") or "")))
             except (OSError, ValueError, KeyError, TypeError):
                 pointer.unlink(missing_ok=True)  # a torn or foreign file: not a queue entry
@@ -287,7 +287,7 @@ class Slots:
 def job_state(folder: Path) -> str | None:
     """The ``state`` field of a job folder's status.json, as written (None if unreadable)."""
     try:
-        data = json.loads((folder / "status.json").read_text())
+        data = read_json(folder / "status.json", "a job status")
     except (OSError, ValueError):
         return None
     return data.get("state") if isinstance(data, dict) else None
@@ -295,7 +295,7 @@ def job_state(folder: Path) -> str | None:
 
 def _read_lease(path: Path) -> Lease | None:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, "a slot lease")
         return Lease(int(data["pid"]), float(data["create_time"]), str(data["host"]),
                      data.get("job"), path)
     except (OSError, ValueError, KeyError, TypeError):

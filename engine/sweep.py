@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -39,8 +40,10 @@ from engine.metric_table import metrics_of
 from engine.preset_fill import fill_preset
 from engine.presets import CONTEXT_FIELDS
 from engine.runs import Run, RunStore
-from engine.train import prepare_run_config, train_run
+from engine.safe_io import read_json
+from engine.train import check_machine, prepare_run_config, train_run
 
+logger = logging.getLogger(__name__)
 DEFAULT_GRID = [("loss.gamma_max", [0.0, 0.1]), ("model.xi", [0.0, 0.1])]
 SEED_FIELD = "train.seed"
 """A grid axis over this field repeats each cell with other seeds: tables give mean ± sd."""
@@ -66,7 +69,18 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
     """``["loss.gamma_max=0,0.1", "model.head=loss_attention,mean"]`` -> [(field, values)].
 
     Values are JSON where they parse (numbers, true/false, lists), else strings. A value list
-    that is itself a JSON array (``model.stride_plan=[[1,1,1,1],[1,2,1,1]]``) is taken whole."""
+    that is itself a JSON array (``model.stride_plan=[[1,1,1,1],[1,2,1,1]]``) is taken whole.
+    A value given twice is trained once; each merge is logged (:func:`parse_grid_notes`
+    returns the notes, for a caller that shows them)."""
+    grid, notes = parse_grid_notes(items)
+    for note in notes:
+        logger.warning("%s", note)
+    return grid
+
+
+def parse_grid_notes(items: list[str]) -> tuple[list[tuple[str, list]], list[str]]:
+    """:func:`parse_grid`'s grid, and one note per axis whose repeated values were merged
+    (numbers by value: ``0.1`` and ``0.10`` are one value)."""
     grid = []
     for item in items:
         section, key, text = split_setting(item, "--grid")
@@ -79,7 +93,37 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
         if not values:
             raise ConfigError(f"--grid {section}.{key} has no values")
         grid.append((f"{section}.{key}", values))
-    return grid
+    return merge_repeats(grid)
+
+
+def merge_repeats(grid: list[tuple[str, list]]) -> tuple[list[tuple[str, list]], list[str]]:
+    """Each axis with its repeated values dropped (the first kept, order kept), and a note per
+    axis that had any: a repeat would only train identical cells again."""
+    merged, notes = [], []
+    for field, values in grid:
+        seen: dict = {}
+        for value in values:
+            seen.setdefault(_value_key(value), value)
+        kept = list(seen.values())
+        dropped = len(values) - len(kept)
+        if dropped:
+            shown = ", ".join(json.dumps(v) for v in kept[:6]) + (", ..." if len(kept) > 6 else "")
+            notes.append(f"{field}: {dropped} repeated value(s) merged; each value is "
+                         f"trained once ({len(kept)} distinct: {shown})")
+        merged.append((field, kept))
+    return merged, notes
+
+
+def _value_key(value):
+    """A grid value's identity: numbers by value (``0.1 == 0.10``, ``1 == 1.0``; never a bool),
+    lists by their items, anything else by its JSON."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", value)  # 1 and 1.0 are equal and hash alike
+    if isinstance(value, list | tuple):
+        return ("list", tuple(_value_key(v) for v in value))
+    return ("json", json.dumps(value, sort_keys=True))
 
 
 def _short(value) -> str:
@@ -98,6 +142,9 @@ def sweep_configs(base: RunConfig | dict, grid: list[tuple[str, list]], sweep: s
     over a field the preset depends on that would keep the base's preset fields in every cell,
     so it is refused."""
     _check_name(sweep)
+    grid, notes = merge_repeats(grid)  # a grid made by a page, not parsed: the same rule
+    for note in notes:
+        logger.warning("%s", note)
     if isinstance(base, RunConfig):
         _check_preset_grid(base, grid)
     base_dict = copy.deepcopy(base) if isinstance(base, dict) else config_to_dict(base)
@@ -126,10 +173,12 @@ def _check_preset_grid(base: RunConfig, grid: list[tuple[str, list]]) -> None:
             "--preset` does), so that each cell gets its own preset fields")
 
 
-def _runnable(store: RunStore, config: RunConfig) -> tuple[Run, bool] | None:
-    """The run to train for ``config`` and whether it resumes; None if already finished."""
+def _runnable(store: RunStore, config: RunConfig, machine: bool = True
+              ) -> tuple[Run, bool] | None:
+    """The run to train for ``config`` and whether it resumes; None if already finished.
+    ``machine``: the cell trains on this machine, which must have its device."""
     if not store.exists(config.name):
-        return store.create(prepare_run_config(config)), False
+        return store.create(prepare_run_config(config, machine=machine)), False
     run = store.get(config.name)
     state = run.status().get("state")
     if state == "finished":
@@ -164,7 +213,7 @@ def write_manifest(store: RunStore, sweep: str, grid: list[tuple[str, list]]) ->
 def read_manifest(store: RunStore, sweep: str) -> list[str] | None:
     """The swept fields, or None for a sweep without a readable manifest."""
     try:
-        data = json.loads((sweep_folder(store, sweep) / "grid.json").read_text())
+        data = read_json(sweep_folder(store, sweep) / "grid.json", "a sweep grid")
         return [str(field) for field, _ in data["grid"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -189,9 +238,12 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
     progress is read from the run store; the sweep's own job folder is ``_sweeps/<sweep>/``
     (status, process.log, STOP). ``ray``: its cells are tasks on that Ray cluster (address and
     resources; the process polls its own STOP)."""
+    grid, _ = merge_repeats(grid)  # sweep_configs logs the notes
     configs = sweep_configs(base, grid, sweep)  # validate here, where the caller shows errors
     if ray is not None:
         import_ray()  # a missing optional extra is said here, not in the process's log
+    else:
+        check_cells_machine(configs)
     for config in configs:
         state = store.get(config.name).status().get("state") if store.exists(config.name) else None
         if state in ACTIVE or state == "queued":
@@ -218,6 +270,13 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
     identity = job.spawn(args, compute=serial, kind="sweep",
                          cells=len(configs), executor="ray" if ray is not None else "local")
     return None if identity is None else identity.pid
+
+
+def check_cells_machine(configs: list[RunConfig]) -> None:
+    """Every cell's device on this machine, before any cell's run folder is made (a Ray
+    sweep's cells train on its nodes: not checked here)."""
+    for config in configs:
+        check_machine(config)
 
 
 def _nested(values: list) -> bool:
@@ -281,7 +340,9 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
     to one GPU when CUDA is there (``CUDA_VISIBLE_DEVICES``); ``ray``: as tasks on a Ray
     cluster instead. A stop (SIGTERM or the sweep's STOP file) stops the cells in training and
     raises :class:`engine.jobs.JobStopped`."""
-    pending = [(c, _runnable(store, c)) for c in configs]
+    if ray is None:
+        check_cells_machine(configs)  # all of them before the first cell's folder is made
+    pending = [(c, _runnable(store, c, machine=ray is None)) for c in configs]
     todo = [item for _, item in pending if item is not None]
     for config, item in pending:
         if item is None:
@@ -304,7 +365,8 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
                 raise JobStopped(f"stopped at cell {run.name}; run the sweep again to resume")
     else:
         _run_parallel(store, todo, parallel, log)
-    return [store.get(c.name) for c in configs]
+    # A cell whose folder was removed while it trained ended failed and is gone.
+    return [store.get(c.name) for c in configs if store.exists(c.name)]
 
 
 def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, log) -> None:

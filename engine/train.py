@@ -39,11 +39,18 @@ import torch
 
 from engine.budget import ThreadBudget, holding
 from engine.checkpoint import atomic_torch_save, check_classes, load_checkpoint
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, ModelConfig, RunConfig
 from engine.data import augment_of, describe, load_split
 from engine.data.base import BatchStream, ImageSet, model_input
 from engine.data.registry import CACHE_VERSION as DATA_VERSION
-from engine.device import amp_supported, channels_last_supported, peak_memory_mb, resolve_device
+from engine.device import (
+    amp_supported,
+    channels_last_supported,
+    check_device,
+    peak_memory_mb,
+    resolve_device,
+)
+from engine.folder_guard import FolderGuard, RunFolderRemoved
 from engine.fsutil import remove_temp_files
 from engine.jobs import ACTIVE, JobStopped, ProcessIdentity, queue_place
 from engine.losses import scaled_ramp_epochs
@@ -61,16 +68,24 @@ log = logging.getLogger("engine.train")
 # Config resolution
 
 
-def prepare_run_config(cfg: RunConfig) -> RunConfig:
+def prepare_run_config(cfg: RunConfig, *, machine: bool = True) -> RunConfig:
     """Fill in what follows from the data and the backbone, so config.json says exactly what ran.
 
     The model's classes, channels and input size come from the data set (for every peer of a
     mutual-transfer run, whose maps are checked against its grid); the loss becomes multi-label
     for multi-label data; the ramp-up keeps the paper's 80/200 proportion of the run; the
     recipe's learning rate and weight decay are written out.
+
+    Every run is made from this config, so it is also the run's pre-flight: ``machine`` (the
+    default) refuses a device this machine lacks (:func:`check_machine`) before a run folder
+    exists; False for a run that trains elsewhere (a Ray cell).
     """
+    if machine:
+        check_machine(cfg)
     info = describe(cfg.data)
     size = info["input_size"]
+    for where, m in zip(_model_fields(cfg), cfg.models, strict=True):
+        check_num_classes(m, info["num_classes"], cfg.data.dataset, where)
     models = [resolve_config(m.replace(num_classes=info["num_classes"], in_chans=info["in_chans"],
                                        input_size=(size, size))) for m in cfg.models]
     with torch.device("meta"):  # geometry check (no patch fits, ...) without allocating
@@ -96,6 +111,30 @@ def prepare_run_config(cfg: RunConfig) -> RunConfig:
     data = type(cfg.data)(**{**asdict(cfg.data), "input_size": size})
     return RunConfig(name=cfg.name, model=model, data=data, loss=loss, train=train,
                      tags=cfg.tags, notes=cfg.notes, transfer=transfer, preset=cfg.preset)
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """What a run needs of this machine, checked before anything is made for it: its device."""
+    check_device(cfg.train.device, "train.device")
+
+
+def _model_fields(cfg: RunConfig) -> list[str]:
+    """How the run's models are named in messages: ``model``, ``transfer.peers[0]``, ..."""
+    return ["model", *(f"transfer.peers[{i}]" for i in range(len(cfg.models) - 1))]
+
+
+DATA_CLASSES = ModelConfig.num_classes
+"""``model.num_classes`` at its default stands for "the data's count" (see ModelConfig)."""
+
+
+def check_num_classes(model: ModelConfig, count: int, dataset: str, where: str = "model"
+                      ) -> None:
+    """Refuse a ``num_classes`` that the user set and that disagrees with the data's count;
+    the default takes the data's."""
+    if model.num_classes not in (count, DATA_CLASSES):
+        raise ConfigError(f"{where}.num_classes is {model.num_classes} but data set {dataset} "
+                          f"has {count} classes; set it to {count} or leave it out (the data's "
+                          "count is taken)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,15 +229,28 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+class _WithoutTraceback(logging.Formatter):
+    """The console's format when the run has a log file: a record's message alone, its
+    traceback (shared by every handler through the record) only in the run's log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                        "stack_info": None})
+        return super().format(record)
+
+
+LOG_FORMAT, LOG_TIME = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
+
+
 def _setup_logging(run: Run, dist: Dist, console: bool) -> list[logging.Handler]:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = []
     if dist.is_main:
         handlers.append(logging.FileHandler(run.log_path))
     if console:
         handlers.append(_TqdmHandler())
     for h in handlers:
-        h.setFormatter(fmt)
+        brief = dist.is_main and isinstance(h, _TqdmHandler)  # rank 0 has the log file
+        h.setFormatter((_WithoutTraceback if brief else logging.Formatter)(LOG_FORMAT, LOG_TIME))
         for name in ("engine", "py.warnings"):
             logging.getLogger(name).addHandler(h)
     logging.getLogger("engine").setLevel(logging.INFO)
@@ -214,6 +266,25 @@ def _teardown_logging(handlers: list[logging.Handler]) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StatusWriter:
+    """``set_status(**fields)``: the run's status, written by rank 0 only and indexed
+    (``hook``); every write into the run folder is guarded by :attr:`guard`."""
+
+    def __init__(self, run: Run, dist: Dist, hook: Callable[[Run], object]) -> None:
+        self.run, self.dist, self.hook = run, dist, hook
+        self.guard = FolderGuard(run.path)
+
+    def __call__(self, **fields) -> None:
+        if self.dist.is_main:
+            with self.guard.writing():
+                self.run.update_status(**fields)
+            self.hook(self.run)
+
+    def writing(self):
+        """Guard a write of rank 0 (checkpoints, metrics) into the run folder."""
+        return self.guard.writing() if self.dist.is_main else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,13 +307,7 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
     """
     dist = dist or Dist()
     handlers = _setup_logging(run, dist, console=progress_bar if console is None else console)
-    status_hook = on_status or (lambda r: None)
-
-    def set_status(**fields):
-        if dist.is_main:
-            run.update_status(**fields)
-            status_hook(run)
-
+    set_status = StatusWriter(run, dist, on_status or (lambda r: None))
     try:
         if dist.is_main:  # refusals (finished, running, ...) leave the run exactly as it was
             check_startable(run, resume, spawned)
@@ -253,11 +318,14 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
         with job:
             return _train_guarded(run, resume, progress_bar, dist, set_status)
     finally:
+        set_status.guard.close()
         _teardown_logging(handlers)
 
 
-def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist, set_status) -> str:
-    """:func:`_train`, with every way it can end written to the run's status."""
+def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist,
+                   set_status: StatusWriter) -> str:
+    """:func:`_train`, with every way it can end written to the run's status (a removed run
+    folder excepted: nothing is written into it again)."""
     try:
         set_status(reason="")  # attach marked the run running; this also updates the index
         if dist.is_main:
@@ -265,21 +333,60 @@ def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist, set_s
             if freed:
                 log.info("removed %.1f MB of temp files left by an interrupted write", freed / 1e6)
         return _train(run, run.config(), resume, progress_bar, dist, set_status)
-    except JobStopped:  # SIGTERM outside the step loop, where StopSignal is not listening
+    except JobStopped as exc:  # SIGTERM outside the step loop, where StopSignal is not listening
+        return _ended_by(exc, run, dist, set_status)
+    except Exception as exc:  # noqa: BLE001 - any error must end as failed, never as running
+        return _ended_by(exc, run, dist, set_status)
+
+
+def _ended_by(exc: BaseException, run: Run, dist: Dist, set_status: StatusWriter) -> str:
+    """Log how ``exc`` ended the run, write it to the status and return the final state."""
+    if dist.is_main and not set_status.guard.intact():  # whatever the error, this is its cause
+        log.error("%s", _removed_text(exc, set_status.guard))
+        return "failed"
+    state, reason = _ending(exc, run, dist)
+    try:
+        set_status(state=state, reason=reason)
+    except RunFolderRemoved as removed:
+        log.error("%s", removed)
+        return "failed"
+    return state
+
+
+def _removed_text(exc: BaseException, guard: FolderGuard) -> str:
+    if isinstance(exc, RunFolderRemoved):
+        return str(exc)
+    with contextlib.suppress(RunFolderRemoved):
+        guard.check()  # the error came from the removal: take back what it recreated
+    return f"run folder removed: {guard.path} was removed while its trainer ran ({exc})"
+
+
+def _ending(exc: BaseException, run: Run, dist: Dist) -> tuple[str, str]:
+    """(state, reason) after ``exc``, logged: a traceback only for the unforeseen, and then
+    into the run's log, with one line on the console that says where it is."""
+    if isinstance(exc, JobStopped):
         log.info("stopped during start-up")
         if dist.is_main:  # first: whoever sees "stopped" sees the request handled
             run.job.clear_stop()
-        set_status(state="stopped", reason="stopped during start-up, outside a training step; "
-                   "resume continues from the last checkpoint")
-        return "stopped"
-    except NonFiniteLoss as exc:
+        return "stopped", ("stopped during start-up, outside a training step; resume continues "
+                           "from the last checkpoint")
+    if isinstance(exc, NonFiniteLoss):
         log.error("%s", exc)
-        set_status(state="failed", reason=str(exc))
-        return "failed"
-    except Exception as exc:  # any error must end as failed, never as running
+        return "failed", str(exc)
+    if isinstance(exc, ValueError | OSError):  # expected (as for the CLI): the message says it
+        log.error("%s", _one_line(exc))
+        return "failed", _failure_reason(exc, dist)
+    if not dist.is_main:  # no log file on this rank: the traceback goes where it can
         log.exception("training failed")
-        set_status(state="failed", reason=_failure_reason(exc, dist))
-        return "failed"
+        return "failed", _failure_reason(exc, dist)
+    where = f"the traceback is in {run.log_path}"
+    log.error("unexpected %s: %s; %s", exc.__class__.__name__, _one_line(exc), where,
+              exc_info=exc)
+    return "failed", f"{_failure_reason(exc, dist)} (unexpected; {where})"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
 def _failure_reason(exc: Exception, dist: Dist) -> str:
@@ -343,7 +450,7 @@ class Session:
     train_set: ImageSet
     test_set: ImageSet
     progress: Progress
-    set_status: Callable[..., None]
+    set_status: StatusWriter
     images: torch.Tensor | None = None
     """The training images and targets kept on the device (None: moved per batch)."""
     targets: torch.Tensor | None = None
@@ -363,10 +470,11 @@ class Session:
 
     def save_last(self) -> None:
         if self.dist.is_main:
-            atomic_torch_save(self.team.checkpoint(
+            ckpt = self.team.checkpoint(
                 optimizers=True, progress=self.progress.as_dict(), rng=_rng_state(self.device),
-                classes=self.train_set.classes, data_version=DATA_VERSION),
-                self.run.last_checkpoint)
+                classes=self.train_set.classes, data_version=DATA_VERSION)
+            with self.set_status.writing():
+                atomic_torch_save(ckpt, self.run.last_checkpoint)
 
 
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
@@ -394,7 +502,7 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
 def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> Session:
     """Device, data, model, optimizer; the checkpoint to resume from; DDP and compile."""
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
@@ -403,13 +511,15 @@ def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> S
     if train_set.num_classes != cfg.model.num_classes:
         raise ConfigError(f"the data set has {train_set.num_classes} classes but the run's model "
                           f"has num_classes={cfg.model.num_classes}")
-    set_status(skipped_train=len(train_set.skipped), skipped_test=len(test_set.skipped))
+    set_status(skipped_train=len(train_set.skipped), skipped_test=len(test_set.skipped),
+               dropped_train=train_set.dropped, dropped_test=test_set.dropped)
     s = Session(run, cfg, dist, device, Team(cfg, device), train_set, test_set, Progress(),
                 set_status)
     if resume:
         _resume_from_checkpoint(s)
     if dist.is_main:
-        run.keep_metrics_before(s.progress.epoch)
+        with set_status.writing():
+            run.keep_metrics_before(s.progress.epoch)
     _wrap_for_speed(s)
     if device.type == "cuda":  # a sweep trains its cells in one process: each its own peak
         torch.cuda.reset_peak_memory_stats(device)
@@ -600,7 +710,8 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     if improved:
         progress.best_metric, progress.best_epoch, progress.best_whole = value, epoch, whole
     row["time"] = time.time()
-    s.run.append_metrics(row)
+    with s.set_status.writing():
+        s.run.append_metrics(row)
     s.save_last()
     if improved:
         _save_best(s, row)
@@ -661,10 +772,12 @@ def _save_best(s: Session, row: dict) -> None:
     (what the Explorer, Compare maps and ``export`` open)."""
     ckpt = s.team.checkpoint(progress=s.progress.as_dict(), metrics=row,
                              classes=s.train_set.classes)
-    atomic_torch_save(ckpt, s.run.best_checkpoint)
+    with s.set_status.writing():
+        atomic_torch_save(ckpt, s.run.best_checkpoint)
     if s.team.mutual:
         for k in range(len(s.team.peers)):
-            atomic_torch_save(peer_checkpoint(s.cfg, ckpt, k), s.run.peer_checkpoint(k))
+            with s.set_status.writing():
+                atomic_torch_save(peer_checkpoint(s.cfg, ckpt, k), s.run.peer_checkpoint(k))
 
 
 def _step(s: Session, x: torch.Tensor, y: torch.Tensor, t: float) -> dict[str, torch.Tensor]:

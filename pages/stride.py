@@ -1,7 +1,6 @@
 """Stride / time: what each stride plan costs on this machine (speed and memory) and what it
 buys (accuracy), the paper's Table VII measured here. Both measurements run in the background."""
 
-import json
 import time
 
 import streamlit as st
@@ -9,6 +8,7 @@ import streamlit as st
 from engine.bench import format_plans, parse_stride_plans, start_stride_bench, stride_summary
 from engine.jobs import ACTIVE, Job
 from engine.models import backbone_spec, list_backbones, list_heads
+from engine.safe_io import read_json
 from engine.sweep import (
     launch_sweep,
     list_sweeps,
@@ -91,7 +91,7 @@ def bench_results() -> None:
     if result.is_file():
         rows = [{"plan": r["stride_plan"], "images_per_s": r["images_per_s"],
                  "memory_mb": r["peak_mem_mb"], "step_ms": r["step_ms"], "params": r["params"],
-                 "device": r["device"]} for r in json.loads(result.read_text())]
+                 "device": r["device"]} for r in read_json(result, "a benchmark result")]
         st.plotly_chart(bench_figure(rows), key="st_bench_fig")
         st.dataframe(rows, hide_index=True)
     elif status.get("state") in ACTIVE:

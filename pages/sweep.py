@@ -17,7 +17,7 @@ from engine.sweep import (
     evaluate_cell,
     launch_sweep,
     list_sweeps,
-    parse_grid,
+    parse_grid_notes,
     read_manifest,
     resolve_parallel,
     seed_groups,
@@ -67,12 +67,7 @@ def launch_form() -> None:
     if submitted:
         with guard("Launching the sweep", stop=False):
             base = config_of(settings, preset=preset or None)
-            grid = parse_grid([f"loss.gamma_max={gammas.replace(' ', '')}",
-                               f"model.xi={xis.replace(' ', '')}"])
-            for field, values in grid:
-                if not all(isinstance(v, int | float) for v in values):
-                    raise ValueError(f"{field} values must be numbers; got {values}")
-            grid = with_seeds(grid, seeds, base.train.seed)
+            grid = with_seeds(sweep_grid(gammas, xis)[0], seeds, base.train.seed)
             launch_sweep(store(), base, grid, name.strip(), parallel="auto", ray=executor)
             remember(WATCH_KEY, name.strip())
             cells = len(grid[0][1]) * len(grid[1][1]) * seeds
@@ -95,8 +90,15 @@ def ray_settings() -> RayExecutor | None:
     return RayExecutor(address.strip() or None, CellResources(float(cpus), float(gpus)))
 
 
-def _count(text: str) -> int:
-    return len([v for v in text.split(",") if v.strip()])
+def sweep_grid(gammas: str, xis: str) -> tuple[list[tuple[str, list]], list[str]]:
+    """The γmax × ξ grid as typed, numbers only, with repeated values merged (and a note for
+    each axis that had some: a repeat would train the same cell twice)."""
+    grid, notes = parse_grid_notes([f"loss.gamma_max={gammas.replace(' ', '')}",
+                                    f"model.xi={xis.replace(' ', '')}"])
+    for field, values in grid:
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{field} values must be numbers; got {values}")
+    return grid, notes
 
 
 def plan_notes(settings: dict, preset: str, gammas: str, xis: str, seeds: int,
@@ -104,7 +106,10 @@ def plan_notes(settings: dict, preset: str, gammas: str, xis: str, seeds: int,
     """Before launch: the preset the cells train with, what the grid will cost here, and
     whether γmax can act at all."""
     config = prepare_run_config(config_of(settings, preset=preset or None))
-    cells = _count(gammas) * _count(xis) * seeds
+    grid, merged = sweep_grid(gammas, xis)
+    for note in merged:
+        st.info(f"Repeats merged: {note}")
+    cells = len(grid[0][1]) * len(grid[1][1]) * seeds
     st.caption(f"Every cell trains with preset **{preset or 'none'}** "
                f"({config.train.epochs} epochs, batch {config.train.batch_size}, recipe "
                f"{config.train.recipe}), exactly as `python -m engine sweep"

@@ -26,6 +26,7 @@ from engine.mutual.experiment import (
 )
 from engine.mutual.team import local_view
 from engine.pictures import enlarge, to_hwc
+from engine.safe_io import JSON_CAP, read_text
 from ui.figures import local_maps_figure, transfer_table
 from ui.st_forms import config_of, progress_of, run_settings, show_job_end
 from ui.st_state import (
@@ -194,7 +195,11 @@ def saved_results() -> None:
     if report is None:
         st.warning(f"{folder.name}/results.json is unreadable.")
         return
-    st.markdown((folder / "results.md").read_text().split("\n", 2)[2].split("## ")[0])
+    try:
+        summary = read_text(folder / "results.md", JSON_CAP, "a transfer summary")
+        st.markdown(summary.split("\n", 2)[-1].split("## ")[0])
+    except (OSError, ValueError) as exc:
+        st.caption(f"No summary text: {exc}")
     st.dataframe(transfer_table(report["summary"], MAP_LABELS, SEED_PAPER), hide_index=True)
 
 

@@ -23,6 +23,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _unconfined(monkeypatch):
+    """Each test starts with data reads unconfined, and a confinement that an app script set
+    (app.py does, as the server does at start) ends with the test."""
+    monkeypatch.delenv("LOSSATTN_CONFINED_TO", raising=False)
+
+
 def data_root():
     """The real data slices (../shared/data), or None: tests that need them skip."""
     root = os.environ.get("LOSSATTN_DATA")
@@ -55,7 +62,7 @@ def open_page(page: str | None = None, **state):
     from streamlit.testing.v1 import AppTest
 
     app = str(Path(__file__).resolve().parents[1] / "app.py")
-    at = AppTest.from_file(app, default_timeout=120)
+    at = AppTest.from_file(app, default_timeout=300)
     for key, value in state.items():
         at.session_state[key] = value
     at.run()

@@ -46,7 +46,7 @@ def tiny_run(root: Path, name: str, **model) -> str:
                        data=DataConfig(train_size=64, test_size=32),
                        train=TrainConfig(epochs=1, batch_size=32))
     run = background.launch(store, config)
-    assert background.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=600)["state"] == "finished"
     return name
 
 
@@ -78,7 +78,7 @@ import sys
 from streamlit.testing.v1 import AppTest
 import ui.st_state as state
 state._PRELOAD_STARTED.acquire()  # as if the background import had not had its turn yet
-at = AppTest.from_file(sys.argv[1], default_timeout=120)
+at = AppTest.from_file(sys.argv[1], default_timeout=300)
 if sys.argv[2] != "home":
     at.switch_page(f"pages/{sys.argv[2]}.py")
 at.run()
@@ -177,7 +177,7 @@ def test_explorer_view_is_in_the_url_and_a_link_reopens_it(runs_root):
     # a new session (a reload, or the link sent to someone) opens the same view
     from streamlit.testing.v1 import AppTest
 
-    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     for key, value in {"model": "digits_small_cnn_la_gamma0", "image": "7", "xi": "0.3"}.items():
         link.query_params[key] = value
     link.switch_page("pages/explorer.py").run()  # the link's page is the first one opened
@@ -187,7 +187,7 @@ def test_explorer_view_is_in_the_url_and_a_link_reopens_it(runs_root):
     assert link.number_input(key="w_ex_pos").value == 7
     assert any(c.startswith("test7:") for c in image_captions(link))  # the map's caption
     # a link with nonsense in it is named and ignored, never a crash
-    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     for key, value in {"model": "no-such-model", "image": "x", "xi": "7"}.items():
         bad.query_params[key] = value
     bad.switch_page("pages/explorer.py").run()
@@ -231,7 +231,7 @@ def test_the_gamma_slider_moves_over_the_shipped_family_and_keeps_the_image(runs
 def test_a_link_with_gamma_opens_that_model_of_the_family(runs_root):
     from streamlit.testing.v1 import AppTest
 
-    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     for key, value in {"model": "digits_live_gamma0.3", "image": "7", "xi": "0.3",
                        "gamma": "0.01"}.items():
         link.query_params[key] = value
@@ -239,7 +239,7 @@ def test_a_link_with_gamma_opens_that_model_of_the_family(runs_root):
     assert not link.exception and not errors(link)
     assert link.session_state["model_source"] == "shipped: digits_live_gamma0.01"
     assert link.select_slider(key="w_gamma").value == 0.01
-    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     for key, value in {"model": "digits_live_gamma0.3", "gamma": "0.5"}.items():
         bad.query_params[key] = value
     bad.switch_page("pages/explorer.py").run()
@@ -248,7 +248,7 @@ def test_a_link_with_gamma_opens_that_model_of_the_family(runs_root):
     assert any("γmax '0.5' is not a stop" in w.value for w in bad.warning)
     # a model of no family: its own γmax in the link is no reason for a warning
     name = tiny_run(runs_root, "alone")
-    own = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    own = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     for key, value in {"model": f"run/{name}", "gamma": "0.1"}.items():
         own.query_params[key] = value
     own.switch_page("pages/explorer.py").run()
@@ -307,7 +307,7 @@ def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
     assert not at.exception and not errors(at)
     assert any("ui-run started" in s.value for s in at.success)
     run = RunStore(runs_root).get("ui-run")
-    assert background.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=600)["state"] == "finished"
     at.run()
     assert at.selectbox(key="w_tr_watch").value == "ui-run"
     assert any("finished" in p.proto.text for p in at.get("progress"))
@@ -439,6 +439,9 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     at.number_input(key="w_sw_batch").set_value(32).run()
     at.number_input(key="w_sw_seeds").set_value(2).run()
     assert any("4 cells" in c.value for c in at.caption)  # 2 γmax x 1 ξ x 2 seeds
+    at.text_input(key="w_sw_gammas").set_value("0, 0.1, 0.10, 0").run()  # repeats: one cell each
+    assert any("4 cells" in c.value for c in at.caption)
+    assert any("Repeats merged: loss.gamma_max: 2 repeated" in i.value for i in at.info)
     at.text_input(key="w_sw_gammas").set_value("0, x").run()
     at.button(key="sw_launch").click().run()
     assert errors(at) and not at.exception
@@ -446,7 +449,7 @@ def test_sweep_page_launches_and_draws_heat_maps(runs_root):
     at.button(key="sw_launch").click().run()
     assert not errors(at), errors(at)
     store = RunStore(runs_root)
-    deadline = time.time() + 180
+    deadline = time.time() + 600
     from engine.sweep import sweep_process_alive
 
     while sweep_process_alive(store, "tiny") and time.time() < deadline:
@@ -605,7 +608,7 @@ def test_stride_page_benchmarks_in_the_background(runs_root):
     at.button(key="st_measure").click().run()
     assert not errors(at)
     folder = Path(at.session_state["st_bench_folder"])
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not (folder / "bench.json").is_file() and time.time() < deadline:
         time.sleep(0.5)
     at.run()
@@ -635,7 +638,7 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     store = RunStore(runs_root)
     assert store.names() == ["ui-s0-alone", "ui-s0-mutual"]
     for name in store.names():
-        assert background.wait(store.get(name), timeout=180)["state"] == "finished"
+        assert background.wait(store.get(name), timeout=600)["state"] == "finished"
     at.run()
     assert not errors(at) and not at.exception
     charts = at.get("plotly_chart")

@@ -10,7 +10,7 @@ from conftest import errors, open_page
 from PIL import Image
 
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from engine.data.roots import DataRoot, data_roots, folder_in_root, shown_relative
+from engine.roots import DataRoot, data_roots, folder_in_root, shown_relative
 from engine.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]

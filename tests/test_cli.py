@@ -49,7 +49,7 @@ def test_errors_are_messages_not_tracebacks(capsys):
 
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "engine", "models"], capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0 and "loss_attention" in proc.stdout
 
 

@@ -277,7 +277,7 @@ def test_every_page_takes_nasty_text_and_every_button(page, tmp_path, monkeypatc
     monkeypatch.setattr(jobs.Job, "spawn", spawn)
     monkeypatch.setenv("LOSSATTN_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("LOSSATTN_DATA", str(tmp_path))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.run()
     at.switch_page(f"pages/{page}.py").run()
     assert not at.exception

@@ -93,7 +93,7 @@ def test_seeds_add_a_seed_axis_once():
 def test_the_sweep_cli_refuses_bad_seeds(tmp_path, value):
     out = subprocess.run([sys.executable, "-m", "engine", "sweep", "--seeds", value,
                           "--runs-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=False)
+                         text=True, timeout=600, check=False)
     assert out.returncode == 2 and "--seeds" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -132,7 +132,7 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
         name="h", model=ModelConfig(backbone="small_cnn"), data=DataConfig(train_size=64,
                                                                            test_size=32),
         train=TrainConfig(epochs=1, batch_size=32)))
-    assert launch.wait(run, timeout=180)["state"] == "finished"
+    assert launch.wait(run, timeout=600)["state"] == "finished"
     run.update_status(command="python -m engine train --name h")  # what the CLI records
     out, card = export_model(run, tmp_path / "h.pt", half=True)
     stored = load_checkpoint(out)

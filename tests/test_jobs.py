@@ -35,12 +35,12 @@ def bystander():
     proc.wait()
 
 
-def settle(job, timeout=90.0):
+def settle(job, timeout=600.0):
     """The job's status once it is no longer active."""
     return wait(job, timeout=timeout, poll=0.05)
 
 
-def until(predicate, timeout=90.0):
+def until(predicate, timeout=600.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -224,11 +224,11 @@ def test_identity_is_recorded_before_the_child_starts_and_death_is_seen_at_once(
     assert process is not None and process.alive()
     assert run.raw_status()["state"] in ACTIVE
     os.kill(process.pid, signal.SIGKILL)
-    status = until(lambda: (s := run.status())["state"] not in ACTIVE and s, timeout=5)
+    status = until(lambda: (s := run.status())["state"] not in ACTIVE and s, timeout=60)
     assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
     assert store.list()[0]["state"] == "failed"
     assert background.resume(store, run.name)  # resumable: starts over, no checkpoint yet
-    assert background.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=600)["state"] == "finished"
 
 
 def test_stop_right_after_launch_ends_as_stopped(tmp_path):
@@ -236,7 +236,7 @@ def test_stop_right_after_launch_ends_as_stopped(tmp_path):
     store = RunStore(tmp_path)
     run = background.launch(store, tiny_config("stopped-early"))
     assert store.stop(run.name)
-    status = background.wait(run, timeout=60)
+    status = background.wait(run, timeout=600)
     assert status["state"] == "stopped", status
     assert not (run.checkpoint_dir / "last.pt").exists()
 
@@ -252,12 +252,12 @@ def test_sigterm_during_set_up_ends_as_stopped_by_the_trainer(tmp_path):
                              str(run.path), "--quiet"], cwd=ROOT)
     until(lambda: run.raw_status().get("state") == "running" and (run.path / "LOADING").exists())
     assert store.stop(run.name)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=600) == 0
     status = run.status()
     assert status["state"] == "stopped" and "start-up" in status["reason"], status
     assert not run.stop_path.exists()  # handled: it cannot stop the resumed process
     assert background.resume(store, run.name)
-    assert background.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=600)["state"] == "finished"
 
 
 def test_a_second_start_is_refused_while_one_runs(tmp_path):
@@ -270,7 +270,7 @@ def test_a_second_start_is_refused_while_one_runs(tmp_path):
     with pytest.raises(ValueError, match="running.*stop it first"):
         store.delete(run.name)
     store.stop(run.name)
-    assert background.wait(run, timeout=120)["state"] in ("stopped", "finished")
+    assert background.wait(run, timeout=600)["state"] in ("stopped", "finished")
 
 
 # ----------------------------------------------------------------------------------------------

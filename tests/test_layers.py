@@ -99,5 +99,5 @@ def test_help_and_configs_do_not_load_torch():
             "from engine.mil.config import MilConfig; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr

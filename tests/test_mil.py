@@ -517,7 +517,7 @@ def test_mil_page_smoke(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("LOSSATTN_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=30).run()
+    at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=300).run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
 
@@ -531,7 +531,7 @@ def test_mil_page_shows_the_honest_and_the_optimistic_column(tmp_path, monkeypat
     data = digit_bags(n_bags=40, seed=0)
     row = cross_validate(data, MilConfig(**FAST, instance_loss="mean"))
     write_results(tmp_path / "runs" / "_mil" / "mine", [row])
-    at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=30).run()
+    at = AppTest.from_file(str(ROOT / "pages" / "mil.py"), default_timeout=300).run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.selectbox(key="w_mil_experiment").value == "mine"
     table = at.dataframe[0].value  # the measured table (the paper's is second)

@@ -105,7 +105,7 @@ def test_train_threads_must_be_a_positive_int(value):
 def test_the_threads_flag_refuses_what_is_not_a_positive_int(tmp_path, flag, message):
     out = subprocess.run([sys.executable, "-m", "engine", "train", "--dataset", "digits",
                           "--backbone", "small_cnn", "--runs-dir", str(tmp_path), *flag],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
@@ -152,12 +152,12 @@ def test_a_lease_of_a_process_that_died_is_dropped(tmp_path):
 def test_a_run_records_the_threads_it_used(tmp_path):
     store = RunStore(tmp_path)
     run = launch.launch(store, tiny("pinned", threads=1))
-    assert launch.wait(run, timeout=180)["state"] == "finished"
+    assert launch.wait(run, timeout=600)["state"] == "finished"
     status = run.status()
     assert status["cpu_threads"] == 1 and status["threads_from"] == "pinned"
     assert run.metrics()[-1]["cpu_threads"] == [1]
     run = launch.launch(store, tiny("budget"))
-    assert launch.wait(run, timeout=180)["state"] == "finished"
+    assert launch.wait(run, timeout=600)["state"] == "finished"
     assert run.status()["threads_from"] == "budget"
     assert run.metrics()[-1]["cpu_threads"] == [cores()]  # alone: every core
 
@@ -184,7 +184,7 @@ def test_jobs_beyond_the_limit_queue_and_start_in_order(tmp_path, monkeypatch):
     wait_for(lambda: long.status()["state"] == "running", "the first job to run")
     store.stop("long")
     # the stopped job gave its slot back, which started the next in the queue
-    assert launch.wait(second, timeout=180)["state"] == "finished"
+    assert launch.wait(second, timeout=600)["state"] == "finished"
     assert long.status()["state"] == "stopped" and third.status()["state"] == "stopped"
     assert not Slots(tmp_path).queued() and Slots(tmp_path).held() == 0
     store.delete("third")  # a job that never started can go
@@ -206,7 +206,7 @@ def test_a_queued_job_survives_a_restart_and_the_next_look_starts_it(tmp_path, m
     other_process.kill()
     other_process.wait()
     assert dispatch(tmp_path) == [waiting.path.resolve()]
-    assert launch.wait(waiting, timeout=180)["state"] == "finished"
+    assert launch.wait(waiting, timeout=600)["state"] == "finished"
 
 
 def test_the_cli_says_a_background_run_is_queued(tmp_path, other_process):
@@ -216,11 +216,11 @@ def test_the_cli_says_a_background_run_is_queued(tmp_path, other_process):
                           "--backbone", "small_cnn", "--train-size", "64", "--test-size", "32",
                           "--epochs", "1", "--batch-size", "32", "--name", "q", "--background",
                           "--runs-dir", str(tmp_path)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0 and "queued run q (place 1 of 1)" in out.stdout, out.stderr
     listing = subprocess.run([sys.executable, "-m", "engine", "runs", "list", "--runs-dir",
                               str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=120, check=False)
+                             text=True, timeout=600, check=False)
     assert "queued" in listing.stdout and "place 1 of 1" in listing.stdout
     RunStore(tmp_path).stop("q")
 
@@ -312,8 +312,8 @@ def test_a_new_launch_waits_behind_the_queue_even_when_a_slot_is_free(tmp_path, 
     later = launch.launch(store, tiny("later"))
     assert later.status()["state"] == "queued" and queue_place(later.path) == (2, 2)
     assert dispatch(tmp_path) == [first.path.resolve()]  # first come, first served
-    assert launch.wait(first, timeout=180)["state"] == "finished"
-    assert launch.wait(later, timeout=180)["state"] == "finished"  # started by first's end
+    assert launch.wait(first, timeout=600)["state"] == "finished"
+    assert launch.wait(later, timeout=600)["state"] == "finished"  # started by first's end
 
 
 def test_a_lost_queue_entry_is_made_again_and_stop_and_delete_clear_it(tmp_path, monkeypatch,

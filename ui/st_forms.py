@@ -10,11 +10,11 @@ import streamlit as st
 from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import DataError, list_datasets
 from engine.data.registry import dataset_spec
-from engine.data.roots import data_roots, folder_in_root, shown_relative
 from engine.device import DEVICE_CHOICES
 from engine.models import head_spec, list_backbones, list_heads
 from engine.preset_fill import fill_preset, preset_context
 from engine.presets import PRESETS, preset_settings
+from engine.roots import data_roots, folder_in_root, shown_relative
 from engine.runs import Run
 from ui.st_state import keep
 
@@ -141,7 +141,7 @@ DEFAULT_ROOT = "default (search every data root)"
 
 
 def data_folder_picker(prefix: str, label: str = "Data folder") -> tuple[Path | None, str | None]:
-    """A folder inside one of the data roots (engine.data.roots): never any other path of the
+    """A folder inside one of the data roots (engine.roots): never any other path of the
     server. Returns (folder, None); (None, None) for the default search (the engine then looks
     in $LOSSATTN_DATA and ./data); (None, message) for a sub-folder outside its root, the
     message also shown at the field."""

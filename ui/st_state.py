@@ -22,6 +22,7 @@ import streamlit as st
 
 from engine.config import DataConfig, config_from_dict
 from engine.runs import Run, RunStore
+from engine.safe_io import read_json
 
 if TYPE_CHECKING:  # torch and the models load on the pages that need them, not on Home
     from engine.data.base import ImageSet
@@ -99,7 +100,7 @@ def guard(what: str = "This page", stop: bool = True):
 
 
 def _relative(text: str) -> str:
-    from engine.data.roots import shown_relative  # here: the data package loads torch
+    from engine.roots import shown_relative
 
     return shown_relative(text)
 
@@ -502,12 +503,11 @@ def run_config_at(path: str, mtime_ns: int) -> dict | None:
     """The run config of a checkpoint: its run's config.json when it has one (no weights are
     read), else the checkpoint's own copy; None for a file that is not a checkpoint."""
     del mtime_ns
-    import json
 
     config = Path(path).parents[1] / "config.json"
     try:
         if config.is_file():
-            return json.loads(config.read_text())
+            return read_json(config, "a run config")
         from engine.checkpoint import load_checkpoint
 
         return load_checkpoint(path)["run_config"]

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with job.attach() if job else contextlib.nullcontext(), _slot_of(job):
             code = args.func(args)
-            if job:
+            if job and job.folder.is_dir():  # a folder removed under the job is not made again
                 job.complete(code)
             return code
     except jobs.JobStopped as exc:

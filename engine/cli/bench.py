@@ -90,7 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
     from engine.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     plans = parse_stride_plans(args.stride_plans) if args.stride_plans else [None]
     configs = [ModelConfig(backbone=b, head=h, num_classes=args.num_classes,
                            input_size=args.input_size, stride_plan=plan)
@@ -115,7 +115,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     result = bench_training(DataConfig(dataset=args.dataset, root=args.data_root),
                             ModelConfig(backbone=args.backbone, head=args.head),
-                            resolve_device(args.device), args.batch, args.steps)
+                            resolve_device(args.device, "--device"), args.batch, args.steps)
     return _report(result, args.json, digits=1)
 
 
@@ -126,7 +126,7 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
     from engine.data import load_split
     from engine.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, ckpt = load_model(args.checkpoint)
     fields = {**ckpt["run_config"]["data"], "test_size": args.images}
     data = load_split(config_from_dict(DataConfig, fields), "test")  # generated / cached first
@@ -142,7 +142,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     from engine.device import resolve_device
     from engine.gpu_check import Plan, format_report, run_gpu_check
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if device.type != "cuda" and not args.dry_run:
         raise ValueError(f"gpu-check needs a CUDA device and found {device.type}; "
                          "--dry-run rehearses it here at toy sizes")

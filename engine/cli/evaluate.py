@@ -51,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from engine.errors import EvaluationError
     from engine.evaluate import evaluate_model, format_summary, write_report
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, ckpt, run = load_model_source(args.source, args.runs_dir)
     data = _data_of(args, ckpt)
     if data.num_classes != model.config.num_classes:

@@ -17,6 +17,12 @@ def register(sub) -> None:
     p.add_argument("--download", action="store_true")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="count missing or unreadable images instead of failing on them")
+    p.add_argument("--split", choices=["train", "test", "both"], default="both",
+                   help="check one split only (a slice of COCO holds only val2017)")
+    p.add_argument("--train-split", help="the train split's name (data.train_split, e.g. "
+                   "COCO train2017)")
+    p.add_argument("--test-split", help="the test split's name (data.test_split, e.g. COCO "
+                   "val2017)")
     p.set_defaults(func=cmd_data)
 
 
@@ -51,8 +57,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if not args.dataset:
         raise ValueError("data check needs a data set name (see: python -m engine data list)")
     cfg = DataConfig(dataset=args.dataset, root=args.data_root, input_size=args.input_size,
-                     download=args.download, skip_unreadable=args.skip_unreadable)
-    for split in ("train", "test"):
+                     download=args.download, skip_unreadable=args.skip_unreadable,
+                     train_split=args.train_split, test_split=args.test_split)
+    for split in ("train", "test") if args.split == "both" else (args.split,):
         data = load_split(cfg, split)
         boxes = (f", {data.box_data.shape[0]} boxes" if data.has_boxes else ", no boxes")
         skipped = (f"; {len(data.skipped)} missing or unreadable image(s) skipped, e.g. "
@@ -60,4 +67,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"{args.dataset}/{split}: {len(data)} images {tuple(data.images.shape[1:])}, "
               f"{data.num_classes} classes{boxes}; classes: {data.classes[:10]}"
               f"{' ...' if data.num_classes > 10 else ''}{skipped}")
+        if data.dropped:
+            print(f"  {dropped_text(data.dropped)}")
     return 0
+
+
+def dropped_text(dropped: dict[str, int]) -> str:
+    """What a reader's annotation checks counted (``ImageSet.dropped``), in one line: every
+    reason, zeros included, so that a clean set is seen to have been checked."""
+    return "annotation checks: " + "; ".join(f"{count} {reason}"
+                                             for reason, count in dropped.items())

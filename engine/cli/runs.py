@@ -136,9 +136,10 @@ def build_run_config(args: argparse.Namespace):
 
 def read_config_file(path: str) -> dict:
     from engine.config import SECTIONS, ConfigError
+    from engine.safe_io import JSON_CAP, read_text
 
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path, JSON_CAP, "a config file"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -74,8 +74,9 @@ def _ray_executor(args: argparse.Namespace, job):
 def cmd_sweep(args: argparse.Namespace) -> int:
     from engine.sweep import (
         DEFAULT_GRID,
+        check_cells_machine,
         format_sweep,
-        parse_grid,
+        parse_grid_notes,
         run_sweep,
         sweep_configs,
         sweep_job,
@@ -93,13 +94,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                               "not running; stopped any cell still training"))
         return 0
     if not args.report_only:
+        from engine.device import check_device
+
+        check_device(args.device_eval, "--device-eval")  # before the cells train, not after
         data = run_config_data(args)
         seed = (data.get("train") or {}).get("seed", 0)
-        grid = with_seeds(parse_grid(args.grid) if args.grid else DEFAULT_GRID, args.seeds,
-                          seed if isinstance(seed, int) else 0)
+        grid, notes = parse_grid_notes(args.grid) if args.grid else (DEFAULT_GRID, [])
+        for note in notes:
+            print(f"note: --grid {note}", file=sys.stderr)
+        grid = with_seeds(grid, args.seeds, seed if isinstance(seed, int) else 0)
         validated_run_config(data, args)  # the base alone: its error names the file and flags
         # The cells get the settings as given, so that each fills its preset by its own head.
         configs = sweep_configs(data, grid, args.sweep_name)
+        if args.executor == "local":  # a Ray cell trains on its node, with that node's devices
+            check_cells_machine(configs)
         parallel = _parallel(args.parallel)
         print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
         write_manifest(store, args.sweep_name, grid)
@@ -124,7 +132,8 @@ def _report(store, args: argparse.Namespace) -> dict:
     from engine.sweep import sweep_folder, sweep_report
 
     with holding(store.root, sweep_folder(store, args.sweep_name)):
-        return sweep_report(store, args.sweep_name, resolve_device(args.device_eval))
+        device = resolve_device(args.device_eval, "--device-eval")
+        return sweep_report(store, args.sweep_name, device)
 
 
 def cmd_gamma_family(args: argparse.Namespace) -> int:

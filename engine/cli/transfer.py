@@ -83,10 +83,12 @@ def _seeds(text: str) -> list[int]:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     from engine.mutual.experiment import format_results, run_experiment
+    from engine.train import check_machine
 
     if args.eval_images < 1 or args.steps < 1:
         raise ValueError("--eval-images and --steps must be >= 1")
     base = transfer_config(args)
+    check_machine(base)  # before the first of the experiment's runs is made
     seeds = _seeds(args.seeds)
     out = Path(args.out or Path("results") / "transfer" / args.experiment)
     report = run_experiment(store_of(args), base, args.experiment, seeds,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,10 @@ class ImageSet:
     skipped: tuple[str, ...] = ()
     """``"file: reason"`` of each listed image that was missing or unreadable and left out
     (only with ``data.skip_unreadable``; otherwise such a file is an error)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Reason -> count of what the reader left out or adjusted while it read the annotations
+    (COCO: see :mod:`engine.data.coco`); empty for sets without such checks. Like ``skipped``,
+    it describes the read, so a subset keeps it."""
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -88,7 +92,7 @@ class ImageSet:
             box_offsets = pack_offsets([len(p) for p in parts])
         return ImageSet(self.name, self.split, self.images[indices], self.targets[indices],
                         self.classes, self.multilabel, self.mean, self.std, box_data, box_offsets,
-                        self.skipped)
+                        self.skipped, dict(self.dropped))
 
     def state(self) -> dict:
         """Plain dict of tensors and primitives (loads with ``weights_only=True``)."""
@@ -96,14 +100,14 @@ class ImageSet:
                 "targets": self.targets, "classes": list(self.classes),
                 "multilabel": self.multilabel, "mean": list(self.mean), "std": list(self.std),
                 "box_data": self.box_data, "box_offsets": self.box_offsets,
-                "skipped": list(self.skipped)}
+                "skipped": list(self.skipped), "dropped": dict(self.dropped)}
 
     @classmethod
     def from_state(cls, state: dict) -> ImageSet:
         return cls(state["name"], state["split"], state["images"], state["targets"],
                    list(state["classes"]), bool(state["multilabel"]), tuple(state["mean"]),
                    tuple(state["std"]), state["box_data"], state["box_offsets"],
-                   tuple(state.get("skipped", ())))
+                   tuple(state.get("skipped", ())), dict(state.get("dropped", {})))
 
 
 def pack_offsets(counts: list[int]) -> torch.Tensor:

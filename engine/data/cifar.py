@@ -1,10 +1,17 @@
 """CIFAR-10 and CIFAR-100: the python batches (full or partial), read without running
-any pickled code."""
+any pickled code.
+
+Only the batches' own names are read (CIFAR-10 ``data_batch_1`` .. ``data_batch_5`` and
+``test_batch``, CIFAR-100 ``train`` and ``test``), whichever of them are present: a stray
+``data_batch_1.bak`` beside them once became training data. Such strays are named in a
+warning instead."""
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +20,56 @@ import torch
 from engine.data.base import Augment
 from engine.data.readers import Decoded, resize_tensor_images
 from engine.data.registry import DOWNLOAD_HINT, locate_in_bases, register_dataset, with_download
-from engine.errors import DataError
+from engine.errors import DataError, FileRefused
+from engine.roots import open_data
+from engine.safe_io import BATCH_CAP
 
 log = logging.getLogger(__name__)
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """The file names of one CIFAR family, per split, and where its class names are."""
+
+    name: str
+    files: dict[str, tuple[str, ...]]
+    """The split's batch files, in reading order; those present are read."""
+    stray_prefix: dict[str, str]
+    """A file whose name starts with this but is not one of ``files`` is a stray, named in a
+    warning (a backup, a second download)."""
+    label_key: str
+    meta: str
+    meta_key: str
+
+    def own_files(self, folder: Path, split: str) -> list[Path]:
+        """The split's batches present in ``folder`` (a FIFO or link counts as present, so
+        that reading it says what it is instead of leaving it out silently)."""
+        paths = [folder / name for name in self.files[split]]
+        return [p for p in paths if p.exists() or p.is_symlink()]
+
+    def strays(self, folder: Path, split: str) -> list[str]:
+        """Names in ``folder`` that look like the split's batches but are not among them."""
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        prefix = self.stray_prefix[split]
+        return [n for n in names if n.lower().startswith(prefix) and n not in self.files[split]]
+
+    def manifest(self, folder: Path, split: str) -> list[Path]:
+        """What keys the cache: every name of the split (a missing batch that arrives later
+        changes the key) and the class names' file; strays do not."""
+        return [folder / name for name in self.files[split]] + [folder / self.meta]
+
+
+CIFAR10 = CifarLayout("cifar10", {"train": tuple(f"data_batch_{k}" for k in range(1, 6)),
+                                  "test": ("test_batch",)},
+                      {"train": "data_batch", "test": "test_batch"}, "labels", "batches.meta",
+                      "label_names")
+CIFAR100 = CifarLayout("cifar100", {"train": ("train",), "test": ("test",)},
+                       {"train": "train", "test": "test"}, "fine_labels", "meta",
+                       "fine_label_names")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -33,10 +86,16 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_pickle(path: Path) -> dict:
+    """A CIFAR pickle's dict, opened bounded (a regular file within BATCH_CAP, never a FIFO that
+    would hang the read); any failure is a DataError naming the file."""
     try:
-        with open(path, "rb") as fh:
+        with open_data(path, BATCH_CAP, "a CIFAR python batch") as fh:
             data = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+    except FileRefused as exc:  # its message names the file and why
+        raise DataError(str(exc)) from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise DataError(f"{path} is not a readable CIFAR python batch: {exc}") from exc
     if not isinstance(data, dict):
         raise DataError(f"{path} is not a CIFAR python batch (no dict inside)")
@@ -81,15 +140,14 @@ def _locator(folder_name: str, markers: tuple[str, ...], label: str, download_cl
         f"Expected {folder_name}/ with {', '.join(markers)}. " + DOWNLOAD_HINT), download_cls)
 
 
-def _reader(name: str, train_files: str, test_files: str, label_key: str, meta: str,
-            meta_key: str):
+def _reader(layout: CifarLayout):
     def read(cfg, folder, split, opts) -> Decoded:
-        pattern = train_files if split == "train" else test_files
-        files = sorted(folder.glob(pattern))
+        files = layout.own_files(folder, split)
         if not files:
-            raise DataError(f"{name}: no {pattern} files in {folder}")
-        images, labels = read_cifar_batches(files, label_key)
-        classes = label_names(folder / meta, meta_key, int(labels.max()) + 1)
+            raise DataError(f"{layout.name}: none of {', '.join(layout.files[split])} in "
+                            f"{folder}")
+        images, labels = read_cifar_batches(files, layout.label_key)
+        classes = label_names(folder / layout.meta, layout.meta_key, int(labels.max()) + 1)
         return Decoded(resize_tensor_images(images, opts.size), labels, classes)
     return read
 
@@ -98,10 +156,14 @@ register_dataset(
     "cifar10", description="CIFAR-10 python batches (full or partial)", multilabel=False,
     native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True), has_boxes=False,
     locate=_locator("cifar-10-batches-py", ("batches.meta", "test_batch"), "CIFAR-10", "CIFAR10"),
-)(_reader("cifar10", "data_batch_*", "test_batch", "labels", "batches.meta", "label_names"))
+    manifest=lambda cfg, folder, split: CIFAR10.manifest(folder, split),
+    ignored=lambda cfg, folder, split: CIFAR10.strays(folder, split),
+)(_reader(CIFAR10))
 register_dataset(
     "cifar100", description="CIFAR-100 python files (CIFAR-10 statistics, as the paper)",
     multilabel=False, native_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, augment=Augment(4, True),
     has_boxes=False,
     locate=_locator("cifar-100-python", ("meta", "test"), "CIFAR-100", "CIFAR100"),
-)(_reader("cifar100", "train", "test", "fine_labels", "meta", "fine_label_names"))
+    manifest=lambda cfg, folder, split: CIFAR100.manifest(folder, split),
+    ignored=lambda cfg, folder, split: CIFAR100.strays(folder, split),
+)(_reader(CIFAR100))

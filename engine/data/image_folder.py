@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -19,7 +21,9 @@ from engine.data.readers import (
 )
 from engine.data.registry import register_dataset
 from engine.errors import DataError
+from engine.roots import check_inside_roots
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 MAX_CLASS_FOLDERS = 10_000
@@ -27,23 +31,44 @@ MAX_CLASS_FOLDERS = 10_000
 
 
 def list_class_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class names (sub-folders, sorted) and every (image file, class index) below them.
+
+    Only regular files count as images: a FIFO, socket or device named like an image is left
+    out with a warning that counts them (opening a FIFO would wait forever). Where reads are
+    confined (the app), a class folder that links outside the data roots is refused here, and
+    any file that does is refused where it is opened (:func:`engine.roots.open_data`)."""
     classes = [p.name for p in subfolders(folder)]
     if not classes:
         raise DataError(f"image folder {folder}: expected one sub-folder per class; found none")
-    files, visited = [], 0
+    files, not_files, visited = [], [], 0
     for k, name in enumerate(classes):
+        check_inside_roots(folder / name, f"image folder {folder}: class folder")
         for current, dirs, names in os.walk(folder / name):
             visited += 1
             if visited > MAX_CLASS_FOLDERS:
                 raise DataError(f"image folder {folder}: more than {MAX_CLASS_FOLDERS} folders "
                                 "below it; is it really one sub-folder per class?")
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [(Path(current) / n, k) for n in sorted(names)
-                      if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+            for n in sorted(names):
+                if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith("."):
+                    path = Path(current) / n
+                    (files if _is_regular(path) else not_files).append((path, k))
+    if not_files:
+        log.warning("image folder %s: %d name(s) like an image that are not regular files were "
+                    "left out (FIFOs, devices, broken links), e.g. %s", folder, len(not_files),
+                    not_files[0][0])
     if not files:
         raise DataError(f"image folder {folder}: no image files ({sorted(IMAGE_SUFFIXES)}) in "
                         f"its {len(classes)} class sub-folders")
     return classes, files
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file, links followed (a broken link is not)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def read_image_files(files: list[tuple[Path, int]], classes: list[str], opts: ReadOptions,
@@ -63,6 +88,19 @@ def _split_dir(cfg, folder: Path, split: str) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_dir()), None)
 
 
+def _check_both_splits(cfg, folder: Path) -> None:
+    """A folder with train/ but no test/ (or the reverse) is a layout half made, not one class
+    named 'train': say so rather than read it as classes."""
+    train_dir, test_dir = _split_dir(cfg, folder, "train"), _split_dir(cfg, folder, "test")
+    if (train_dir is None) == (test_dir is None):
+        return
+    test_names = cfg.test_split or "test/ (or val/)"
+    have, missing = ((train_dir.name + "/", test_names) if test_dir is None
+                     else (test_dir.name + "/", cfg.train_split or "train/"))
+    raise DataError(f"image folder {folder} has {have} but no {missing}: add it, or put the "
+                    "class folders directly in the folder for a seeded 80/20 split")
+
+
 def _locate(cfg) -> Path:
     if not cfg.root:
         raise DataError("image_folder needs root: a folder with train/ and test/ (or val/) "
@@ -79,6 +117,7 @@ def _locate(cfg) -> Path:
     augment=Augment(4, True), has_boxes=False, locate=_locate)
 def read_split(cfg, folder, split, opts) -> Decoded:
     split_dir = _split_dir(cfg, folder, split)
+    _check_both_splits(cfg, folder)
     if split_dir is not None:
         classes, files = list_class_folder(split_dir)
         train_dir = _split_dir(cfg, folder, "train")

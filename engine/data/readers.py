@@ -9,15 +9,18 @@ same way, in half-open input-pixel coordinates. Missing or malformed files raise
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.errors import DataError
+from engine.errors import DataError, FileRefused
 from engine.inputs import BoxTransform, ImageInputError, load_for_model
+from engine.roots import open_data
+from engine.safe_io import MAT_CAP
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ class Decoded:
     box_offsets: torch.Tensor | None = None
     skipped: tuple[str, ...] = ()
     """``"file: reason"`` of each listed image left out (``skip_unreadable``)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """What the reader counted while it read the annotations, reason -> count (COCO: boxes and
+    annotations left out, images whose boxes were rescaled; see :mod:`engine.data.coco`)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,14 +133,21 @@ def stack_images(images: list[np.ndarray]) -> torch.Tensor:
 
 
 
-def read_mat(path: Path, what: str) -> dict:
-    """A MATLAB file's variables; an empty, text or damaged file is a DataError naming it."""
+def read_mat(path: Path, what: str, cap: int = MAT_CAP) -> dict:
+    """A MATLAB file's variables, opened bounded (a regular file within ``cap`` bytes, never a
+    FIFO that would hang the read, inside the data roots where reads are confined); an empty,
+    text, damaged or refused file is a DataError naming it."""
     from scipy.io import loadmat
 
-    if path.is_file() and path.stat().st_size == 0:
-        raise DataError(f"{path} is empty; expected a MATLAB .mat file ({what})")
     try:
-        return loadmat(path)
+        with open_data(path, cap, f"a MATLAB .mat file ({what})") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise DataError(f"{path} is empty; expected a MATLAB .mat file ({what})")
+            return loadmat(fh)
+    except DataError:
+        raise
+    except FileRefused as exc:  # its message names the file and why
+        raise DataError(str(exc)) from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # scipy raises many types for a damaged file

@@ -7,10 +7,14 @@ with :func:`register_dataset`; this module imports none of them (``engine.data``
 A decoded split is cached on disk (``$LOSSATTN_CACHE``, default ``~/.cache/loss-attention-studio``)
 so that the second load of Tiny ImageNet or COCO takes a moment instead of a decode pass.
 
-The cache key is what was read: the path, size and modification time of every file the split
-is made from (each data set's ``manifest``: its annotation files and the whole image folders,
-so an added, replaced, edited or newly present image changes the key), plus every setting that
-changes the pixels. A stale cache is therefore never served.
+The cache key is what was read: the path, size, modification time, change time and inode of
+every file the split is made from (each data set's ``manifest``: its annotation files and the
+whole image folders, so an added, replaced, edited or newly present image changes the key), the
+content of the manifest's named files up to :data:`CONTENT_HASH_CAP` (a CIFAR batch, an
+annotation file), plus every setting that changes the pixels. A stale cache is therefore never
+served, even when a file is overwritten and its size and modification time are put back
+(``cp -p`` of an equal-size batch): the change time cannot be put back, and the content of the
+small named files is compared outright where change times are coarse or not kept.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +37,16 @@ from engine.data.base import Augment, ImageSet
 from engine.data.readers import Decoded, ReadOptions, find_folder
 from engine.errors import ConfigError, DataError
 from engine.fsutil import atomic_write, remove_temp_files
+from engine.roots import check_data_folder, confinement_tag, open_data
+from engine.safe_io import MiB, kind_of
 
 if TYPE_CHECKING:
     from engine.config import DataConfig
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: one decode path (engine.inputs), manifest keys, skipped files
+CACHE_VERSION = 3  # 2: one decode path, manifest keys, skipped files; 3: ctime, inode, content
+# in the key, exact file names, a constant 16-bit image kept grey (engine.train records this
+# number with a checkpoint: a resume across it warns that it is not bit-exact)
 SPLITS = ("train", "test")
 STALE_TEMP_S = 3600.0
 """Temp files of interrupted cache writes older than this are removed (no write takes so long)."""
@@ -60,6 +69,10 @@ class DatasetSpec:
     """``read(cfg, folder, split, options)``: the split's arrays."""
     manifest: Callable[[DataConfig, Path, str], list[Path]] = lambda cfg, folder, split: [folder]
     """Files and folders (walked whole) that the split is read from; they key the cache."""
+    ignored: Callable[[DataConfig, Path, str], list[str]] = lambda cfg, folder, split: []
+    """Stray files beside the split's own, named like them (``data_batch_1.bak``), that the
+    reader leaves out. :func:`load_split` names them in a warning on every load, a cached one
+    too, so that nobody wonders whether they were read."""
     generated: Callable[[DataConfig, str], dict] | None = None
     """For a generated set (``locate`` gives None): the settings that define a split's pixels;
     they key the cache instead of files."""
@@ -123,10 +136,20 @@ MAX_FINGERPRINT_FOLDERS = 20_000
 """Folders a fingerprint may walk; a data root of ``/`` fails fast instead of walking the disk."""
 
 
+CONTENT_HASH_CAP = 64 * MiB
+"""A file named in a manifest (not one found by walking a folder) up to this size is keyed on
+its content too: a CIFAR batch (31 MB), COCO's val annotations (25 MB), SVHN's test file (61
+MB), Tiny ImageNet's ``wnids.txt``. Hashing them costs about 20 ms per 31 MB on each load;
+larger files (COCO's train annotations, 448 MB) would cost seconds, and rely on the change
+time and inode like every image."""
+
+
 def fingerprint(paths: list[Path]) -> str:
-    """A digest of every file's path, size and modification time under ``paths`` (folders are
-    walked whole, through symbolic links as the readers go; a missing path counts as missing,
-    so its later arrival changes the digest)."""
+    """A digest of every file's path, size, modification and change time and inode under
+    ``paths`` (folders are walked whole, through symbolic links as the readers go), and of the
+    content of the files ``paths`` names directly, up to :data:`CONTENT_HASH_CAP`. A missing
+    path counts as missing, so its later arrival changes the digest. A FIFO, device or socket
+    is keyed by its name and kind only: it is never opened."""
     digest = hashlib.sha1()
     folders: set[str] = set()
     for path in paths:
@@ -135,16 +158,45 @@ def fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _file_entry(path: str, info: os.stat_result, content: str = "") -> str:
+    """One line of the fingerprint. The change time and inode are there because ``cp -p``,
+    ``touch -r`` or an archive extraction put back the size and modification time of a file
+    that was overwritten, but the kernel stamps the change time on every write and ``utime``
+    and no call sets it back, and a file replaced by a rename has another inode. The device
+    number is left out: it changes when a disk is mounted again, which would throw the cache
+    away for nothing."""
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path}\t{kind_of(info.st_mode)}\n"
+    return (f"{path}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}"
+            f"\t{content}\n")
+
+
+def content_digest(path: Path, info: os.stat_result) -> str:
+    """sha256 of a regular file of at most :data:`CONTENT_HASH_CAP` bytes, read bounded and
+    without blocking (:func:`engine.roots.open_data`); ``""`` for a larger file and
+    ``"unreadable"`` for one that cannot be read (the reader then says why)."""
+    if not stat.S_ISREG(info.st_mode) or info.st_size > CONTENT_HASH_CAP:
+        return ""
+    digest = hashlib.sha256()
+    try:
+        with open_data(path, CONTENT_HASH_CAP, "a data file") as fh:
+            while chunk := fh.read(MiB):
+                digest.update(chunk)
+    except OSError:
+        return "unreadable"
+    return digest.hexdigest()
+
+
 def _walk_files(path: Path, folders: set[str]):
-    """``"path size mtime_ns"`` per file at or under ``path``, in a stable order. ``folders``
+    """One :func:`_file_entry` per file at or under ``path``, in a stable order. ``folders``
     holds the real paths walked so far (a link loop is walked once)."""
     try:
         info = path.stat()
     except OSError:
         yield f"{path}\tmissing\n"
         return
-    if not path.is_dir():
-        yield f"{path}\t{info.st_size}\t{info.st_mtime_ns}\n"
+    if not stat.S_ISDIR(info.st_mode):
+        yield _file_entry(str(path), info, content_digest(path, info))
         return
     for current, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(current)
@@ -159,10 +211,19 @@ def _walk_files(path: Path, folders: set[str]):
         for name in sorted(names):
             full = os.path.join(current, name)
             try:
-                stat = os.stat(full)
+                info = os.stat(full)
             except OSError:
                 continue
-            yield f"{full}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+            yield _file_entry(full, info)
+
+
+def warn_ignored(spec: DatasetSpec, cfg: DataConfig, folder: Path | None, split: str) -> None:
+    """Log which stray files beside the split's own were left out (``DatasetSpec.ignored``)."""
+    strays = spec.ignored(cfg, folder, split) if folder is not None else []
+    if strays:
+        log.warning("%s/%s: ignored %d file(s) in %s named like its own but not among them: %s",
+                    spec.name, split, len(strays), folder, ", ".join(strays[:10])
+                    + (" ..." if len(strays) > 10 else ""))
 
 
 def _cache_key(cfg: DataConfig, spec: DatasetSpec, folder: Path | None, split: str,
@@ -204,15 +265,21 @@ def load_split(cfg: DataConfig, split: str, *, use_cache: bool = True) -> ImageS
         raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
     spec = dataset_spec(cfg.dataset)
     size = input_size_of(cfg)
+    if cfg.root:  # before any search lists what lies below it
+        check_data_folder(Path(cfg.root).expanduser(), f"the data folder of {spec.name}")
     folder = spec.locate(cfg)
-    path = cache_dir() / f"{spec.name}-{split}-{_cache_key(cfg, spec, folder, split, size)}.pt"
+    if folder is not None:
+        check_data_folder(folder, f"the {spec.name} folder found")
+    warn_ignored(spec, cfg, folder, split)
+    key = _cache_key(cfg, spec, folder, split, size)
+    path = cache_dir() / f"{spec.name}-{split}-{key}{confinement_tag()}.pt"
     data = _load_cached(path) if use_cache else None
     if data is None:
         options = ReadOptions(size, cfg.resize, cfg.skip_unreadable, cfg.crowd_boxes)
         decoded = spec.read(cfg, folder, split, options)
         data = ImageSet(spec.name, split, decoded.images, decoded.targets, list(decoded.classes),
                         spec.multilabel, tuple(spec.mean), tuple(spec.std), decoded.box_data,
-                        decoded.box_offsets, tuple(decoded.skipped))
+                        decoded.box_offsets, tuple(decoded.skipped), dict(decoded.dropped))
         if use_cache:
             _save_cached(path, data)
     if len(data) == 0:

@@ -1,7 +1,9 @@
-"""SVHN cropped digits: the train and test .mat files."""
+"""SVHN cropped digits: the train and test .mat files, by their exact names (``extra_32x32.mat``
+and strays such as ``train_32x32.mat.bak`` are not read; strays are named in a warning)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +13,13 @@ from engine.data.base import Augment
 from engine.data.readers import Decoded, read_mat, resize_tensor_images
 from engine.data.registry import DOWNLOAD_HINT, locate_in_bases, register_dataset, with_download
 from engine.errors import DataError
+from engine.safe_io import BATCH_CAP
 
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)
 
 
 def read_svhn(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    mat = read_mat(path, "SVHN")
+    mat = read_mat(path, "SVHN", BATCH_CAP)
     if "X" not in mat or "y" not in mat:
         raise DataError(f"{path}: expected variables 'X' and 'y'")
     x, y = mat["X"], mat["y"]
@@ -30,6 +33,20 @@ def read_svhn(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def split_file(folder: Path, split: str) -> Path:
+    return folder / f"{split}_32x32.mat"
+
+
+def stray_files(folder: Path, split: str) -> list[str]:
+    """Names in ``folder`` that start like the split's file but are not it."""
+    own = split_file(folder, split).name
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [n for n in names if n.lower().startswith(own.removesuffix(".mat")) and n != own]
+
+
 @register_dataset(
     "svhn", description="SVHN cropped digits (train/test .mat; no flips)", multilabel=False,
     native_size=32, mean=SVHN_MEAN, std=SVHN_STD, augment=Augment(4, False), has_boxes=False,
@@ -37,10 +54,11 @@ def read_svhn(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         lambda p: (p / "test_32x32.mat").is_file(), "SVHN",
         "Expected train_32x32.mat and test_32x32.mat. " + DOWNLOAD_HINT), "SVHN",
         {"split": "train"}, {"split": "test"}),
-    manifest=lambda cfg, folder, split: [folder / f"{split}_32x32.mat"])
+    manifest=lambda cfg, folder, split: [split_file(folder, split)],
+    ignored=lambda cfg, folder, split: stray_files(folder, split))
 def read_split(cfg, folder, split, opts) -> Decoded:
-    path = folder / f"{split}_32x32.mat"
-    if not path.is_file():
+    path = split_file(folder, split)
+    if not (path.exists() or path.is_symlink()):  # a FIFO or a broken link: read_mat says so
         raise DataError(f"SVHN: missing {path}")
     images, labels = read_svhn(path)
     return Decoded(resize_tensor_images(images, opts.size), labels, [str(d) for d in range(10)])

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from engine.errors import MilDataError
+from engine.errors import FileRefused, MilDataError
+from engine.roots import check_inside_roots, open_data, read_data_bytes
+from engine.safe_io import MAT_CAP, TABLE_CAP
 
 BENCHMARKS = ("musk1", "musk2", "fox", "tiger", "elephant")
 EMBEDDED = "digit_bags"
@@ -154,7 +157,10 @@ def _mat_variable(path: Path, wanted: str) -> np.ndarray:
     if path.stat().st_size == 0:
         raise MilDataError(f"{path}: empty file; expected a MATLAB .mat file")
     try:
-        content = scipy.io.loadmat(str(path))
+        with open_data(path, MAT_CAP, "a MIL .mat file") as fh:
+            content = scipy.io.loadmat(fh)
+    except FileRefused as exc:
+        raise MilDataError(str(exc)) from None
     except OSError as exc:
         raise MilDataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # scipy raises many types for text or damaged files
@@ -183,7 +189,7 @@ def _column(value: np.ndarray, path: Path, what: str) -> np.ndarray:
 def load_mat_folder(folder: str | Path, name: str | None = None) -> MilDataset:
     """A folder in the miproblems layout: ``X.mat`` ('X'), ``Bag2.mat`` ('Bag2': 1-based bag id
     per instance) and ``BagI.mat`` ('bagI': label of bag k at row k-1)."""
-    folder = Path(folder)
+    folder = check_inside_roots(folder, "the MIL set folder")
     name = name or folder.name
     (x_file, x_var), (b_file, b_var), (l_file, l_var) = MAT_FILES
     x_path, b_path, l_path = folder / x_file, folder / b_file, folder / l_file
@@ -243,9 +249,11 @@ def load_csv(path: str | Path, name: str | None = None) -> MilDataset:
     if not path.is_file():
         raise MilDataError(f"{path}: file missing")
     try:
-        with open(path, newline="") as fh:
-            rows = [(i, r) for i, r in enumerate(csv.reader(fh), start=1) if any(c.strip()
-                                                                                 for c in r)]
+        text = read_data_bytes(path, TABLE_CAP, "a MIL CSV file").decode()
+        rows = [(i, r) for i, r in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
+                if any(c.strip() for c in r)]
+    except FileRefused as exc:
+        raise MilDataError(str(exc)) from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MilDataError(f"{path}: cannot read as CSV ({exc})") from None
     if rows and _is_header(rows[0][1]):

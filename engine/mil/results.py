@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.mil.data import BENCHMARKS
 from engine.mil.models import MIL_METHODS
 from engine.mil.paper import format_paper, paper_accuracy
+from engine.safe_io import read_json
 
 
 def read_results(folder: str | Path) -> list[dict]:
     """The result rows (without bag weights) of a results folder; [] if there are none."""
     try:
-        rows = json.loads((Path(folder) / "results.json").read_text()).get("rows", [])
+        rows = read_json(Path(folder) / "results.json", "a MIL results file").get("rows", [])
     except (OSError, ValueError, AttributeError):
         return []
     return rows if isinstance(rows, list) else []
@@ -28,7 +28,7 @@ def weights_path(folder: str | Path, dataset: str, method: str) -> Path:
 def read_bag_weights(folder: str | Path, dataset: str, method: str) -> list[dict]:
     """Per-bag instance weights written by :func:`write_results`; [] if absent."""
     try:
-        return json.loads(weights_path(folder, dataset, method).read_text())
+        return read_json(weights_path(folder, dataset, method), "bag weights")
     except (OSError, ValueError):
         return []
 

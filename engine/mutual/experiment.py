@@ -26,6 +26,7 @@ from engine.config import RUN_NAME_PATTERN, RunConfig
 from engine.errors import ConfigError, RunError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.runs import Run, RunStore
+from engine.safe_io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def write_results(report: dict, out: str | Path) -> list[Path]:
 
 def read_results(folder: str | Path) -> dict | None:
     try:
-        report = json.loads((Path(folder) / "results.json").read_text())
+        report = read_json(Path(folder) / "results.json", "a transfer results file")
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) and "summary" in report else None

@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import BinaryIO
 
 from engine.errors import DataError
+from engine.safe_io import open_bounded, read_bytes
 
 ROOTS_ENV = "LOSSATTN_DATA_ROOTS"
 
@@ -86,3 +88,82 @@ def shown_relative(text: str, roots: list[DataRoot] | None = None) -> str:
                        key=lambda r: len(str(r.path)), reverse=True):
         text = text.replace(str(root.path), root.label)
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Confinement at the moment of reading
+
+CONFINE_ENV = "LOSSATTN_CONFINED_TO"
+"""Set (to the resolved roots, ``os.pathsep``-separated) by the app's server at start. Then every
+data file the process reads, and every job it starts (jobs inherit ``LOSSATTN_*`` variables),
+must lie inside those folders, links followed. The CLI alone reads what its user names."""
+
+
+def confine_reads_to(roots: list[DataRoot]) -> None:
+    """From now on, this process and the jobs it starts read data only inside ``roots``."""
+    os.environ[CONFINE_ENV] = os.pathsep.join(str(r.path) for r in roots) or os.devnull
+
+
+def confinement() -> list[Path] | None:
+    """The folders data reads must stay in, or None where reads are not confined (the CLI)."""
+    text = os.environ.get(CONFINE_ENV)
+    if text is None:
+        return None
+    return [Path(p) for p in text.split(os.pathsep) if p.strip()]
+
+
+def inside_roots(path: str | Path, folders: list[Path] | None = None) -> bool:
+    """Whether ``path``, links followed, lies in one of ``folders`` (default: the confinement;
+    True where there is none)."""
+    folders = confinement() if folders is None else folders
+    if folders is None:
+        return True
+    try:
+        real = Path(path).resolve()
+    except OSError:  # a loop of links
+        return False
+    return any(real.is_relative_to(folder) for folder in folders)
+
+
+def check_inside_roots(path: str | Path, what: str) -> Path:
+    """``path`` unchanged where reads are not confined or it lies inside the roots; otherwise a
+    DataError naming it. For folders (a class folder, a MIL set folder): files are checked
+    where they are opened (:func:`open_data`)."""
+    if not inside_roots(path):
+        raise DataError(f"{what} {shown_relative(str(path))} leads outside the data roots "
+                        "(a link?); refused")
+    return Path(path)
+
+
+def open_data(path: str | Path, cap: int, what: str) -> BinaryIO:
+    """A data file opened for reading: a regular file within ``cap`` bytes, inside the roots
+    where reads are confined (:func:`engine.safe_io.open_bounded`)."""
+    return open_bounded(path, cap, what, confinement())
+
+
+def read_data_bytes(path: str | Path, cap: int, what: str) -> bytes:
+    """The whole of a data file, checked as :func:`open_data` checks it."""
+    return read_bytes(path, cap, what, confinement())
+
+
+def check_data_folder(folder: str | Path, what: str = "the data folder") -> None:
+    """Where reads are confined, refuse a data folder (a run's recorded ``data.root``, or the
+    folder a search found) that lies outside the roots, before anything below it is listed,
+    naming the root the app would need."""
+    if inside_roots(folder):
+        return
+    labels = ", ".join(r.label for r in data_roots()) or "none exists"
+    raise DataError(f"{what} {folder} is outside the app's data roots ({labels}); to use it, "
+                    f"start the app with {ROOTS_ENV} set to it (or to a folder above it), or "
+                    "move the data into a data root")
+
+
+def confinement_tag() -> str:
+    """A mark for what a confined process caches, so that it never serves what an unconfined
+    one decoded (from a link that leads outside the roots, say): '' where reads are free."""
+    folders = confinement()
+    if folders is None:
+        return ""
+    import hashlib
+
+    return "-c" + hashlib.sha1(os.pathsep.join(map(str, folders)).encode()).hexdigest()[:8]

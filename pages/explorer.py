@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
+from engine.checkpoint import NOTE_KEY
 from engine.explore import (
     OUTCOMES,
     decode,
@@ -574,6 +575,8 @@ with guard("The Patch Explorer"):
     path = require_model_path()
     loaded = loaded_model(path)
     model = loaded.model
+    if loaded.checkpoint.get(NOTE_KEY):  # written before checkpoints carried a checksum
+        st.caption(f"Unverified: {loaded.checkpoint[NOTE_KEY]}.")
     if not model.head.has_patches:
         st.warning(f"The model's head ({model.config.head!r}) has no patches to explore; "
                    "pick a patch model in the sidebar.")

@@ -2,6 +2,7 @@
 nonsense, non-finite weights are refused by name, older files still load with a note, and a
 FIFO or device named like a checkpoint is refused at once."""
 
+import json
 import logging
 import os
 import threading
@@ -192,6 +193,24 @@ def test_checkpoint_without_checksum_loads_with_a_note(tmp_path, caplog):
     raw = _raw(tmp_path / "again.pt")
     assert NOTE_KEY not in raw and CHECKSUM_KEY in raw
     assert NOTE_KEY not in load_checkpoint(tmp_path / "again.pt")
+
+
+def test_the_explorer_says_a_checkpoint_is_unverified(tmp_path, monkeypatch):
+    from conftest import open_page
+
+    runs = tmp_path / "runs"
+    folder = runs / "old-run"
+    (folder / "checkpoints").mkdir(parents=True)
+    old = {key: value for key, value in _raw(SHIPPED).items() if key != CHECKSUM_KEY}
+    torch.save(old, folder / "checkpoints" / "best.pt")
+    (folder / "config.json").write_text(json.dumps({**old["run_config"], "name": "old-run"}))
+    (folder / "status.json").write_text(json.dumps({"state": "finished"}))
+    monkeypatch.setenv("LOSSATTN_RUNS", str(runs))
+    at = open_page("explorer", model_source="run: old-run")
+    assert any(c.value.startswith("Unverified: checkpoint") and "no checksum" in c.value
+               for c in at.caption)
+    verified = open_page("explorer")  # a shipped model: no such line
+    assert not any(c.value.startswith("Unverified") for c in verified.caption)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "checkpoints").glob("*.pt")), ids=lambda p: p.name)

@@ -306,6 +306,30 @@ def test_bench_job_records_how_it_ended(tmp_path):
     assert bad.last_output_line().startswith("error: model.backbone must be one of")
 
 
+def test_a_jobs_error_line_is_written_before_its_status_says_failed(tmp_path, monkeypatch,
+                                                                    capsys):
+    """Seen on a loaded machine: the status read 'failed' while the log had no line yet (the
+    line was printed after attach had marked the job). Now the line comes first, once."""
+    from engine.cli import main
+    from engine.jobs import JOB_ENV
+
+    job = Job(tmp_path / "bad")
+    monkeypatch.setenv(JOB_ENV, str(job.folder))
+    printed_when_ended = []
+    real_end = Job._end_if_active
+
+    def end(self, me, state, reason):
+        printed_when_ended.append((state, capsys.readouterr().err))
+        return real_end(self, me, state, reason)
+
+    monkeypatch.setattr(Job, "_end_if_active", end)
+    assert main(["bench", "--models", "nope/loss_attention"]) == 2
+    assert [state for state, _ in printed_when_ended] == ["failed"]
+    assert printed_when_ended[0][1].startswith("error: model.backbone must be one of")
+    assert capsys.readouterr().err == ""  # said once, not again on the way out
+    assert job.status()["state"] == "failed"
+
+
 def test_sweep_stop_stops_its_process_and_cell(tmp_path):
     from engine.sweep import launch_sweep, stop_sweep, sweep_job, sweep_runs
 

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = jobs.spawned_job()
     try:
         with job.attach() if job else contextlib.nullcontext(), _slot_of(job):
-            code = args.func(args)
+            code = _run_saying_why(args, debug)
             if job and job.folder.is_dir():  # a folder removed under the job is not made again
                 job.complete(code)
             return code
@@ -81,14 +81,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # expected: a message a person can act on
         if debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        _say(exc, expected=True)
         return 2
     except Exception as exc:  # unforeseen: still one line, and a way to see more
         if debug:
             raise
-        print(f"error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug "
-              "for the traceback)", file=sys.stderr)
+        _say(exc, expected=False)
         return 1
+
+
+_SAID = "(said on stderr)"
+
+
+def _run_saying_why(args: argparse.Namespace, debug: bool) -> int:
+    """The command. Its error line is printed here, inside the job's ``attach``: a job's status
+    says ``failed`` only once its last output line (what the pages show as the reason's
+    source) is written. Seen on a loaded machine: a status read as failed before the line."""
+    try:
+        return args.func(args)
+    except Exception as exc:
+        if not debug:
+            _say(exc, expected=isinstance(exc, ValueError | OSError))
+        raise
+
+
+def _say(exc: BaseException, expected: bool) -> None:
+    """The one line of an error, once (the note marks it said)."""
+    if _SAID in getattr(exc, "__notes__", ()):
+        return
+    if expected:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug "
+              "for the traceback)", file=sys.stderr, flush=True)
+    exc.add_note(_SAID)
 
 
 def _slot_of(job):

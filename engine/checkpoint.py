@@ -43,6 +43,9 @@ NOTE_KEY = "integrity_note"
 """Set by :func:`load_checkpoint` on a checkpoint that could not be verified (one written
 before checksums): a one-line note for the person using it (the app's model picker, ``runs
 show``, ``evaluate`` could show it). Absent on a verified checkpoint; never written to a file."""
+ORIGIN_KEY = "unverified_origin"
+"""Kept (and covered by the checksum) when a checkpoint that could not be verified is saved
+again, an export of an old run say: a fresh checksum must not make its contents look verified."""
 _UNCOVERED = (CHECKSUM_KEY, NOTE_KEY)
 
 
@@ -56,8 +59,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def with_checksum(ckpt: dict) -> dict:
     """A copy of ``ckpt`` carrying the checksum of its contents (an old checksum or a
-    load-time note it holds is dropped first: they describe the file it was read from)."""
+    load-time note it holds is dropped first: they describe the file it was read from). A note
+    that it was unverified becomes :data:`ORIGIN_KEY`, which stays with every later copy."""
     body = {key: value for key, value in ckpt.items() if key not in _UNCOVERED}
+    if ckpt.get(NOTE_KEY) and ORIGIN_KEY not in body:
+        body[ORIGIN_KEY] = str(ckpt[NOTE_KEY])
     return {**body, CHECKSUM_KEY: checkpoint_checksum(body)}
 
 
@@ -182,6 +188,8 @@ def _verify_checksum(data: dict, shown: str) -> None:
     if not isinstance(stored, str) or checkpoint_checksum(data) != stored:
         raise CheckpointError(f"checkpoint {shown} is damaged (checksum mismatch)")
     data.pop(NOTE_KEY, None)  # a stale note copied into the file describes another file
+    if data.get(ORIGIN_KEY):  # intact since saved, but saved from an unverified checkpoint
+        data[NOTE_KEY] = f"checkpoint {shown} was saved from an unverified one ({data[ORIGIN_KEY]})"
 
 
 def _refuse_non_finite(data: dict, shown: str) -> None:

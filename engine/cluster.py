@@ -40,8 +40,11 @@ from engine.slots import THREADS_ENV
 RAY_MISSING = ("the Ray executor needs Ray, an optional extra: pip install -r "
                "requirements-cluster.txt")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PASSED_ENV = ("LOSSATTN_DATA", "HF_HUB_OFFLINE", "LOSSATTN_BF16_CPU")
-"""Environment variables a cell needs as the driver has them (data location, offline hub)."""
+PASSED_ENV = ("LOSSATTN_DATA", "LOSSATTN_DATA_ROOTS", "LOSSATTN_CONFINED_TO", "HF_HUB_OFFLINE",
+              "LOSSATTN_BF16_CPU")
+"""Environment variables a cell needs as the driver has them (data location, offline hub, and
+the app's confinement of data reads: a worker of an existing cluster gets its environment from
+its raylet, not from the app that started the sweep)."""
 STOP_GRACE_S = 60.0
 CANCEL_SETTLE_S = 10.0
 

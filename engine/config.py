@@ -364,6 +364,11 @@ class DataConfig:
         check_field(self.resize in RESIZE_POLICIES, "resize", f"one of {list(RESIZE_POLICIES)}",
                self.resize)
         check_seed(self.seed)
+        for name in ("train_split", "test_split"):  # a folder name, never a way out of the root
+            value = getattr(self, name)
+            check_field(value is None or (value.strip() not in ("", ".", "..") and "/" not in value
+                                          and "\\" not in value), name,
+                        "None or a plain folder name (no '/', no '..')", value)
 
 
 def check_seed(seed: int) -> None:

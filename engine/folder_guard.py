@@ -10,13 +10,13 @@ never passes for the old one by reusing its inode.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Self
 
 from engine.errors import RunError
 from engine.fsutil import TEMP_PREFIX, TEMP_SUFFIX, remove_temp_files
+from engine.safe_io import read_json
 
 
 class RunFolderRemoved(RunError):
@@ -100,10 +100,10 @@ class FolderGuard:
 
 def _only_trainer_files(path: Path) -> bool:
     """Whether ``path`` holds nothing but what a trainer's writes leave (see FolderGuard)."""
-    try:
-        names = {p.name for p in path.iterdir() if not _is_temp(p.name)}
-        ckpts = {p.name for p in (path / "checkpoints").glob("*") if not _is_temp(p.name)}
-        status = json.loads((path / "status.json").read_text()) if (
+    try:  # a write under way counts as the file it makes: a new run's config.json is not ours
+        names = {_written(p.name) for p in path.iterdir()}
+        ckpts = {_written(p.name) for p in (path / "checkpoints").glob("*")}
+        status = read_json(path / "status.json", "a run status") if (
             path / "status.json").is_file() else {}
     except (OSError, ValueError):
         return False
@@ -111,5 +111,9 @@ def _only_trainer_files(path: Path) -> bool:
             and isinstance(status, dict) and "created" not in status)
 
 
-def _is_temp(name: str) -> bool:
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+def _written(name: str) -> str:
+    """The file an atomic write's temp file (``.NAME.XXXX.tmp``) will become; other names as
+    they are."""
+    if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+        return name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)].rpartition(".")[0] or name
+    return name

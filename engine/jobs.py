@@ -49,7 +49,7 @@ from typing import Any
 
 from engine.errors import JobError
 from engine.fsutil import locked, write_json_atomic
-from engine.safe_io import open_bounded, read_json
+from engine.safe_io import read_json, read_tail
 from engine.slots import (
     Slots,
     environment_for,
@@ -340,11 +340,7 @@ class Job:
     def last_output_line(self) -> str:
         """The last non-empty line the process printed (a crash's error message)."""
         try:
-            # any size: only its end is read; a regular file only (a FIFO would block)
-            with open_bounded(self.log_path, sys.maxsize, "a process log") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 4096))
-                lines = fh.read().decode(errors="replace").splitlines()
+            lines = read_tail(self.log_path, "a process log", 4096).splitlines()
         except OSError:
             return ""
         return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")

@@ -100,8 +100,14 @@ must lie inside those folders, links followed. The CLI alone reads what its user
 
 
 def confine_reads_to(roots: list[DataRoot]) -> None:
-    """From now on, this process and the jobs it starts read data only inside ``roots``."""
+    """From now on, this process and the jobs it starts read data only inside ``roots``.
+
+    ``$LOSSATTN_DATA`` is made absolute too: jobs run in the project folder, and a relative
+    value would name another folder there than the server's."""
     os.environ[CONFINE_ENV] = os.pathsep.join(str(r.path) for r in roots) or os.devnull
+    if os.environ.get("LOSSATTN_DATA"):
+        os.environ["LOSSATTN_DATA"] = str(Path(os.environ["LOSSATTN_DATA"]).expanduser()
+                                          .resolve())
 
 
 def confinement() -> list[Path] | None:

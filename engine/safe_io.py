@@ -75,30 +75,47 @@ def opened_path(fd: int, path: Path) -> Path:
 def open_bounded(path: str | Path, cap: int, what: str,
                  inside: Sequence[Path] | None = None) -> BinaryIO:
     """``path`` opened for binary reading, after checking that it is a regular file of at most
-    ``cap`` bytes and, when ``inside`` is given, that the opened file lies in one of those
-    (resolved) folders. Raises :class:`FileRefused` naming the file, or the ``OSError`` of the
-    open itself (missing, no permission)."""
+    ``cap`` bytes and, when ``inside`` is given, that it lies in one of those (resolved)
+    folders. Raises :class:`FileRefused` naming the file, or the ``OSError`` of the open itself
+    (missing, no permission).
+
+    The checks are made twice: on the name before opening (so a file outside ``inside`` is
+    neither opened nor described, and no device is ever opened: opening one can act, as a tape
+    rewinds), and on the open descriptor after (so a link swapped in between is caught)."""
     path = Path(path)
+    if inside is not None:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+            raise FileRefused(f"{path} is a loop of links; refused") from None
+        _check_inside(real, inside, path)
+    _check_kind(os.stat(path), path, cap, what)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused(f"{path} is {kind_of(info.st_mode)}, not a file; refusing to read "
-                              f"it as {what}")
-        if info.st_size > cap:
-            raise FileRefused(f"{path} is {show_size(info.st_size)}; {what} may be at most "
-                              f"{show_size(cap)}")
+        _check_kind(os.fstat(fd), path, cap, what)
         if inside is not None:
-            real = opened_path(fd, path)
-            if not any(real.is_relative_to(folder) for folder in inside):
-                raise FileRefused(f"{path} leads outside the data roots (a link?); refused")
+            _check_inside(opened_path(fd, path), inside, path)
         if hasattr(os, "O_NONBLOCK"):  # a regular file: back to plain blocking reads
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _check_kind(info: os.stat_result, path: Path, cap: int, what: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise FileRefused(f"{path} is {kind_of(info.st_mode)}, not a file; refusing to read it "
+                          f"as {what}")
+    if info.st_size > cap:
+        raise FileRefused(f"{path} is {show_size(info.st_size)}; {what} may be at most "
+                          f"{show_size(cap)}")
+
+
+def _check_inside(real: Path, inside: Sequence[Path], path: Path) -> None:
+    if not any(real.is_relative_to(folder) for folder in inside):
+        raise FileRefused(f"{path} leads outside the data roots (a link?); refused")
 
 
 def read_bytes(path: str | Path, cap: int, what: str,
@@ -127,3 +144,14 @@ def read_json(path: str | Path, what: str = "a JSON file", cap: int = JSON_CAP) 
     """A JSON file read within ``cap``. Bad JSON raises ``json.JSONDecodeError`` as
     ``json.loads`` does, so callers' handling of a damaged file stays as it was."""
     return json.loads(read_bytes(path, cap, what))
+
+
+def read_tail(path: str | Path, what: str, max_bytes: int = 64 * KiB) -> str:
+    """The last ``max_bytes`` of a log that may be any size (only its end is read), as text;
+    a regular file only (see :func:`open_bounded`)."""
+    import sys
+
+    with open_bounded(path, sys.maxsize, what) as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - max_bytes))
+        return fh.read(max_bytes).decode(errors="replace")

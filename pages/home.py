@@ -11,6 +11,7 @@ from engine.catalog import (
     family_checkpoint_name,
     head_catalog,
 )
+from engine.safe_io import JSON_CAP, read_text
 from ui.st_state import DEFAULT_SHIPPED, MODEL_KEY, SHIPPED_DIR, ensure_router, guard, remember
 from ui.tables import markdown_table
 
@@ -41,6 +42,11 @@ if slide.button("Slide γmax: the shipped family, 0 to 3", key="home_gamma",
     remember(MODEL_KEY, f"shipped: {Path(family_checkpoint_name(FAMILY_DEFAULT_GAMMA)).stem}")
     st.switch_page("pages/explorer.py")
 
+def _text(path: Path) -> str:
+    """A card or table shipped beside the models: small text, read within a cap."""
+    return read_text(path, JSON_CAP, "a model card")
+
+
 with guard("The model cards", stop=False):
     cards = [c for c in sorted(Path(SHIPPED_DIR).glob("*.md")) if c.name.lower() != "readme.md"]
     family = [c for c in cards if c.stem.startswith(FAMILY_PREFIX)]
@@ -49,14 +55,14 @@ with guard("The model cards", stop=False):
     pair = sorted((c for c in cards if c not in family), key=lambda c: c.stem != DEFAULT_SHIPPED)
     for position, card in enumerate(pair):
         with st.expander(f"Model card: {card.stem}", expanded=position == 0):
-            st.markdown(card.read_text())
+            st.markdown(_text(card))
     if family:
         with st.expander(f"Model cards: the γmax family ({len(family)} models)"):
             table = RESULTS / "results.md"
             if table.is_file():
-                st.markdown(table.read_text().replace("# ", "#### ", 1))
+                st.markdown(_text(table).replace("# ", "#### ", 1))
             for card in sorted(family, key=lambda c: float(c.stem[len(FAMILY_PREFIX):])):
-                st.markdown("---\n" + card.read_text().replace("# ", "#### ", 1))
+                st.markdown("---\n" + _text(card).replace("# ", "#### ", 1))
 
 # The catalog, not the model registry (which imports torch), and markdown tables, not data
 # frames (pandas and pyarrow): Home is the first page, and it waits on neither.

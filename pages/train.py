@@ -9,6 +9,7 @@ import streamlit as st
 from engine import launch
 from engine.jobs import ACTIVE
 from engine.metric_table import main_metric
+from engine.safe_io import read_tail
 from ui.figures import training_curves
 from ui.st_forms import (
     config_of,
@@ -86,10 +87,13 @@ def live_panel(name: str) -> None:
 
 
 def _tail(run, lines: int = 15) -> str:
+    """The log's last lines: only its end is read, whatever its size."""
     try:
-        return "\n".join(run.log_path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
+        return "\n".join(read_tail(run.log_path, "a run log").splitlines()[-lines:])
+    except FileNotFoundError:
         return "(no log yet)"
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
 
 
 ensure_router()

@@ -28,6 +28,8 @@ def _unconfined(monkeypatch):
     """Each test starts with data reads unconfined, and a confinement that an app script set
     (app.py does, as the server does at start) ends with the test."""
     monkeypatch.delenv("LOSSATTN_CONFINED_TO", raising=False)
+    if "LOSSATTN_DATA" in os.environ:  # made absolute by the confinement: restored after
+        monkeypatch.setenv("LOSSATTN_DATA", os.environ["LOSSATTN_DATA"])
 
 
 def data_root():

@@ -14,6 +14,7 @@ import torch
 from engine.checkpoint import (
     CHECKSUM_KEY,
     NOTE_KEY,
+    ORIGIN_KEY,
     CheckpointError,
     atomic_torch_save,
     checkpoint_checksum,
@@ -188,11 +189,15 @@ def test_checkpoint_without_checksum_loads_with_a_note(tmp_path, caplog):
     assert path.read_bytes() == before  # the note is never written back
     for key, value in old["model"].items():
         assert torch.equal(model.state_dict()[key], value)
-    # saved again (an export of an old run), it gets a checksum and loses the note
+    # saved again (an export of an old run), it gets a checksum, but never passes for verified
     atomic_torch_save(ckpt, tmp_path / "again.pt")
     raw = _raw(tmp_path / "again.pt")
-    assert NOTE_KEY not in raw and CHECKSUM_KEY in raw
-    assert NOTE_KEY not in load_checkpoint(tmp_path / "again.pt")
+    assert NOTE_KEY not in raw and CHECKSUM_KEY in raw and raw[ORIGIN_KEY] == note
+    again = load_checkpoint(tmp_path / "again.pt")
+    assert again[NOTE_KEY] == (f"checkpoint {tmp_path / 'again.pt'} was saved from an "
+                               f"unverified one ({note})")
+    atomic_torch_save(again, tmp_path / "third.pt")  # and so does every later copy
+    assert _raw(tmp_path / "third.pt")[ORIGIN_KEY] == note
 
 
 def test_the_explorer_says_a_checkpoint_is_unverified(tmp_path, monkeypatch):

@@ -282,3 +282,82 @@ def test_an_image_folder_with_train_but_no_test_says_so(tmp_path):
     _pngs(tmp_path / "set" / "val" / "cat")
     _pngs(tmp_path / "set" / "val" / "dog")
     assert _test_split(tmp_path / "set").classes == ["cat", "dog"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Review findings: each a way out that the first version left open
+
+
+def test_a_file_outside_is_neither_opened_nor_described(roots, tmp_path):
+    data = roots[0]
+    (tmp_path / "big.bin").write_bytes(b"x" * 5000)
+    (data / "pw.png").symlink_to(tmp_path / "big.bin")
+    (data / "zero.png").symlink_to("/dev/zero")
+    for name in ("pw.png", "zero.png"):
+        with pytest.raises(FileRefused) as refused:
+            read_bytes(data / name, 100, "an image", [data.resolve()])
+        assert str(refused.value) == f"{data / name} leads outside the data roots (a link?); " \
+                                     "refused"  # no size, no kind of what lies outside
+
+
+def test_a_split_folder_linking_outside_is_refused_before_it_is_listed(roots):
+    data, outside, _ = roots
+    for split in ("train", "test"):
+        _pngs(outside / "split" / split / "owl")
+    (data / "ds").mkdir()
+    (data / "ds" / "train").symlink_to(outside / "split" / "train")
+    (data / "ds" / "test").symlink_to(outside / "split" / "test")
+    confine_reads_to(data_roots())
+    with pytest.raises(DataError, match="image folder split .*ds/train leads outside") as refused:
+        _load(data / "ds")
+    assert "owl" not in str(refused.value)
+    with pytest.raises(ValueError, match="test_split must be None or a plain folder name"):
+        DataConfig(dataset="image_folder", root=str(data / "ds"), test_split="../../x")
+
+
+def test_tiny_imagenet_lists_only_plain_file_names(tmp_path):
+    from engine.data.tiny_imagenet import _tiny_entries
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "val_annotations.txt").write_text("../../etc/x.JPEG\tn01\t0\t0\t8\t8\n")
+    with pytest.raises(DataError, match="val_annotations.txt: '../../etc/x.JPEG' is not a plain"):
+        _tiny_entries(tmp_path, "test", ["n01"])
+
+
+def test_ray_cells_carry_the_apps_confinement(roots):
+    from engine.cluster import _runtime_env
+
+    data = roots[0]
+    confine_reads_to(data_roots())
+    env = _runtime_env()["env_vars"]
+    assert env[CONFINE_ENV] == str(data.resolve())
+
+
+def test_a_relative_data_root_is_made_absolute_for_the_jobs(roots, monkeypatch):
+    data = roots[0]
+    monkeypatch.setenv("LOSSATTN_DATA", "root")  # relative to the server's folder
+    confine_reads_to(data_roots())
+    assert os.environ["LOSSATTN_DATA"] == str(data.resolve())
+
+
+def test_a_log_tail_reads_only_the_end_and_never_waits_on_a_fifo(tmp_path):
+    from engine.safe_io import read_tail
+
+    log = tmp_path / "process.log"
+    log.write_text("".join(f"line {i}\n" for i in range(2_000_000)))  # about 25 MB
+    assert read_tail(log, "a log", 100).splitlines()[-1] == "line 1999999"
+    assert len(read_tail(log, "a log", 100)) == 100
+    os.mkfifo(tmp_path / "fifo.log")
+    with pytest.raises(FileRefused, match="FIFO"):
+        _in_time(lambda: read_tail(tmp_path / "fifo.log", "a log"), 10)
+
+
+def test_generated_data_shares_one_cache_entry_confined_or_not(roots, monkeypatch, tmp_path):
+    from engine.data import load_split
+
+    monkeypatch.setenv("LOSSATTN_CACHE", str(tmp_path / "cache"))
+    config = DataConfig(train_size=None, test_size=None)
+    load_split(config, "test")
+    confine_reads_to(data_roots())
+    load_split(config, "test")
+    assert len(list((tmp_path / "cache").glob("digits-test-*.pt"))) == 1

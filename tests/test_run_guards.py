@@ -328,3 +328,19 @@ def test_a_write_that_raced_the_removal_is_taken_back_but_never_anothers_run(tmp
         with pytest.raises(RunFolderRemoved):
             guard.check()
     assert (folder / "config.json").is_file() and (folder / "status.json").is_file()
+
+
+def test_a_new_runs_config_being_written_is_never_taken_back(tmp_path):
+    """The old trainer of a removed run, checking while a new run of the same name is being
+    made (its folder, checkpoints/ and a config.json temp file): it leaves them alone."""
+    from engine.folder_guard import FolderGuard, RunFolderRemoved
+
+    folder = tmp_path / "again"
+    folder.mkdir()
+    with FolderGuard(folder) as guard:
+        folder.rmdir()
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / ".config.json.k3j4.tmp").write_text("{}")
+        with pytest.raises(RunFolderRemoved):
+            guard.check()
+    assert (folder / ".config.json.k3j4.tmp").is_file() and (folder / "checkpoints").is_dir()

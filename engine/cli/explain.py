@@ -79,11 +79,13 @@ def explain_file(model, classes: list[str], data_config, path: Path, out: Path,
     from engine.explore import decode, image_story, patch_rows, prediction_breakdown
     from engine.explore import single_image_cache as cache_of
     from engine.fsutil import atomic_write, csv_text, write_json_atomic
-    from engine.inputs import image_from_bytes
+    from engine.inputs import MAX_BYTES, image_from_bytes
+    from engine.safe_io import read_bytes
 
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    pixels = image_from_bytes(path.read_bytes(), tuple(model.config.input_size), path.name,
+    pixels = image_from_bytes(read_bytes(path, MAX_BYTES, "an image"),
+                              tuple(model.config.input_size), path.name,
                               data_config.resize)
     spec = dataset_spec(data_config.dataset)
     data = ImageSet(spec.name, "explain", pixels[None], torch.zeros(1, dtype=torch.long),

@@ -61,6 +61,7 @@ def register(sub) -> None:
 def cmd_mil(args: argparse.Namespace) -> int:
     from engine.mil.config import MilConfig
     from engine.mil.experiment import parse_datasets, parse_methods, run_experiment
+    from engine.safe_io import JSON_CAP, read_text
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive int; got {args.threads}")
@@ -71,5 +72,5 @@ def cmd_mil(args: argparse.Namespace) -> int:
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     run_experiment(parse_datasets(args.dataset), methods, config, args.out, args.data_root,
                    args.threads, log)
-    print((Path(args.out) / "results.md").read_text())
+    print(read_text(Path(args.out) / "results.md", JSON_CAP, "a results table"))
     return 0

@@ -37,6 +37,7 @@ def list_class_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     out with a warning that counts them (opening a FIFO would wait forever). Where reads are
     confined (the app), a class folder that links outside the data roots is refused here, and
     any file that does is refused where it is opened (:func:`engine.roots.open_data`)."""
+    check_inside_roots(folder, "image folder")  # a train/ or test/ that links out
     classes = [p.name for p in subfolders(folder)]
     if not classes:
         raise DataError(f"image folder {folder}: expected one sub-folder per class; found none")
@@ -92,6 +93,9 @@ def _check_both_splits(cfg, folder: Path) -> None:
     """A folder with train/ but no test/ (or the reverse) is a layout half made, not one class
     named 'train': say so rather than read it as classes."""
     train_dir, test_dir = _split_dir(cfg, folder, "train"), _split_dir(cfg, folder, "test")
+    for split_dir in (train_dir, test_dir):
+        if split_dir is not None:  # before anything below it is listed
+            check_inside_roots(split_dir, "image folder split")
     if (train_dir is None) == (test_dir is None):
         return
     test_names = cfg.test_split or "test/ (or val/)"

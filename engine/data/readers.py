@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import DataError, FileRefused
 from engine.inputs import BoxTransform, ImageInputError, load_for_model
-from engine.roots import open_data
+from engine.roots import inside_roots, open_data
 from engine.safe_io import MAT_CAP
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def find_folder(bases: Iterable[Path], is_match: Callable[[Path], bool], what: s
                                     "data set")
                 if is_match(folder):
                     return folder
-            level = [c for f in level for c in subfolders(f)]
+            # where reads are confined (the app), a search never enters a link that leads out
+            level = [c for f in level for c in subfolders(f) if inside_roots(c)]
     raise DataError(f"{what} not found: looked in {looked} and their sub-folders. {hint}")
 
 

@@ -272,7 +272,9 @@ def load_split(cfg: DataConfig, split: str, *, use_cache: bool = True) -> ImageS
         check_data_folder(folder, f"the {spec.name} folder found")
     warn_ignored(spec, cfg, folder, split)
     key = _cache_key(cfg, spec, folder, split, size)
-    path = cache_dir() / f"{spec.name}-{split}-{key}{confinement_tag()}.pt"
+    # a generated set reads no file: the same for a confined process as for any other
+    tag = confinement_tag() if folder is not None else ""
+    path = cache_dir() / f"{spec.name}-{split}-{key}{tag}.pt"
     data = _load_cached(path) if use_cache else None
     if data is None:
         options = ReadOptions(size, cfg.resize, cfg.skip_unreadable, cfg.crowd_boxes)

@@ -40,7 +40,17 @@ def read_table(path: Path, what: str, errors: str = "strict") -> str:
 
 
 def _wnids(root: Path) -> list[str]:
-    return [w.strip() for w in read_table(root / "wnids.txt", "class list").split() if w.strip()]
+    listed = root / "wnids.txt"
+    return [_plain(w.strip(), listed) for w in read_table(listed, "class list").split()
+            if w.strip()]
+
+
+def _plain(name: str, listed_in: Path) -> str:
+    """A file or folder name a table lists: a plain name, never a path (an absolute name or
+    '..' would lead the reader out of the data set's folder)."""
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise DataError(f"{listed_in}: {name!r} is not a plain file name (no '/', no '..')")
+    return name
 
 
 def _tiny_classes(root: Path) -> tuple[list[str], list[str]]:
@@ -67,7 +77,8 @@ def _tiny_entries(root: Path, split: str, wnids: list[str]
             for line in read_table(box_file, "box list").splitlines():
                 parts = line.split()
                 if len(parts) == 5:
-                    entries.append((root / "train" / wnid / "images" / parts[0], index[wnid],
+                    entries.append((root / "train" / wnid / "images" / _plain(parts[0], box_file),
+                                    index[wnid],
                                     _numbers(parts[1:], box_file)))
         return entries
     ann = root / "val" / "val_annotations.txt"
@@ -76,7 +87,7 @@ def _tiny_entries(root: Path, split: str, wnids: list[str]
     for line in read_table(ann, "val annotations").splitlines():
         parts = line.split()
         if len(parts) == 6 and parts[1] in index:
-            entries.append((root / "val" / "images" / parts[0], index[parts[1]],
+            entries.append((root / "val" / "images" / _plain(parts[0], ann), index[parts[1]],
                             _numbers(parts[2:], ann)))
     return entries
 

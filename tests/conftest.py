@@ -24,12 +24,19 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _unconfined(monkeypatch):
+def _unconfined():
     """Each test starts with data reads unconfined, and a confinement that an app script set
-    (app.py does, as the server does at start) ends with the test."""
-    monkeypatch.delenv("LOSSATTN_CONFINED_TO", raising=False)
-    if "LOSSATTN_DATA" in os.environ:  # made absolute by the confinement: restored after
-        monkeypatch.setenv("LOSSATTN_DATA", os.environ["LOSSATTN_DATA"])
+    (app.py does, as the server does at start) ends with the test. Not through monkeypatch:
+    a test's ``monkeypatch.undo()`` would bring back a confinement set outside any test (by a
+    module-scoped app), and teardown must not restore one either."""
+    os.environ.pop("LOSSATTN_CONFINED_TO", None)
+    data = os.environ.get("LOSSATTN_DATA")  # the confinement makes it absolute
+    yield
+    os.environ.pop("LOSSATTN_CONFINED_TO", None)
+    if data is None:
+        os.environ.pop("LOSSATTN_DATA", None)
+    else:
+        os.environ["LOSSATTN_DATA"] = data
 
 
 def data_root():

@@ -180,10 +180,11 @@ def test_text_that_is_not_an_annotation_object_is_named(tmp_path, text, expected
 
 def test_the_annotation_file_is_read_bounded(tmp_path, monkeypatch):
     ann_file = _write(tmp_path, _base())
+    cap = coco_module.ANNOTATION_CAP
     monkeypatch.setattr(coco_module, "ANNOTATION_CAP", 100)
     message = _one_line_error(tmp_path)
     assert str(ann_file) in message and "may be at most 100 bytes" in message
-    monkeypatch.undo()
+    monkeypatch.setattr(coco_module, "ANNOTATION_CAP", cap)
     ann_file.unlink()
     os.mkfifo(ann_file)  # would block a plain open() forever
     message = _one_line_error(tmp_path)

@@ -126,7 +126,7 @@ def inside_roots(path: str | Path, folders: list[Path] | None = None) -> bool:
         return True
     try:
         real = Path(path).resolve()
-    except OSError:  # a loop of links
+    except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
         return False
     return any(real.is_relative_to(folder) for folder in folders)
 

@@ -25,6 +25,7 @@ from engine.roots import (
     confine_reads_to,
     confinement,
     data_roots,
+    inside_roots,
     open_data,
 )
 from engine.runs import RunStore
@@ -361,3 +362,13 @@ def test_generated_data_shares_one_cache_entry_confined_or_not(roots, monkeypatc
     confine_reads_to(data_roots())
     load_split(config, "test")
     assert len(list((tmp_path / "cache").glob("digits-test-*.pt"))) == 1
+
+
+def test_a_loop_of_links_as_a_class_folder_is_refused_not_a_crash(roots):
+    data = roots[0]
+    (data / "pets" / "loop").symlink_to(data / "pets" / "loop2")
+    (data / "pets" / "loop2").symlink_to(data / "pets" / "loop")
+    (data / "pets" / "zz").symlink_to(data / "pets" / "loop")
+    confine_reads_to(data_roots())
+    assert not inside_roots(data / "pets" / "zz")
+    assert inside_roots(data / "pets" / "cat")

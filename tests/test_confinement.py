@@ -15,7 +15,6 @@ import torch
 from conftest import errors, open_page
 from PIL import Image
 
-from engine import launch
 from engine.checkpoint import atomic_torch_save
 from engine.config import DataConfig
 from engine.errors import DataError, FileRefused
@@ -183,16 +182,10 @@ def test_the_train_page_cannot_train_on_a_link_below_its_sub_folder(roots):
     at.text_input(key="w_tr_name").set_value("linked").run()
     at.button(key="tr_launch").click().run()
     assert not at.exception
-    said = " ".join(errors(at))
-    if "linked" not in RunStore(runs).names():  # refused while the page prepared the run
-        assert "zz_secret leads outside the data roots" in said, said
-        return
-    run = RunStore(runs).get("linked")  # else refused by the job it started
-    status = launch.wait(run, timeout=600)
-    assert status["state"] == "failed", status
-    assert "zz_secret leads outside the data roots" in json.dumps(status) + \
-        run.last_output_line()
-    assert not run.best_checkpoint.exists()
+    # refused while the page prepares the run (it reads the data, confined), so no run exists;
+    # a job that reads it instead is refused too (the test above)
+    assert "zz_secret leads outside the data roots" in " ".join(errors(at)), errors(at)
+    assert "linked" not in RunStore(runs).names()
 
 
 def test_the_explorer_says_which_root_a_recorded_run_needs(roots):

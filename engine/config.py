@@ -179,14 +179,19 @@ class ModelConfig:
     """Everything needed to build a model; saved with every run and inside every checkpoint."""
 
     backbone: str = "resnet18"
-    """Registered backbone name (``engine.models.list_backbones()``) or ``"timm:<model name>"``."""
+    """The feature extractor: a registered backbone (``engine.models.list_backbones()``;
+    ``python -m engine models`` describes them) or ``"timm:<model name>"``. The paper's ResNet18
+    (32.7M parameters with the Loss-Attention head) is the default, kept by the paper presets;
+    the digits' ``live`` preset picks ``small_cnn``, fast enough for a CPU."""
     head: str = "loss_attention"
-    """Registered head name (``engine.models.list_heads()``)."""
+    """What turns the features into a prediction: a registered head
+    (``engine.models.list_heads()``): Loss-Attention, its capsule form, or a baseline."""
     num_classes: int = 10
     """Classes the model predicts. A run takes them from its data (engine.train.
     prepare_run_config): the default, 10, stands for "the data's count"; any other value must
     equal the data's count, or the run is refused."""
     in_chans: int = 3
+    """Input channels (a run takes them from its data)."""
     input_size: tuple[int, int] = (32, 32)
     """Input (height, width) the model is built and validated for; other sizes work at run time
     as long as they leave at least one patch."""
@@ -207,6 +212,7 @@ class ModelConfig:
     patch_stride: int | None = None
     """Stride of the patch conv (paper 4); ``None`` = backbone default."""
     patch_padding: int = 0
+    """Padding of the patch conv."""
     patch_channels: int | None = None
     """Channels C of the patch features (paper 512); ``None`` = backbone default."""
 
@@ -387,6 +393,7 @@ class TrainConfig:
     """Optimisation and run mechanics. Defaults are the paper's recipe for 200 epochs."""
 
     epochs: int = 200
+    """Passes over the training images (the paper: 200)."""
     batch_size: int = 128
     """Global batch (split across DDP ranks and micro-batches)."""
     recipe: str = "auto"
@@ -399,13 +406,18 @@ class TrainConfig:
     lr: float | None = None
     """Peak learning rate; ``None``: the recipe's (sgd 0.1, onecycle 0.2, adam 0.003)."""
     momentum: float = 0.9
+    """SGD momentum (the sgd and onecycle recipes)."""
     weight_decay: float | None = None
     """``None``: the recipe's (sgd and onecycle 5e-4, adam 0)."""
     milestones: tuple[float, ...] = (0.5, 0.75)
     """SGD decay points as fractions of the epochs (the paper's 100 and 150 of 200)."""
     lr_decay: float = 0.1
+    """The factor the lr is multiplied by at each milestone."""
     seed: int = 0
+    """Seed of the weights' initialisation, the batch order and the augmentation."""
     device: str = "auto"
+    """Where to train: ``"auto"`` (a GPU if there is one, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"mps"``."""
     amp: bool = True
     """bf16 autocast for training on CUDA, and on a CPU with native bf16 (AVX512-BF16 or AMX;
     ``engine.device.cpu_has_native_bf16``). Elsewhere fp32: emulated bf16 is far slower."""

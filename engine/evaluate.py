@@ -40,20 +40,31 @@ class Collected:
     seconds: float
 
 
+def progress_bar(total: int, desc: str, show: bool, unit: str = "img"):
+    """The progress bar of a long step, on stderr (training's: tqdm); ``show`` False: none."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show, leave=False,
+                dynamic_ncols=True)
+
+
 @torch.no_grad()
 def collect(model: PatchModel, data: ImageSet, device: torch.device, *, batch_size: int = 512,
-            amp: bool = False) -> Collected:
+            amp: bool = False, progress: bool = False) -> Collected:
+    """One pass of the backbone over ``data``; ``progress``: a bar over its images."""
     if len(data) == 0:
         raise EvaluationError(f"data set {data.name}/{data.split} is empty")
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     start = time.perf_counter()
     grid = model.grid(data.input_size)
-    for x, _, _ in BatchStream(data, batch_size, device):
-        with autocast(device, amp):
-            cache = model.xi_cache(x)
-        for key, value in cache.items():
-            parts.setdefault(key, []).append(value.float().cpu())
+    with progress_bar(len(data), f"model pass over {data.name}/{data.split}", progress) as bar:
+        for x, _, _ in BatchStream(data, batch_size, device):
+            with autocast(device, amp):
+                cache = model.xi_cache(x)
+            for key, value in cache.items():
+                parts.setdefault(key, []).append(value.float().cpu())
+            bar.update(len(x))
     return Collected({k: torch.cat(v) for k, v in parts.items()}, grid,
                      time.perf_counter() - start)
 
@@ -116,10 +127,11 @@ def _metrics_at(model: PatchModel, data: ImageSet, out: PatchOutput, groups: lis
 def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
                    xi_grid: list[float] | None = None, groups: str | list[str] = "auto",
                    faithfulness_images: int = 0, pr_curves: bool = True,
-                   seed: int = 0, collected: Collected | None = None) -> dict:
+                   seed: int = 0, collected: Collected | None = None,
+                   progress: bool = False) -> dict:
     """The full report (a JSON-ready dict). ``collected``: a :func:`collect` pass already made
     over ``data`` with this model (e.g. the app's cache), so that the backbone does not run
-    again."""
+    again. ``progress``: bars on stderr over the model pass and the faithfulness images."""
     started = time.perf_counter()
     chosen = resolve_groups(model, data, groups)
     if faithfulness_images and "faithfulness" not in chosen:
@@ -130,7 +142,7 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
     default_xi = model.config.xi
     grid_values = sorted({default_xi, *(xi_grid or [])}) if model.xi_dependent else [default_xi]
     if collected is None:
-        collected = collect(model, data, device)
+        collected = collect(model, data, device, progress=progress)
     elif (sizes := {len(v) for v in collected.cache.values()}) != {len(data)}:
         raise EvaluationError(f"the collected pass covers {sorted(sizes)} images; the data set "
                               f"has {len(data)}")
@@ -174,7 +186,10 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
         gen = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(data), generator=gen)[:count].sort().values
         methods = [m for m in METHODS if m != "loss_attention" or model.head.has_patches]
-        report["faithfulness"] = faithfulness(model, data, device, indices, methods)
+        with progress_bar(len(methods), f"faithfulness on {len(indices)} images", progress,
+                          unit="method") as bar:
+            report["faithfulness"] = faithfulness(model, data, device, indices, methods,
+                                                  on_method=lambda _: bar.update(1))
     report["timing"]["total_s"] = time.perf_counter() - started
     return report
 

@@ -391,11 +391,13 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
                  indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
                  tolerance: float = 15.0, xi: float | None = None,
-                 extra: dict[str, MapFn] | None = None, choice: str = "true") -> dict:
+                 extra: dict[str, MapFn] | None = None, choice: str = "true",
+                 on_method: Callable[[str], None] | None = None) -> dict:
     """Mean faithfulness metrics per method on the images ``indices`` of ``data``, explaining
     the class ``choice`` (:func:`classes_to_explain`; the pointing games use that class's
     boxes), with the mean deletion and insertion curves; ``extra`` adds maps made elsewhere
-    (e.g. a mutual-transfer peer's own attention map), judged the same way."""
+    (e.g. a mutual-transfer peer's own attention map), judged the same way. ``on_method`` is
+    called with each method's name once it is judged (a progress bar's step)."""
     model.eval()
     pixels = data.images[indices].float() / 255.0
     x = model_input(data, data.images[indices], device)
@@ -424,6 +426,8 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
             row["pointing_game"] = torch.nanmean(pointing_game(maps, boxes, tolerance)).item()
             row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, boxes)).item()
         report[method] = row
+        if on_method is not None:
+            on_method(method)
     return {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
             "class": CLASS_CHOICES.get(choice, f"class {choice}"), "methods": report,
             "curves": curves}

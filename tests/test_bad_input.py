@@ -248,8 +248,8 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
 
     parser = cli.build_parser
 
-    def patched():
-        p = parser()
+    def patched(*args):
+        p = parser(*args)
         p._subparsers._group_actions[0].choices["models"].set_defaults(func=broken)
         return p
 

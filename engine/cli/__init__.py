@@ -1,142 +1,121 @@
 """The command line, ``python -m engine <command>``: one module per command group, each with
-its parser and its handler side by side. Everything the app does is scriptable here.
+its parser and its handler side by side (:mod:`engine.cli.commands` names them).
 
-  models                      list backbones, heads and presets
-  data list | check NAME      list data sets; check that one loads (counts, classes, boxes)
-  train [--config F] [flags]  create a run and train it (foreground with a progress bar, or
-                              --background); torchrun-compatible; --preset NAME fills the
-                              fields not given (paper, released-code)
-  resume NAME                 continue a stopped or killed run from its last checkpoint
-  runs [list|show|stop|delete|reindex]
-  export NAME --out F.pt      a run's best model as a small checkpoint with a model card
-  evaluate RUN_OR_CHECKPOINT  every metric, JSON + CSV report (--xi-grid, --faithfulness-images)
-  explain CKPT IMAGE... --out D  the Explorer's picture, weights CSV and prediction JSON per
-                              image (--xi, --method gradcam|gradcam++|scorecam|all, --class)
-  sweep --grid a.b=1,2 ...    train a grid of runs (γmax x ξ by default) and tabulate it
-  bench                       forward+backward images/s and peak memory per model
-  bench-train                 loader-only vs model-only vs full training step images/s
-  bench-eval                  patch metrics over N images at a ξ grid
-  gpu-check [--dry-run]       the CUDA paths on one GPU: bf16 vs fp32, img/s, MFU, runs
-  mil --dataset D --method M  MIL 5 x 10-fold CV; results table beside the AAAI paper's
-  transfer --peer A --peer B  mutual transfer of local attention maps vs the peers alone (same
-                              seeds): faithfulness of every peer's maps, beside the seed paper's
-
-Errors: an expected one (a bad value, file, checkpoint or run; every engine error is a
-ValueError, and OSError) prints one line and exits 2; anything else prints one line and exits 1.
-``--debug`` anywhere on the line shows the traceback instead.
+The top level is lazy: ``python -m engine --help`` reads only the command table, and a
+command's own parser is built (its group imported) only when it is the one invoked, so that
+the help and a mistyped command answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Collection, Sequence
 
-from engine.cli import bench, evaluate, explain, info, mil, runs, sweep, transfer
+from engine.cli.commands import COMMANDS, all_groups, groups_of, summary
 
-GROUPS = (info, runs, evaluate, explain, sweep, bench, mil, transfer)
+DESCRIPTION = """\
+Loss-Attention Studio on the command line: train, evaluate and explain Loss-Attention models
+(and everything the app does), scriptable and torchrun-compatible. Each command has its own
+help: python -m engine COMMAND --help.
+
+start here (the digits' small CNN with the live preset: about a minute on a laptop CPU):
+
+  python -m engine train --name first
+  python -m engine evaluate first
+  python -m engine explain first my_image.png
+
+Errors: an expected one (a bad value, file, checkpoint or run) prints one line and exits 2;
+anything else prints one line and exits 1; --debug anywhere on the line shows the traceback."""
+
 POSITIVE = ("batch", "steps", "input_size", "num_classes")
+BROKEN_PIPE = 141
+"""Exit status when stdout's reader went away (``models | head -1``): 128 + SIGPIPE, what a
+shell reports for any Unix tool cut short so, and what ``set -o pipefail`` scripts expect."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. ``commands``: the commands whose full parsers are built (their groups'
+    modules imported); every other command is listed by name and one-line help only. None:
+    every command in full (tests, tools)."""
+    from engine.cli.formatting import Formatter, Parser
+
+    parser = Parser(prog="python -m engine", description=DESCRIPTION, formatter_class=Formatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for group in GROUPS:
-        group.register(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands", help="each has its own --help")
+    wanted = all_groups() if commands is None else groups_of(commands)
+    for group in wanted:
+        _group_module(group).register(sub)
+    for name, (group, _) in COMMANDS.items():
+        if group not in wanted:
+            sub.add_parser(name, help=summary(name), add_help=False)
     return parser
+
+
+def _group_module(group: str):
+    import importlib
+
+    return importlib.import_module(f"engine.cli.{group}")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command a command line invokes: its first word that is not an option (the top
+    level's only options, --debug and --help, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command (see the module docstring for exit codes). A process started as a
     background job (:mod:`engine.jobs`) records in its job folder how it ended."""
-    from engine import jobs
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    command = command_of(argv)
+    if not argv:  # a newcomer's first try: the commands, not "required: COMMAND"
+        build_parser([]).print_help()
+        _flush_stdout()
+        return 2
+    try:
+        args = build_parser([command] if command else []).parse_args(argv)
+    except SystemExit:  # help shown, or a usage error: its reader may have left already
+        _flush_stdout()
+        raise
     for name in POSITIVE:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    job = jobs.spawned_job()
+    from engine.cli.outcome import run_as_job  # after parsing: the help never needs it
+
     try:
-        with job.attach() if job else contextlib.nullcontext(), _slot_of(job):
-            code = _run_saying_why(args, debug)
-            if job and job.folder.is_dir():  # a folder removed under the job is not made again
-                job.complete(code)
-            return code
-    except jobs.JobStopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:  # expected: a message a person can act on
-        if debug:
-            raise
-        _say(exc, expected=True)
-        return 2
-    except Exception as exc:  # unforeseen: still one line, and a way to see more
-        if debug:
-            raise
-        _say(exc, expected=False)
-        return 1
+        return run_as_job(args, debug)
+    except BrokenPipeError:
+        return stdout_gone()
 
 
-_SAID = "(said on stderr)"
-
-
-def _run_saying_why(args: argparse.Namespace, debug: bool) -> int:
-    """The command. Its error line is printed here, inside the job's ``attach``: a job's status
-    says ``failed`` only once its last output line (what the pages show as the reason's
-    source) is written. Seen on a loaded machine: a status read as failed before the line."""
+def _flush_stdout() -> None:
     try:
-        return args.func(args)
-    except Exception as exc:
-        if not debug:
-            _say(exc, expected=isinstance(exc, ValueError | OSError))
-        raise
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise SystemExit(stdout_gone()) from None
 
 
-def _say(exc: BaseException, expected: bool) -> None:
-    """The one line of an error, once (the note marks it said)."""
-    if _SAID in getattr(exc, "__notes__", ()):
-        return
-    if expected:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-    else:
-        print(f"error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug "
-              "for the traceback)", file=sys.stderr, flush=True)
-    exc.add_note(_SAID)
+def stdout_gone() -> int:
+    """Stdout's reader has gone (``python -m engine models | head -1``): stop quietly. Further
+    writes, Python's own flush at exit included, go to /dev/null instead of raising again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind stdout (a test's capture)
+        pass
+    return BROKEN_PIPE
 
 
-def _slot_of(job):
-    """A spawned job that computes holds the slot its starter took for it until the process
-    ends (:mod:`engine.slots`); giving it back starts the next queued job."""
-    if job is None:
-        return contextlib.nullcontext()
-    from engine.budget import holding
-    from engine.slots import store_root_of
-
-    return holding(store_root_of(job.folder), job.folder, adopt_only=True)
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return " ".join(text.split())
-
-
-def exit_process(code: int) -> NoReturn:
-    """End ``python -m engine`` with ``code``.
+def exit_process(code: int) -> None:
+    """End ``python -m engine`` with ``code`` (never returns; ``typing.NoReturn`` would cost
+    the help's start a tenth of its time to import).
 
     A torchrun rank (``WORLD_SIZE`` > 1) ends without Python's finalization, once its logs and
     output are flushed. ``destroy_process_group`` leaves gloo's worker threads running (torch
@@ -145,7 +124,15 @@ def exit_process(code: int) -> NoReturn:
     of a dying interpreter and the rank aborts ("terminate called without an active
     exception"), so torchrun fails a finished run. Seen in 3 of 167 two-rank runs on a loaded
     2-core machine (0 of 150 since); a core dump showed the thread in ``~AsyncBarrierWork``."""
+    import os
+
+    try:
+        sys.stdout.flush()  # here, not at exit, where Python would print a traceback for it
+    except BrokenPipeError:
+        code = stdout_gone()
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        import logging
+
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -5,28 +5,53 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli.common import parse_floats, runs_dir_parent
+from engine.cli.common import add_command, parse_floats, runs_dir_parent
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", parents=[runs_dir_parent()],
-                       help="image, patch, localization and faithfulness metrics of a model")
+    p = add_command(
+        sub, "evaluate", parents=[runs_dir_parent()],
+        description="Every metric of a model over a data set, at its own ξ or a grid of them: "
+                    "image accuracy (or mAP), patch precision / recall / F, localization and, "
+                    "when asked, faithfulness against the Grad-CAM family. The backbone runs "
+                    "once per image (a progress bar shows it); each further ξ is a cheap "
+                    "re-decode. Prints a summary; writes report.json and CSV tables.",
+        examples=["evaluate first",
+                  "evaluate checkpoints/digits_small_cnn_la.pt --xi-grid 0,0.1,0.2,0.5,1",
+                  "evaluate first --metrics image,patch --out eval/",
+                  "evaluate first --faithfulness-images 200"])
     p.add_argument("source", help="a checkpoint .pt file, or a run name (its best checkpoint)")
-    p.add_argument("--dataset", "--data", dest="dataset",
-                   help="evaluate on another registered data set")
-    p.add_argument("--data-root")
-    p.add_argument("--test-size", type=int)
-    p.add_argument("--set", action="append", metavar="data.FIELD=VALUE")
-    p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--xi-grid", help="comma-separated ξ values, e.g. 0,0.1,0.2,...,1")
+    p.add_argument("--dataset", "--data", dest="dataset", metavar="NAME",
+                   help="evaluate on another registered data set (default: the model's own; "
+                        "python -m engine data list names them)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="the folder holding the data (default: the model's, else "
+                        "$LOSSATTN_DATA, else ./data)")
+    p.add_argument("--test-size", type=int, metavar="N",
+                   help="evaluate on this many test images (default: the model's data's)")
+    p.add_argument("--set", action="append", metavar="data.FIELD=VALUE",
+                   help="change another field of the data section (repeatable)")
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="which split (default: test)")
+    p.add_argument("--xi-grid", metavar="X,X,...",
+                   help="comma-separated ξ values, e.g. 0,0.1,0.2,...,1 (default: the model's "
+                        "ξ only)")
     p.add_argument("--metrics", default="auto",
-                   help="auto, or a comma list of image,patch,localization,faithfulness")
-    p.add_argument("--faithfulness-images", type=int, default=0,
-                   help="also measure faithfulness on this many images (e.g. 200)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="report folder (default: the run's eval/ or ./eval-NAME)")
+                   help="auto, or a comma list of image, patch, localization, faithfulness "
+                        "(default: auto, every group the model and the data allow, "
+                        "faithfulness aside)")
+    p.add_argument("--faithfulness-images", type=int, default=0, metavar="N",
+                   help="also measure faithfulness on this many images, e.g. 200 (default: 0, "
+                        "not measured)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder (default: the run's eval/, or ./eval-NAME for a file)")
     p.add_argument("--allow-class-mismatch", action="store_true",
-                   help="evaluate on data whose class names differ from the model's")
+                   help="evaluate on data whose class names differ from the model's (default: "
+                        "refused)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (default: bars on stderr)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -61,7 +86,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   force=args.allow_class_mismatch)
     xi_grid = parse_floats(args.xi_grid, "--xi-grid") if args.xi_grid else None
     report = evaluate_model(model.to(device), data, device, xi_grid=xi_grid,
-                            groups=args.metrics, faithfulness_images=args.faithfulness_images)
+                            groups=args.metrics, faithfulness_images=args.faithfulness_images,
+                            progress=not args.quiet)
     report["source"] = str(args.source)
     default_out = run.path / "eval" if run else Path(f"eval-{Path(args.source).stem}")
     paths = write_report(report, args.out or default_out)

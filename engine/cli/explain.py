@@ -1,6 +1,6 @@
 """``explain``: a model's explanation of image files, as files (what the Patch Explorer shows).
 
-  python -m engine explain CHECKPOINT IMAGE... [--xi X] [--method M ...] [--class C] --out DIR
+  python -m engine explain CHECKPOINT IMAGE... [--xi X] [--method M ...] [--class C] [--out DIR]
 
 Each image is read exactly as the app reads an upload (EXIF orientation, any mode, the model's
 resize policy, :func:`engine.inputs.image_from_bytes`). Per image, in ``DIR``:
@@ -15,24 +15,38 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli.common import runs_dir_parent
+from engine.cli.common import add_command, runs_dir_parent
 
 CAMS = ("gradcam", "gradcam++", "scorecam")
 
 
+DEFAULT_OUT = "explained"
+
+
 def register(sub) -> None:
-    p = sub.add_parser("explain", parents=[runs_dir_parent()],
-                       help="overlay PNG, weights CSV and prediction JSON for image files")
+    p = add_command(
+        sub, "explain", parents=[runs_dir_parent()],
+        description="A model's explanation of image files, as the Patch Explorer shows it: "
+                    "per image NAME-loss_attention.png (the patch weights over the image, "
+                    "removed patches greyed), NAME-weights.csv (one row per patch), "
+                    "NAME-METHOD.png for each Grad-CAM method asked for, and NAME.json (the "
+                    "prediction, the kept patches, Eq. 5's breakdown). Any image format, size "
+                    "and mode, read as the app reads an upload.",
+        examples=["explain first photo.jpg",
+                  "explain checkpoints/digits_small_cnn_la.pt scan.png --xi 0.2 --out shown/",
+                  "explain first img.png --method all --class 7"])
     p.add_argument("source", help="a checkpoint .pt file, or a run name (its best checkpoint)")
     p.add_argument("images", nargs="+", help="image files (any format, size and mode)")
-    p.add_argument("--xi", type=float, help="threshold ξ in [0, 1] (default: the model's)")
+    p.add_argument("--xi", type=float, metavar="X",
+                   help="threshold ξ in [0, 1] (default: the model's)")
     p.add_argument("--method", action="append", choices=["loss_attention", *CAMS, "all"],
-                   help="repeatable; default loss_attention (the Grad-CAM family needs "
+                   help="repeatable (default: loss_attention; the Grad-CAM family needs "
                    "gradients: slower, Score-CAM most)")
-    p.add_argument("--class", dest="klass",
-                   help="explain this class (a name of the model's classes; default: the "
+    p.add_argument("--class", dest="klass", metavar="CLASS",
+                   help="explain this class, one of the model's class names (default: the "
                    "predicted one)")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output folder, created (default: ./{DEFAULT_OUT}/)")
     p.set_defaults(func=cmd_explain)
 
 

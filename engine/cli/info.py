@@ -4,25 +4,52 @@ from __future__ import annotations
 
 import argparse
 
+from engine.cli.common import add_command
+
+DATA_ACTIONS = {"list": "the registered data sets, one line each",
+                "check": "load one data set's splits: counts, classes, boxes (proves the files "
+                         "are there)"}
+
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list registered backbones, heads and presets")
+    p = add_command(
+        sub, "models", description="The registered backbones and heads, with one line each, "
+                                   "and the presets that train and sweep take (--preset).",
+        examples=["models", "models | grep capsule"])
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("data", help="list data sets, or check that one loads")
-    p.add_argument("action", choices=["list", "check"])
-    p.add_argument("dataset", nargs="?")
-    p.add_argument("--data-root")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--download", action="store_true")
+    p = add_command(
+        sub, "data", description="The data sets: list them, or check that one loads. The "
+                                 "embedded digits need no files; the others are looked for "
+                                 "under --data-root, $LOSSATTN_DATA and ./data.",
+        examples=["data list", "data check digits", "data check cifar10 --download",
+                  "data check coco --data-root /data --split test"])
+    actions = p.add_argument_group("actions")
+    # Named by its choices: "required: {list,check}" tells a newcomer what to type.
+    actions.add_argument("action", choices=list(DATA_ACTIONS),
+                         metavar="{" + ",".join(DATA_ACTIONS) + "}",
+                         help="; ".join(f"{k}: {v}" for k, v in DATA_ACTIONS.items()))
+    actions.add_argument("dataset", nargs="?", metavar="DATASET",
+                         help="check: the data set's name (see data list)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="the folder holding the data or a folder above it (default: "
+                        "$LOSSATTN_DATA, else ./data)")
+    p.add_argument("--input-size", type=int, metavar="N",
+                   help="side of the square input (default: the data set's native size)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR / SVHN files that are missing (default: no network)")
     p.add_argument("--skip-unreadable", action="store_true",
-                   help="count missing or unreadable images instead of failing on them")
+                   help="count missing or unreadable images instead of failing on them "
+                        "(default: fail, naming them)")
     p.add_argument("--split", choices=["train", "test", "both"], default="both",
-                   help="check one split only (a slice of COCO holds only val2017)")
-    p.add_argument("--train-split", help="the train split's name (data.train_split, e.g. "
-                   "COCO train2017)")
-    p.add_argument("--test-split", help="the test split's name (data.test_split, e.g. COCO "
-                   "val2017)")
+                   help="check one split only, e.g. a slice of COCO holding only val2017 "
+                        "(default: both)")
+    p.add_argument("--train-split", metavar="NAME",
+                   help="the train split's folder name (data.train_split, e.g. COCO "
+                        "train2017; default: the data set's own)")
+    p.add_argument("--test-split", metavar="NAME",
+                   help="the test split's folder name (data.test_split, e.g. COCO val2017; "
+                        "default: the data set's own)")
     p.set_defaults(func=cmd_data)
 
 

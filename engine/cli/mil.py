@@ -9,6 +9,8 @@ import sys
 import typing
 from pathlib import Path
 
+from engine.cli.common import add_command
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -25,36 +27,69 @@ def _flag_type(hint):
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
+    from engine.cli.fieldhelp import field_docs
     from engine.mil.config import MilConfig
 
     hints = typing.get_type_hints(MilConfig)
+    docs = field_docs(MilConfig)
     for f in dataclasses.fields(MilConfig):
         if f.name == "method":  # --method takes a list, below
             continue
         flag = f"--{f.name.replace('_', '-')}"
         if hints[f.name] is bool:  # --report-test-max / --no-report-test-max
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"MilConfig.{f.name} (default {str(f.default).lower()})")
+                           help=_field_help(f, docs, str(f.default).lower()))
             continue
         default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        p.add_argument(flag, type=_flag_type(hints[f.name]),
-                       help=f"MilConfig.{f.name} (default {default})")
+        p.add_argument(flag, type=_flag_type(hints[f.name]), metavar=_metavar(hints[f.name]),
+                       help=_field_help(f, docs, default))
+
+
+FALLBACK = {"folds": "folds of the cross-validation", "repeats": "times the whole CV is "
+            "repeated with reshuffled folds", "seed": "seed of the fold split and the weights",
+            "lr": "Adam's learning rate", "weight_decay": "Adam's weight decay",
+            "dropout": "dropout before the MIL pooling", "hidden": "widths of the instance "
+            "network's hidden layers, comma-separated"}
+"""What a MilConfig field without a docstring does (its docstring, once written, wins)."""
+
+
+def _field_help(field, docs: dict[str, str], default) -> str:
+    text = docs.get(field.name) or FALLBACK.get(field.name, f"MilConfig.{field.name}")
+    return f"{text.rstrip('.')} (default: {default})".replace("%", "%%")
+
+
+def _metavar(hint) -> str:
+    return {int: "N", float: "X"}.get(hint, "N,N,..." if typing.get_origin(hint) is tuple
+                                      else "NAME")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("mil", help="multiple-instance learning: repeated k-fold CV, results table")
-    p.add_argument("--dataset", default="digit_bags",
+    p = add_command(
+        sub, "mil", description="Multiple-instance learning: repeated k-fold cross-validation "
+                                "(5 x 10 folds by default) of MIL methods on the classic bag "
+                                "data sets, and the results table beside the AAAI paper's. "
+                                "digit_bags is embedded; the five benchmarks are read from "
+                                "--data-root (or $LOSSATTN_DATA)/mil/<set>/.",
+        examples=["mil --dataset digit_bags --method loss_attention",
+                  ("mil --dataset all --method loss_attention,attention,gated_attention "
+                   "--out results/mil"), "mil --dataset musk1 --epoch-choice inner_cv"])
+    p.add_argument("--dataset", default="digit_bags", metavar="NAMES",
                    help="all (the five benchmarks), or a comma list of musk1, musk2, fox, tiger, "
-                        "elephant, digit_bags, a miproblems folder or a CSV file")
-    p.add_argument("--method", default="loss_attention",
-                   help="comma list of MIL methods (see engine.mil.models.MIL_METHODS)")
-    p.add_argument("--out", default="results/mil", help="results folder (merged into)")
-    p.add_argument("--data-root", help="folder holding mil/<set>/ (default $LOSSATTN_DATA)")
+                        "elephant, digit_bags, a miproblems folder or a CSV file (default: "
+                        "digit_bags)")
+    p.add_argument("--method", default="loss_attention", metavar="NAMES",
+                   help="comma list of MIL methods (engine.mil.models.MIL_METHODS; default: "
+                        "loss_attention)")
+    p.add_argument("--out", default="results/mil", metavar="DIR",
+                   help="results folder, merged into (default: results/mil)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="folder holding mil/<set>/ (default: $LOSSATTN_DATA)")
     add_config_flags(p)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: this job's share of the cores among the "
                         "jobs of the run store, engine.slots)")
-    p.add_argument("--quiet", action="store_true", help="no per-pair log lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no per-pair log lines (default: one per data set and method)")
     p.set_defaults(func=cmd_mil)
 
 

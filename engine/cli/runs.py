@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-from engine.cli.common import command_line, quiet_parent, runs_dir_parent, store_of
+from engine.cli.common import add_command, command_line, quiet_parent, runs_dir_parent, store_of
+from engine.cli.estimate import say_if_long
+from engine.cli.formatting import Deferred
 from engine.presets import describe_presets, preset_names
 
 # Convenience flags: flag -> (section, field, type). Anything else: --set section.field=value.
@@ -27,61 +30,119 @@ SWITCHES = {"compile": ("train", "compile", True), "no_amp": ("train", "amp", Fa
             "download": ("data", "download", True)}
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that make a RunConfig (train and sweep share them)."""
-    p.add_argument("--config", help="RunConfig JSON file (sections model, data, loss, train)")
+def add_config_flags(p: argparse.ArgumentParser, own_preset: str = "auto") -> None:
+    """The flags that make a RunConfig (train, sweep and transfer share them). A field's flag
+    help is its docstring in engine.config, its choices and its default per preset
+    (:mod:`engine.cli.fieldhelp`), made when help is shown. ``own_preset``: the preset a run
+    of this command gets when it names none (auto: its data set's own)."""
+    from engine.cli.fieldhelp import field_help
+
+    def help_of(section: str, key: str) -> Deferred:
+        return Deferred(functools.partial(field_help, section, key, own_preset))
+
+    p.add_argument("--config", metavar="FILE",
+                   help="a RunConfig JSON file (sections model, data, loss, train, transfer); "
+                        "the flags and --set change it (default: none, every field its default)")
     p.add_argument("--preset", choices=[*preset_names(), "none"], default=None,
-                   help="fill the fields not given by the file, the flags or --set from a "
+                   help="fill the fields that the file, the flags and --set leave out from a "
                         "named preset: " + "; ".join(describe_presets())
-                        + "; none: no preset, not even the data set's default (the fields "
-                        "keep their RunConfig defaults)")
+                        + "; none: no preset, not even the data set's own (the fields keep "
+                        "their RunConfig defaults). Default: " + (
+                            "the data set's own (the digits: live; the paper's data sets: none)"
+                            if own_preset == "auto" else own_preset))
     for flag, (section, key, kind) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
-                       help=f"{section}.{key}")
+                       metavar=METAVARS.get(flag) or METAVARS.get(kind, "NAME"),
+                       help=help_of(section, key))
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="any other config field, e.g. --set model.stride_plan=[1,2,1,1]")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--download", action="store_true", help="download CIFAR/SVHN if missing")
-    p.add_argument("--name", help="run name (default: made from data, model and time)")
-    p.add_argument("--tag", action="append", help="tag the run (repeatable)")
+                   help="any other config field, as JSON where it parses (repeatable), e.g. "
+                        "--set model.stride_plan=[1,2,1,1] --set data.augment=false")
+    p.add_argument("--compile", action="store_true", help=help_of("train", "compile"))
+    p.add_argument("--no-amp", action="store_true", help=Deferred(
+        lambda: "turn train.amp off: " + field_help("train", "amp", own_preset)))
+    p.add_argument("--download", action="store_true", help=help_of("data", "download"))
+    p.add_argument("--name", help="the run's name: 1-80 letters, digits, '.', '_' or '-' "
+                                  "(default: made from the data, the model and the time)")
+    p.add_argument("--tag", action="append",
+                   help="tag the run (repeatable; default: no tags)")
+
+
+METAVARS = {int: "N", float: "X", "data_root": "DIR", "device": "DEVICE"}
+"""A flag's placeholder in the usage line: by its name, else by its type."""
 
 
 def register(sub) -> None:
     runs_dir, quiet = runs_dir_parent(), quiet_parent()
-    p = sub.add_parser("train", parents=[runs_dir, quiet], help="create a run and train it")
+    p = add_command(
+        sub, "train", parents=[runs_dir, quiet],
+        description="Create a run and train it, here with a progress bar or with --background "
+                    "in a process of its own; torchrun starts it on several GPUs. With no "
+                    "flags it trains the app's default: the embedded digits, the small CNN "
+                    "with the Loss-Attention head and the live preset (2 epochs, about a "
+                    "minute on a laptop CPU). The paper's ResNet18 and 200-epoch schedule "
+                    "come with --preset paper (hours on a CPU: a run estimated at over 10 "
+                    "minutes says so before it starts). What you give (a --config file, then "
+                    "the flags, then --set) wins over the preset, which wins over the "
+                    "RunConfig defaults.",
+        examples=["train --name first",
+                  "train --name cifar --preset paper --dataset cifar10 --download",
+                  "train --config run.json --set model.xi=0.5 --background",
+                  "train --name mine --epochs 5 --gamma-max 0.1 --xi 0.2"])
     add_config_flags(p)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("resume", parents=[runs_dir, quiet], help="continue a stopped run")
-    p.add_argument("name")
+    p = add_command(
+        sub, "resume", parents=[runs_dir, quiet],
+        description="Continue a stopped or killed run from its last checkpoint (last.pt, "
+                    "written every epoch and every train.checkpoint_minutes), with the "
+                    "config it was created with.",
+        examples=["resume first", "resume first --background"])
+    p.add_argument("name", help="the run's name (python -m engine runs lists them)")
     p.set_defaults(func=cmd_resume)
+    _register_runs(sub, runs_dir)
+    _register_export(sub, runs_dir)
 
-    p = sub.add_parser("runs", parents=[runs_dir], help="list, show, stop or delete runs")
+
+def _register_runs(sub, runs_dir) -> None:
+    p = add_command(
+        sub, "runs", parents=[runs_dir],
+        description="The run store: one folder per run (config, metrics, status, log, "
+                    "checkpoints) and an SQLite index of them. Without an action it lists "
+                    "the runs.",
+        examples=["runs", "runs show first", "runs stop first", "runs delete first",
+                  "runs reindex"])
     p.set_defaults(func=cmd_runs)
-    actions = p.add_subparsers(dest="action")
+    actions = p.add_subparsers(dest="action", title="actions", metavar="ACTION",
+                               help="default: list")
     nested = runs_dir_parent(nested=True)
     for action, text in (("list", "table of runs"), ("reindex", "rebuild the SQLite index"),
                          ("show", "status, config and last metrics of a run"),
                          ("stop", "ask a running run to stop"), ("delete", "remove a run")):
-        a = actions.add_parser(action, parents=[nested], help=text)
+        a = actions.add_parser(action, parents=[nested], help=text, description=text)
         if action not in ("list", "reindex"):
-            a.add_argument("name")
+            a.add_argument("name", help="the run's name")
 
-    p = sub.add_parser("export", parents=[runs_dir],
-                       help="write a run's best model as a small checkpoint + model card")
-    p.add_argument("name")
-    p.add_argument("--out", required=True, help="output .pt path (the card goes beside it, .md)")
-    p.add_argument("--peer", type=int, help="mutual-transfer runs: which peer (default 0)")
+
+def _register_export(sub, runs_dir) -> None:
+    p = add_command(
+        sub, "export", parents=[runs_dir],
+        description="Write a run's best model as a small checkpoint that rebuilds it alone, "
+                    "with a model card beside it (.md: config, measured metrics, how to "
+                    "reproduce it). The app, evaluate and explain take such a file.",
+        examples=["export first --out first.pt", "export first --out first.pt --half"])
+    p.add_argument("name", help="the run's name")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output .pt path (the card goes beside it, .md)")
+    p.add_argument("--peer", type=int, metavar="N",
+                   help="mutual-transfer runs: which peer (default: 0, the run's model)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="do not measure patch precision / recall / F and localization on the "
-                   "test set for the card (they are measured by default where the data has "
-                   "boxes)")
+                   "test set for the card (default: measured where the data has boxes)")
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (half the size; loading decodes them "
-                        "exactly, and the card measures the stored weights)")
+                        "exactly, and the card measures the stored weights; default: float32)")
     p.set_defaults(func=cmd_export)
 
 
@@ -168,10 +229,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = build_run_config(args)
     store = store_of(args)
     if args.background:
+        from engine.train import prepare_run_config
+
+        say_if_long(prepare_run_config(config), store, _say)  # said before it competes for CPU
         run = launch.launch(store, config)
         print(_background_line(run, "started"))
         return 0
     return _train_here(store, config, args.quiet)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _background_line(run, verb: str) -> str:
@@ -196,7 +264,9 @@ def _train_here(store, config, quiet: bool) -> int:
     if dist.is_main:
         run = store.create(prepare_run_config(config))
         run.update_status(command=command_line())
-        print(f"run {run.name}: {run.path}", file=sys.stderr)
+        print(f"run {run.name}: {run.path}", file=sys.stderr, flush=True)
+        if dist.world == 1:  # torchrun's ranks would wait on rank 0's timing
+            say_if_long(run.config(), store, _say)
         name = [run.name]
     if dist.world > 1:
         import torch.distributed as tdist

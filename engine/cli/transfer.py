@@ -3,35 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
-from engine.cli.common import runs_dir_parent, store_of
-from engine.cli.runs import add_config_flags, run_config_data, validated_run_config
+from engine.cli.common import add_command, runs_dir_parent, store_of
+from engine.cli.fieldhelp import field_help
+from engine.cli.formatting import Deferred
+from engine.cli.runs import METAVARS, add_config_flags, run_config_data, validated_run_config
 
 TRANSFER_FLAGS = {"lam": float, "grid": int, "map_source": str, "layers": int, "power": float,
                   "kl": float}
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "transfer", parents=[runs_dir_parent()],
-        help="train peers with mutual transfer of local attention maps and alone (the "
-             "control), then compare their faithfulness")
-    add_config_flags(p)
+    p = add_command(
+        sub, "transfer", parents=[runs_dir_parent()],
+        description="Train two or more peers together with the local attention-map transfer "
+                    "loss, and the same peers alone with the same seeds (the control), then "
+                    "judge every peer's maps by faithfulness (deletion, insertion, pointing) "
+                    "and print the comparison beside the seed paper's. The runs are ordinary "
+                    "runs (EXPERIMENT-sSEED-mutual / -alone). Unlike train, no preset applies "
+                    "unless --preset names one.",
+        examples=["transfer --peer small_cnn --peer small_cnn --lam 1 --epochs 8 --seeds 0,1,2",
+                  ("transfer --peer small_cnn --peer small_cnn/plain --experiment mine "
+                   "--train-size 4000")])
+    add_config_flags(p, own_preset="none")  # an experiment's own protocol: transfer_config
     p.add_argument("--peer", action="append", metavar="BACKBONE[/HEAD]",
-                   help="a peer (repeat: two or more); the head defaults to loss_attention")
+                   help="a peer (repeat: two or more); HEAD defaults to loss_attention "
+                        "(default: the --config file's model and transfer.peers)")
     for flag, kind in TRANSFER_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
-                       help=f"transfer.{flag}")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+                       metavar=METAVARS.get(kind, "NAME"),
+                       help=Deferred(functools.partial(field_help, "transfer", flag)))
+    p.add_argument("--seeds", default="0", metavar="N,N,...",
+                   help="comma-separated seeds, e.g. 0,1,2 (default: 0)")
     p.add_argument("--experiment", default="transfer",
-                   help="names the runs (EXPERIMENT-sSEED-mutual / -alone) and the results")
+                   help="names the runs (EXPERIMENT-sSEED-mutual / -alone) and the results "
+                        "(default: transfer)")
     p.add_argument("--eval-images", type=int, default=500,
-                   help="test images on which the maps are judged")
-    p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
-    p.add_argument("--out", help="results folder (default results/transfer/EXPERIMENT)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   metavar="N", help="test images on which the maps are judged (default: 500)")
+    p.add_argument("--steps", type=int, default=16, metavar="N",
+                   help="deletion / insertion steps (default: 16)")
+    p.add_argument("--out", metavar="DIR",
+                   help="results folder (default: results/transfer/EXPERIMENT)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: a bar on stderr)")
     p.set_defaults(func=cmd_transfer)
 
 

@@ -407,7 +407,7 @@ def explorer_checks(trained: Trained, root: Path, report: Report, echo) -> None:
     Eq. 5's breakdown and Grad-CAM, computed on the model's device."""
     from PIL import Image
 
-    from engine.cli.explain import explain_file
+    from engine.explain_image import explain_file
 
     model, run, data = trained.model, trained.run, trained.data
 

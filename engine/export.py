@@ -113,8 +113,9 @@ def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: b
     mutual-transfer run, ``peer`` (default 0) says which peer, exported as itself. With
     ``evaluate``, the card also reports :func:`explanation_metrics`. ``half``: floating-point
     tensors stored as float16 (half the size; a model loads them into float32 exactly, so what
-    the card measures is what any later load computes). ``title``: the card's heading (the
-    run's name by default)."""
+    the card measures is what any later load computes). ``title``: the card's heading (by
+    default the file's stem: the name the app's model picker shows, so that a model has one
+    name on the card and in the app, whatever its run was called)."""
     from engine.errors import RunError
 
     out = Path(out)
@@ -136,5 +137,5 @@ def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: b
                    if evaluate and peers == 1 else None)
     card = out.with_suffix(".md")
     card.write_text(model_card(run, ckpt.get("metrics", {}), out.stat().st_size, params,
-                               peer or 0, explanation, half, title))
+                               peer or 0, explanation, half, title or out.stem))
     return out, card

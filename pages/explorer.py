@@ -145,8 +145,9 @@ def pick_filters(loaded, data, collected) -> Picked:
     """Which test images, and which of them: drawn outside the ξ fragment, so that a ξ move
     does not redraw them (the browser redraws the page once per element it receives). The
     count in the position's label is at the ξ of the last full run; the gallery's caption
-    gives it at the current ξ."""
-    c1, c2, c3, c4 = st.columns(4)
+    gives it at the current ξ. Two by two: they sit in a fold a third of the page wide."""
+    c1, c2 = st.columns(2)
+    c3, c4 = st.columns(2)
     names = class_options(data.classes)
     outcome = c1.selectbox("Show", OUTCOMES, **keep("ex_outcome", "all", OUTCOMES))
     true_name = c2.selectbox("True class", names, **keep("ex_true", "any", names))
@@ -194,7 +195,8 @@ def show_gallery(slot, indices, position: int, data, model_path: str, xi: float)
     # One strip image rather than twelve: one media file per rerun keeps the slider quick.
     slot.image(gallery_png(model_path, tuple(shown), position - start, data),
                caption=f"images #{start}-#{start + len(shown) - 1} of the {len(indices)} that "
-               f"pass the filters at ξ = {xi:.2f}; the framed one (#{position}) is shown below")
+               f"pass the filters at ξ = {xi:.2f}; the framed one (#{position}) is shown above "
+               "(another: Images, at the top)")
 
 
 def xi_slider(model) -> float:
@@ -204,32 +206,35 @@ def xi_slider(model) -> float:
                      "above-average ones.", **keep("xi", float(model.config.xi)))
 
 
-def view_controls(classes: list[str], num_patches: int, partner: str | None,
-                  gamma: float) -> dict:
-    """A row of view options, outside the ξ fragment: the class whose patch logits are listed,
-    how many patches the breakdown shows, and the with/without-patch-loss view."""
-    c1, c2, c3, c4 = st.columns(4)
+def view_controls(classes: list[str], num_patches: int) -> dict:
+    """The view options, outside the ξ fragment (in their fold): the class whose patch logits
+    are listed and how many patches the breakdown shows."""
+    c1, c2 = st.columns(2)
     choices = ["predicted", *classes]
     logits_of = c1.selectbox("Patch logits for class", choices,
                              **keep("ex_class", "predicted", choices))
     most = max(2, min(12, num_patches))
     top_k = c2.slider("Patches in the breakdown", 1, most,
                       **keep("ex_topk", min(5, most), low=1, high=most))
-    compare = False
-    if partner is not None:
-        # The pair has exactly one model without the patch loss: this one, or the partner.
-        compare = c3.toggle("Beside: γmax = 0" if gamma else "Beside: with patch loss",
-                            **keep("ex_pair", False),
-                            help=f"With / without the patch loss: beside this model, {partner}, "
-                            "trained the same way but with the other γmax (γmax = 0: no patch "
-                            "loss). Same image, same ξ.")
-    return {"logits_of": logits_of, "top_k": top_k, "compare": compare, "partner": partner,
-            "gamma_column": c4}
+    return {"logits_of": logits_of, "top_k": top_k}
 
 
-def gamma_control(current: str, gamma: float, column) -> GammaSource | None:
-    """*γmax slides over* (in ``column``, with the view options): a shipped family, or a
-    sweep's cells that differ only in γmax. Choosing one opens its model nearest this γmax.
+def pair_toggle(partner: str | None, gamma: float) -> bool:
+    """The with / without-patch-loss view, in sight above the map (not in a fold): the
+    paper's ablation on one image is what a class is shown first."""
+    if partner is None:
+        return False
+    # The pair has exactly one model without the patch loss: this one, or the partner.
+    return st.toggle("Beside: γmax = 0" if gamma else "Beside: with patch loss",
+                     **keep("ex_pair", False),
+                     help=f"With / without the patch loss: beside this model, {partner}, "
+                     "trained the same way but with the other γmax (γmax = 0: no patch "
+                     "loss). Same image, same ξ, both maps the same size.")
+
+
+def gamma_control(current: str, gamma: float) -> GammaSource | None:
+    """*γmax slides over* (with the view options): a shipped family, or a sweep's cells that
+    differ only in γmax. Choosing one opens its model nearest this γmax.
     Returns the source the γmax slider (:func:`gamma_slider`) moves over, if any."""
     sources = gamma_sources(current)
     names = [NONE, *[s.name for s in sources]]
@@ -250,11 +255,11 @@ def gamma_control(current: str, gamma: float, column) -> GammaSource | None:
         if new is not None and new.stops:  # its model nearest this γmax
             open_stop(new.stops[min(new.stops, key=lambda g: abs(g - gamma))])
 
-    column.selectbox("γmax slides over", names, key=f"w_{GAMMA_OVER}", on_change=over_changed,
-                     help="γmax shapes training, so each stop of the γmax slider is a model "
-                          "trained at that γmax: a shipped family (the live preset's: γmax 0 "
-                          "to 3, the README's default command; the 30-epoch pair: 0 and 0.1), "
-                          "or the cells of a finished sweep that differ only in γmax.")
+    st.selectbox("γmax slides over", names, key=f"w_{GAMMA_OVER}", on_change=over_changed,
+                 help="γmax shapes training, so each stop of the γmax slider is a model "
+                      "trained at that γmax: a shipped family (the live preset's: γmax 0 to 3, "
+                      "the README's default command; the 30-epoch pair: 0 and 0.1), or the "
+                      "cells of a finished sweep that differ only in γmax.")
     if chosen is not None and chosen.problem:
         st.warning(chosen.problem)
         return None
@@ -289,8 +294,12 @@ def rerun_after_gamma_move() -> None:
         st.rerun(scope="app")
 
 
-def show_map(story, shown, key: str, title=None, height=430, colour_bar=True,
-             caption: str | None = None, fit: bool = False) -> None:
+MAP_HEIGHT = 430  # the map alone: with the title and the folds above it, within 768 px
+PAIR_HEIGHT = 350  # two maps side by side, each in half of the map's column at 1366 px
+
+
+def show_map(story, shown, key: str, title=None, height=MAP_HEIGHT, colour_bar=True,
+             caption: str | None = None) -> None:
     """The patch map (SVG marked ``data-map=key`` for the browser test) as an image: as markup
     it would go through Streamlit's markdown parser on every ξ move (``st.html`` strips SVG)."""
     svg = patch_map_svg(shown.image, story.grid.boxes.numpy(), story.grid.rows, story.grid.cols,
@@ -298,9 +307,9 @@ def show_map(story, shown, key: str, title=None, height=430, colour_bar=True,
                         true_boxes=[b for _, b in shown.boxes],
                         selection_box=story.selection_box, title=title, height=height,
                         colour_bar=colour_bar, name=key)
-    # At its own size (``fit``: the column's width, two maps side by side): stretched to the
-    # wide column it would push the slider's view off the screen.
-    st.image(svg, caption=caption, width="stretch" if fit else svg_width(svg))
+    # At its own size: stretched to the wide column it would push the map below the screen,
+    # and of two maps side by side the narrower SVG would be drawn the smaller.
+    st.image(svg, caption=caption, width=svg_width(svg))
 
 
 def show_facts(story, classes: list[str], shown: Shown, xi: float) -> None:
@@ -342,8 +351,18 @@ def show_partner(partner: str, data, shown: Shown, xi: float) -> None:
         out = decode(model, collected, xi)
     story = image_story(model, out, index, int(out.logits[index].argmax()), data.multilabel)
     title = f"γmax = {gamma_of(loaded):g}: {map_title(story, data.classes)}"
-    show_map(story, shown, "ex_map_partner", title=title, height=360, colour_bar=False,
-             fit=True)
+    show_map(story, shown, "ex_map_partner", title=title, height=PAIR_HEIGHT, colour_bar=False)
+
+
+def map_caption(name: str, paired: bool = False) -> str:
+    """What the map's marks mean, the kept-patch box's size included: a patch reads more
+    pixels than the cell it is drawn in (cells tile the image around the patch centres, and
+    patches overlap), so the box around what the kept patches read reaches past their cells."""
+    scale = "√α colour scale: dark small, yellow large" if paired else "fixed √α colour scale"
+    return (f"{name}: each patch tinted by its weight α ({scale}), grey where ξ removed it; "
+            "red: the true box. Dashed blue: the kept-patch box, around every pixel the kept "
+            "patches read. It reaches past their tinted cells: a patch reads more than its "
+            "cell (cells tile the image around the patch centres; patches overlap).")
 
 
 def map_title(story, classes) -> str:
@@ -365,19 +384,18 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
     predicted = int(out.logits[shown.index].argmax())
     klass = predicted if view["logits_of"] == "predicted" else classes.index(view["logits_of"])
     story = image_story(model, out, shown.index, klass, data.multilabel)
-    caption = (f"{shown.name}: each patch tinted by its weight α (fixed √α colour scale); grey: "
-               "removed by the threshold; red: true box; dashed blue: box of the kept patches.")
     with main:
         if view["compare"]:
             picture, other = st.columns(2)
             with picture:
+                # No colour bar on either: it would make this map the narrower of the two.
                 show_map(story, shown, "ex_map", title=f"γmax = {gamma_of(loaded):g} (this "
-                         f"model): {map_title(story, classes)}", height=360, caption=caption,
-                         fit=True)
+                         f"model): {map_title(story, classes)}", height=PAIR_HEIGHT,
+                         colour_bar=False, caption=map_caption(shown.name, paired=True))
             with other:
                 show_partner(view["partner"], data, shown, xi)
         else:
-            show_map(story, shown, "ex_map", caption=caption)
+            show_map(story, shown, "ex_map", caption=map_caption(shown.name))
     with controls:
         show_facts(story, classes, shown, xi)
     left, right = st.columns([2, 3], gap="medium")
@@ -387,7 +405,8 @@ def show_story(loaded, data, out, collected, shown: Shown, xi: float, controls, 
         st.image(sorted_scores_svg(cut.scores.tolist(), story.selected.tolist(), cut.cut,
                                    cut.score_name, cut.cut_name, name="ex_scores"))
     with right:
-        show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"])
+        show_breakdown(out, shown.index, data.multilabel, classes, view["top_k"],
+                       removed=int((story.weights == 0).sum()))
     # Toggles, not expanders: an expander's content is built and sent on every ξ move even
     # when closed (a chart, the PNG and the CSV), and the slider waits on it.
     if shipped_family(loaded.path) and st.toggle(
@@ -431,7 +450,9 @@ def gamma_effects_view(xi: float, gamma: float) -> None:
         st.markdown("\n".join(f"- {line}" for line in effect_sentences(entries)))
 
 
-def show_breakdown(out, index, multilabel, classes, top_k) -> None:
+def show_breakdown(out, index, multilabel, classes, top_k, removed: int) -> None:
+    """Eq. 5 with this image's numbers, written out and as a table; ``removed``: how many
+    patches the threshold removed (α = 0), listed apart from the kept ones."""
     breakdown = prediction_breakdown(out, index, multilabel, patches=top_k)
     if not breakdown.exact:
         st.markdown("### How the prediction is built (Eq. 5)")
@@ -442,8 +463,8 @@ def show_breakdown(out, index, multilabel, classes, top_k) -> None:
                 "α, its logits O (the shared classifier on that patch alone) and its terms α·O. "
                 "Each α·O column sums to z, the image's logit; removed patches have α = 0 and "
                 "add nothing.")
-    st.latex(breakdown_latex(breakdown, classes, multilabel))
-    st.markdown(markdown_table(breakdown_rows(breakdown, classes, multilabel)))
+    st.latex(breakdown_latex(breakdown, classes, multilabel, removed=removed))
+    st.markdown(markdown_table(breakdown_rows(breakdown, classes, multilabel, removed=removed)))
 
 
 def extras(story, shown: Shown, classes, klass, xi) -> None:
@@ -462,10 +483,10 @@ def extras(story, shown: Shown, classes, klass, xi) -> None:
 @st.fragment
 def explore_test_set(loaded, data, collected, picked: Picked, view: dict) -> None:
     """What a ξ move redraws: the slider, the map, the facts, the cut, Eq. 5 and the gallery
-    (last, though shown first: the filtered list changes with ξ)."""
+    (last, though shown under the map: the filtered list changes with ξ)."""
     rerun_after_gamma_move()
-    gallery = st.empty()
     controls, main = st.columns([1, 3.4], gap="medium")
+    gallery = st.empty()  # under the map: the map is what a first screen is for
     with controls:
         xi = xi_slider(loaded.model)
         gamma_slider(view["family"], gamma_of(loaded))
@@ -569,6 +590,32 @@ def pick_file(loaded, data, source: str) -> tuple[bytes, str, str] | None:
     return upload.getvalue(), upload.name, "unknown (your image)"
 
 
+def choices(loaded, data, collected) -> tuple[str, Picked | None, tuple | None, dict]:
+    """One row above the map: the images (source, filters, sample or upload) and the view
+    options each in a fold, the with / without toggle in sight. Folded, the row is one line,
+    so that at 1366x768 the ξ slider and the whole map are on the first screen; their values
+    live on (``keep``) while a fold is closed. Returns the source, the filters (test set) or the
+    chosen file (bytes, name, truth; None until there is one), and the view options."""
+    images, options, pair = st.columns([2.2, 2.2, 1.3])
+    picked = chosen = None
+    with images.expander("Images: test set, samples, your own; filters"):
+        sources = ["test set", *(["samples"] if data.name in SAMPLE_DATA else []),
+                   "upload your own"]
+        source = st.radio("Images", sources, horizontal=True,
+                          **keep("ex_source", sources[0], sources))
+        if source == "test set":
+            picked = pick_filters(loaded, data, collected)
+        else:
+            chosen = pick_file(loaded, data, source)
+    with options.expander("View options: class, breakdown, γmax"):
+        view = view_controls(data.classes, collected.grid.num_patches)
+        view["family"] = gamma_control(remembered(MODEL_KEY), gamma_of(loaded))
+    view["partner"] = patch_loss_partner(loaded.path)
+    with pair:
+        view["compare"] = pair_toggle(view["partner"], gamma_of(loaded))
+    return source, picked, chosen, view
+
+
 ensure_router()
 st.title("Patch Explorer")
 with guard("The Patch Explorer"):
@@ -583,20 +630,15 @@ with guard("The Patch Explorer"):
         st.stop()
     data, collected = collected_test_set(loaded)
     adopt_link_view(take_link(), len(data))
-    st.caption(f"{model.config.backbone} / {model.config.head} on {data.name} "
-               f"({len(data)} test images); trained at ξ = {model.config.xi}")
-    sources = ["test set", *(["samples"] if data.name in SAMPLE_DATA else []),
-               "upload your own"]
-    source = st.radio("Images", sources, horizontal=True, **keep("ex_source", sources[0], sources))
-    if source == "test set":
-        picked, chosen = pick_filters(loaded, data, collected), None
-    else:
-        chosen = pick_file(loaded, data, source)
-    view = view_controls(data.classes, collected.grid.num_patches,
-                         patch_loss_partner(loaded.path), gamma_of(loaded))
-    view["family"] = gamma_control(remembered(MODEL_KEY), gamma_of(loaded),
-                                   view.pop("gamma_column"))
+    # The model by the name the sidebar's picker (and a shipped model's card) gives it.
+    st.caption(f"**{md_text(remembered(MODEL_KEY).removeprefix('shipped: '))}**: "
+               f"{model.config.backbone} / "
+               f"{model.config.head} on {data.name} ({len(data)} test images), trained at "
+               f"ξ = {model.config.xi}, γmax = {gamma_of(loaded):g}")
+    source, picked, chosen, view = choices(loaded, data, collected)
     if source == "test set":
         explore_test_set(loaded, data, collected, picked, view)
     elif chosen is not None:
         explore_file(loaded, data, collected, view, *chosen)
+    else:
+        st.info("Choose an image to upload under *Images* above.")

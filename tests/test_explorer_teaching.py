@@ -71,18 +71,50 @@ def test_breakdown_says_when_the_head_is_not_a_weighted_sum():
 def test_breakdown_table_columns_sum_to_z_and_latex_shows_the_numbers():
     out = known_output()
     b = prediction_breakdown(out, 0, False, patches=2, classes=3)
-    rows = breakdown_rows(b, ["a", "b", "c"])
-    assert [r["term"] for r in rows] == ["patch 0", "patch 1", "the other 2 patches",
-                                         "z = Σ α·O", "softmax(z) over all classes"]
+    rows = breakdown_rows(b, ["a", "b", "c"], removed=1)
+    # the small kept patch apart from the removed one, which shows α = 0 and adds 0
+    assert [r["term"] for r in rows] == ["patch 0", "patch 1", "the other 1 patch kept, summed",
+                                         "the 1 patch removed", "z = Σ α·O",
+                                         "softmax(z) over all classes"]
+    assert rows[2]["α_m"] == "0.1000" and rows[3]["α_m"] == "0.0000"
+    assert [rows[3][f"α·O[{name}]"] for name in "abc"] == ["0.00"] * 3
     for name in "abc":
-        terms = sum(float(r[f"α·O[{name}]"]) for r in rows[:3])
-        assert terms == pytest.approx(float(rows[3][f"α·O[{name}]"]), abs=0.011)
+        terms = sum(float(r[f"α·O[{name}]"]) for r in rows[:4])
+        assert terms == pytest.approx(float(rows[4][f"α·O[{name}]"]), abs=0.011)
     assert rows[0]["O[a]"] == "5.00" and rows[0]["α·O[a]"] == "3.00"
     assert rows[2]["O[a]"] == ""  # a sum of patches has no single logit
-    latex = breakdown_latex(b, ["a", "b", "c"])
+    latex = breakdown_latex(b, ["a", "b", "c"], removed=1)
     assert r"0.600\times5.00" in latex and r"0.300\times2.00" in latex
-    assert "= 3.70" in latex and "other 2" in latex and r"\mathrm{softmax}" in latex
-    assert r"\sigma" in breakdown_latex(b, ["a", "b", "c"], multilabel=True)
+    assert "= 3.70" in latex and r"\mathrm{softmax}" in latex
+    assert "other 1 kept" in latex and "1 removed" in latex
+    assert r"\sigma" in breakdown_latex(b, ["a", "b", "c"], multilabel=True, removed=1)
+    with pytest.raises(ValueError, match="removed must be in 0..2"):
+        breakdown_rows(b, ["a", "b", "c"], removed=3)
+    # nothing removed (ξ = 0 keeps every patch): no removed row, no removed term
+    everything = breakdown_rows(b, ["a", "b", "c"], removed=0)
+    assert [r["term"] for r in everything][2:4] == ["the other 2 patches kept, summed",
+                                                   "z = Σ α·O"]
+
+
+def test_eq5_wraps_two_terms_to_a_line_and_brackets_negative_logits():
+    """Written on one line the sum ran 900 px into a 528 px column at 1366x768: it wraps."""
+    alpha = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    patch_logits = torch.tensor([[[-2.0, 1.0], [4.0, 0.0], [1.0, 1.0], [3.0, -1.0]]])
+    out = PatchOutput((alpha[..., None] * patch_logits).sum(1), patch_logits, alpha,
+                      grid_2x2())
+    b = prediction_breakdown(out, 0, False, patches=4, classes=2)
+    latex = breakdown_latex(b, ["a", "b"], removed=0, terms_shown=3)
+    lines = latex.split(r"\\")
+    sums = [line for line in lines if r"\times" in line or "underbrace" in line]
+    assert len(sums) == 2  # three products and the rest: two lines of two
+    assert all(line.count(r"\times") + line.count("underbrace") <= 2 for line in sums)
+    assert r"\times(-2.00)" in latex and "+ -" not in latex
+    # a term that rounds to zero is 0.00, not (-0.00)
+    tiny = PatchOutput(torch.tensor([[-0.001, -1.0]]), torch.tensor([[[-0.001, -1.0]] * 4]),
+                       torch.tensor([[1.0, 0.0, 0.0, 0.0]]), grid_2x2())
+    latex = breakdown_latex(prediction_breakdown(tiny, 0, False, patches=1, classes=2),
+                            ["a", "b"], removed=3)
+    assert r"1.000\times0.00" in latex and "= 0.00" in latex and "-0.00" not in latex
 
 
 def test_threshold_view_is_the_share_of_logit_norms_and_xi_over_m():
@@ -310,3 +342,19 @@ def test_eta_is_measured_not_promised():
     assert "measured once" in eta_text(90.0, 0.01, 100.0)
     # a quarter done in 60 s: three quarters left, 180 s
     assert eta_text(40.0, 0.25, 100.0) == "; about 3:00 left (1:00 so far)"
+
+
+def test_each_shipped_model_has_one_name_in_the_picker_and_on_its_card():
+    """The picker shows ``shipped: <file stem>``; the card is headed by the same name (it
+    was once the run's name, digits-small-la, beside digits_small_cnn_la in the picker)."""
+    from ui.st_state import SHIPPED_DIR
+
+    cards = [c for c in sorted(SHIPPED_DIR.glob("*.md")) if c.name != "README.md"]
+    assert {c.stem for c in cards} >= {"digits_small_cnn_la", "digits_small_cnn_la_gamma0"}
+    for card in cards:
+        assert card.with_suffix(".pt").is_file(), card.name
+        heading = card.read_text().splitlines()[0]
+        assert heading == f"# {card.stem}" or heading.startswith(f"# {card.stem}: "), heading
+    # the pair's commands name their runs after the files they export to
+    for stem in ("digits_small_cnn_la", "digits_small_cnn_la_gamma0"):
+        assert f"--name {stem} " in (SHIPPED_DIR / f"{stem}.md").read_text()

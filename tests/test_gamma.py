@@ -134,7 +134,9 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
         train=TrainConfig(epochs=1, batch_size=32)))
     assert launch.wait(run, timeout=600)["state"] == "finished"
     run.update_status(command="python -m engine train --name h")  # what the CLI records
-    out, card = export_model(run, tmp_path / "h.pt", half=True)
+    out, card = export_model(run, tmp_path / "h-half.pt", half=True)
+    # headed by the file's name, which the app's model picker shows, not the run's ("h")
+    assert card.read_text().startswith("# h-half\n")
     stored = load_checkpoint(out)
     assert stored["stored_dtype"] == "float16"
     assert {v.dtype for v in stored["model"].values() if v.is_floating_point()} == {

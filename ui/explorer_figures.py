@@ -245,10 +245,13 @@ def _svg_hline(left: float, length: float, y: float, colour: str, width: float, 
             f'fill="{label_colour}">{escape(label)}</text>')
 
 
-def breakdown_rows(breakdown, classes: Sequence[str], multilabel: bool = False) -> list[dict]:
+def breakdown_rows(breakdown, classes: Sequence[str], multilabel: bool = False, *,
+                   removed: int) -> list[dict]:
     """Eq. 5 as a table to follow with a finger: each heavy patch's weight α_m, its logits O_m
-    and its terms α_m·O_m; the other patches' terms summed; then z, the sum of each term column,
-    and its softmax (``breakdown``: :class:`engine.explore.Breakdown`)."""
+    and its terms α_m·O_m; the other kept patches' terms summed; the ``removed`` patches (the
+    threshold set their α to 0, so they add 0), apart from the kept ones; then z, the sum of
+    each term column, and its softmax (``breakdown``: :class:`engine.explore.Breakdown`, whose
+    ``rest`` holds the kept and the removed patches together)."""
     names = [classes[k] for k in breakdown.classes]
 
     def row(term: str, weight, logits, terms) -> dict:
@@ -263,9 +266,12 @@ def breakdown_rows(breakdown, classes: Sequence[str], multilabel: bool = False) 
     rows = [row(f"patch {m}", a, o, [a * v for v in o])
             for m, a, o in zip(breakdown.patches, breakdown.weights, breakdown.logits,
                                strict=True)]
-    if breakdown.rest_count:
-        rows.append(row(f"the other {breakdown.rest_count} patches", breakdown.rest_weight, None,
+    kept = _kept_rest(breakdown, removed)
+    if kept:
+        rows.append(row(f"the other {_patches(kept)} kept, summed", breakdown.rest_weight, None,
                         breakdown.rest))
+    if removed:
+        rows.append(row(f"the {_patches(removed)} removed", 0.0, None, [0.0] * len(names)))
     rows.append(row("z = Σ α·O", sum(breakdown.weights) + breakdown.rest_weight, None,
                     breakdown.z))
     rows.append(row("sigmoid(z)" if multilabel else "softmax(z) over all classes", None, None,
@@ -273,20 +279,56 @@ def breakdown_rows(breakdown, classes: Sequence[str], multilabel: bool = False) 
     return rows
 
 
-def breakdown_latex(breakdown, classes: Sequence[str], multilabel: bool = False,
-                    terms_shown: int = 4) -> str:
+def _patches(count: int) -> str:
+    return f"{count} patch" if count == 1 else f"{count} patches"
+
+
+def _kept_rest(breakdown, removed: int) -> int:
+    """How many of the breakdown's other patches the threshold kept (α > 0)."""
+    if not 0 <= removed <= breakdown.rest_count:
+        raise ValueError(f"removed must be in 0..{breakdown.rest_count}; got {removed}")
+    return breakdown.rest_count - removed
+
+
+def _number(value: float) -> str:
+    """``value`` to 2 decimals; one that rounds to zero is 0.00, unsigned."""
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
+def _factor(value: float) -> str:
+    """:func:`_number` as a factor or a term: a negative one in brackets ("0.300 × (−2.00)",
+    never "0.300 × −2.00")."""
+    text = _number(value)
+    return f"({text})" if text.startswith("-") else text
+
+
+def _product(weight: float, logit: float) -> str:
+    return rf"{weight:.3f}\times{_factor(logit)}"
+
+
+def breakdown_latex(breakdown, classes: Sequence[str], multilabel: bool = False, *,
+                    removed: int, terms_shown: int = 4, per_line: int = 2) -> str:
     """The predicted class's logit written out with the real numbers: the first
-    ``terms_shown`` patches' α_m × O_m, the rest summed under a brace."""
+    ``terms_shown`` patches' α_m × O_m, the other kept patches summed under a brace, the
+    ``removed`` ones as the 0 they add; ``per_line`` terms to a line, so that the sum wraps
+    inside a narrow column (a projector's 1366 px wide page gives it about 530 px) instead of
+    running off its right edge."""
     k = classes[breakdown.classes[0]]
     pairs = list(zip(breakdown.weights, [o[0] for o in breakdown.logits], strict=True))
-    terms = [rf"{a:.3f}\times{o:.2f}" for a, o in pairs[:terms_shown]]
-    rest = sum(a * o for a, o in pairs[terms_shown:]) + (breakdown.rest[0]
-                                                          if breakdown.rest_count else 0.0)
-    others = len(pairs[terms_shown:]) + breakdown.rest_count
+    terms = [_product(a, o) for a, o in pairs[:terms_shown]]
+    others = len(pairs[terms_shown:]) + _kept_rest(breakdown, removed)
     if others:
-        terms.append(rf"\underbrace{{{rest:.2f}}}_{{\text{{other {others}}}}}")
+        rest = sum(a * o for a, o in pairs[terms_shown:]) + (breakdown.rest[0]
+                                                              if breakdown.rest_count else 0.0)
+        terms.append(rf"\underbrace{{{_factor(rest)}}}_{{\text{{other {others} kept}}}}")
+    if removed:
+        terms.append(rf"\underbrace{{0}}_{{\text{{{removed} removed}}}}")
+    lines = [" + ".join(terms[i:i + per_line]) for i in range(0, len(terms), per_line)]
     squash = r"\sigma" if multilabel else r"\mathrm{softmax}"
-    return (rf"\begin{{aligned}} z_{{\text{{{k}}}}} &= \sum_m \alpha_m O_{{m,\text{{{k}}}}} = "
-            + " + ".join(terms).replace("+ -", "- ")
-            + rf" = {breakdown.z[0]:.2f} \\ {squash}(z)_{{\text{{{k}}}}} &= "
-            rf"{breakdown.probabilities[0]:.3f} \end{{aligned}}")
+    return (rf"\begin{{aligned}} z_{{\text{{{k}}}}} &= \sum_m \alpha_m O_{{m,\text{{{k}}}}} \\ "
+            + r" \\ &\quad + ".join([rf"&= {lines[0]}", *lines[1:]])
+            + rf" \\ &= {_number(breakdown.z[0])} \\ {squash}(z)_{{\text{{{k}}}}} &= "
+            # The trailing space holds KaTeX's 2 px spacer after a multi-line block (.vlist-s),
+            # which would otherwise leave the block 2 px wider than its box: a sideways scroll.
+            rf"{breakdown.probabilities[0]:.3f} \end{{aligned}}\;")

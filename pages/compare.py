@@ -15,8 +15,17 @@ import torch
 from engine.explain import METHODS, ONE_PASS, compare_maps, faithfulness, remembered_maps
 from engine.metric_table import metrics_of
 from engine.pictures import to_hwc
-from engine.sanity import cascade_maps
-from ui.compare_figures import deletion_insertion_figure, map_grid_figure
+from engine.sanity import (
+    CONFIDENCE,
+    CRITERION,
+    PASS_BELOW,
+    cascade_maps,
+    cascade_similarity,
+    join_cascades,
+    summarise_steps,
+    verdict,
+)
+from ui.compare_figures import cascade_figure, deletion_insertion_figure, map_grid_figure
 from ui.st_state import (
     ensure_router,
     guard,
@@ -26,10 +35,14 @@ from ui.st_state import (
     require_model_path,
     test_set,
 )
+from ui.tables import markdown_table
 
 COLUMNS = {m.key: m.heading for m in metrics_of("faithfulness")}
 ON_DEMAND = "scorecam"
 SIZES = [16, 32, 64, 128, 256]
+SANITY_SIZES = [16, 32, 64, 128]
+SANITY_PART = 16  # images per part of the sanity check (one progress step, one cache entry)
+VERDICT_COLOURS = {"passes": "green", "fails": "red", "unclear": "orange"}
 
 
 @st.cache_data(show_spinner="Computing the maps...", max_entries=16)
@@ -98,15 +111,79 @@ def _cascade(path: str, mtime_ns: int, index: int, class_choice: str, methods: t
                             methods, xi)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cascade_part(path: str, mtime_ns: int, indices: tuple[int, ...], class_choice: str,
+                  methods: tuple[str, ...], xi: float) -> dict:
+    """One part of the sample's cascade: kept, so that a larger sample (whose first parts are
+    the smaller sample's) and a second look cost only the parts not seen yet."""
+    del mtime_ns
+    loaded = loaded_model(path)
+    with loaded.lock:
+        return cascade_similarity(loaded.model, test_set(loaded.data_config), list(indices),
+                                  class_choice, methods, xi)
+
+
+def sample_cascade(path: str, mtime: int, size: int, count: int, class_choice: str,
+                   methods: tuple[str, ...], xi: float) -> dict:
+    """The cascade over the first ``count`` images of a fixed random order of the test set,
+    :data:`SANITY_PART` images at a time under a progress bar (16 digits take about a second
+    on a laptop's CPU; a large backbone takes longer)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(0))[:count].tolist()
+    parts = [tuple(order[k:k + SANITY_PART]) for k in range(0, len(order), SANITY_PART)]
+    bar = st.progress(0.0, text=f"Randomising the model layer by layer on {count} images...")
+    done = []
+    for k, part in enumerate(parts):
+        done.append(_cascade_part(path, mtime, part, class_choice, methods, xi))
+        bar.progress((k + 1) / len(parts), text=f"{min((k + 1) * SANITY_PART, count)} of "
+                                                f"{count} images")
+    bar.empty()
+    return join_cascades(done)
+
+
+def sanity_statistics(cascade: dict, methods: tuple[str, ...]) -> None:
+    """Per method: the verdict in words, then each step's mean ± sd (figure and table)."""
+    steps, start = cascade["steps"], cascade["judged_from"]
+    rho = {METHODS[m]: summarise_steps(cascade["rho"][m]) for m in methods}
+    said = {name: verdict(summary, steps, start) for name, summary in rho.items()}
+    st.markdown("\n".join(f"- **{name}** :{VERDICT_COLOURS[v.outcome]}[**{v.outcome}**]: "
+                          f"{v.reason}." for name, v in said.items()))
+    st.caption(f"Criterion (this project's reading of Adebayo et al. 2018, who give no "
+               f"threshold): {CRITERION}")
+    st.plotly_chart(cascade_figure(steps, rho, start, PASS_BELOW), key="cm_sanity_curve",
+                    config={"displayModeBar": False})
+    images = len(cascade["classes"])
+    st.markdown(markdown_table([{"rank correlation": name, **{label: str(s) for label, s in
+                                                             zip(steps, summary, strict=True)}}
+                                for name, summary in rho.items()]))
+    st.caption(f"Mean ± sd over {images} test images (a fixed random sample) of the Spearman "
+               "rank correlation of each map with the trained model's (1: the same ranking of "
+               "pixels; near 0: unrelated); error bars: the "
+               f"{100 * CONFIDENCE:.0f} % interval of the mean. Maps of a randomised model that "
+               "keep the trained ranking show the input more than the model. A constant map "
+               "(nothing to rank) is left out of its step.")
+    with st.expander("SSIM, the paper's second measure"):
+        st.markdown(markdown_table([{"SSIM": METHODS[m], **{
+            label: str(s) for label, s in zip(steps, summarise_steps(cascade["ssim"][m]),
+                                              strict=True)}} for m in methods]))
+        st.caption("Structural similarity of each map with the trained one (7x7 window, maps "
+                   "in [0, 1]): mean ± sd over the same images. Shown, not judged.")
+
+
 def sanity_check(path: str, mtime: int, data, result: dict, shown: list[str], xi: float,
                  class_choice: str) -> None:
-    """Adebayo et al.'s cascade for one of the images shown: each method's map as the layers
-    are re-initialised from the top, and its rank correlation to the trained map."""
+    """Adebayo et al.'s cascade: the layers re-initialised from the top, over a sample of test
+    images (the statistics and the verdicts), then one of the images shown, step by step."""
     methods = tuple(m for m in shown if m in ONE_PASS)
     if not methods:
         st.info("The sanity check runs the one-pass methods (Loss-Attention, Grad-CAM, "
                 "Grad-CAM++); pick one of them.")
         return
+    sizes = [n for n in SANITY_SIZES if n <= len(data)] or [len(data)]
+    count = st.select_slider("Test images for the sanity check", sizes,
+                             **keep("cm_sanity_n", sizes[min(1, len(sizes) - 1)], sizes))
+    sanity_statistics(sample_cascade(path, mtime, len(data), count, class_choice, methods, xi),
+                      methods)
+    st.markdown("**One image, step by step**")
     index = st.selectbox("Image", result["indices"], format_func=lambda i: f"#{i}",
                          key="cm_sanity_image")
     cascade = _cascade(path, mtime, int(index), class_choice, methods, xi)
@@ -121,14 +198,10 @@ def sanity_check(path: str, mtime: int, data, result: dict, shown: list[str], xi
                                     [METHODS[m] for m in methods], [boxes] * len(methods),
                                     cell=170), key="cm_sanity_maps",
                     config={"displayModeBar": False})
-    st.dataframe([{"method": METHODS[m], **{label: round(float(cascade["rho"][m][s, 0]), 2)
-                                            for s, label in enumerate(steps)}}
-                  for m in methods], hide_index=True, key="cm_sanity_rho")
-    st.caption("Spearman rank correlation of each map with the trained model's (1: the same "
-               "ranking of pixels; near 0: unrelated). A map that keeps its shape while the "
-               "layers it explains are randomised shows the input more than the model. Blank: "
-               "a constant map (nothing to rank). Class explained: "
-               f"{data.classes[klass]}, fixed by the trained model.")
+    st.caption("This image's rank correlations: " + "; ".join(
+        f"{METHODS[m]} " + " → ".join(f"{v:.2f}" for v in cascade["rho"][m][:, 0])
+        for m in methods) + f". Class explained: {data.classes[klass]}, fixed by the trained "
+        "model. One image tells little: judge by the statistics above.")
 
 
 def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
@@ -144,12 +217,17 @@ def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
     for method in shown:
         with st.spinner(f"Measuring {METHODS[method]} on {n} images..."):
             reports[method] = _faithfulness(path, mtime, n, method, xi, class_choice)
-    st.dataframe([{"method": METHODS[m], **{COLUMNS[k]: round(v, 4)
-                                            for k, v in r["methods"][m].items()}}
-                  for m, r in reports.items()], hide_index=True)
-    first = next(iter(reports.values()))
-    st.caption(f"{first['images']} test images (a fixed random sample), class explained: "
-               f"{first['class']}, ξ = {xi:.2f}.")
+    # A row per metric, a column per method: four methods fit at 1366 px, eight metric
+    # headings side by side did not.
+    first = next(iter(reports))
+    keys = list(reports[first]["methods"][first])
+    st.container(key="cm_faithfulness").dataframe(
+        [{"metric": COLUMNS.get(k, k), **{METHODS[m]: round(r["methods"][m][k], 4)
+                                          for m, r in reports.items()}} for k in keys],
+        hide_index=True)
+    report = reports[first]
+    st.caption(f"{report['images']} test images (a fixed random sample), class explained: "
+               f"{report['class']}, ξ = {xi:.2f}.")
     st.plotly_chart(deletion_insertion_figure(
         {m: r["curves"][m] for m, r in reports.items()}, METHODS), key="cm_curves")
 
@@ -163,17 +241,19 @@ with guard("Compare maps"):
     data = test_set(loaded.data_config)
     has_patches = loaded.model.head.has_patches
     methods = [m for m in METHODS if has_patches or m != "loss_attention"]
-    c1, c2, c3, c4 = st.columns(4)
+    # The methods' chips get three quarters of the row: four of them fit at 1366 px.
+    c1, c2 = st.columns([3, 1])
     chosen = c1.multiselect("Methods", methods, format_func=METHODS.get,
                             **keep("cm_methods", methods, methods))
-    start = int(c2.number_input("First test image", 0, len(data) - 1, step=1,
-                                **keep("cm_start", 0, low=0, high=len(data) - 1)))
-    count = int(c3.number_input("Images", 1, 8, step=1, **keep("cm_count", 4, low=1, high=8)))
     choices = ["true", "predicted", *data.classes]
-    class_choice = c4.selectbox("Explain class", choices, **keep("cm_class", "true", choices))
+    class_choice = c2.selectbox("Explain class", choices, **keep("cm_class", "true", choices))
+    c1, c2, c3 = st.columns([1, 1, 2])
+    start = int(c1.number_input("First test image", 0, len(data) - 1, step=1,
+                                **keep("cm_start", 0, low=0, high=len(data) - 1)))
+    count = int(c2.number_input("Images", 1, 8, step=1, **keep("cm_count", 4, low=1, high=8)))
     xi = float(loaded.model.config.xi)
     if loaded.model.xi_dependent:
-        xi = st.slider("ξ (the threshold of the model explained; no retraining)", 0.0, 1.0,
+        xi = c3.slider("ξ (the threshold of the model explained; no retraining)", 0.0, 1.0,
                        step=0.05, **keep("cm_xi", round(xi, 2)),
                        help="Every map, prediction and score below is of the model at this ξ")
     if not chosen:

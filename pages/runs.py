@@ -22,8 +22,26 @@ from ui.st_state import (
     remember,
     store,
 )
+from ui.tables import md_text
 
 CURVE_KEYS = [m.key for m in metrics_of("epoch")]
+# The table's columns, a group at a time: all sixteen side by side need about 1,600 px, and a
+# classroom projector shows 1,366 (the sidebar included). Each group fits with an automatic run
+# name; the CSV and the table's own column menu have every column, and the notes are listed
+# under the table.
+VIEWS = {"results": ["name", "state", "epochs", "metric", "best", "best epoch", "last",
+                     "minutes"],
+         "model and data": ["name", "data", "model", "γmax", "ξ", "skipped images"],
+         "when and tags": ["name", "created", "tags"]}
+
+
+def model_label(backbone: str, head: str) -> str:
+    """``backbone/head``; a mutual-transfer run's peers (the store joins them with " + ") one by
+    one, or ``2 × backbone/head`` when they are the same."""
+    peers = [f"{b}/{h}" for b, h in zip(backbone.split(" + "), head.split(" + "), strict=False)]
+    if len(peers) > 1 and len(set(peers)) == 1:
+        return f"{len(peers)} × {peers[0]}"
+    return " + ".join(peers)
 
 
 def table_rows(rows: list[dict], queued: list | None = None) -> list[dict]:
@@ -38,7 +56,7 @@ def table_rows(rows: list[dict], queued: list | None = None) -> list[dict]:
 
     return [{
         "name": r["name"], "state": r["state"], "data": r["dataset"],
-        "model": f"{r['backbone']}/{r['head']}", "γmax": r["gamma_max"], "ξ": r["xi"],
+        "model": model_label(r["backbone"], r["head"]), "γmax": r["gamma_max"], "ξ": r["xi"],
         "epochs": f"{r['epochs_done']}/{r['epochs']}", "metric": r["metric_name"],
         "best": r["best_metric"], "best epoch": None if r["best_epoch"] is None
         else r["best_epoch"] + 1, "last": r["last_metric"],
@@ -47,6 +65,13 @@ def table_rows(rows: list[dict], queued: list | None = None) -> list[dict]:
         "skipped images": r.get("skipped") or 0,
         "tags": ", ".join(r["tags"]), "note": note(r),
     } for r in rows]
+
+
+def notes_text(rows: list[dict]) -> str:
+    """The rows' notes (a queued run's place, why one failed or stopped) as a markdown list:
+    under the table, where a long reason wraps instead of widening a column."""
+    return "\n".join(f"- **{md_text(r['name'])}** ({r['state']}): {md_text(r['note'])}"
+                      for r in rows if r["note"])
 
 
 def row_actions(name: str) -> None:
@@ -88,12 +113,20 @@ with guard("The run table"):
         st.info("No runs yet: the Train and Sweep pages start them, and so does "
                 "`python -m engine train`.")
         st.stop()
-    text = st.text_input("Filter (name, model, data or tag contains)", **keep("runs_filter", ""))
+    c1, c2 = st.columns(2, vertical_alignment="bottom")
+    text = c1.text_input("Filter (name, model, data or tag contains)", **keep("runs_filter", ""))
     queued = Slots(store().root).queued() if any(r["state"] == "queued" for r in rows) else []
     shown = [r for r in table_rows(rows, queued)
              if text.lower() in " ".join(str(v) for v in r.values()).lower()]
+    view = c2.radio("Columns", list(VIEWS), horizontal=True,
+                    **keep("runs_view", "results", list(VIEWS)),
+                    help="The table shows one group of columns at a time, so that it fits the "
+                         "screen; the CSV below has them all.")
     picked = st.dataframe(shown, hide_index=True, key="runs_table", on_select="rerun",
-                          selection_mode="single-row")
+                          selection_mode="single-row", column_order=VIEWS[view])
+    notes = notes_text(shown)
+    if notes:
+        st.markdown(notes)
     rows_picked = picked.selection.rows if picked else []
     if rows_picked and rows_picked[0] < len(shown):
         row_actions(shown[rows_picked[0]]["name"])

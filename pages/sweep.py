@@ -43,7 +43,7 @@ from ui.st_state import ensure_router, explore_run, guard, keep, look_at_queue, 
 
 WATCH_KEY = "sw_watch"
 RATES = [(m.key, m.label) for m in metrics_of("summary") if m.better == "higher"]
-FIELDS = ("train.epochs", "train.batch_size", "data.train_size")  # the preset's, in the form
+FIELDS = ("model.backbone", "train.epochs", "train.batch_size", "data.train_size")  # in the form
 
 
 def launch_form() -> None:

@@ -19,6 +19,7 @@ from ui.st_forms import (
     queue_note,
     run_settings,
     show_job_end,
+    with_data_folder,
 )
 from ui.st_state import (
     ensure_router,
@@ -38,9 +39,14 @@ def launch_form() -> None:
     first_visit_preset("tr")
     with st.container(border=True):  # no st.form: its widgets could not remember values
         preset = preset_picker("tr")
-        settings = run_settings("tr")
-        name = st.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
-        submitted = st.button("Launch training", type="primary", key="tr_launch")
+        settings = run_settings("tr", folder=False)
+        # The data folder, the name and the button share a row, so that the button is on the
+        # first screen at 1366x768; the root's column is wide enough for its longest choice.
+        c1, c2, c3, c4 = st.columns([1.6, 0.9, 1.1, 0.9], vertical_alignment="bottom")
+        settings = with_data_folder(settings, "tr", (c1, c2))
+        name = c3.text_input("Run name (empty: automatic)", **keep("tr_name", ""))
+        submitted = c4.button("Launch training", type="primary", key="tr_launch",
+                              width="stretch")
     if submitted:
         with guard("Launching", stop=False):
             config = config_of(settings, name.strip() or None, preset=preset or None)

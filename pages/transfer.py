@@ -76,9 +76,11 @@ def launch_form(expanded: bool) -> None:
             "layers": int(b.number_input("Layers", 1, 8, step=1, **keep("mt_layers", 3))),
             "kl": a.number_input("KL weight (mutual learning)", 0.0, 10.0, step=0.1,
                                  **keep("mt_kl", 0.0))}
-        control = b.checkbox("Also train alone (λ = 0, same seed)", **keep("mt_control", True))
-        name = st.text_input("Experiment name", **keep("mt_name", "pair"))
-        submitted = st.button("Launch", type="primary", key="mt_launch")
+        # Its own row: in the transfer column's half its label was cut at 1366 px.
+        n1, n2, n3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+        name = n1.text_input("Experiment name", **keep("mt_name", "pair"))
+        control = n2.checkbox("Also train alone (λ = 0, same seed)", **keep("mt_control", True))
+        submitted = n3.button("Launch", type="primary", key="mt_launch")
     if submitted:
         with guard("Launching", stop=False):
             settings["model"] = {**settings["model"], **peers[0]}
@@ -120,8 +122,9 @@ def maps_section(row: dict) -> None:
     loaded = [loaded_model(p) for p in paths]
     transfer = store().get(row["name"]).config().transfer
     data = test_set(loaded[0].data_config)
-    index = int(st.columns(4)[0].number_input(
-        "Test image", 0, len(data) - 1, step=1, **keep("mt_index", 0, low=0, high=len(data) - 1)))
+    c1, c2 = st.columns([1, 5])  # the image's number above it: the maps stay on one screen
+    index = int(c1.number_input("Test image", 0, len(data) - 1, step=1,
+                                **keep("mt_index", 0, low=0, high=len(data) - 1)))
     x = model_input(data, data.images[index:index + 1])
     locks = [m.lock for m in loaded]
     for lock in locks:
@@ -132,7 +135,6 @@ def maps_section(row: dict) -> None:
     finally:
         for lock in locks:
             lock.release()
-    c1, c2 = st.columns([1, 5])
     c1.image(enlarge(to_hwc(data.images[index]), 4),
              caption=f"#{index}, true {data.classes[int(data.targets[index])]}"
              if not data.multilabel else f"#{index}")

@@ -54,6 +54,11 @@ def test_home(runs_root):
     at = open_page()
     assert at.title[0].value == "Loss-Attention Studio"
     assert len(at.latex) >= 2
+    # the patch loss's ramp-up is the shipped model's own (12 of its 30 epochs, its card says),
+    # not the paper's 80 of 200
+    assert any(r"\tau/12)^2" in tex.value for tex in at.latex)
+    assert not any("80)" in tex.value for tex in at.latex)
+    assert any("the first 12 of its 30 epochs, to γmax = 0.1" in c.value for c in at.caption)
     cards = [e.label for e in at.expander]
     assert cards[0] == "Model card: digits_small_cnn_la"  # the default model's card first
     assert cards[-1] == "Model cards: the γmax family (7 models)"
@@ -144,6 +149,15 @@ def test_patch_explorer_slider_filters_and_state(runs_root):
     def matches():
         return next(n.label for n in at.number_input if n.label.startswith("Image ("))
 
+    def eq5_table() -> list[str]:
+        return next(m.value for m in at.markdown if m.value.startswith("| term |")).splitlines()
+
+    # the shipped model by its one name, and the kept-patch box's size said under the map
+    assert any(c.value.startswith("**digits\\_small\\_cnn\\_la**: small_cnn") for c in at.caption)
+    assert any("reaches past their tinted cells" in c for c in image_captions(at))
+    # ξ = 0.1 removes patches: they are a row of their own, α = 0, apart from the kept ones
+    removed = next(line for line in eq5_table() if "removed |" in line)
+    assert re.match(r"\| the \d+ patch(es)? removed \| 0\.0000 \|", removed), removed
     before, weights = kept_text(), map_svg(at, "ex_map")
     at.slider(key="w_xi").set_value(0.0).run()
     assert not at.exception and kept_text() != before and map_svg(at, "ex_map") != weights
@@ -157,9 +171,12 @@ def test_patch_explorer_slider_filters_and_state(runs_root):
     assert "; true: 7" in kept_text()
     at.selectbox(key="w_ex_class").set_value("3").run()
     assert not at.exception and not errors(at)
-    # Eq. 5 with the real numbers: a table whose α·O columns add up to z
-    table = next(m.value for m in at.markdown if m.value.startswith("| term |")).splitlines()
+    # Eq. 5 with the real numbers: a table whose α·O columns add up to z; at ξ = 0 nothing
+    # is removed, and the patches beyond the heaviest are all kept
+    table = eq5_table()
     assert table[-2].startswith("| z = Σ α·O |") and "α·O\\[" in table[0]
+    assert not any("removed" in line for line in table)
+    assert any(line.startswith("| the other ") and "kept, summed |" in line for line in table)
     assert any(r"\sum_m \alpha_m O_" in tex.value for tex in at.latex)
     # A page change drops widget keys; the choices come back.
     at.switch_page("pages/home.py").run()
@@ -494,8 +511,9 @@ def test_curves_and_compare_pages(runs_root):
     assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM"])
     at.button(key="cm_measure").click().run()
     assert not at.exception and not errors(at)
-    table = next(df.value for df in at.dataframe if "method" in df.value.columns)
-    assert list(table["method"]) == ["Loss-Attention", "Grad-CAM"]
+    table = next(df.value for df in at.dataframe if "metric" in df.value.columns)
+    assert list(table.columns) == ["metric", "Loss-Attention", "Grad-CAM"]  # a column each
+    assert "Average Drop % (lower better)" in list(table["metric"])
     # the curves behind the AUCs, one line per method and panel
     curves = json.loads(next(c for c in at.get("plotly_chart") if "cm_curves" in c.proto.id
                              ).proto.spec)
@@ -506,10 +524,19 @@ def test_curves_and_compare_pages(runs_root):
     # the sanity check: each map as the layers are randomised, and its rank correlation
     at.toggle(key="w_cm_sanity").set_value(True).run()
     assert not at.exception and not errors(at)
-    rho = next(df.value for df in at.dataframe if "trained" in df.value.columns)
-    assert list(rho["method"]) == ["Loss-Attention", "Grad-CAM"]
-    assert (rho["trained"] == 1.0).all() and "classifier" in rho.columns
+    # over 32 test images by default: each step's mean ± sd, and a verdict per method
+    assert at.select_slider(key="w_cm_sanity_n").value == 32
+    rho = next(m.value for m in at.markdown if m.value.startswith("| rank correlation |"))
+    assert "| Loss-Attention | 1.00 ± 0.00 |" in rho and "| Grad-CAM | 1.00 ± 0.00 |" in rho
+    assert "classifier" in rho and re.search(r"\| -?0\.\d\d ± 0\.\d\d \|$", rho)
+    verdicts = next(m.value for m in at.markdown if m.value.startswith("- **Loss-Attention**"))
+    assert re.fullmatch(r"- \*\*Loss-Attention\*\* :\w+\[\*\*(passes|fails|unclear)\*\*\]: .+\n"
+                        r"- \*\*Grad-CAM\*\* :\w+\[\*\*(passes|fails|unclear)\*\*\]: .+",
+                        verdicts)
+    assert any("A method passes when" in c.value and "95 % interval" in c.value
+               for c in at.caption)
     assert any("cm_sanity_maps" in c.proto.id for c in at.get("plotly_chart"))
+    assert any("cm_sanity_curve" in c.proto.id for c in at.get("plotly_chart"))
 
 
 def map_cells(at) -> tuple[int, list[str]]:
@@ -542,7 +569,8 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     assert batches == []  # no Score-CAM, nor anything else from the package
     assert any("Score-CAM is computed when you turn it on" in c.value for c in at.caption)
     at.button(key="cm_measure").click().run()
-    assert list(at.dataframe[-1].value["method"]) == ["Loss-Attention", "Grad-CAM", "Grad-CAM++"]
+    assert list(at.dataframe[-1].value.columns)[1:] == ["Loss-Attention", "Grad-CAM",
+                                                        "Grad-CAM++"]
     assert batches == []
     # the model explained at another ξ: Loss-Attention's map changes (its patches), no error
     before = [c.proto.spec for c in at.get("plotly_chart") if "cm_maps" in c.proto.id]
@@ -555,7 +583,7 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     assert not at.exception and not errors(at)
     assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM", "Grad-CAM++", "Score-CAM"])
     assert ("scorecam", 2) in batches  # both images shown, in one batch
-    assert list(at.dataframe[-1].value["method"])[-1] == "Score-CAM"  # its row, once computed
+    assert list(at.dataframe[-1].value.columns)[-1] == "Score-CAM"  # its column, once computed
     seen = len(batches)
     at.run()  # a second view of the same images
     at.switch_page("pages/home.py").run()

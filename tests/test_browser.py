@@ -135,7 +135,9 @@ def check_link_and_threshold_view(browser, url: str, artifacts: Path) -> None:
     no_traceback(page)
     assert page.get_by_text("Model to explain").count() == 1  # app.py ran: the router
     assert page.get_by_text("test7:").count() == 1
-    assert page.get_by_role("spinbutton", name="Image (1000 match)").input_value() == "7"
+    # in the folded Images row above the map (hidden until opened, and still set)
+    assert page.get_by_role("spinbutton", name="Image (1000 match)",
+                            include_hidden=True).input_value() == "7"
     assert xi_slider(page).input_value() == "0.3"
     page.locator(PICTURES).first.scroll_into_view_if_needed()
     viewport = page.viewport_size
@@ -262,6 +264,7 @@ def test_every_page_in_a_real_browser(artifacts, tmp_path):
         page.screenshot(path=artifacts / "explorer-xi.png", full_page=True)
 
         # Upload: an RGBA PNG of odd size works; a text file gets a clear message.
+        page.get_by_text("Images: test set, samples, your own").click()  # unfold the choices
         page.get_by_text("upload your own").click()
         idle(page)
         good = tmp_path / "mine.png"

@@ -314,3 +314,17 @@ def test_the_train_page_opens_with_the_default_data_sets_preset():
     assert kept.number_input(key="w_tr_epochs").value == 1
     assert kept.number_input(key="w_tr_train_size").value == 64
     assert kept.number_input(key="w_tr_batch").value == 32
+
+
+def test_choosing_the_live_preset_puts_its_backbone_in_the_form():
+    """The live preset sets the backbone (small_cnn), and the Train form has a field for it:
+    choosing the preset shows it there, and the caption of what the preset sets beyond the
+    form does not claim a value that the form's own select would then override."""
+    at = open_page("train")
+    at.selectbox(key="w_tr_backbone").set_value("resnet18").run()
+    at.selectbox(key="w_tr_preset").set_value("paper").run()
+    assert at.selectbox(key="w_tr_backbone").value == "resnet18"  # paper keeps the default
+    at.selectbox(key="w_tr_preset").set_value("live").run()
+    assert at.selectbox(key="w_tr_backbone").value == "small_cnn" and not errors(at)
+    caption = " ".join(c.value for c in at.caption)
+    assert "model.backbone" not in caption and "loss.ramp_by = step" in caption

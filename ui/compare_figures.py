@@ -83,3 +83,32 @@ def deletion_insertion_figure(curves: dict[str, dict], labels: dict[str, str]) -
     fig.update_layout(template=TEMPLATE, height=340, margin={"l": 50, "r": 10, "t": 40, "b": 40},
                       legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+def cascade_figure(labels: Sequence[str], summaries: dict[str, Sequence], judged_from: int,
+                   threshold: float) -> go.Figure:
+    """The sanity check over many images: per method, the mean rank correlation with the
+    trained maps at each cascade step, its interval drawn as error bars; the pass line dashed
+    and the judged steps (from ``judged_from`` on) shaded. ``summaries``: method heading ->
+    one :class:`engine.sanity.StepSummary` per step."""
+    fig = go.Figure()
+    names = list(summaries)
+    for name, steps in summaries.items():
+        colour = color_for(name, names) if len(names) > 1 else PALETTE[0]
+        fig.add_trace(go.Scatter(
+            x=list(labels), y=[s.mean for s in steps], name=name, mode="lines+markers",
+            line={"color": colour}, error_y={"type": "data", "symmetric": False,
+                                             "array": [s.high - s.mean for s in steps],
+                                             "arrayminus": [s.mean - s.low for s in steps]},
+            customdata=[[s.sd, s.n] for s in steps],
+            hovertemplate="%{x}: ρ = %{y:.2f} ± %{customdata[0]:.2f} (sd, "
+                          "%{customdata[1]} images)<extra>" + name + "</extra>"))
+    fig.add_vrect(x0=judged_from - 0.5, x1=len(labels) - 0.5, fillcolor="rgba(0,0,0,0.05)",
+                  line_width=0, annotation_text="judged steps",
+                  annotation_position="bottom left")
+    fig.add_hline(y=threshold, line={"dash": "dash", "color": "grey"},
+                  annotation_text=f"pass: below {threshold}", annotation_position="bottom left")
+    fig.update_yaxes(title_text="rank correlation with the trained map", range=[-1.05, 1.05])
+    fig.update_layout(template=TEMPLATE, height=330, margin={"l": 60, "r": 10, "t": 30, "b": 40},
+                      legend={"orientation": "h", "y": 1.12})
+    return fig

@@ -19,8 +19,9 @@ from engine.runs import Run
 from ui.st_state import keep
 
 PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
-FORM_FIELDS = {"model.xi": "xi", "loss.gamma_max": "gamma", "train.epochs": "epochs",
-               "train.batch_size": "batch", "data.train_size": "train_size"}
+FORM_FIELDS = {"model.backbone": "backbone", "model.xi": "xi", "loss.gamma_max": "gamma",
+               "train.epochs": "epochs", "train.batch_size": "batch",
+               "data.train_size": "train_size"}
 """Preset settings that the run form has fields for: section.field -> the field's key, after
 the form's prefix (``tr_xi``)."""
 
@@ -66,8 +67,8 @@ def first_visit_preset(prefix: str, fields=tuple(FORM_FIELDS)) -> None:
 def preset_picker(prefix: str, fields=tuple(FORM_FIELDS), given=()) -> str:
     """The preset select. Choosing one writes its values into the form's own fields
     (``fields``), so the form shows what will run (and may still be edited: the form's
-    values win); what else it sets is listed under it, with the reasons, except the fields
-    the page sets otherwise (``given``: a sweep's grid)."""
+    values win); what else it sets is listed under it (the reasons in its help), except the
+    fields the page sets otherwise (``given``: a sweep's grid)."""
     kwargs = keep(f"{prefix}_preset", "", PRESET_CHOICES)
     remember_choice = kwargs["on_change"]
 
@@ -78,23 +79,37 @@ def preset_picker(prefix: str, fields=tuple(FORM_FIELDS), given=()) -> str:
             write_preset_into_form(prefix, name, fields)
 
     shown = ", ".join(FORM_FIELDS[f].replace("_", " ") for f in fields)
+    rest = _preset_rest(prefix, st.session_state[f"{prefix}_preset"], fields, given)
+    why = "".join(f"\n- `{path} = {setting.value}`: {setting.reason}"
+                  for path, setting in rest.items())
     name = st.selectbox("Preset", PRESET_CHOICES, format_func=preset_label,
                         **{**kwargs, "on_change": show_in_form},
                         help=f"Fills the form's {shown}, and sets what the form has no field "
                              "for (threshold denominator, stem, learning rate, ramp-up). "
-                             "Values you then type in the form win.")
+                             "Values you then type in the form win."
+                             + (f"\n\nWhy it sets the rest:{why}" if why else ""))
     if name:
-        rest = {k: v for k, v in _preset_of_form(prefix, name).items()
-                if k not in fields and k not in given}
-        st.caption(f"**{name}** also sets: " + "; ".join(
-            f"`{path} = {setting.value}` ({setting.reason})" for path, setting in rest.items()))
+        # The values only, in a line or two: the reasons (a paragraph) are in the help above,
+        # so that the Launch button stays on a 1366x768 screen.
+        st.caption(f"**{name}** also sets: " + ", ".join(
+            f"`{path} = {setting.value}`" for path, setting in rest.items()) + " (the ? above "
+            "says why)")
     return name
 
 
+def _preset_rest(prefix: str, name: str, fields, given) -> dict:
+    """What preset ``name`` sets beyond the form's ``fields`` and the page's ``given``."""
+    if not name:
+        return {}
+    return {k: v for k, v in _preset_of_form(prefix, name).items()
+            if k not in fields and k not in given}
+
+
 def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True,
-                 backbone: bool = True) -> dict:
+                 backbone: bool = True, folder: bool = True) -> dict:
     """Draw the settings (inside the caller's form) and return them as a RunConfig dict.
-    ``backbone`` / ``heads`` False: the caller picks the model(s) itself."""
+    ``backbone`` / ``heads`` False: the caller picks the model(s) itself; ``folder`` False:
+    the caller draws the data folder (:func:`with_data_folder`) where it wants it."""
     datasets, backbones = list_datasets(), list_backbones()
     c1, c2, c3 = st.columns(3)
     data = {"dataset": c1.selectbox("Data set", datasets,
@@ -129,30 +144,40 @@ def run_settings(prefix: str, *, heads: bool = True, gamma_xi: bool = True,
     train["seed"] = int(c4.number_input("Seed", 0, 2**31 - 1, step=1,
                                         **keep(f"{prefix}_seed", 0)))
     settings = {"model": model, "data": data, "loss": loss, "train": train}
-    root, problem = data_folder_picker(prefix)
+    return with_data_folder(settings, prefix) if folder else settings
+
+
+def with_data_folder(settings: dict, prefix: str, columns=None) -> dict:
+    """:func:`data_folder_picker`'s choice into ``settings`` (from :func:`run_settings`): the
+    folder as the data root, or the refusal as its ``problem`` (launching is refused with it).
+    ``columns``: two column containers to draw into (the picker's own row otherwise)."""
+    root, problem = data_folder_picker(prefix, columns=columns)
     if problem:
-        settings["problem"] = problem  # launching is refused with it
+        settings["problem"] = problem
     elif root is not None:
-        data["root"] = str(root)
+        settings["data"]["root"] = str(root)
     return settings
 
 
 DEFAULT_ROOT = "default (search every data root)"
 
 
-def data_folder_picker(prefix: str, label: str = "Data folder") -> tuple[Path | None, str | None]:
+def data_folder_picker(prefix: str, label: str = "Data folder", columns=None
+                       ) -> tuple[Path | None, str | None]:
     """A folder inside one of the data roots (engine.roots): never any other path of the
     server. Returns (folder, None); (None, None) for the default search (the engine then looks
     in $LOSSATTN_DATA and ./data); (None, message) for a sub-folder outside its root, the
-    message also shown at the field."""
+    message also shown at the field. ``columns``: the two column containers to draw the root
+    and the sub-folder into (a row of their own otherwise)."""
     roots = data_roots()
     labels = [DEFAULT_ROOT, *[r.label for r in roots]]
-    c1, c2 = st.columns([1, 2])
+    c1, c2 = columns or st.columns([1, 2])
     choice = c1.selectbox(f"{label}: root", labels, **keep(f"{prefix}_root", DEFAULT_ROOT, labels),
                           help="Data is read only inside the data roots: $LOSSATTN_DATA, ./data "
                                "and the folders in $LOSSATTN_DATA_ROOTS.")
-    sub = c2.text_input("Sub-folder inside the root (optional)", **keep(f"{prefix}_sub", ""),
-                        disabled=choice == DEFAULT_ROOT)
+    sub = c2.text_input("Sub-folder (optional)", **keep(f"{prefix}_sub", ""),
+                        disabled=choice == DEFAULT_ROOT,
+                        help="A folder inside the chosen root (none: the root itself)")
     if not roots:
         st.caption("No data root exists yet: set LOSSATTN_DATA (or LOSSATTN_DATA_ROOTS), or "
                    "make ./data. The embedded digits need none.")

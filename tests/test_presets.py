@@ -21,6 +21,7 @@ from engine.train import prepare_run_config, train_run
 SCHEDULE = {"model": {"xi": 0.1}, "loss": {"gamma_max": 0.1, "ramp_epochs": 80},
             "train": {"epochs": 200, "batch_size": 128}}
 SGD = {"momentum": 0.9, "weight_decay": 5e-4, "milestones": [0.5, 0.75]}
+FP32 = {"amp": False}  # released-code: the scripts train in fp32, not under bf16 autocast
 
 
 def _expected(model: dict, train: dict) -> dict:
@@ -34,16 +35,16 @@ def _expected(model: dict, train: dict) -> dict:
     ("paper", "capsule_loss_attention", "coco",
      _expected({"xi_denominator": "patches", "stem_norm": True}, {"lr": 0.1, **SGD})),
     ("released-code", "loss_attention", "digits",
-     _expected({"xi_denominator": "feature_map", "stem_norm": False}, {"lr": 0.1, **SGD})),
+     _expected({"xi_denominator": "feature_map", "stem_norm": False}, {"lr": 0.1, **SGD, **FP32})),
     ("released-code", "loss_attention", "coco",
-     _expected({"xi_denominator": "feature_map", "stem_norm": False}, {"lr": 0.05, **SGD})),
+     _expected({"xi_denominator": "feature_map", "stem_norm": False}, {"lr": 0.05, **SGD, **FP32})),
     ("released-code", "capsule_loss_attention", "cifar10",
-     _expected({"xi_denominator": "patches", "stem_norm": False}, {"lr": 0.1, **SGD})),
+     _expected({"xi_denominator": "patches", "stem_norm": False}, {"lr": 0.1, **SGD, **FP32})),
     ("released-code", "capsule_loss_attention", "coco",
-     _expected({"xi_denominator": "patches", "stem_norm": False}, {"lr": 0.05, **SGD})),
+     _expected({"xi_denominator": "patches", "stem_norm": False}, {"lr": 0.05, **SGD, **FP32})),
     # Mean-pooling trains with the paper's Adam recipe: no SGD fields, and no released code
     # thresholds it, so the denominator is left alone.
-    ("released-code", "mean", "coco", _expected({"stem_norm": False}, {})),
+    ("released-code", "mean", "coco", _expected({"stem_norm": False}, FP32)),
 ])
 def test_a_preset_yields_exactly_its_fields(preset, head, dataset, expected):
     given = {"preset": preset, "model": {"head": head}, "data": {"dataset": dataset}}

@@ -93,6 +93,19 @@ def test_every_flag_that_sets_a_field_has_its_docstring():
         assert field_docs(TransferConfig).get(key), f"transfer.{key}"
 
 
+def test_every_mil_flag_is_its_fields_docstring(capsys):
+    """``mil`` makes a flag of every MilConfig field: each field documents itself, and the
+    flag's help is that docstring (no second source of help text)."""
+    from engine.mil.config import MilConfig
+
+    docs = field_docs(MilConfig)
+    missing = [f.name for f in dataclasses.fields(MilConfig) if not docs.get(f.name)]
+    assert missing == []
+    text = _help(capsys, "mil")
+    for name in ("folds", "weight_decay", "hidden"):
+        assert " ".join(docs[name].split()).rstrip(".") in text, name
+
+
 def test_a_field_without_a_docstring_is_named_not_guessed():
     @dataclasses.dataclass
     class Probe:

@@ -22,20 +22,28 @@ class MilConfig:
     method: str = "loss_attention"
     """One of ``engine.mil.models.MIL_METHODS``."""
     folds: int = 10
+    """Folds of the cross-validation (the AAAI protocol: 10)."""
     repeats: int = 5
+    """Times the whole cross-validation is repeated with reshuffled folds (AAAI: 5)."""
     seed: int = 0
+    """Seed of the data set's sampling, the fold splits and every fold's weights."""
     epochs: int = 100
     """Most epochs per fold (AAAI Table A4: 100); early stopping may end sooner."""
     patience: int = 30
     """Stop after this many epochs without a better validation (error, loss)."""
     lr: float = 5e-4
+    """Adam's learning rate (AAAI Table A4)."""
     weight_decay: float = 5e-4
+    """Adam's weight decay (AAAI Table A4)."""
     dropout: float = 0.5
+    """Dropout after each hidden layer of the instance network."""
     lam: float = 0.1
     """λ of the instance term (AAAI Table A4: 0.1); only Loss-Attention and tip_threshold."""
     xi: float = 0.1
     """ξ of ``tip_threshold`` (θ = ξ/N per bag)."""
     hidden: tuple[int, ...] = (256, 128, 64)
+    """Widths of the instance network's hidden layers (MI-Net's), comma-separated on the
+    command line."""
     batch_bags: int = 8
     """Bags per optimiser step (the AAAI code used 1)."""
     val_fraction: float = 0.1

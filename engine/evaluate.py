@@ -128,11 +128,21 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
                    xi_grid: list[float] | None = None, groups: str | list[str] = "auto",
                    faithfulness_images: int = 0, pr_curves: bool = True,
                    seed: int = 0, collected: Collected | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, mask: str = "black",
+                   random_draws: int = 8) -> dict:
     """The full report (a JSON-ready dict). ``collected``: a :func:`collect` pass already made
     over ``data`` with this model (e.g. the app's cache), so that the backbone does not run
-    again. ``progress``: bars on stderr over the model pass and the faithfulness images."""
+    again. ``progress``: bars on stderr over the model pass and the faithfulness images.
+    ``mask`` and ``random_draws``: the faithfulness's mask and the random reference's repeats
+    (engine.explain.faithfulness); every reference map is judged beside the methods."""
+    from engine.explain import check_mask, check_references
+
     started = time.perf_counter()
+    try:  # before the backbone pass: a typo should not cost minutes
+        check_mask(mask)
+        check_references(["random"], random_draws)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
     chosen = resolve_groups(model, data, groups)
     if faithfulness_images and "faithfulness" not in chosen:
         chosen.append("faithfulness")
@@ -180,16 +190,17 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
         logits = outputs_at(model, collected, default_xi).logits
         report["image_pr"] = M.image_pr_curves(logits, data.targets, data.classes)
     if "faithfulness" in chosen:
-        from engine.explain import METHODS, faithfulness
+        from engine.explain import METHODS, REFERENCES, faithfulness
 
         count = faithfulness_images or 200
         gen = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(data), generator=gen)[:count].sort().values
         methods = [m for m in METHODS if m != "loss_attention" or model.head.has_patches]
-        with progress_bar(len(methods), f"faithfulness on {len(indices)} images", progress,
-                          unit="method") as bar:
-            report["faithfulness"] = faithfulness(model, data, device, indices, methods,
-                                                  on_method=lambda _: bar.update(1))
+        with progress_bar(len(methods) + len(REFERENCES), f"faithfulness on {len(indices)} "
+                          f"images", progress, unit="map") as bar:
+            report["faithfulness"] = faithfulness(
+                model, data, device, indices, methods, on_method=lambda _: bar.update(1),
+                mask=mask, references=list(REFERENCES), draws=random_draws, seed=seed)
     report["timing"]["total_s"] = time.perf_counter() - started
     return report
 
@@ -249,9 +260,18 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
         per_class[curve["index"]]["patch_ap"] = curve["ap"]
     paths.append(write_csv(out / "per_class.csv", per_class))
     if "faithfulness" in report:
-        faith = [{"method": m, **v} for m, v in report["faithfulness"]["methods"].items()]
-        paths.append(write_csv(out / "faithfulness.csv", faith))
+        paths.append(write_csv(out / "faithfulness.csv", faithfulness_rows(report["faithfulness"])))
     return paths
+
+
+def faithfulness_rows(faith: dict) -> list[dict]:
+    """A row per method, then per reference map (``kind`` says which), each with the mask
+    (a report saved before masks were named: ``black``, the only mask there was)."""
+    mask = faith.get("mask", "black")
+    return ([{"method": m, "kind": "method", "mask": mask, **v}
+             for m, v in faith["methods"].items()]
+            + [{"method": f"ref: {m}", "kind": "reference", "mask": mask, **v}
+               for m, v in faith.get("references", {}).items()])
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

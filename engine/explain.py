@@ -13,13 +13,19 @@ Maps (one value per input pixel, each map scaled to [0, 1] per image):
 Faithfulness (for a class c: the true label, or the top-scoring true label if multi-label; the
 score is the softmax probability, or the sigmoid for multi-label models):
 - **Average Drop %** and **Increase in Confidence %** (Chattopadhyay et al. 2018, Grad-CAM++):
-  the masked image is the original in [0, 1] pixel space multiplied by the map, so unexplained
-  pixels turn black, and it is then normalised as usual. AD = 100 · mean(max(0, Y - O) / Y), IC =
-  100 · mean(O > Y), where Y and O are the scores of the original and masked images.
+  the masked image is map · x + (1 - map) · fill in [0, 1] pixel space, then normalised as
+  usual; the fill is the ``mask`` (:data:`MASKS`): ``black`` (0: the image times the map, the
+  default), ``mean`` (the data set's mean colour, its normalisation mean: what multiplying the
+  normalised tensor by the map gives) or ``blur`` (the image's blurred copy, as insertion's).
+  AD = 100 · mean(max(0, Y - O) / Y), IC = 100 · mean(O > Y), where Y and O are the scores of
+  the original and masked images.
 - **Deletion / insertion AUC** (Petsiuk et al. 2018, RISE): pixels are removed (deletion, set to
-  black) or inserted into a blurred copy of the image (insertion; Gaussian blur, σ = side / 8) in
-  ``steps`` equal chunks, most important first. AUC = the trapezoid mean of the score curve.
-  Lower deletion and higher insertion mean a more faithful map.
+  the mask's fill: black by default, as RISE) or inserted into a blurred copy of the image
+  (insertion, whatever the mask; Gaussian blur, σ = side / 8) in ``steps`` equal chunks, most
+  important first. AUC = the trapezoid mean of the score curve. Lower deletion and higher
+  insertion mean a more faithful map.
+- **Reference maps** (:data:`REFERENCES`), judged the same way beside the methods: maps that know
+  nothing of the model, so the reader sees where no knowledge lands (docs/faithfulness.md).
 - **Pointing game** (Zhang et al. 2016): a hit when the map's maximum lies within ``tolerance``
   pixels (default 15) of a box of class c. **Energy pointing game** (Wang et al. 2020, Score-CAM):
   the share of the map's sum that falls inside the boxes of class c.
@@ -219,12 +225,53 @@ class Scorer:
         return torch.cat(scores).squeeze(1)
 
 
+MASKS = {"black": "unexplained pixels black (the image times the map, in [0, 1] pixels)",
+         "mean": "unexplained pixels the data set's mean colour (its normalisation mean)",
+         "blur": "unexplained pixels from a blurred copy of the image (σ = side / 8)"}
+"""What replaces the pixels a map leaves out (Average Drop, Increase in Confidence, deletion)."""
+DEFAULT_MASK = "black"
+
+
+def check_mask(mask: str) -> str:
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {list(MASKS)}; got {mask!r}")
+    return mask
+
+
+def mask_fill(pixels: torch.Tensor, mask: str, mean: Sequence[float] | None = None
+              ) -> torch.Tensor:
+    """What a left-out pixel becomes under ``mask`` (shaped as ``pixels``, in [0, 1]);
+    ``mean``: the colour of ``"mean"`` (one value per channel)."""
+    check_mask(mask)
+    if mask == "black":
+        return torch.zeros_like(pixels)
+    if mask == "blur":
+        return _blur(pixels)
+    if mean is None:
+        raise ValueError("the 'mean' mask needs the data set's mean colour")
+    colour = torch.tensor([float(v) for v in mean], dtype=pixels.dtype).view(1, -1, 1, 1)
+    return colour.expand_as(pixels).clone()
+
+
+def masked_images(pixels: torch.Tensor, maps: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """map · x + (1 - map) · fill, per pixel (maps (B, H, W) in [0, 1])."""
+    m = maps[:, None].to(pixels.dtype)
+    return m * pixels + (1 - m) * fill
+
+
 def average_drop_increase(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
-                          classes: torch.Tensor, base: torch.Tensor | None = None
+                          classes: torch.Tensor, base: torch.Tensor | None = None,
+                          mask: str = DEFAULT_MASK, fill: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: relative drop max(0, Y-O)/Y and whether confidence increased (O > Y)."""
+    """Per image: relative drop max(0, Y-O)/Y and whether confidence increased (O > Y).
+    ``fill``: :func:`mask_fill` made already (it does not depend on the map)."""
     y = scorer(pixels, classes) if base is None else base
-    o = scorer(pixels * maps[:, None], classes)
+    if fill is None and mask == "black":  # the paper's E ⊙ I, exactly
+        masked = pixels * maps[:, None]
+    else:
+        fill = mask_fill(pixels, mask, scorer.data.mean) if fill is None else fill
+        masked = masked_images(pixels, maps, fill)
+    o = scorer(masked, classes)
     return (y - o).clamp_min(0) / y.clamp_min(1e-12), (o > y).float()
 
 
@@ -237,18 +284,20 @@ def _blur(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_insertion_curves(scorer: Scorer, pixels: torch.Tensor, maps: torch.Tensor,
-                              classes: torch.Tensor, steps: int = 16
+                              classes: torch.Tensor, steps: int = 16,
+                              fill: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the class score after each of ``steps`` + 1 deletion and insertion steps
-    (B, steps + 1): the most important pixels first set to black, or put back into a blurred
-    copy."""
+    (B, steps + 1): the most important pixels first set to ``fill`` (default black, as RISE;
+    see :func:`mask_fill`), or put back into a blurred copy."""
     b, _, h, w = pixels.shape
     rank = maps.flatten(1).argsort(1, descending=True).argsort(1)  # pixel -> importance rank
     blurred = _blur(pixels)
+    removed = torch.zeros_like(pixels) if fill is None else fill
     deletion, insertion = [], []
     for s in range(steps + 1):
         first = (rank < round(s * h * w / steps)).view(b, 1, h, w)
-        deletion.append(scorer(torch.where(first, torch.zeros_like(pixels), pixels), classes))
+        deletion.append(scorer(torch.where(first, removed, pixels), classes))
         insertion.append(scorer(torch.where(first, pixels, blurred), classes))
     return torch.stack(deletion, 1), torch.stack(insertion, 1)
 
@@ -388,16 +437,103 @@ MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(normalised inputs on the device, classes) -> maps (B, H, W) in [0, 1] on the CPU."""
 
 
+REFERENCES = {"uniform": "ref: uniform", "random": "ref: random", "centre": "ref: centre",
+              "intensity": "ref: intensity"}
+"""Reference maps (no knowledge of the model) and their display names: ``uniform``, every pixel
+1; ``random``, every pixel uniform in [0, 1], a fresh draw per image and per repeat (metrics
+averaged over ``draws`` seeded repeats); ``centre``, an isotropic Gaussian at the image's centre
+with σ = a quarter of the shorter side, min-max scaled; ``intensity``, the image's grey level
+(mean over channels), min-max scaled per image."""
+RANDOM_DRAWS = 8
+
+
+def reference_maps(name: str, pixels: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """The reference map ``name`` (:data:`REFERENCES`) of ``pixels`` (B, C, H, W) in [0, 1]:
+    (B, H, W) in [0, 1]. ``random`` draws from ``generator``."""
+    b, _, h, w = pixels.shape
+    if name == "uniform":
+        return torch.ones(b, h, w)
+    if name == "random":
+        return torch.rand(b, h, w, generator=generator)
+    if name == "centre":
+        ys = torch.arange(h, dtype=torch.float64) + 0.5 - h / 2
+        xs = torch.arange(w, dtype=torch.float64) + 0.5 - w / 2
+        sigma = min(h, w) / 4
+        gauss = torch.exp(-(ys[:, None] ** 2 + xs[None] ** 2) / (2 * sigma ** 2)).float()
+        return scale_maps(gauss.expand(b, h, w).clone())
+    if name == "intensity":
+        return scale_maps(pixels.float().mean(1))
+    raise ValueError(f"reference map must be one of {list(REFERENCES)}; got {name!r}")
+
+
+def check_references(references: Sequence[str], draws: int) -> None:
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown:
+        raise ValueError(f"reference maps must be among {list(REFERENCES)}; got {unknown}")
+    if "random" in references and (isinstance(draws, bool) or not isinstance(draws, int)
+                                   or draws < 1):
+        raise ValueError(f"the random reference needs draws >= 1 (repeats averaged); got "
+                         f"{draws!r}")
+
+
+class _Judge:
+    """Every faithfulness metric of a set of maps, on fixed images, classes and mask."""
+
+    def __init__(self, scorer: Scorer, pixels: torch.Tensor, classes: torch.Tensor,
+                 boxes: list[torch.Tensor] | None, mask: str, steps: int, tolerance: float):
+        self.scorer, self.pixels, self.classes, self.boxes = scorer, pixels, classes, boxes
+        self.mask, self.steps, self.tolerance = mask, steps, tolerance
+        self.fill = mask_fill(pixels, mask, scorer.data.mean)
+        self.base = scorer(pixels, classes)
+
+    def __call__(self, maps: torch.Tensor) -> tuple[dict, dict]:
+        """The metrics row (means over the images) and the mean curves."""
+        fill = None if self.mask == "black" else self.fill  # black: the paper's E ⊙ I, exactly
+        drop, increase = average_drop_increase(self.scorer, self.pixels, maps, self.classes,
+                                               self.base, self.mask, fill)
+        deleted, inserted = deletion_insertion_curves(self.scorer, self.pixels, maps,
+                                                      self.classes, self.steps, self.fill)
+        row = {"average_drop_pct": 100 * drop.mean().item(),
+               "increase_in_confidence_pct": 100 * increase.mean().item(),
+               "deletion_auc": curve_auc(deleted).mean().item(),
+               "insertion_auc": curve_auc(inserted).mean().item()}
+        if self.boxes is not None:
+            row["pointing_game"] = torch.nanmean(
+                pointing_game(maps, self.boxes, self.tolerance)).item()
+            row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, self.boxes)).item()
+        return row, {"deletion": deleted.mean(0).tolist(), "insertion": inserted.mean(0).tolist()}
+
+    def reference(self, name: str, draws: int, seed: int) -> tuple[dict, dict]:
+        """A reference map's row and curves; ``random``: the means over ``draws`` repeats."""
+        if name != "random":
+            return self(reference_maps(name, self.pixels))
+        gen = torch.Generator().manual_seed(seed)
+        judged = [self(reference_maps(name, self.pixels, gen)) for _ in range(draws)]
+        row = {k: sum(r[k] for r, _ in judged) / draws for k in judged[0][0]}
+        curves = {k: [sum(v) / draws for v in zip(*(c[k] for _, c in judged), strict=True)]
+                  for k in judged[0][1]}
+        return row, curves
+
+
 def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
                  indices: torch.Tensor, methods: Sequence[str] = METHODS, steps: int = 16,
                  tolerance: float = 15.0, xi: float | None = None,
                  extra: dict[str, MapFn] | None = None, choice: str = "true",
-                 on_method: Callable[[str], None] | None = None) -> dict:
+                 on_method: Callable[[str], None] | None = None, mask: str = DEFAULT_MASK,
+                 references: Sequence[str] = (), draws: int = RANDOM_DRAWS, seed: int = 0
+                 ) -> dict:
     """Mean faithfulness metrics per method on the images ``indices`` of ``data``, explaining
     the class ``choice`` (:func:`classes_to_explain`; the pointing games use that class's
     boxes), with the mean deletion and insertion curves; ``extra`` adds maps made elsewhere
-    (e.g. a mutual-transfer peer's own attention map), judged the same way. ``on_method`` is
-    called with each method's name once it is judged (a progress bar's step)."""
+    (e.g. a mutual-transfer peer's own attention map), judged the same way. ``mask``: what
+    replaces left-out pixels (:data:`MASKS`). ``references``: reference maps
+    (:data:`REFERENCES`) judged beside the methods, under ``"references"`` (``random``:
+    ``draws`` repeats from ``seed``). ``on_method`` is called with each method's (and
+    reference's) name once it is judged (a progress bar's step). Without boxes the pointing
+    games are left out, and ``"skipped"`` says so."""
+    check_mask(mask)
+    check_references(references, draws)
     model.eval()
     pixels = data.images[indices].float() / 255.0
     x = model_input(data, data.images[indices], device)
@@ -405,29 +541,27 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
     with torch.no_grad():
         logits = model(x, xi=xi).logits.float().cpu()
     classes = classes_to_explain(data, indices, logits, choice)
-    base = scorer(pixels, classes)
     boxes = _class_boxes(data, indices.tolist(), classes) if data.has_boxes else None
+    judge = _Judge(scorer, pixels, classes, boxes, mask, steps, tolerance)
     makers: dict[str, MapFn] = {
         m: (lambda x, c, m=m: explanation_maps(model, x, c.to(device), m, xi=xi).cpu())
         for m in methods}
     makers.update(extra or {})
-    report, curves = {}, {}
+    report, refs, curves = {}, {}, {}
     for method, make in makers.items():
-        maps = make(x, classes)
-        drop, increase = average_drop_increase(scorer, pixels, maps, classes, base)
-        deleted, inserted = deletion_insertion_curves(scorer, pixels, maps, classes, steps)
-        row = {"average_drop_pct": 100 * drop.mean().item(),
-               "increase_in_confidence_pct": 100 * increase.mean().item(),
-               "deletion_auc": curve_auc(deleted).mean().item(),
-               "insertion_auc": curve_auc(inserted).mean().item()}
-        curves[method] = {"deletion": deleted.mean(0).tolist(),
-                          "insertion": inserted.mean(0).tolist()}
-        if boxes is not None:
-            row["pointing_game"] = torch.nanmean(pointing_game(maps, boxes, tolerance)).item()
-            row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, boxes)).item()
-        report[method] = row
+        report[method], curves[method] = judge(make(x, classes))
         if on_method is not None:
             on_method(method)
-    return {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
-            "class": CLASS_CHOICES.get(choice, f"class {choice}"), "methods": report,
-            "curves": curves}
+    for name in references:
+        refs[name], curves[name] = judge.reference(name, draws, seed)
+        if on_method is not None:
+            on_method(name)
+    out = {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
+           "class": CLASS_CHOICES.get(choice, f"class {choice}"), "mask": mask,
+           "methods": report, "curves": curves}
+    if references:
+        out.update(references=refs, random_draws=draws, seed=seed)
+    if boxes is None:
+        out["skipped"] = (f"pointing game and energy pointing game: data set {data.name!r} "
+                          "has no bounding boxes")
+    return out

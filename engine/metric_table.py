@@ -22,11 +22,19 @@ class Metric:
     better: str = ""
     """``"higher"``, ``"lower"``, or ``""`` (a count, a rate, a setting)."""
     group: str = "epoch"
+    short: str = ""
+    """A narrow label for tables with many columns (default: the label)."""
 
     @property
     def heading(self) -> str:
         """The label with its direction, for tables a reader compares across."""
         return f"{self.label} ({self.better} better)" if self.better else self.label
+
+    @property
+    def short_heading(self) -> str:
+        """The short label with its direction as an arrow (↑ higher, ↓ lower better)."""
+        arrow = {"higher": " ↑", "lower": " ↓"}.get(self.better, "")
+        return f"{self.short or self.label}{arrow}"
 
 
 _METRICS = [
@@ -54,12 +62,13 @@ _METRICS = [
     Metric("gt_known_loc", "GT-known localization", "higher", "summary"),
     Metric("patches_per_image", "patches selected per image", "", "summary"),
     # Explanation methods compared
-    Metric("average_drop_pct", "Average Drop %", "lower", "faithfulness"),
-    Metric("increase_in_confidence_pct", "Increase in Confidence %", "higher", "faithfulness"),
-    Metric("deletion_auc", "deletion AUC", "lower", "faithfulness"),
-    Metric("insertion_auc", "insertion AUC", "higher", "faithfulness"),
-    Metric("pointing_game", "pointing game", "higher", "faithfulness"),
-    Metric("energy_pointing_game", "energy pointing game", "higher", "faithfulness"),
+    Metric("average_drop_pct", "Average Drop %", "lower", "faithfulness", "Avg Drop %"),
+    Metric("increase_in_confidence_pct", "Increase in Confidence %", "higher", "faithfulness",
+           "Incr. Conf. %"),
+    Metric("deletion_auc", "deletion AUC", "lower", "faithfulness", "deletion"),
+    Metric("insertion_auc", "insertion AUC", "higher", "faithfulness", "insertion"),
+    Metric("pointing_game", "pointing game", "higher", "faithfulness", "pointing"),
+    Metric("energy_pointing_game", "energy pointing game", "higher", "faithfulness", "energy"),
 ]
 METRICS: dict[str, Metric] = {m.key: m for m in _METRICS}
 

@@ -12,7 +12,17 @@ import numpy as np
 import streamlit as st
 import torch
 
-from engine.explain import METHODS, ONE_PASS, compare_maps, faithfulness, remembered_maps
+from engine.explain import (
+    DEFAULT_MASK,
+    MASKS,
+    METHODS,
+    ONE_PASS,
+    RANDOM_DRAWS,
+    REFERENCES,
+    compare_maps,
+    faithfulness,
+    remembered_maps,
+)
 from engine.metric_table import metrics_of
 from engine.pictures import to_hwc
 from engine.sanity import (
@@ -37,7 +47,7 @@ from ui.st_state import (
 )
 from ui.tables import markdown_table
 
-COLUMNS = {m.key: m.heading for m in metrics_of("faithfulness")}
+COLUMNS = {m.key: m.short_heading for m in metrics_of("faithfulness")}
 ON_DEMAND = "scorecam"
 SIZES = [16, 32, 64, 128, 256]
 SANITY_SIZES = [16, 32, 64, 128]
@@ -67,15 +77,18 @@ def score_cam(loaded, result: dict, xi: float) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _faithfulness(path: str, mtime_ns: int, count: int, method: str, xi: float,
-                  class_choice: str) -> dict:
+def _faithfulness(path: str, mtime_ns: int, count: int, method: str | None, xi: float,
+                  class_choice: str, mask: str = DEFAULT_MASK) -> dict:
+    """One method's row; ``method`` None: the reference maps' rows (no method)."""
     del mtime_ns
     loaded = loaded_model(path)
     data = test_set(loaded.data_config)
     indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
+    methods, references = ([], list(REFERENCES)) if method is None else ([method], [])
     with loaded.lock:
         return faithfulness(loaded.model, data, torch.device("cpu"), indices.sort().values,
-                            [method], xi=xi, choice=class_choice)
+                            methods, xi=xi, choice=class_choice, mask=mask,
+                            references=references, draws=RANDOM_DRAWS)
 
 
 def draw_maps(loaded, data, result: dict, shown: list[str], xi: float) -> None:
@@ -204,11 +217,28 @@ def sanity_check(path: str, mtime: int, data, result: dict, shown: list[str], xi
         "model. One image tells little: judge by the statistics above.")
 
 
+def faithfulness_rows(reports: dict[str, dict], references: dict) -> list[dict]:
+    """A row per method, then per reference map (named "ref: ..."), a column per metric."""
+    rows = [{"map": METHODS[m], **{COLUMNS.get(k, k): round(v, 4) for k, v in
+                                   r["methods"][m].items()}} for m, r in reports.items()]
+    rows += [{"map": REFERENCES[name], **{COLUMNS.get(k, k): round(v, 4) for k, v in
+                                          values.items()}}
+             for name, values in references["references"].items()]
+    return rows
+
+
 def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
                        class_choice: str) -> None:
-    """Measured on demand for the chosen class and ξ; one cached row per method, so a method
-    added later (Score-CAM) costs only its own row."""
-    n = st.select_slider("Images to measure on", SIZES, **keep("cm_n", 32, SIZES))
+    """Measured on demand for the chosen class, ξ and mask; one cached row per method (and one
+    entry for the reference maps), so a method added later (Score-CAM) costs only its row."""
+    c1, c2 = st.columns([2, 1])
+    n = c1.select_slider("Images to measure on", SIZES, **keep("cm_n", 32, SIZES))
+    masks = list(MASKS)
+    mask = c2.selectbox("Mask: left-out pixels become", masks,
+                        **keep("cm_mask", DEFAULT_MASK, masks),
+                        help="; ".join(f"{k}: {v}" for k, v in MASKS.items()) +
+                             ". Deletion uses it too; insertion always starts from the "
+                             "blurred copy.")
     if st.button("Measure", key="cm_measure", type="primary"):
         st.session_state["cm_measured"] = (path, n)
     if st.session_state.get("cm_measured") != (path, n):
@@ -216,20 +246,25 @@ def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
     reports = {}
     for method in shown:
         with st.spinner(f"Measuring {METHODS[method]} on {n} images..."):
-            reports[method] = _faithfulness(path, mtime, n, method, xi, class_choice)
-    # A row per metric, a column per method: four methods fit at 1366 px, eight metric
-    # headings side by side did not.
-    first = next(iter(reports))
-    keys = list(reports[first]["methods"][first])
-    st.container(key="cm_faithfulness").dataframe(
-        [{"metric": COLUMNS.get(k, k), **{METHODS[m]: round(r["methods"][m][k], 4)
-                                          for m, r in reports.items()}} for k in keys],
-        hide_index=True)
-    report = reports[first]
+            reports[method] = _faithfulness(path, mtime, n, method, xi, class_choice, mask)
+    with st.spinner(f"Measuring the reference maps on {n} images..."):
+        refs = _faithfulness(path, mtime, n, None, xi, class_choice, mask)
+    # A row per map, a column per metric (short headings): four methods and four references
+    # fit at 1366 px this way; a column per map did not.
+    st.container(key="cm_faithfulness").dataframe(faithfulness_rows(reports, refs),
+                                                  hide_index=True)
+    report = refs
     st.caption(f"{report['images']} test images (a fixed random sample), class explained: "
-               f"{report['class']}, ξ = {xi:.2f}.")
+               f"{report['class']}, ξ = {xi:.2f}, mask: {mask} ({MASKS[mask]}). Rows "
+               "\"ref: ...\" are reference maps, not methods: they know nothing of the model "
+               f"(uniform: every pixel 1; random: uniform noise, {RANDOM_DRAWS} seeded draws "
+               "averaged; centre: a Gaussian at the centre, σ = side/4; intensity: the image's "
+               "grey level). A method is worth its salt where it beats them."
+               + (f" Skipped: {report['skipped']}." if "skipped" in report else ""))
+    labels = {**METHODS, **REFERENCES}
     st.plotly_chart(deletion_insertion_figure(
-        {m: r["curves"][m] for m, r in reports.items()}, METHODS), key="cm_curves")
+        {**{m: r["curves"][m] for m, r in reports.items()}, **refs["curves"]}, labels),
+        key="cm_curves")
 
 
 ensure_router()
@@ -284,9 +319,10 @@ with guard("Compare maps"):
 
     st.subheader("Faithfulness")
     st.caption(
-        "Average Drop / Increase in Confidence: the image multiplied by the map (unexplained "
-        "pixels go black), score of the explained class before and after (Grad-CAM++'s relative "
-        "definitions). Deletion: the most important pixels set to black first; insertion: "
+        "Average Drop / Increase in Confidence: map · image + (1 − map) · the mask's fill "
+        "(black: the image multiplied by the map, unexplained pixels go black), score of the "
+        "explained class before and after (Grad-CAM++'s relative definitions). Deletion: the "
+        "most important pixels set to the mask's fill first; insertion: "
         "pixels put back into a blurred copy (σ = side/8); AUC of the score over 16 steps. "
         "Pointing game: the map's maximum within 15 px of a true box; energy: the share of "
         "the map inside the true boxes. The class is the one chosen above.")

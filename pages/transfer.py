@@ -180,6 +180,8 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
         stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
         summary = summarise(_judged(runs, stamps, images))
         st.dataframe(transfer_table(summary, MAP_LABELS, SEED_PAPER), hide_index=True)
+        st.caption("Mask: black (the image times the map). Maps marked reference know nothing "
+                   "of the model: a yardstick, not a method.")
     st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
                f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
                "peers and data (only the abstract is available); compare the direction of the "
@@ -203,6 +205,9 @@ def saved_results() -> None:
     except (OSError, ValueError) as exc:
         st.caption(f"No summary text: {exc}")
     st.dataframe(transfer_table(report["summary"], MAP_LABELS, SEED_PAPER), hide_index=True)
+    st.caption(f"Mask: {report.get('mask', 'black')} (what replaces the pixels a map leaves "
+               "out; docs/faithfulness.md). Maps marked reference know nothing of the model: a "
+               "yardstick, not a method.")
 
 
 ensure_router()

@@ -511,13 +511,27 @@ def test_curves_and_compare_pages(runs_root):
     assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM"])
     at.button(key="cm_measure").click().run()
     assert not at.exception and not errors(at)
-    table = next(df.value for df in at.dataframe if "metric" in df.value.columns)
-    assert list(table.columns) == ["metric", "Loss-Attention", "Grad-CAM"]  # a column each
-    assert "Average Drop % (lower better)" in list(table["metric"])
+    table = next(df.value for df in at.dataframe if "map" in df.value.columns)
+    # a row per method, then the reference maps, marked as such; a column per metric
+    assert list(table["map"]) == ["Loss-Attention", "Grad-CAM", "ref: uniform", "ref: random",
+                                  "ref: centre", "ref: intensity"]
+    assert "Avg Drop % ↓" in table.columns and "insertion ↑" in table.columns
+    uniform = table[table["map"] == "ref: uniform"].iloc[0]
+    assert uniform["Avg Drop % ↓"] == 0  # under black, the all-ones map keeps the image
+    assert any("mask: black" in c.value and "reference maps, not methods" in c.value
+               for c in at.caption)
+    # another mask: measured again, and said
+    at.selectbox(key="w_cm_mask").set_value("blur").run()
+    assert not at.exception and not errors(at)
+    assert any("mask: blur" in c.value for c in at.caption)
+    at.selectbox(key="w_cm_mask").set_value("black").run()
     # the curves behind the AUCs, one line per method and panel
     curves = json.loads(next(c for c in at.get("plotly_chart") if "cm_curves" in c.proto.id
                              ).proto.spec)
-    assert [t["name"] for t in curves["data"]] == ["Loss-Attention"] * 2 + ["Grad-CAM"] * 2
+    assert [t["name"] for t in curves["data"]][:4] == ["Loss-Attention"] * 2 + ["Grad-CAM"] * 2
+    assert {t["name"] for t in curves["data"][4:]} == {"ref: uniform", "ref: random",
+                                                       "ref: centre", "ref: intensity"}
+    assert {t["line"]["dash"] for t in curves["data"][4:]} == {"dot"}  # references drawn dotted
     # the faithfulness follows the class chosen above, and so does its caption
     at.selectbox(key="w_cm_class").set_value("predicted").run()
     assert any("class explained: predicted class" in c.value for c in at.caption)
@@ -569,8 +583,8 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     assert batches == []  # no Score-CAM, nor anything else from the package
     assert any("Score-CAM is computed when you turn it on" in c.value for c in at.caption)
     at.button(key="cm_measure").click().run()
-    assert list(at.dataframe[-1].value.columns)[1:] == ["Loss-Attention", "Grad-CAM",
-                                                        "Grad-CAM++"]
+    assert list(at.dataframe[-1].value["map"])[:4] == ["Loss-Attention", "Grad-CAM",
+                                                       "Grad-CAM++", "ref: uniform"]
     assert batches == []
     # the model explained at another ξ: Loss-Attention's map changes (its patches), no error
     before = [c.proto.spec for c in at.get("plotly_chart") if "cm_maps" in c.proto.id]
@@ -583,7 +597,7 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     assert not at.exception and not errors(at)
     assert map_cells(at) == (2, ["Loss-Attention", "Grad-CAM", "Grad-CAM++", "Score-CAM"])
     assert ("scorecam", 2) in batches  # both images shown, in one batch
-    assert list(at.dataframe[-1].value.columns)[-1] == "Score-CAM"  # its column, once computed
+    assert list(at.dataframe[-1].value["map"])[3] == "Score-CAM"  # its row, once computed
     seen = len(batches)
     at.run()  # a second view of the same images
     at.switch_page("pages/home.py").run()

@@ -28,6 +28,37 @@ def shipped():
     return model, data
 
 
+def test_faithfulness_files_record_the_mask_and_the_references(shipped, tmp_path, capsys):
+    import csv
+
+    from engine.cli import main
+    from engine.evaluate import faithfulness_rows, write_report
+
+    model, data = shipped
+    with pytest.raises(EvaluationError, match=r"mask must be one of \['black', 'mean', 'blur'\]"):
+        evaluate_model(model, data, CPU, groups=["image"], faithfulness_images=4, mask="white")
+    with pytest.raises(EvaluationError, match="draws >= 1"):
+        evaluate_model(model, data, CPU, groups=["image"], faithfulness_images=4, random_draws=0)
+    report = evaluate_model(model, data, CPU, groups=["image"], faithfulness_images=4,
+                            mask="mean", random_draws=2)
+    faith = report["faithfulness"]
+    assert faith["mask"] == "mean" and set(faith["references"]) == set(explain.REFERENCES)
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["faithfulness"]["mask"] == "mean"
+    rows = list(csv.DictReader((tmp_path / "faithfulness.csv").open()))
+    assert {r["mask"] for r in rows} == {"mean"}
+    assert [r["method"] for r in rows if r["kind"] == "reference"] == [
+        "ref: uniform", "ref: random", "ref: centre", "ref: intensity"]
+    # a report saved before masks were named was made with black, the only mask there was
+    old = {"methods": {"gradcam": {"average_drop_pct": 50.0}}}
+    assert faithfulness_rows(old) == [{"method": "gradcam", "kind": "method", "mask": "black",
+                                       "average_drop_pct": 50.0}]
+    capsys.readouterr()
+    assert main(["evaluate", str(SHIPPED), "--faithfulness-images", "4", "--mask", "white",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "mask must be one of ['black', 'mean', 'blur']" in capsys.readouterr().err
+
+
 def test_report_at_a_xi_grid(shipped):
     model, data = shipped
     report = evaluate_model(model, data, CPU, xi_grid=[0.0, 0.5, 1.0])

@@ -357,6 +357,10 @@ def _cli(capsys, *argv):
      "transfer.grid=99 is larger than the attention map"),
     (["--peer", "small_cnn", "--peer", "small_cnn", "--seeds", "1,x"], "--seeds must be"),
     (["--peer", "small_cnn/a/b", "--peer", "small_cnn"], "--peer must be BACKBONE"),
+    (["--peer", "small_cnn", "--peer", "small_cnn", "--mask", "white"],
+     "--mask must be one of ['black', 'mean', 'blur']; got 'white'"),
+    (["--peer", "small_cnn", "--peer", "small_cnn", "--random-draws", "0"],
+     "--random-draws must be >= 1"),
 ])
 def test_transfer_command_refuses_bad_input(tmp_path, capsys, argv, message):
     code, _, err = _cli(capsys, "transfer", "--runs-dir", str(tmp_path), "--epochs", "1", *argv)
@@ -425,7 +429,8 @@ def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):
     argv = ["transfer", "--runs-dir", str(tmp_path / "runs"), "--peer", "small_cnn",
             "--peer", "small_cnn/plain", "--train-size", "128", "--test-size", "32",
             "--epochs", "1", "--batch-size", "64", "--seeds", "3", "--eval-images", "8",
-            "--steps", "2", "--experiment", "t", "--out", str(out), "--quiet"]
+            "--steps", "2", "--experiment", "t", "--out", str(out), "--quiet", "--mask", "blur",
+            "--random-draws", "2"]
     code, printed, err = _cli(capsys, *argv)
     assert code == 0, err
     store = RunStore(tmp_path / "runs")
@@ -434,7 +439,13 @@ def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):
     assert store.get("t-s3-mutual").config().train.seed == 3
     report = read_results(out)
     methods = {r["method"] for r in report["summary"]}
-    assert methods == {"own_map", "gradcam", "loss_attention"}
+    assert methods == {"own_map", "gradcam", "loss_attention", "ref_uniform", "ref_random",
+                       "ref_centre", "ref_intensity"}
+    # the mask is recorded in every results file
+    assert report["mask"] == "blur" and {r["mask"] for r in report["rows"]} == {"blur"}
+    assert "mask" in (out / "results.csv").read_text().splitlines()[0]
+    assert "mask `blur`" in (out / "results.md").read_text()
+    assert "ref: centre (reference, not a method)" in (out / "results.md").read_text()
     # The plain peer has no Loss-Attention map; the conv-head peer does.
     la_peers = {r["peer"] for r in report["rows"] if r["method"] == "loss_attention"}
     assert la_peers == {0}
@@ -481,3 +492,14 @@ def test_a_transfer_experiment_gets_no_data_set_default_preset():
     assert cfg.preset is None and (cfg.train.batch_size, cfg.train.recipe) == (128, "auto")
     live = transfer_config(build_parser().parse_args([*args, "--preset", "live"]))
     assert live.preset == "live" and live.train.batch_size == 32 and live.train.epochs == 8
+
+
+def test_results_saved_before_masks_were_named_read_as_black(tmp_path):
+    import json
+
+    from engine.mutual.experiment import read_results
+
+    (tmp_path / "results.json").write_text(json.dumps({"summary": [], "rows": []}))
+    assert read_results(tmp_path)["mask"] == "black"
+    (tmp_path / "results.json").write_text(json.dumps({"summary": [], "mask": "mean"}))
+    assert read_results(tmp_path)["mask"] == "mean"

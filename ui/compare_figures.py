@@ -63,9 +63,10 @@ def map_grid_figure(images: Sequence[np.ndarray], maps: dict[str, np.ndarray],
 def deletion_insertion_figure(curves: dict[str, dict], labels: dict[str, str]) -> go.Figure:
     """Mean class score against the fraction of pixels deleted (left) or inserted (right), one
     line per method: a faithful map's deletion curve falls fast, its insertion curve rises
-    fast. ``curves``: method -> {"deletion": [...], "insertion": [...]}."""
+    fast. ``curves``: method -> {"deletion": [...], "insertion": [...]}; a method whose label
+    starts with "ref:" (a reference map, not a method) is drawn dotted."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "deletion: most important pixels set to black first",
+        "deletion: most important pixels removed first",
         "insertion: most important pixels put back first"))
     names = [labels.get(m, m) for m in curves]
     for method, curve in curves.items():
@@ -76,7 +77,9 @@ def deletion_insertion_figure(curves: dict[str, dict], labels: dict[str, str]) -
         for col, key in ((1, "deletion"), (2, "insertion")):
             fig.add_trace(go.Scatter(x=fraction, y=curve[key], mode="lines+markers", name=name,
                                      legendgroup=name, showlegend=col == 1,
-                                     line={"color": colour}, marker={"size": 4}),
+                                     line={"color": colour, "dash": "dot" if
+                                           name.startswith("ref:") else "solid"},
+                                     marker={"size": 4}),
                           row=1, col=col)
     fig.update_xaxes(title_text="fraction of pixels", range=[0, 1])
     fig.update_yaxes(title_text="class score (softmax)", range=[0, 1.02], row=1, col=1)

@@ -43,6 +43,14 @@ def register(sub) -> None:
     p.add_argument("--faithfulness-images", type=int, default=0, metavar="N",
                    help="also measure faithfulness on this many images, e.g. 200 (default: 0, "
                         "not measured)")
+    p.add_argument("--mask", default="black", metavar="NAME",
+                   help="faithfulness: what replaces the pixels a map leaves out: black (the "
+                        "image times the map), mean (the data set's mean colour) or blur (a "
+                        "blurred copy); also deletion's fill (default: black; see "
+                        "docs/faithfulness.md)")
+    p.add_argument("--random-draws", type=int, default=8, metavar="K",
+                   help="faithfulness: seeded draws of the random reference map, averaged "
+                        "(default: 8)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
     p.add_argument("--out", metavar="DIR",
@@ -87,14 +95,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     xi_grid = parse_floats(args.xi_grid, "--xi-grid") if args.xi_grid else None
     report = evaluate_model(model.to(device), data, device, xi_grid=xi_grid,
                             groups=args.metrics, faithfulness_images=args.faithfulness_images,
-                            progress=not args.quiet)
+                            progress=not args.quiet, mask=args.mask,
+                            random_draws=args.random_draws)
     report["source"] = str(args.source)
     default_out = run.path / "eval" if run else Path(f"eval-{Path(args.source).stem}")
     paths = write_report(report, args.out or default_out)
     print(format_summary(report))
     if "faithfulness" in report:
-        for method, row in report["faithfulness"]["methods"].items():
-            print(f"  {method:15s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        from engine.evaluate import faithfulness_rows
+
+        faith = report["faithfulness"]
+        print(f"faithfulness, mask {faith['mask']} (references: maps that know nothing of the "
+              "model):")
+        for row in faithfulness_rows(faith):
+            values = {k: v for k, v in row.items() if k not in ("method", "kind", "mask")}
+            print(f"  {row['method']:15s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        if "skipped" in faith:
+            print(f"  skipped: {faith['skipped']}")
     print("collect {:.1f}s, metrics {:.2f}s per ξ; wrote {}".format(
         report["timing"]["collect_s"], max(report["timing"]["metrics_s_per_xi"]),
         ", ".join(str(p) for p in paths)))

@@ -6,8 +6,10 @@ bit). A finished run is reused, a stopped or failed one resumed, so an interrupt
 continues where it stopped. Then every peer of every run is judged on the same test images:
 its own attention map, Grad-CAM and (where it has one) its Loss-Attention map, by Average Drop /
 Increase in Confidence, deletion / insertion AUC, the (energy) pointing game where boxes exist,
-and accuracy. ``results.json`` / ``.csv`` / ``.md`` go to the output folder, beside the seed
-paper's own figures.
+and accuracy; beside them the reference maps (uniform, random, centre, the image's intensity),
+which know nothing of the model, under the same mask (black, mean or blur; recorded).
+``results.json`` / ``.csv`` / ``.md`` go to the output folder, beside the seed paper's own
+figures.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ HIGHER_IS_BETTER = {"accuracy": True, "average_drop_pct": False,
                     "increase_in_confidence_pct": True, "deletion_auc": False,
                     "insertion_auc": True, "pointing_game": True, "energy_pointing_game": True}
 MAP_LABELS = {"own_map": "Peer's own attention map", "gradcam": "Grad-CAM",
-              "loss_attention": "Loss-Attention"}
+              "loss_attention": "Loss-Attention",
+              **{f"ref_{k}": f"{v} (reference, not a method)" for k, v in {
+                  "uniform": "ref: uniform", "random": "ref: random", "centre": "ref: centre",
+                  "intensity": "ref: intensity"}.items()}}
+"""The maps judged; ``ref_*``: the reference maps (engine.explain.REFERENCES)."""
 SEED_PAPER = {
     "source": "Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022 (abstract)",
     "average_drop_pct": 28.2, "increase_in_confidence_pct": 29.5,
@@ -140,11 +146,13 @@ def experiments(store: RunStore) -> dict[str, dict[str, list[dict]]]:
     return found
 
 
-def judge_peers(run: Run, images: int, steps: int, device: torch.device) -> list[dict]:
-    """Every peer of ``run`` at its best epoch, on the first ``images`` test images."""
+def judge_peers(run: Run, images: int, steps: int, device: torch.device,
+                mask: str = "black", draws: int = 8) -> list[dict]:
+    """Every peer of ``run`` at its best epoch, on the first ``images`` test images, with the
+    reference maps (``ref_*``; the random one over ``draws`` seeded repeats), under ``mask``."""
     from engine.checkpoint import load_model
     from engine.data import load_split
-    from engine.explain import faithfulness
+    from engine.explain import REFERENCES, faithfulness
     from engine.metrics import evaluate
     from engine.mutual.team import input_maps
 
@@ -157,12 +165,14 @@ def judge_peers(run: Run, images: int, steps: int, device: torch.device) -> list
         methods = ["gradcam"] + (["loss_attention"] if model.regularised else [])
         own = {"own_map": lambda x, c, model=model: input_maps(model, x, cfg.transfer)}
         report = faithfulness(model, data, device, indices, methods=methods, steps=steps,
-                              extra=own)
+                              extra=own, mask=mask, references=list(REFERENCES), draws=draws)
         accuracy = evaluate(model, data, device).get("test_acc")
-        for method, values in report["methods"].items():
+        judged = {**report["methods"],
+                  **{f"ref_{r}": v for r, v in report["references"].items()}}
+        for method, values in judged.items():
             rows.append({"run": run.name, "peer": k, "model": f"{cfg.models[k].backbone}/"
                          f"{cfg.models[k].head}", "method": method, "accuracy": accuracy,
-                         **values})
+                         "mask": mask, **values})
     return rows
 
 
@@ -170,7 +180,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     """Per (method, metric): each arm's mean ± std over seeds (peers averaged within a seed)
     and the paired difference mutual - alone, with how many seeds moved the good way."""
     out = []
-    methods = sorted({r["method"] for r in rows}, key=list(MAP_LABELS).index)
+    mask = next((r["mask"] for r in rows if "mask" in r), "black")
+    order = list(MAP_LABELS)
+    methods = sorted({r["method"] for r in rows},
+                     key=lambda m: order.index(m) if m in order else len(order))
     for method in methods:
         for metric in METRICS:
             per_arm = {arm: _per_seed(rows, arm, method, metric) for arm in ARMS}
@@ -179,7 +192,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 continue
             diffs = [per_arm["mutual"][s] - per_arm["alone"][s] for s in seeds]
             better = sum((d > 0) == HIGHER_IS_BETTER[metric] and d != 0 for d in diffs)
-            out.append({"method": method, "metric": metric, "seeds": len(seeds),
+            out.append({"method": method, "metric": metric, "mask": mask, "seeds": len(seeds),
                         **{f"{arm}_mean": _mean(per_arm[arm].values()) for arm in ARMS},
                         **{f"{arm}_std": _std(per_arm[arm].values()) for arm in ARMS},
                         "difference_mean": _mean(diffs), "difference_std": _std(diffs),
@@ -207,11 +220,15 @@ def _std(values) -> float | None:
 
 def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int], *,
                    images: int = 500, steps: int = 16, out: str | Path,
-                   progress_bar: bool = True,
+                   mask: str = "black", draws: int = 8, progress_bar: bool = True,
                    on_progress: Callable[[str], None] = lambda text: None) -> dict:
-    """Train both arms for every seed, judge every peer, write the results folder."""
+    """Train both arms for every seed, judge every peer under ``mask`` (with the reference
+    maps, the random one over ``draws`` repeats), write the results folder."""
     from engine.device import resolve_device
+    from engine.explain import check_mask, check_references
 
+    check_mask(mask)  # before anything trains
+    check_references(["random"], draws)
     device = resolve_device(base.train.device)
     # Every run's config first: a bad name fails before anything trains.
     configs = {(seed, arm): arm_config(base, name, seed, arm) for seed in seeds for arm in ARMS}
@@ -226,9 +243,10 @@ def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int]
                            "epoch_s": statistics.median(r["epoch_s"] for r in metrics),
                            "test_map_pearson": metrics[-1].get("test_map_pearson")})
             rows += [{**r, "arm": arm, "seed": seed}
-                     for r in judge_peers(run, images, steps, device)]
+                     for r in judge_peers(run, images, steps, device, mask, draws)]
     report = {"name": name, "config": json.loads(json.dumps(dataclasses.asdict(base))),
-              "seeds": seeds, "images": images, "steps": steps, "rows": rows,
+              "seeds": seeds, "images": images, "steps": steps, "mask": mask,
+              "random_draws": draws, "rows": rows,
               "summary": summarise(rows), "timing": timing, "seed_paper": SEED_PAPER}
     write_results(report, out)
     return report
@@ -250,7 +268,10 @@ def read_results(folder: str | Path) -> dict | None:
         report = read_json(Path(folder) / "results.json", "a transfer results file")
     except (OSError, ValueError):
         return None
-    return report if isinstance(report, dict) and "summary" in report else None
+    if not isinstance(report, dict) or "summary" not in report:
+        return None
+    report.setdefault("mask", "black")  # saved before the mask was named: the only one then
+    return report
 
 
 def _cell(mean, std, digits: int) -> str:
@@ -268,8 +289,10 @@ def format_results(report: dict) -> str:
                f"`{cfg['data']['dataset']}`; λ = {t['lam']}, grid {t['grid']}x{t['grid']}, map "
                f"source `{t['map_source']}` ({t['layers']} layers, p = {t['power']}), KL "
                f"{t['kl']}; {cfg['train']['epochs']} epochs; seeds {report['seeds']}; "
-               f"{report['images']} test images. Mean ± std over seeds (peers averaged within "
-               "a seed); the difference is paired by seed.")
+               f"{report['images']} test images; mask `{report.get('mask', 'black')}` "
+               "(docs/faithfulness.md). Mean ± std over seeds (peers averaged within "
+               "a seed); the difference is paired by seed. Maps marked reference know nothing "
+               "of the model: a yardstick, not a method.")
     lines = [f"# Mutual transfer: {report['name']}", "", setting, ""]
     for method in dict.fromkeys(r["method"] for r in report["summary"]):
         lines += [f"## {MAP_LABELS.get(method, method)}", "",

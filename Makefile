@@ -19,10 +19,11 @@ export LOSSATTN_DATA
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-cluster.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-cluster.txt requirements-oracles.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-oracles.txt
 	touch $(STAMP)
 
 app: $(STAMP)
@@ -37,7 +38,8 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m engine bench
 
-# The README's Performance table, measured on this machine (quiet it first): about 15 minutes.
+# The Performance table of docs/performance.md (--readme is bench_perf's older name for --docs),
+# measured on this machine (quiet it first): about 15 minutes.
 perf: $(STAMP)
 	$(PY) tests/bench_perf.py --readme --out perf.json
 

@@ -53,7 +53,7 @@ def head_catalog() -> dict[str, str]:
 FAMILY_GAMMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 FAMILY_PREFIX = "digits_live_gamma"
 FAMILY_DEFAULT_GAMMA = 0.3
-"""The live preset's own γmax: the member the README's default command trains."""
+"""The live preset's own γmax: the member a plain ``python -m engine train`` trains."""
 
 
 def family_checkpoint_name(gamma: float) -> str:

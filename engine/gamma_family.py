@@ -2,7 +2,7 @@
 
 ξ acts only at inference, so the Patch Explorer re-thresholds one model at any ξ; γmax weighs
 the patch loss during training, so moving it needs one trained model per value. The family is
-the README's default digits command (small_cnn, Loss-Attention, the ``live`` preset) at
+the default digits command, a plain ``train`` (small_cnn, Loss-Attention, ``live`` preset) at
 γmax ∈ {0, 0.01, 0.03, 0.1, 0.3, 1, 3}, one recipe for all. The spacing comes from a pilot (one
 seed each, ξ = 0.1): from 0.01 to 1 every ×3 step moved the patches kept per image by a similar
 amount (20 → 14 → 8.5 → 5.7 → 3.7), so steps of ×3 are even steps of effect; 0 is the ablation
@@ -50,7 +50,7 @@ METRICS = ("accuracy", "precision_paper", "recall_paper", "f_paper", "precision"
 BASE = {"data": {"dataset": "digits"},
         "model": {"backbone": "small_cnn", "head": "loss_attention"},
         "train": {"threads": 1}}
-"""The README's default digits command, its preset (``live``) filled per cell, with one torch
+"""The default digits command (a plain ``train``), its preset filled per cell, with one torch
 thread: the family regenerates bit for bit on the same kind of machine."""
 
 

@@ -59,7 +59,7 @@ def cores() -> int:
 
 def default_limit() -> int:
     """As many jobs at once as cores, each on one thread: measured fastest on the 2-core
-    machine (``tests/bench_perf.py --only jobs``; README, Performance)."""
+    machine (``tests/bench_perf.py --only jobs``; docs/performance.md)."""
     return cores()
 
 

@@ -258,7 +258,7 @@ def gamma_control(current: str, gamma: float) -> GammaSource | None:
     st.selectbox("γmax slides over", names, key=f"w_{GAMMA_OVER}", on_change=over_changed,
                  help="γmax shapes training, so each stop of the γmax slider is a model "
                       "trained at that γmax: a shipped family (the live preset's: γmax 0 to 3, "
-                      "the README's default command; the 30-epoch pair: 0 and 0.1), or the "
+                      "a plain `python -m engine train`; the 30-epoch pair: 0 and 0.1), or the "
                       "cells of a finished sweep that differ only in γmax.")
     if chosen is not None and chosen.problem:
         st.warning(chosen.problem)

@@ -77,7 +77,7 @@ def launch_form() -> None:
 
 
 def ray_settings() -> RayExecutor | None:
-    """The cells as Ray tasks instead of one after another here (README: Sweeps on Ray)."""
+    """The cells as Ray tasks instead of one after another here (docs/scale-out.md, Ray)."""
     if not st.toggle("Train the cells on a Ray cluster", **keep("sw_ray", False),
                      help="Each cell a Ray task. The run store must be on a filesystem every "
                           "node mounts; a worker that dies is retried and resumes."):

@@ -1,4 +1,4 @@
-"""The README's Performance table, measured here: ``python tests/bench_perf.py [--runs 3]``
+"""docs/performance.md's table, measured here: ``python tests/bench_perf.py [--runs 3]``
 (``make perf``). Run it on a quiet machine: it prints the 1-minute load average beside the
 numbers, and every figure is min / median / max of ``--runs`` repeats unless it says otherwise.
 
@@ -9,15 +9,16 @@ explanation method on the shipped model), ``startup`` (``python -m engine --help
 ``models``), ``app`` (ξ-slider latency, Home and Explorer, via tests/bench_app.py; the first
 repeat also with four runs training), ``gamma`` (the γmax slider over the shipped family),
 ``pages`` (every page's first useful view), ``jobs`` (four runs at once against in a row, and
-twenty launches at once: tests/bench_jobs.py). Writes ``--out`` (JSON) and, with ``--readme``,
-replaces the table between the ``perf`` markers of README.md.
+twenty launches at once: tests/bench_jobs.py). Writes ``--out`` (JSON) and, with ``--docs``
+(``--readme`` is the same flag, its older name), replaces the table between the ``perf`` markers
+of docs/performance.md.
 
 Before and after, side by side: ``--tree DIR`` measures another checkout of the project (a git
 worktree of an older commit) with this script: its CLI and its app, its own
 ``tests/bench_app.py`` for the browser figures, and ``--train-limit S`` to end a default run
 that would train for an hour once S seconds have passed (its times to 95 % and 97 % are read
 from its metrics). ``--compare BEFORE.json AFTER.json`` prints the two as one table, and
-``--from F.json --readme`` writes a saved result's table into README.md.
+``--from F.json --docs`` writes a saved result's table into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -377,7 +378,7 @@ def markdown(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
 
 
 def table(result: dict) -> str:
-    """The README table: one row per figure, min / median / max of the repeats."""
+    """The Performance table: one row per figure, min / median / max of the repeats."""
     return markdown(("Figure", "Measured (min / median / max)"),
                     [(label, value) for _, label, value in rows(result)])
 
@@ -395,14 +396,17 @@ def compare(before: dict, after: dict) -> str:
     return markdown(("Figure", *heads), body)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
+PERF_DOC = ROOT / "docs" / "performance.md"
+"""Where ``--docs`` writes the table (between the ``perf`` markers)."""
+
+
+def write_table(text: str, doc: Path = PERF_DOC) -> None:
+    body = doc.read_text()
     if START not in body or END not in body:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
+        raise SystemExit(f"{doc.relative_to(ROOT)} has no {START} ... {END} markers")
     head, rest = body.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    doc.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
 SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "gamma", "pages", "jobs")
@@ -414,7 +418,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--out", default="perf.json")
-    parser.add_argument("--readme", action="store_true", help="rewrite README's table")
+    parser.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                        help="rewrite the table in docs/performance.md (--readme: its older name)")
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="measure this checkout of the project (default: this one)")
     parser.add_argument("--train-limit", type=float, metavar="S",
@@ -422,7 +427,7 @@ def main() -> int:
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                         help="print two --out files side by side, and measure nothing")
     parser.add_argument("--from", dest="saved", type=Path, metavar="F",
-                        help="the table of an --out file (with --readme: into README.md), "
+                        help="the table of an --out file (with --docs: into docs/performance.md), "
                              "measuring nothing")
     args = parser.parse_args()
     if args.compare:
@@ -432,8 +437,8 @@ def main() -> int:
     if args.saved:
         text = table(json.loads(args.saved.read_text()))
         print(text)
-        if args.readme:
-            write_readme(text)
+        if args.docs:
+            write_table(text)
         return 0
     TREE = args.tree.resolve()
     # The measured checkout's own engine (explanations) and bench_app (the browser figures).
@@ -461,8 +466,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     text = table(result)
     print(text)
-    if args.readme:
-        write_readme(text)
+    if args.docs:
+        write_table(text)
     return 0
 
 

@@ -64,3 +64,12 @@ def test_a_metrics_line_still_being_written_is_left_out(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"time": 1.0, "test_acc": 0.9}\n{"time": 2.0, "te')
     assert bench_perf._metrics(tmp_path) == [{"time": 1.0, "test_acc": 0.9}]
     assert bench_perf._metrics(tmp_path / "not-yet") == []
+
+
+def test_the_table_is_written_between_the_markers_and_nothing_else_changes(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Perf\n\nbefore\n{bench_perf.START}\nold table\n{bench_perf.END}\nafter\n")
+    bench_perf.write_table("| new |", doc)
+    start, end = bench_perf.START, bench_perf.END
+    assert doc.read_text() == f"# Perf\n\nbefore\n{start}\n| new |\n{end}\nafter\n"
+    assert bench_perf.PERF_DOC == bench_perf.ROOT / "docs" / "performance.md"

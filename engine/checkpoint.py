@@ -280,19 +280,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = build_model(model_config_of(ckpt, path))
     load_state(model, ckpt, path)
     return model.to(device).eval(), ckpt
-
-
-
-def load_model_source(source: str | Path, runs_root: str | Path | None = None):
-    """A checkpoint file, or the name of a run in the store at ``runs_root`` (its best
-    checkpoint, else its last). Returns ``(model, checkpoint, run or None)``."""
-    from engine.runs import RunStore
-
-    path = Path(source)
-    if path.suffix == ".pt" or path.is_file():
-        model, ckpt = load_model(path)
-        return model, ckpt, None
-    run = RunStore(runs_root).get(str(source))
-    best = run.best_checkpoint if run.best_checkpoint.is_file() else run.last_checkpoint
-    model, ckpt = load_model(best)
-    return model, ckpt, run

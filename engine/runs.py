@@ -404,3 +404,19 @@ class RunStore:
                 row["tags"] = json.loads(row["tags"] or "[]")
             out.append(row)
         return sorted(out, key=lambda r: r["created"] or 0.0, reverse=True)
+
+
+def load_model_source(source: str | Path, runs_root: str | Path | None = None):
+    """A checkpoint file, or the name of a run in the store at ``runs_root`` (its best
+    checkpoint, else its last). Returns ``(model, checkpoint, run or None)``. Here, beside the
+    store, so that the checkpoint module knows nothing of runs."""
+    from engine.checkpoint import load_model  # torch: only when a model is loaded
+
+    path = Path(source)
+    if path.suffix == ".pt" or path.is_file():
+        model, ckpt = load_model(path)
+        return model, ckpt, None
+    run = RunStore(runs_root).get(str(source))
+    best = run.best_checkpoint if run.best_checkpoint.is_file() else run.last_checkpoint
+    model, ckpt = load_model(best)
+    return model, ckpt, run

@@ -79,10 +79,11 @@ def _data_of(args: argparse.Namespace, ckpt: dict):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.checkpoint import check_classes, load_model_source
+    from engine.checkpoint import check_classes
     from engine.device import resolve_device
     from engine.errors import EvaluationError
     from engine.evaluate import evaluate_model, format_summary, write_report
+    from engine.runs import load_model_source
 
     device = resolve_device(args.device, "--device")
     model, ckpt, run = load_model_source(args.source, args.runs_dir)

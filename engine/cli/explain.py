@@ -56,10 +56,10 @@ def _methods(asked: list[str] | None) -> list[str]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from engine.checkpoint import load_model_source
     from engine.config import DataConfig, config_from_dict
     from engine.errors import EvaluationError
     from engine.explain_image import explain_file
+    from engine.runs import load_model_source
 
     model, ckpt, _ = load_model_source(args.source, args.runs_dir)
     model.eval()

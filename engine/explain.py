@@ -489,20 +489,31 @@ class _Judge:
 
     def __call__(self, maps: torch.Tensor) -> tuple[dict, dict]:
         """The metrics row (means over the images) and the mean curves."""
+        row, curves, _ = self.measure(maps)
+        return row, curves
+
+    def measure(self, maps: torch.Tensor) -> tuple[dict, dict, dict]:
+        """The row and curves of :meth:`__call__`, and each metric's per-image values (lists,
+        NaN where a pointing game has no box), which paired intervals between maps need."""
         fill = None if self.mask == "black" else self.fill  # black: the paper's E ⊙ I, exactly
         drop, increase = average_drop_increase(self.scorer, self.pixels, maps, self.classes,
                                                self.base, self.mask, fill)
         deleted, inserted = deletion_insertion_curves(self.scorer, self.pixels, maps,
                                                       self.classes, self.steps, self.fill)
+        per_image = {"average_drop_pct": 100 * drop, "increase_in_confidence_pct": 100 * increase,
+                     "deletion_auc": curve_auc(deleted), "insertion_auc": curve_auc(inserted)}
+        if self.boxes is not None:
+            per_image["pointing_game"] = pointing_game(maps, self.boxes, self.tolerance).float()
+            per_image["energy_pointing_game"] = energy_pointing(maps, self.boxes).float()
         row = {"average_drop_pct": 100 * drop.mean().item(),
                "increase_in_confidence_pct": 100 * increase.mean().item(),
-               "deletion_auc": curve_auc(deleted).mean().item(),
-               "insertion_auc": curve_auc(inserted).mean().item()}
-        if self.boxes is not None:
-            row["pointing_game"] = torch.nanmean(
-                pointing_game(maps, self.boxes, self.tolerance)).item()
-            row["energy_pointing_game"] = torch.nanmean(energy_pointing(maps, self.boxes)).item()
-        return row, {"deletion": deleted.mean(0).tolist(), "insertion": inserted.mean(0).tolist()}
+               "deletion_auc": per_image["deletion_auc"].mean().item(),
+               "insertion_auc": per_image["insertion_auc"].mean().item()}
+        for game in ("pointing_game", "energy_pointing_game"):
+            if game in per_image:  # NaN where an image has no box of its class
+                row[game] = torch.nanmean(per_image[game]).item()
+        curves = {"deletion": deleted.mean(0).tolist(), "insertion": inserted.mean(0).tolist()}
+        return row, curves, {k: v.float().tolist() for k, v in per_image.items()}
 
     def reference(self, name: str, draws: int, seed: int) -> tuple[dict, dict]:
         """A reference map's row and curves; ``random``: the means over ``draws`` repeats."""
@@ -531,7 +542,8 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
     (:data:`REFERENCES`) judged beside the methods, under ``"references"`` (``random``:
     ``draws`` repeats from ``seed``). ``on_method`` is called with each method's (and
     reference's) name once it is judged (a progress bar's step). Without boxes the pointing
-    games are left out, and ``"skipped"`` says so."""
+    games are left out, and ``"skipped"`` says so. ``"per_image"[method][metric]``: the values
+    per image, in the order of ``indices`` (for paired intervals, engine.intervals)."""
     check_mask(mask)
     check_references(references, draws)
     model.eval()
@@ -547,9 +559,9 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
         m: (lambda x, c, m=m: explanation_maps(model, x, c.to(device), m, xi=xi).cpu())
         for m in methods}
     makers.update(extra or {})
-    report, refs, curves = {}, {}, {}
+    report, refs, curves, per_image = {}, {}, {}, {}
     for method, make in makers.items():
-        report[method], curves[method] = judge(make(x, classes))
+        report[method], curves[method], per_image[method] = judge.measure(make(x, classes))
         if on_method is not None:
             on_method(method)
     for name in references:
@@ -558,7 +570,7 @@ def faithfulness(model: PatchModel, data: ImageSet, device: torch.device,
             on_method(name)
     out = {"images": len(indices), "steps": steps, "pointing_tolerance_px": tolerance,
            "class": CLASS_CHOICES.get(choice, f"class {choice}"), "mask": mask,
-           "methods": report, "curves": curves}
+           "methods": report, "curves": curves, "per_image": per_image}
     if references:
         out.update(references=refs, random_draws=draws, seed=seed)
     if boxes is None:

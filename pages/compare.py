@@ -23,6 +23,7 @@ from engine.explain import (
     faithfulness,
     remembered_maps,
 )
+from engine.intervals import BOOTSTRAP_REPS, BOOTSTRAP_SEED, method_differences
 from engine.metric_table import metrics_of
 from engine.pictures import to_hwc
 from engine.sanity import (
@@ -227,6 +228,34 @@ def faithfulness_rows(reports: dict[str, dict], references: dict) -> list[dict]:
     return rows
 
 
+def differences_section(reports: dict[str, dict]) -> None:
+    """The methods shown (not the references) against Loss-Attention (else the first shown):
+    each difference with its paired-bootstrap interval, and in words that follow it."""
+    per_image = {m: r["per_image"][m] for m, r in reports.items() if m in r.get("per_image", {})}
+    if len(per_image) < 2:  # one method, or rows measured before per-image values were kept
+        return
+    base = "loss_attention" if "loss_attention" in per_image else next(iter(per_image))
+    metrics = [(m.key, m.label, m.better) for m in metrics_of("faithfulness")]
+    rows = method_differences(per_image, METHODS, metrics, base)
+    if not rows:
+        return
+    # A Markdown table, not a dataframe: four narrow columns wrap inside 1366 px, and the
+    # faithfulness table stays the page's last dataframe.
+    table = ["| metric | pair | difference | 95 % interval |", "|---|---|---|---|",
+             *(f"| {r['metric']} | {r['pair']} | {r['difference']} | {r['95 % interval']} |"
+               for r in rows)]
+    st.markdown(f"**Differences from {METHODS[base]}**\n\n" + "\n".join(table))
+    sentences = {}
+    for r in rows:
+        sentences.setdefault(r["metric"], []).append(r["sentence"])
+    st.markdown("\n".join(f"- {metric}: " + " ".join(t[0].upper() + t[1:] for t in texts)
+                          for metric, texts in sentences.items()))
+    st.caption(f"Paired bootstrap over the {rows[0]['n']} images ({BOOTSTRAP_REPS:,} resamples, "
+               f"seed {BOOTSTRAP_SEED}): the same images under each map, resampled with "
+               "replacement; 95 % percentile interval. A direction is claimed only where the "
+               "interval excludes 0.")
+
+
 def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
                        class_choice: str) -> None:
     """Measured on demand for the chosen class, ξ and mask; one cached row per method (and one
@@ -261,6 +290,7 @@ def faithfulness_table(path: str, mtime: int, shown: list[str], xi: float,
                "averaged; centre: a Gaussian at the centre, σ = side/4; intensity: the image's "
                "grey level). A method is worth its salt where it beats them."
                + (f" Skipped: {report['skipped']}." if "skipped" in report else ""))
+    differences_section(reports)
     labels = {**METHODS, **REFERENCES}
     st.plotly_chart(deletion_insertion_figure(
         {**{m: r["curves"][m] for m, r in reports.items()}, **refs["curves"]}, labels),

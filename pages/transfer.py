@@ -18,6 +18,7 @@ from engine.models import head_spec, list_backbones, list_heads
 from engine.mutual.experiment import (
     MAP_LABELS,
     SEED_PAPER,
+    add_intervals,
     experiments,
     judge_peers,
     launch_pair,
@@ -179,13 +180,34 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
     if st.session_state.get("mt_measured") == (runs, images):
         stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
         summary = summarise(_judged(runs, stamps, images))
-        st.dataframe(transfer_table(summary, MAP_LABELS, SEED_PAPER), hide_index=True)
+        st.dataframe(interval_table(summary), hide_index=True)
         st.caption("Mask: black (the image times the map). Maps marked reference know nothing "
-                   "of the model: a yardstick, not a method.")
+                   "of the model: a yardstick, not a method. " + INTERVAL_NOTE)
     st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
                f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
                "peers and data (only the abstract is available); compare the direction of the "
                "change, not the level.")
+
+
+INTERVAL_NOTE = ("95 % interval: Student t over the per-seed differences (n − 1 degrees of "
+                 "freedom; none with one seed, and wide with three: t = 4.30). Only an interval "
+                 "that excludes 0 says which way the change went.")
+
+
+def interval_table(summary: list[dict]) -> list[dict]:
+    """The mutual-vs-alone table with each difference's 95 % interval beside it."""
+    table = []
+    for r, row in zip(summary, transfer_table(summary, MAP_LABELS, SEED_PAPER), strict=True):
+        low, high = r.get("difference_low"), r.get("difference_high")
+        digits = 1 if r["metric"].endswith("_pct") else 3
+        cell = "" if low is None or high is None else f"{low:.{digits}f} to {high:.{digits}f}"
+        ordered = {}
+        for key, value in row.items():
+            ordered[key] = value
+            if key == "mutual - alone":
+                ordered["95 % interval"] = cell
+        table.append(ordered)
+    return table
 
 
 def saved_results() -> None:
@@ -204,10 +226,10 @@ def saved_results() -> None:
         st.markdown(summary.split("\n", 2)[-1].split("## ")[0])
     except (OSError, ValueError) as exc:
         st.caption(f"No summary text: {exc}")
-    st.dataframe(transfer_table(report["summary"], MAP_LABELS, SEED_PAPER), hide_index=True)
+    st.dataframe(interval_table(add_intervals(report)["summary"]), hide_index=True)
     st.caption(f"Mask: {report.get('mask', 'black')} (what replaces the pixels a map leaves "
                "out; docs/faithfulness.md). Maps marked reference know nothing of the model: a "
-               "yardstick, not a method.")
+               "yardstick, not a method. " + INTERVAL_NOTE)
 
 
 ensure_router()

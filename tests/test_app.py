@@ -520,6 +520,15 @@ def test_curves_and_compare_pages(runs_root):
     assert uniform["Avg Drop % ↓"] == 0  # under black, the all-ones map keeps the image
     assert any("mask: black" in c.value and "reference maps, not methods" in c.value
                for c in at.caption)
+    # Grad-CAM − Loss-Attention per metric, with a paired-bootstrap interval and words
+    differences = next(m.value for m in at.markdown
+                       if m.value.startswith("**Differences from Loss-Attention**"))
+    assert "| Average Drop % | Grad-CAM − Loss-Attention |" in differences
+    assert "ref:" not in differences  # the references are yardsticks, not compared here
+    words = next(m.value for m in at.markdown if m.value.startswith("- Average Drop %: "))
+    assert "95 % interval" in words and ("no clear difference" in words or "better" in words)
+    assert any("Paired bootstrap over the 16 images (2,000 resamples, seed 0)" in c.value
+               for c in at.caption)
     # another mask: measured again, and said
     at.selectbox(key="w_cm_mask").set_value("blur").run()
     assert not at.exception and not errors(at)
@@ -701,6 +710,18 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
 
     sources = model_sources()
     assert {"run: ui-s0-mutual · peer 0", "run: ui-s0-mutual · peer 1"} <= set(sources)
+
+
+def test_saved_transfer_results_show_each_difference_with_its_t_interval(runs_root):
+    """The shipped digits λ = 1 study: Grad-CAM's Average Drop rose by 1.2 with a t interval
+    over its 3 seeds that just excludes 0; the own map's −0.8 has one that includes 0."""
+    at = open_page("transfer")
+    assert not errors(at) and not at.exception
+    table = next(d.value for d in at.dataframe if "95 % interval" in d.value.columns)
+    ad = table[table["metric"] == "average_drop_pct"].set_index("map")["95 % interval"]
+    assert ad["Grad-CAM"] == "0.0 to 2.3"
+    assert ad["Peer's own attention map"] == "-4.2 to 2.6"
+    assert any("Student t over the per-seed differences" in c.value for c in at.caption)
 
 
 def test_overlapping_xi_moves_leave_torch_threads_as_they_found_them(monkeypatch):

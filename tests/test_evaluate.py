@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import data_root, needs_data
@@ -87,6 +88,14 @@ def test_faithfulness_in_report_and_cam_hooks_released(shipped):
     for row in methods.values():
         assert 0 <= row["average_drop_pct"] <= 100 and 0 <= row["deletion_auc"] <= 1
         assert 0 <= row["energy_pointing_game"] <= 1
+    # Per-image values (for paired intervals) are the ones the means are made of.
+    per_image = report["faithfulness"]["per_image"]
+    assert set(per_image) == set(methods)
+    for method, values in per_image.items():
+        assert {len(v) for v in values.values()} == {12}
+        assert set(values["increase_in_confidence_pct"]) <= {0.0, 100.0}
+        for metric, v in values.items():
+            assert np.nanmean(v) == pytest.approx(methods[method][metric], abs=1e-5)
     maps = cam_maps(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), "gradcam")
     assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1
     assert not model.backbone._forward_hooks and not model.backbone._backward_hooks

@@ -503,3 +503,49 @@ def test_results_saved_before_masks_were_named_read_as_black(tmp_path):
     assert read_results(tmp_path)["mask"] == "black"
     (tmp_path / "results.json").write_text(json.dumps({"summary": [], "mask": "mean"}))
     assert read_results(tmp_path)["mask"] == "mean"
+
+
+def _hand_rows(diffs: list[float]) -> list[dict]:
+    """One peer, own map only: alone scores 50 on every seed, mutual 50 + diffs[seed]."""
+    return [{"arm": arm, "seed": seed, "method": "own_map", "peer": 0, "mask": "black",
+             "average_drop_pct": 50.0 + (d if arm == "mutual" else 0.0)}
+            for seed, d in enumerate(diffs) for arm in ("mutual", "alone")]
+
+
+def test_each_mutual_minus_alone_carries_a_t_interval_and_words_that_follow_it(tmp_path):
+    import json
+
+    from scipy import stats
+
+    from engine.mutual.experiment import read_results, summarise, write_results
+
+    clear, unclear = _hand_rows([-3.0, -2.0, -4.0]), _hand_rows([-3.0, 1.0, -4.0])
+    (row,) = summarise(clear)
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # sd of (-3, -2, -4) is 1
+    assert row["difference_mean"] == pytest.approx(-3.0)
+    assert row["difference_low"] == pytest.approx(-3.0 - half)
+    assert row["difference_high"] == pytest.approx(-3.0 + half)
+    assert row["interval"] == "t over seeds"
+    for rows, words in ((clear, "mutual's average_drop_pct is lower than alone's by 3.0"),
+                        (unclear, "no clear difference between mutual and alone")):
+        report = {"name": "h", "seeds": [0, 1, 2], "images": 4, "rows": rows,
+                  "summary": summarise(rows), "timing": [], "seed_paper": {
+                      "source": "s", "note": "n", "average_drop_pct": 28.2,
+                      "increase_in_confidence_pct": 29.5},
+                  "config": {"model": {"backbone": "b", "head": "h"}, "data": {"dataset": "d"},
+                             "train": {"epochs": 1}, "transfer": {
+                                 "peers": [{"backbone": "b", "head": "h"}], "lam": 1, "grid": 4,
+                                 "map_source": "activations", "layers": 3, "power": 2,
+                                 "kl": 0}}}
+        write_results(report, tmp_path)
+        text = (tmp_path / "results.md").read_text()
+        assert words in text and "95 % interval (t, seeds)" in text
+        assert "difference_low" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "mutual is better" not in text  # the unclear one claims no direction
+    # A results file saved before the intervals existed gets them from its per-seed rows.
+    old = {"rows": clear, "summary": [{k: v for k, v in row.items()
+                                       if k not in ("difference_low", "difference_high",
+                                                    "interval")}]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    again = read_results(tmp_path)["summary"][0]
+    assert again["difference_low"] == pytest.approx(row["difference_low"])

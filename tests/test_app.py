@@ -703,7 +703,7 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     table = at.dataframe[0].value
     assert {"Peer's own attention map", "Grad-CAM", "Loss-Attention"} <= set(table["map"])
     assert set(table["seeds better"]) <= {"0/1", "1/1"}
-    ad = table[table["metric"] == "average_drop_pct"]["seed paper (its setting)"]
+    ad = table[table["metric"] == "average_drop_pct"]["seed paper"]
     assert set(ad) == {"28.2"}  # the seed paper's figure, beside every map's row
     # Each peer is a model the explaining pages can open.
     from ui.st_state import model_sources

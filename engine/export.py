@@ -53,6 +53,14 @@ def explanation_section(explanation: dict) -> list[str]:
               if key in explanation]]
 
 
+def _ramp_words(ramp_epochs: int) -> str:
+    """How the patch loss reached γmax: a ramp of 0 epochs is full weight from the first step
+    ("ramped over 0 epochs" read to a student as a ramp that never ended)."""
+    if ramp_epochs == 0:
+        return "at full weight from the first step (no ramp-up)"
+    return f"ramped over {ramp_epochs} epochs"
+
+
 def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0,
                explanation: dict | None = None, half: bool = False,
                title: str | None = None) -> str:
@@ -73,8 +81,8 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
         f"{_count(status.get('test_images'))} test images (seed {data.seed}), augmentation "
         f"{'on' if data.augment else 'off'}."),
         f"- **Training**: {train.epochs} epochs, batch {train.batch_size}, recipe {train.recipe} "
-        f"(lr {train.lr}, weight decay {train.weight_decay}), γmax = {loss.gamma_max} ramped over "
-        f"{loss.ramp_epochs} epochs, seed {train.seed}; {minutes:.1f} min of training on "
+        f"(lr {train.lr}, weight decay {train.weight_decay}), γmax = {loss.gamma_max} "
+        f"{_ramp_words(loss.ramp_epochs)}, seed {train.seed}; {minutes:.1f} min of training on "
         f"{status.get('device', '?')}"
         + (f" ({status['cpu_threads']} thread{'s' if status['cpu_threads'] != 1 else ''})"
            if status.get("device") == "cpu" and status.get("cpu_threads") else "") + ".",

@@ -123,7 +123,7 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
     """``export --half``: every floating tensor stored as float16, and the loaded model holds
     exactly those values (in float32), so what a card measures is what any load computes."""
     from engine import launch
-    from engine.config import DataConfig, ModelConfig, TrainConfig
+    from engine.config import DataConfig, LossConfig, ModelConfig, TrainConfig
     from engine.export import export_model
     from engine.runs import RunStore
 
@@ -131,7 +131,7 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
     run = launch.launch(store, RunConfig(
         name="h", model=ModelConfig(backbone="small_cnn"), data=DataConfig(train_size=64,
                                                                            test_size=32),
-        train=TrainConfig(epochs=1, batch_size=32)))
+        train=TrainConfig(epochs=1, batch_size=32), loss=LossConfig(ramp_epochs=0)))
     assert launch.wait(run, timeout=600)["state"] == "finished"
     run.update_status(command="python -m engine train --name h")  # what the CLI records
     out, card = export_model(run, tmp_path / "h-half.pt", half=True)
@@ -148,6 +148,9 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
             assert value.dtype == torch.float32
             assert torch.equal(value, trained[key].half().float()), key
     assert "half precision" in card.read_text() and "--half" in card.read_text()
+    # a patch loss with no ramp-up (the live preset's): the card says so in words
+    assert "at full weight from the first step (no ramp-up)" in card.read_text()
+    assert "ramped over 0 epochs" not in card.read_text()
 
 
 # ----------------------------------------------------------------------------------------------

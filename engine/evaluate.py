@@ -26,6 +26,7 @@ from engine.data.base import BatchStream, ImageSet
 from engine.device import autocast
 from engine.errors import EvaluationError
 from engine.fsutil import csv_text
+from engine.metric_table import DEFAULT_MASK, RANDOM_DRAWS
 from engine.models import PatchGrid, PatchModel, PatchOutput
 
 GROUPS = ("image", "patch", "localization", "faithfulness")
@@ -128,8 +129,8 @@ def evaluate_model(model: PatchModel, data: ImageSet, device: torch.device, *,
                    xi_grid: list[float] | None = None, groups: str | list[str] = "auto",
                    faithfulness_images: int = 0, pr_curves: bool = True,
                    seed: int = 0, collected: Collected | None = None,
-                   progress: bool = False, mask: str = "black",
-                   random_draws: int = 8) -> dict:
+                   progress: bool = False, mask: str = DEFAULT_MASK,
+                   random_draws: int = RANDOM_DRAWS) -> dict:
     """The full report (a JSON-ready dict). ``collected``: a :func:`collect` pass already made
     over ``data`` with this model (e.g. the app's cache), so that the backbone does not run
     again. ``progress``: bars on stderr over the model pass and the faithfulness images.

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.base import ImageSet, model_input
+from engine.metric_table import DEFAULT_MASK, MASKS, RANDOM_DRAWS
 from engine.models import LogitsOnly, PatchGrid, PatchModel, PatchOutput
 
 METHODS = {"loss_attention": "Loss-Attention", "gradcam": "Grad-CAM",
@@ -223,13 +224,6 @@ class Scorer:
             probs = torch.sigmoid(logits) if self.multilabel else logits.softmax(1)
             scores.append(probs.gather(1, classes[start:start + self.batch_size, None]))
         return torch.cat(scores).squeeze(1)
-
-
-MASKS = {"black": "unexplained pixels black (the image times the map, in [0, 1] pixels)",
-         "mean": "unexplained pixels the data set's mean colour (its normalisation mean)",
-         "blur": "unexplained pixels from a blurred copy of the image (σ = side / 8)"}
-"""What replaces the pixels a map leaves out (Average Drop, Increase in Confidence, deletion)."""
-DEFAULT_MASK = "black"
 
 
 def check_mask(mask: str) -> str:
@@ -444,7 +438,6 @@ REFERENCES = {"uniform": "ref: uniform", "random": "ref: random", "centre": "ref
 averaged over ``draws`` seeded repeats); ``centre``, an isotropic Gaussian at the image's centre
 with σ = a quarter of the shorter side, min-max scaled; ``intensity``, the image's grey level
 (mean over channels), min-max scaled per image."""
-RANDOM_DRAWS = 8
 
 
 def reference_maps(name: str, pixels: torch.Tensor, generator: torch.Generator | None = None

@@ -85,3 +85,13 @@ def label(key: str) -> str:
 def main_metric(multilabel: bool) -> str:
     """The metric that picks a run's best checkpoint: mAP for multi-label data, else accuracy."""
     return "test_map" if multilabel else "test_acc"
+
+
+MASKS = {"black": "unexplained pixels black (the image times the map, in [0, 1] pixels)",
+         "mean": "unexplained pixels the data set's mean colour (its normalisation mean)",
+         "blur": "unexplained pixels from a blurred copy of the image (σ = side / 8)"}
+"""What replaces the pixels a map leaves out (Average Drop, Increase in Confidence, deletion;
+engine.explain.mask_fill). Here, without torch, so that the command line can offer them."""
+DEFAULT_MASK = "black"
+RANDOM_DRAWS = 8
+"""Seeded draws of the random reference map, averaged (engine.explain.reference_maps)."""

@@ -95,16 +95,6 @@ def randomised_copy(model: PatchModel, steps: int, seed: int = 0) -> PatchModel:
     return twin
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation of two maps (NaN where one is constant: no ranking to compare)."""
-    from scipy.stats import spearmanr
-
-    a, b = np.ravel(a), np.ravel(b)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
 def spearman_rows(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Spearman's ρ of each map in ``maps`` (N, ...) with the one ``reference`` (...) : the
     Pearson correlation of their ranks (ties share their mean rank, as in scipy's spearmanr),

@@ -84,3 +84,42 @@ def open_page(page: str | None = None, **state):
 def errors(at) -> list[str]:
     """The error messages on the page."""
     return [e.value for e in at.error]
+
+
+# ----------------------------------------------------------------------------------------------
+# The real-browser tests (test_browser, test_fit_explorer, test_fit_pages)
+
+PROJECTOR = {"width": 1366, "height": 768}
+"""A classroom projector's screen: the size the pages must fit (issue 31)."""
+
+
+def browser_or_skip():
+    """Playwright's ``sync_playwright``. Where the browser is optional (a developer's machine
+    without it) a missing driver skips the calling test module; CI sets
+    ``LOSSATTN_REQUIRE_BROWSER=1``, and there the import fails instead."""
+    if not os.environ.get("LOSSATTN_REQUIRE_BROWSER"):
+        pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright
+
+
+def needs_chromium(chromium: str):
+    """The module mark: skip, naming the install, where chromium is missing and not required."""
+    from pathlib import Path
+
+    return pytest.mark.skipif(
+        not Path(chromium).exists() and not os.environ.get("LOSSATTN_REQUIRE_BROWSER"),
+        reason="chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    """Where the browser tests keep their screenshots: ``test-artifacts/browser/`` (or
+    ``$LOSSATTN_ARTIFACTS/browser``)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", root / "test-artifacts")) / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -10,14 +10,12 @@ benchmark proper is ``python tests/bench_app.py``.
 
 import io
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,7 +23,6 @@ from bench_app import (
     CHROMIUM,
     FAMILY_LINK,
     MAP_IMG_JS,
-    ROOT,
     app_server,
     gamma_slider,
     idle,
@@ -38,27 +35,14 @@ from bench_app import (
     wait_new_overlay,
     xi_slider,
 )
+from conftest import browser_or_skip, needs_chromium
 
-# CI installs chromium and playwright and sets LOSSATTN_REQUIRE_BROWSER=1: there a missing
-# browser or driver fails (the import below raises), never skips.
-if not os.environ.get("LOSSATTN_REQUIRE_BROWSER"):
-    pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import sync_playwright  # after the skip above
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not os.environ.get("LOSSATTN_REQUIRE_BROWSER"),
-    reason="chromium is not installed (apt-get install chromium)")
+sync_playwright = browser_or_skip()  # CI (LOSSATTN_REQUIRE_BROWSER=1) fails, never skips
+pytestmark = needs_chromium(CHROMIUM)
 
 PAGES = {"": "Loss-Attention Studio", "explorer": "Patch Explorer", "compare": "Compare maps",
          "curves": "Curves", "train": "Train", "runs": "Runs", "sweep": "Sweep",
          "stride": "Stride / time", "mil": "MIL", "transfer": "Mutual transfer"}
-
-
-@pytest.fixture(scope="module")
-def artifacts():
-    folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def no_traceback(page) -> None:

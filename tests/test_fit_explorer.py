@@ -16,7 +16,6 @@ Screenshots go to ``test-artifacts/browser/fit-explorer-*.png`` (or $LOSSATTN_AR
 look at them, as a student at the back of the room would.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,24 +25,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_app import (
     CHROMIUM,
     MAP_IMG_JS,
-    ROOT,
     app_server,
     idle,
     launch_browser,
     overlay_state,
     xi_slider,
 )
+from conftest import PROJECTOR, browser_or_skip, needs_chromium
 
-# CI sets LOSSATTN_REQUIRE_BROWSER=1: there a missing browser or driver fails, never skips.
-if not os.environ.get("LOSSATTN_REQUIRE_BROWSER"):
-    pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import sync_playwright  # after the skip above
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not os.environ.get("LOSSATTN_REQUIRE_BROWSER"),
-    reason="chromium is not installed (apt-get install chromium)")
-
-PROJECTOR = {"width": 1366, "height": 768}
+sync_playwright = browser_or_skip()  # CI (LOSSATTN_REQUIRE_BROWSER=1) fails, never skips
+pytestmark = needs_chromium(CHROMIUM)
 LINK = "/explorer?model=digits_small_cnn_la&image=7&xi=0.30&gamma=0.1"
 FAMILY_LINK = "/explorer?model=digits_live_gamma0.3&image=7&xi=0.10&gamma=1"
 """A link to the γmax family at another γmax: it opens that member (digits_live_gamma1)."""
@@ -71,13 +62,6 @@ EQ5_JS = """() => {
           columnLeft: col.left, columnRight: col.right, columnWidth: col.width,
           height: maths.height,
           text: display.innerText}; }"""
-
-
-@pytest.fixture(scope="module")
-def artifacts():
-    folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -22,24 +22,17 @@ A screenshot of every page's first screen is kept as ``test-artifacts/browser/fi
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_app import CHROMIUM, COMPARE_MAPS_JS, ROOT, app_server, idle, launch_browser
+from bench_app import CHROMIUM, COMPARE_MAPS_JS, app_server, idle, launch_browser
+from conftest import PROJECTOR, browser_or_skip, needs_chromium
 
-if not os.environ.get("LOSSATTN_REQUIRE_BROWSER"):
-    pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import sync_playwright  # after the skip above
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not os.environ.get("LOSSATTN_REQUIRE_BROWSER"),
-    reason="chromium is not installed (apt-get install chromium)")
-
-PROJECTOR = {"width": 1366, "height": 768}
+sync_playwright = browser_or_skip()  # CI (LOSSATTN_REQUIRE_BROWSER=1) fails, never skips
+pytestmark = needs_chromium(CHROMIUM)
 PAGES = {"home": ("", "Loss-Attention Studio"), "explorer": ("explorer", "Patch Explorer"),
          "compare": ("compare", "Compare maps"), "curves": ("curves", "Curves"),
          "train": ("train", "Train"), "runs": ("runs", "Runs"), "sweep": ("sweep", "Sweep"),
@@ -130,13 +123,6 @@ def runs_for_the_tables(root: Path) -> None:
     run = RunStore(root).create(prepare_run_config(config))
     assert run.name.startswith("digits-small_cnn-loss_attention-")
     assert train_run(run, progress_bar=False) == "finished"
-
-
-@pytest.fixture(scope="module")
-def artifacts():
-    folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -357,8 +357,6 @@ def _cli(capsys, *argv):
      "transfer.grid=99 is larger than the attention map"),
     (["--peer", "small_cnn", "--peer", "small_cnn", "--seeds", "1,x"], "--seeds must be"),
     (["--peer", "small_cnn/a/b", "--peer", "small_cnn"], "--peer must be BACKBONE"),
-    (["--peer", "small_cnn", "--peer", "small_cnn", "--mask", "white"],
-     "--mask must be one of ['black', 'mean', 'blur']; got 'white'"),
     (["--peer", "small_cnn", "--peer", "small_cnn", "--random-draws", "0"],
      "--random-draws must be >= 1"),
 ])
@@ -366,6 +364,20 @@ def test_transfer_command_refuses_bad_input(tmp_path, capsys, argv, message):
     code, _, err = _cli(capsys, "transfer", "--runs-dir", str(tmp_path), "--epochs", "1", *argv)
     assert code == 2 and message in err, err
     assert not list(tmp_path.glob("*/config.json"))  # nothing was created
+
+
+@pytest.mark.parametrize("command", ["transfer", "evaluate"])
+def test_an_unknown_mask_is_refused_with_the_choices(tmp_path, capsys, command):
+    """Both commands take the mask names from one table (engine.metric_table.MASKS), and
+    argparse refuses any other name, listing them, before anything trains or loads."""
+    argv = (["transfer", "--peer", "small_cnn", "--peer", "small_cnn"] if command == "transfer"
+            else ["evaluate", "checkpoints/digits_small_cnn_la.pt"])
+    with pytest.raises(SystemExit) as exc:
+        _cli(capsys, *argv, "--runs-dir", str(tmp_path), "--mask", "white")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--mask" in err and "'white'" in err, err
+    assert all(name in err for name in ("black", "mean", "blur")), err
+    assert not list(tmp_path.glob("*/config.json"))
 
 
 def test_transfer_settings_come_from_a_config_file_too(tmp_path):

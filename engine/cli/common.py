@@ -68,3 +68,19 @@ def write_json(path: str | None, data) -> None:
         from engine.fsutil import write_json_atomic
 
         write_json_atomic(Path(path), data)
+
+
+def add_faithfulness_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--mask`` and ``--random-draws``, as ``evaluate`` and ``transfer`` judge maps: the names
+    and defaults from :mod:`engine.metric_table` (no torch), so argparse itself refuses an
+    unknown mask with the choices."""
+    from engine.metric_table import DEFAULT_MASK, MASKS, RANDOM_DRAWS
+
+    p.add_argument("--mask", default=DEFAULT_MASK, choices=list(MASKS),
+                   help=f"{prefix}what replaces the pixels a map leaves out: "
+                        + "; ".join(f"{k}: {v}" for k, v in MASKS.items())
+                        + f"; also deletion's fill (default: {DEFAULT_MASK}; see "
+                          "docs/faithfulness.md)")
+    p.add_argument("--random-draws", type=int, default=RANDOM_DRAWS, metavar="K",
+                   help=f"{prefix}seeded draws of the random reference map, averaged "
+                        f"(default: {RANDOM_DRAWS})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli.common import add_command, parse_floats, runs_dir_parent
+from engine.cli.common import add_command, add_faithfulness_flags, parse_floats, runs_dir_parent
 
 
 def register(sub) -> None:
@@ -43,14 +43,7 @@ def register(sub) -> None:
     p.add_argument("--faithfulness-images", type=int, default=0, metavar="N",
                    help="also measure faithfulness on this many images, e.g. 200 (default: 0, "
                         "not measured)")
-    p.add_argument("--mask", default="black", metavar="NAME",
-                   help="faithfulness: what replaces the pixels a map leaves out: black (the "
-                        "image times the map), mean (the data set's mean colour) or blur (a "
-                        "blurred copy); also deletion's fill (default: black; see "
-                        "docs/faithfulness.md)")
-    p.add_argument("--random-draws", type=int, default=8, metavar="K",
-                   help="faithfulness: seeded draws of the random reference map, averaged "
-                        "(default: 8)")
+    add_faithfulness_flags(p, "faithfulness: ")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
     p.add_argument("--out", metavar="DIR",

@@ -7,7 +7,7 @@ import functools
 import sys
 from pathlib import Path
 
-from engine.cli.common import add_command, runs_dir_parent, store_of
+from engine.cli.common import add_command, add_faithfulness_flags, runs_dir_parent, store_of
 from engine.cli.fieldhelp import field_help
 from engine.cli.formatting import Deferred
 from engine.cli.runs import METAVARS, add_config_flags, run_config_data, validated_run_config
@@ -45,13 +45,7 @@ def register(sub) -> None:
                    metavar="N", help="test images on which the maps are judged (default: 500)")
     p.add_argument("--steps", type=int, default=16, metavar="N",
                    help="deletion / insertion steps (default: 16)")
-    p.add_argument("--mask", default="black", metavar="NAME",
-                   help="what replaces the pixels a map leaves out when judging it: black (the "
-                        "image times the map), mean (the data set's mean colour) or blur (a "
-                        "blurred copy); also deletion's fill (default: black; see "
-                        "docs/faithfulness.md)")
-    p.add_argument("--random-draws", type=int, default=8, metavar="K",
-                   help="seeded draws of the random reference map, averaged (default: 8)")
+    add_faithfulness_flags(p)
     p.add_argument("--out", metavar="DIR",
                    help="results folder (default: results/transfer/EXPERIMENT)")
     p.add_argument("--quiet", action="store_true",
@@ -106,14 +100,11 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from engine.explain import MASKS
     from engine.mutual.experiment import format_results, run_experiment
     from engine.train import check_machine
 
     if args.eval_images < 1 or args.steps < 1:
         raise ValueError("--eval-images and --steps must be >= 1")
-    if args.mask not in MASKS:  # before anything trains
-        raise ValueError(f"--mask must be one of {list(MASKS)}; got {args.mask!r}")
     if args.random_draws < 1:
         raise ValueError(f"--random-draws must be >= 1; got {args.random_draws}")
     base = transfer_config(args)

@@ -27,6 +27,7 @@ import torch
 from engine.config import RUN_NAME_PATTERN, RunConfig
 from engine.errors import ConfigError, RunError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
+from engine.metric_table import DEFAULT_MASK, RANDOM_DRAWS
 from engine.runs import Run, RunStore
 from engine.safe_io import read_json
 
@@ -149,7 +150,7 @@ def experiments(store: RunStore) -> dict[str, dict[str, list[dict]]]:
 
 
 def judge_peers(run: Run, images: int, steps: int, device: torch.device,
-                mask: str = "black", draws: int = 8) -> list[dict]:
+                mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS) -> list[dict]:
     """Every peer of ``run`` at its best epoch, on the first ``images`` test images, with the
     reference maps (``ref_*``; the random one over ``draws`` seeded repeats), under ``mask``."""
     from engine.checkpoint import load_model
@@ -258,7 +259,7 @@ def _std(values) -> float | None:
 
 def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int], *,
                    images: int = 500, steps: int = 16, out: str | Path,
-                   mask: str = "black", draws: int = 8, progress_bar: bool = True,
+                   mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS, progress_bar: bool = True,
                    on_progress: Callable[[str], None] = lambda text: None) -> dict:
     """Train both arms for every seed, judge every peer under ``mask`` (with the reference
     maps, the random one over ``draws`` repeats), write the results folder."""

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.checkpoint import load_checkpoint, load_model
@@ -138,6 +139,30 @@ def test_layer_and_global_map_known_answer():
     # A smaller map is resized (bilinear) before it is normalised.
     small = layer_map(torch.ones(1, 1, 1, 1), (4, 4), 1.0)
     torch.testing.assert_close(small, torch.full((1, 4, 4), 0.25))
+
+
+def test_channel_energy_gradient_is_exact_and_keeps_dtype_and_layout():
+    """The fused p = 2 map (maps._ChannelEnergy) has the gradient of mean(a * a) over the
+    channels, and hands it back in the activation's dtype and memory format: a gradient in
+    another layout made the ReLU backward and the gradient sum of every hooked layer slow."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer_map(t, (8, 8), 2.0), (a,))
+    ref = a.detach().clone().requires_grad_(True)
+    w = torch.rand(2, 8, 8, dtype=torch.float64)
+    (layer_map(a, (8, 8), 2.0) * w).sum().backward()
+    expected = F.interpolate((ref * ref).mean(1, keepdim=True), size=(8, 8), mode="bilinear",
+                             align_corners=False).flatten(1)
+    (((expected / expected.norm(dim=1, keepdim=True)).view(2, 8, 8)) * w).sum().backward()
+    torch.testing.assert_close(a.grad, ref.grad)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 6, 6).to(dtype=dtype, memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        m = layer_map(x, (8, 8), 2.0)
+        assert m.dtype == torch.float32
+        m.sum().backward()
+        assert x.grad.dtype == dtype
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_common_side_is_a_multiple_of_the_grid_with_regions_of_two():

@@ -163,11 +163,38 @@ def common_side(sides: Sequence[int], grid: int) -> int:
     return grid * max(2, math.ceil(max(sides) / grid))
 
 
+class _ChannelEnergy(torch.autograd.Function):
+    """(B, C, h, w) -> (B, 1, h, w): the channel mean of a², in fp32 at least (bf16 in).
+
+    Autograd's own a * a then mean costs a tiny backbone such as small_cnn more than the
+    second peer does: it keeps an fp32 copy of every hooked activation, its backward takes
+    three passes over it, and its gradient comes back in another memory format (and, under
+    bf16 autocast, another dtype) than the activation's, so adding it to the gradient from the
+    next layer and the ReLU backward that follows run on mismatched strides. Here the backward
+    is one multiply whose result has the activation's dtype and layout (tests/bench_perf.py,
+    "mutual transfer step")."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        energy = torch.linalg.vector_norm(a, 2, dim=1, keepdim=True,
+                                          dtype=torch.promote_types(a.dtype, torch.float32))
+        return energy.square_().div_(a.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        scale = (grad * (2.0 / a.shape[1])).to(a.dtype)
+        out = torch.empty_like(a)  # keeps a's memory format (channels_last stays so)
+        return torch.mul(a, scale, out=out)
+
+
 def layer_map(features: torch.Tensor, size: tuple[int, int], power: float) -> torch.Tensor:
     """(B, C, h, w) -> (B, H, W): channel mean of |a|^p, resized, divided by its L2 norm."""
-    features = features.float()
-    # p = 2 (the default) as a product: half the time of abs().pow() forward and backward.
-    m = (features * features if power == 2 else features.abs().pow(power)).mean(1, keepdim=True)
+    if power == 2:  # the default: the fused form above
+        m = _ChannelEnergy.apply(features)
+    else:
+        m = features.float().abs().pow(power).mean(1, keepdim=True)
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
     m = m.flatten(1)

@@ -8,10 +8,11 @@ shipped model), ``models`` (training images/s per model), ``explain`` (ms per im
 explanation method on the shipped model), ``startup`` (``python -m engine --help`` and
 ``models``), ``app`` (ξ-slider latency, Home and Explorer, via tests/bench_app.py; the first
 repeat also with four runs training), ``gamma`` (the γmax slider over the shipped family),
-``pages`` (every page's first useful view), ``jobs`` (four runs at once against in a row, and
-twenty launches at once: tests/bench_jobs.py). Writes ``--out`` (JSON) and, with ``--docs``
-(``--readme`` is the same flag, its older name), replaces the table between the ``perf`` markers
-of docs/performance.md.
+``pages`` (every page's first useful view), ``transfer`` (the mutual-transfer training step,
+two peers against one, fp32 and bf16: tests/bench_transfer.py --step), ``jobs`` (four runs
+at once against in a row, and twenty launches at once: tests/bench_jobs.py). Writes ``--out``
+(JSON) and, with ``--docs`` (``--readme`` is the same flag, its older name), replaces the table
+between the ``perf`` markers of docs/performance.md.
 
 Before and after, side by side: ``--tree DIR`` measures another checkout of the project (a git
 worktree of an older commit) with this script: its CLI and its app, its own
@@ -214,6 +215,35 @@ def jobs() -> dict:
     return result
 
 
+def transfer_step(runs: int) -> dict:
+    """The mutual-transfer step against one peer's, in fp32 and (native bf16 only) under bf16
+    autocast: ``runs`` repeats of tests/bench_transfer.py's interleaved step timing."""
+    import bench_transfer
+
+    from engine.device import cpu_has_native_bf16
+
+    out = {}
+    for amp in (False, True) if cpu_has_native_bf16() else (False,):
+        repeats = [bench_transfer.step_ratios(amp) for _ in range(runs)]
+        out["bf16" if amp else "fp32"] = {
+            label: spread([r["ratio"][label] for r in repeats]) for label in repeats[0]["ratio"]
+            if label != "one peer"} | {"one peer ms": spread(
+                [r["step_s"]["one peer"] * 1000 for r in repeats])}
+    return out
+
+
+def _transfer_rows(t: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for mode, v in t.items():
+        out.append((f"transfer_step_{mode}", (f"Mutual transfer: training step, two small_cnn "
+                    f"peers with activation maps / one peer ({mode}, batch 128; one peer "
+                    f"{v['one peer ms']['median']:.0f} ms)"),
+                    _mmm(v["two peers, activation maps"], "x", 2)))
+        out.append((f"transfer_step_{mode}_control", f"... two peers at λ = 0 / one peer ({mode})",
+                    _mmm(v["two peers, λ = 0"], "x", 2)))
+    return out
+
+
 def gamma_slider() -> dict:
     from bench_app import measure_gamma
 
@@ -364,6 +394,8 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
         out += _app_rows(result["app"])
     if "gamma" in result:
         out += _gamma_rows(result["gamma"])
+    if "transfer" in result:
+        out += _transfer_rows(result["transfer"])
     if "jobs" in result:
         out += _job_rows(result["jobs"])
     for page, v in result.get("pages", {}).items():
@@ -409,7 +441,8 @@ def write_table(text: str, doc: Path = PERF_DOC) -> None:
     doc.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
-SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "gamma", "pages", "jobs")
+SECTIONS = ("train", "patch", "models", "explain", "startup", "app", "gamma", "pages",
+            "transfer", "jobs")
 
 
 def main() -> int:
@@ -455,7 +488,8 @@ def main() -> int:
             result["patch"] = patch_quality(store)
     steps = {"models": train_throughput, "explain": explain_cost,
              "startup": lambda: startup(5), "app": lambda: app_latency(args.runs),
-             "gamma": gamma_slider, "pages": lambda: page_times(1), "jobs": jobs}
+             "gamma": gamma_slider, "pages": lambda: page_times(1),
+             "transfer": lambda: transfer_step(args.runs), "jobs": jobs}
     for name, step in steps.items():
         if name in only:
             result[name] = step()

@@ -7,6 +7,10 @@ data. Not a test (pytest does not collect it); run it on a quiet machine:
     python tests/bench_transfer.py --backbone timm:resnet18 --output-stride 8 --train-size 1024
 
 It prints a table and a JSON line; the ratios are the median epoch time over one peer's.
+
+``--step`` measures the training step alone (forward, losses, backward, optimizer step on one
+fixed batch, no data loading), in fp32 and, where the device has native bf16, under bf16
+autocast: what ``make perf`` reports as the cost of mutual transfer (:func:`step_ratios`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,76 @@ def config(args, name: str, transfer: dict | None) -> RunConfig:
                      transfer=None if transfer is None else {"peers": [peer], **transfer})
 
 
+STEP_CASES = {"one peer": None, "two peers, λ = 0": {"lam": 0.0},
+              "two peers, activation maps": {"lam": 1.0}}
+
+
+def _team_class():
+    try:
+        from engine.team import Team
+    except ImportError:  # a checkout from before the team moved into the trainer (--tree)
+        from engine.mutual.team import Team
+    return Team
+
+
+def _step_timer(transfer: dict | None, amp: bool, backbone: str, batch: int):
+    """A function that runs one training step of a fresh team and returns its seconds."""
+    import time
+
+    import torch
+
+    peer = {"backbone": backbone, "head": "loss_attention"}
+    cfg = prepare_run_config(RunConfig(
+        name="step", model=peer, data={"dataset": "digits"},
+        train={"device": "cpu", "amp": amp, "batch_size": batch},
+        transfer=None if transfer is None else {"peers": [peer], **transfer}))
+    torch.manual_seed(0)
+    team = _team_class()(cfg, torch.device("cpu"))
+    team.train()
+    x = torch.randn(batch, cfg.model.in_chans, *cfg.model.input_size)
+    y = torch.randint(0, cfg.model.num_classes, (batch,))
+
+    def step() -> float:
+        start = time.perf_counter()
+        outs, maps = team.forward(x, amp)
+        terms = team.losses(outs, maps, y, 1.0)
+        sum(t["loss"] for t in terms).backward()
+        team.optimizer_step()
+        return time.perf_counter() - start
+    return step
+
+
+def step_ratios(amp: bool, steps: int = 10, rounds: int = 3, backbone: str = "small_cnn",
+                batch: int = 128) -> dict:
+    """Median step seconds of each case of STEP_CASES and its ratio to one peer. The cases
+    take turns, ``steps`` at a time for ``rounds`` rounds (after two warm-up steps each), so
+    that a change in the machine's load falls on all of them alike."""
+    timers = {label: _step_timer(t, amp, backbone, batch) for label, t in STEP_CASES.items()}
+    times: dict[str, list[float]] = {label: [] for label in timers}
+    for timer in timers.values():
+        timer(), timer()
+    for _ in range(rounds):
+        for label, timer in timers.items():
+            times[label] += [timer() for _ in range(steps)]
+    median = {label: statistics.median(v) for label, v in times.items()}
+    one = median["one peer"]
+    return {"amp": amp, "backbone": backbone, "batch": batch, "step_s": median,
+            "ratio": {label: v / one for label, v in median.items()}}
+
+
+def print_steps(args) -> None:
+    from engine.device import cpu_has_native_bf16
+
+    results = [step_ratios(False, backbone=args.backbone, batch=args.batch)]
+    if cpu_has_native_bf16():
+        results.append(step_ratios(True, backbone=args.backbone, batch=args.batch))
+    for r in results:
+        print(f"{'bf16 autocast' if r['amp'] else 'fp32'}, {r['backbone']}, batch {r['batch']}")
+        for label, seconds in r["step_s"].items():
+            print(f"  {label:30s} {seconds * 1000:8.1f} ms {r['ratio'][label]:6.2f}x")
+    print(json.dumps(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -43,7 +117,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--output-stride", type=int, help="timm backbones: output_stride")
+    parser.add_argument("--step", action="store_true",
+                        help="time the training step alone, fp32 and bf16 (see above)")
     args = parser.parse_args()
+    if args.step:
+        print_steps(args)
+        return
     cases = {"one peer alone": None,
              "two peers, λ = 0 (control)": {"lam": 0.0},
              "two peers, λ = 1, activation maps": {"lam": 1.0},

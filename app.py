@@ -9,7 +9,9 @@ import streamlit as st
 
 from engine.roots import confine_reads_to, data_roots
 from ui.st_gamma import adopt_link_gamma
-from ui.st_state import adopt_link, device_footer, guard, model_picker, router_ran
+from ui.st_guards import guard
+from ui.st_links import adopt_link, router_ran
+from ui.st_models import device_footer, model_picker
 
 st.set_page_config(page_title="Loss-Attention Studio", layout="wide")
 # A server reads data only inside its data roots, links followed, and so does every job it

@@ -305,19 +305,39 @@ def format_plans(plans) -> str:
 
 def start_stride_bench(folder, backbone: str, head: str, plans: list[tuple[int, ...]],
                        input_size: int, batch: int, steps: int = 3):
-    """Measure each stride plan in a background job (``python -m engine bench``) whose
-    results land in ``folder/bench.json``; returns the job."""
+    """Measure each stride plan in a background job (a :class:`~engine.job_spec.BenchSpec`,
+    what ``python -m engine bench`` measures) whose results land in ``folder/bench.json``;
+    returns the job."""
     from pathlib import Path
 
+    from engine.job_spec import BenchSpec
     from engine.jobs import Job
 
     folder = Path(folder)
     job = Job(folder)
-    job.spawn(["bench", "--models", f"{backbone}/{head}", "--stride-plans",
-               format_plans(plans).replace(" ", ""), "--input-size", str(input_size),
-               "--batch", str(batch), "--steps", str(steps), "--device", "auto",
-               "--json", str((folder / "bench.json").resolve())], kind="bench")
+    spec = BenchSpec(models=[(backbone, head)], stride_plans=[tuple(p) for p in plans],
+                     input_size=input_size, batch=batch, steps=steps, device="auto",
+                     json=str((folder / "bench.json").resolve()))
+    job.spawn(spec, kind="bench")
     return job
+
+
+def bench_models(models: list[tuple[str, str]], plans: list[tuple[int, ...] | None],
+                 device: torch.device, *, batch: int, steps: int, warmup: int, num_classes: int,
+                 input_size: int, compare_fp32: bool = False, compile_: bool = False,
+                 isolate: bool = True, echo=print) -> list[BenchResult]:
+    """Every (backbone, head) at every stride plan (None: the backbone's own) in every mode
+    of ``device`` (what ``python -m engine bench`` measures); ``echo`` hears each row."""
+    configs = [ModelConfig(backbone=b, head=h, num_classes=num_classes, input_size=input_size,
+                           stride_plan=plan) for b, h in models for plan in plans]
+    run = bench_isolated if isolate else bench_one
+    results = []
+    for cfg in configs:
+        for mode in modes_for(device, compare_fp32, compile_):
+            result = run(cfg, mode, device, batch, steps, warmup)
+            results.append(result)
+            echo(f"  measured {result.model} [{result.mode}]: {result.images_per_s:.1f} img/s")
+    return results
 
 
 def stride_summary(runs) -> list[dict]:
@@ -333,12 +353,12 @@ def stride_summary(runs) -> list[dict]:
         plan = run.config_dict().get("model", {}).get("stride_plan")
         status = run.status()
         memory = [m["peak_memory_mb"] for m in metrics if m.get("peak_memory_mb") is not None]
-        on_gpu = str(status.get("device", "")).startswith("cuda")
+        on_gpu = str(status.fields.get("device", "")).startswith("cuda")
         rows.append({"run": run.name, "plan": ",".join(map(str, plan)) if plan else "default",
-                     "accuracy": status.get("best_metric"),
+                     "accuracy": status.fields.get("best_metric"),
                      "epoch_s": statistics.median(m.get("epoch_s", 0.0) for m in metrics),
                      "memory_mb": max(memory) if memory and on_gpu else None,
-                     "epochs": len(metrics), "state": status.get("state")})
+                     "epochs": len(metrics), "state": status.state.value})
     return rows
 
 

@@ -1,4 +1,16 @@
-"""Checkpoints: one dict holding the run config, model and optimizer state and progress.
+"""Checkpoints: one dict holding the run config, every peer's model and optimizer state, and
+progress.
+
+The layout (version 2) holds a team of K peers, and a single model is a team of one::
+
+    {"format": FORMAT, "version": 2, "run_config": {...},   # peer k's model: model /
+     "peers": [{"model": state_dict, "optimizer": state},   #   transfer.peers[k - 1]
+               ...],                                        # optimizer: last.pt only
+     "progress": ..., "rng": ..., "metrics": ..., "classes": ..., "checksum": ...}
+
+Older layouts still load (:func:`checkpoint_peers` reads all of them); every tool that opens
+a checkpoint (:func:`load_model`, export, evaluate, explain, the Explorer) sees peer 0 unless
+told otherwise.
 
 Written atomically (temp file in the same folder, fsync, rename) so a crash mid-write leaves the
 previous checkpoint intact. Always loaded with ``weights_only=True``: a checkpoint is data and
@@ -21,6 +33,7 @@ import hashlib
 import logging
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +48,9 @@ from engine.safe_io import CHECKPOINT_CAP, open_bounded
 log = logging.getLogger(__name__)
 
 FORMAT = "loss-attention-studio/checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: every peer under ``peers``. 1 (and 0, before versions): the previous layouts, with the
+model (peer 0) at the top level; see :func:`checkpoint_peers`."""
 
 CHECKSUM_KEY = "checksum"
 """Where a checkpoint keeps its checksum: ``"sha256:<64 hex digits>"``."""
@@ -105,11 +120,61 @@ def _feed(digest, value: Any) -> None:
         _token(digest, b"V", f"{type(value).__name__}:{value!r}".encode())
 
 
-def make_checkpoint(run_config: dict, model: nn.Module, **extra: Any) -> dict:
-    """The checkpoint dict; ``extra`` holds optimizer state, progress, rng, metrics, classes."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "version": VERSION, "run_config": run_config, "model": state,
+def make_checkpoint(run_config: dict, models: nn.Module | Sequence[nn.Module],
+                    optimizers: Sequence[dict] | None = None, **extra: Any) -> dict:
+    """The checkpoint dict of a team (one model: a team of one), in the order of the run's
+    models; ``optimizers``: each peer's optimizer state (what resume needs); ``extra`` holds
+    progress, rng, metrics, classes."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    peers = [{"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}}
+             for m in models]
+    for entry, state in zip(peers, optimizers or [], strict=optimizers is not None):
+        entry["optimizer"] = state
+    return {"format": FORMAT, "version": VERSION, "run_config": run_config, "peers": peers,
             **extra}
+
+
+def checkpoint_peers(ckpt: dict, shown: str | Path = "checkpoint") -> list[dict]:
+    """Every peer's entry, ``{"model": state_dict}`` plus ``"optimizer"`` where saved, in the
+    order of the run's models, from any layout this program has written:
+
+    - version 2 (this one): ``ckpt["peers"]``, one entry per peer; a single model is a team of
+      one.
+    - version 1 (and 0, before versions), a single model: ``model`` (its state dict) and, in
+      ``last.pt``, ``optimizer`` at the top level.
+    - version 1, a mutual-transfer run: peer 0 at the top level as a single model's, peers
+      1.. under ``peers`` as ``{"model": state_dict, "optimizer": state}`` (``optimizer`` in
+      ``last.pt`` only).
+
+    A missing or malformed entry raises :class:`CheckpointError` naming ``shown``."""
+    version = ckpt.get("version", 0)
+    if isinstance(version, int) and version >= 2:
+        entries = ckpt.get("peers")
+        if not isinstance(entries, list) or not entries:
+            raise CheckpointError(f"checkpoint {shown} lacks 'peers' (or it is not a list of "
+                                  "peers)")
+    else:
+        if not isinstance(ckpt.get("model"), dict):
+            raise CheckpointError(f"checkpoint {shown} lacks 'model' (or it is not a mapping)")
+        others = ckpt.get("peers", [])
+        if not isinstance(others, list):
+            raise CheckpointError(f"checkpoint {shown}: its 'peers' entry is malformed")
+        top = {key: ckpt[key] for key in ("model", "optimizer") if key in ckpt}
+        entries = [top, *others]
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), dict):
+            raise CheckpointError(f"checkpoint {shown}: peer {k} has no weights (its 'model' "
+                                  "is missing or not a mapping)")
+    return entries
+
+
+def peer_state(ckpt: dict, peer: int = 0, shown: str | Path = "checkpoint") -> dict:
+    """Peer ``peer``'s model state dict (any layout: :func:`checkpoint_peers`)."""
+    entries = checkpoint_peers(ckpt, shown)
+    if not 0 <= peer < len(entries):
+        raise CheckpointError(f"checkpoint {shown} holds {len(entries)} peer(s); there is no "
+                              f"peer {peer}")
+    return entries[peer]["model"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -160,8 +225,8 @@ def _read_checkpoint(path: str | Path, shown: str) -> Any:
 
 
 def _check_layout(data: Any, shown: str) -> None:
-    """The format marker, a version this program reads, and the two mappings every checkpoint
-    holds."""
+    """The format marker, a version this program reads, the run config and every peer's
+    weights (in the checkpoint's own layout)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{shown} is not a checkpoint of this project (no "
                               f"format={FORMAT!r} marker); it may come from another program")
@@ -171,9 +236,9 @@ def _check_layout(data: Any, shown: str) -> None:
     if version > VERSION:
         raise CheckpointError(f"checkpoint {shown} has format version {data['version']}, newer "
                               f"than this program's {VERSION}")
-    for key in ("run_config", "model"):
-        if not isinstance(data.get(key), dict):
-            raise CheckpointError(f"checkpoint {shown} lacks {key!r} (or it is not a mapping)")
+    if not isinstance(data.get("run_config"), dict):
+        raise CheckpointError(f"checkpoint {shown} lacks 'run_config' (or it is not a mapping)")
+    checkpoint_peers(data, shown)
 
 
 def _verify_checksum(data: dict, shown: str) -> None:
@@ -193,13 +258,10 @@ def _verify_checksum(data: dict, shown: str) -> None:
 
 
 def _refuse_non_finite(data: dict, shown: str) -> None:
-    """NaN or inf in any floating tensor of the model (or of another peer's model) is refused:
-    such weights compute nothing meaningful, whatever their checksum says."""
-    peers = data.get("peers") if isinstance(data.get("peers"), list) else []
-    states = [("", data["model"])] + [
-        (f" (peer {k})", peer["model"]) for k, peer in enumerate(peers, 1)
-        if isinstance(peer, dict) and isinstance(peer.get("model"), dict)]
-    for where, state in states:
+    """NaN or inf in any floating tensor of any peer's model is refused: such weights compute
+    nothing meaningful, whatever their checksum says."""
+    for k, entry in enumerate(checkpoint_peers(data, shown)):
+        where, state = f" (peer {k})" if k else "", entry["model"]
         for name, tensor in state.items():
             if (isinstance(tensor, torch.Tensor)
                     and (tensor.is_floating_point() or tensor.is_complex())
@@ -227,17 +289,28 @@ def check_classes(theirs, mine: list[str], what: str, force: bool = False,
                           f"{mine[:5]}{' ...' if len(mine) > 5 else ''}). {hint}")
 
 
-def model_config_of(ckpt: dict, path: str | Path = "checkpoint") -> ModelConfig:
+def model_config_of(ckpt: dict, path: str | Path = "checkpoint", peer: int = 0) -> ModelConfig:
+    """Peer ``peer``'s model config: the run config's ``model`` for peer 0, its
+    ``transfer.peers[peer - 1]`` for the others."""
     try:
-        return config_from_dict(ModelConfig, ckpt["run_config"]["model"])
+        run_config = ckpt["run_config"]
+        models = [run_config["model"], *((run_config.get("transfer") or {}).get("peers") or [])]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: its model config is unusable: {exc}") from exc
+    if not 0 <= peer < len(models):
+        raise CheckpointError(f"{path}: its config lists {len(models)} peer model(s); there is "
+                              f"no peer {peer}")
+    try:
+        return config_from_dict(ModelConfig, models[peer])
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: its model config is unusable: {exc}") from exc
 
 
-def load_state(model: nn.Module, ckpt: dict, path: str | Path = "checkpoint") -> None:
-    """Load the checkpoint's weights into ``model``; a different architecture is an error."""
+def load_state(model: nn.Module, ckpt: dict, path: str | Path = "checkpoint",
+               peer: int = 0) -> None:
+    """Load peer ``peer``'s weights into ``model``; a different architecture is an error."""
     mine = getattr(model, "config", None)
-    theirs = model_config_of(ckpt, path)
+    theirs = model_config_of(ckpt, path, peer)
     if mine is not None:
         fields = ("backbone", "head", "num_classes", "in_chans", "stride_plan", "patch_kernel",
                   "patch_stride", "patch_channels")
@@ -246,11 +319,12 @@ def load_state(model: nn.Module, ckpt: dict, path: str | Path = "checkpoint") ->
         if diff:
             raise CheckpointError(f"{path} is a checkpoint of another architecture ("
                                   + "; ".join(diff) + ")")
-    mismatch = state_mismatch(model.state_dict(), ckpt["model"])
+    state = peer_state(ckpt, peer, path)
+    mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
         raise CheckpointError(f"{path} does not fit this model: {mismatch}")
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this model: "
                               f"{str(exc).splitlines()[0]}") from exc
@@ -272,11 +346,12 @@ def state_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a model from a checkpoint alone. Returns ``(model in eval mode, checkpoint)``."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", peer: int = 0):
+    """Rebuild a model (peer ``peer`` of a team; 0, the run's ``model``, by default) from a
+    checkpoint alone. Returns ``(model in eval mode, checkpoint)``."""
     from engine.models import build_model
 
     ckpt = load_checkpoint(path)
-    model = build_model(model_config_of(ckpt, path))
-    load_state(model, ckpt, path)
+    model = build_model(model_config_of(ckpt, path, peer))
+    load_state(model, ckpt, path, peer)
     return model.to(device).eval(), ckpt

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import ConfigError
-from engine.jobs import ACTIVE, JobStopped
+from engine.job_status import ACTIVE, State
+from engine.jobs import JobStopped
 from engine.runs import Run, RunStore
 from engine.slots import THREADS_ENV
 
@@ -129,15 +130,16 @@ def train_cell(root: str, name: str) -> dict:
     store = RunStore(root)
     run = store.get(name)
     raw = run.raw_status()
-    if raw.get("state") in ACTIVE and raw.get("ray_task") == task:
+    if raw.state in ACTIVE and raw.fields.get("ray_task") == task:
         # An earlier attempt of this very task: Ray retries only once its worker is gone (on
         # another node its status would still look fresh for a while).
-        run.update_status(state="failed", reason="its Ray worker died; Ray retried the cell")
-    resume = run.status().get("state") != "created"
+        run.update_status(state=State.FAILED,
+                          reason="its Ray worker died; Ray retried the cell")
+    resume = run.status().state != State.CREATED
     run.update_status(ray_task=task)
     state = train_run(run, resume=resume, progress_bar=False, console=False,
                       on_status=store.index)
-    return {"name": name, "state": state, "reason": run.status().get("reason", "")}
+    return {"name": name, "state": state, "reason": run.status().reason}
 
 
 def run_sweep_ray(store: RunStore, todo: list[tuple[Run, bool]], resources: CellResources,
@@ -187,7 +189,7 @@ def _ended_line(ray, ref, run: Run) -> str:
     try:
         end = ray.get(ref)
     except ray.exceptions.RayError as exc:  # retries used up, or the task could not run
-        run.update_status(state="failed", reason=f"on Ray: {exc.__class__.__name__}: "
+        run.update_status(state=State.FAILED, reason=f"on Ray: {exc.__class__.__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}")
         return f"{run.name}: failed on Ray ({exc.__class__.__name__})"
     return f"{run.name}: {end['state']}" + (f" ({end['reason']})" if end["reason"] else "")
@@ -202,8 +204,7 @@ def _stop_cells(ray, pending: dict, log) -> None:
     just started sees it at its next step, while one still starting clears it as stale and is
     stopped by its cancel instead (Ray raises KeyboardInterrupt in a running task). The driver
     waits for the cancels to settle before it returns."""
-    started = {ref: run for ref, run in pending.items() if run.raw_status().get("state")
-               in ACTIVE}
+    started = {ref: run for ref, run in pending.items() if run.raw_status().state in ACTIVE}
     queued = [ref for ref in pending if ref not in started]
     for ref in queued:
         ray.cancel(ref)
@@ -219,6 +220,6 @@ def _stop_cells(ray, pending: dict, log) -> None:
     if queued:
         ray.wait(queued, num_returns=len(queued), timeout=CANCEL_SETTLE_S)
     for run in pending.values():
-        if run.status().get("state") not in ACTIVE:
+        if run.status().state not in ACTIVE:
             run.job.clear_stop()  # a cell that never started must not find a stale request
     log(f"stopped: {len(pending)} cell(s) stopped or cancelled")

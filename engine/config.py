@@ -491,7 +491,7 @@ def is_device_name(name: Any) -> bool:
 
 
 MAP_SOURCES = ("activations", "patch_weights")
-"""Where a peer's attention map comes from in mutual transfer (engine.mutual.maps)."""
+"""Where a peer's attention map comes from in mutual transfer (engine.local_maps)."""
 
 
 @dataclass

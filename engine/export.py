@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.checkpoint import atomic_torch_save, load_checkpoint
+from engine.checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint, peer_state
 from engine.metric_table import metrics_of
 from engine.runs import Run
 
@@ -64,10 +64,10 @@ def _ramp_words(ramp_epochs: int) -> str:
 def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int = 0,
                explanation: dict | None = None, half: bool = False,
                title: str | None = None) -> str:
-    cfg, status = run.config(), run.status()
+    cfg, progress = run.config(), run.status().fields
     transfer = cfg.transfer
     data, model, loss, train = cfg.data, cfg.models[peer], cfg.loss, cfg.train
-    minutes = status.get("duration_s", 0.0) / 60
+    minutes = progress.get("duration_s", 0.0) / 60
     lines = [
         f"# {title or run.name}" + (f", peer {peer}" if transfer else ""),
         "",
@@ -77,15 +77,15 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
         f"{model.patch_stride}; ξ = {model.xi} (denominator {model.xi_denominator})."
         + (" Stored in half precision (float16): loading decodes it exactly, to float32 "
            "weights equal to these values." if half else "")),
-        (f"- **Data**: `{data.dataset}`, {_count(status.get('train_images'))} train / "
-        f"{_count(status.get('test_images'))} test images (seed {data.seed}), augmentation "
+        (f"- **Data**: `{data.dataset}`, {_count(progress.get('train_images'))} train / "
+        f"{_count(progress.get('test_images'))} test images (seed {data.seed}), augmentation "
         f"{'on' if data.augment else 'off'}."),
         f"- **Training**: {train.epochs} epochs, batch {train.batch_size}, recipe {train.recipe} "
         f"(lr {train.lr}, weight decay {train.weight_decay}), γmax = {loss.gamma_max} "
         f"{_ramp_words(loss.ramp_epochs)}, seed {train.seed}; {minutes:.1f} min of training on "
-        f"{status.get('device', '?')}"
-        + (f" ({status['cpu_threads']} thread{'s' if status['cpu_threads'] != 1 else ''})"
-           if status.get("device") == "cpu" and status.get("cpu_threads") else "") + ".",
+        f"{progress.get('device', '?')}"
+        + (f" ({progress['cpu_threads']} thread{'s' if progress['cpu_threads'] != 1 else ''})"
+           if progress.get("device") == "cpu" and progress.get("cpu_threads") else "") + ".",
         (f"- **Selected checkpoint**: epoch {(metrics.get('epoch') or 0) + 1} of {train.epochs} "
         "(best test metric, as the paper selects" + (", the peers' mean)." if transfer else ").")),
         "",
@@ -107,7 +107,7 @@ def model_card(run: Run, metrics: dict, size_bytes: int, params: int, peer: int 
                        "rounded to float16; the one below measures the weights as stored.")]
     if explanation:
         lines += ["", *explanation_section(explanation)]
-    command = status.get("command")
+    command = progress.get("command")
     if command:
         how = "export NAME --half --out FILE.pt" if half else "export NAME --out FILE.pt"
         lines += ["", f"Reproduce (then `python -m engine {how}`):", "",
@@ -131,15 +131,17 @@ def export_model(run: Run, out: str | Path, peer: int | None = None, evaluate: b
     if peer is not None and not 0 <= peer < peers:
         raise RunError(f"--peer must be in 0..{peers - 1} for run {run.name}; got {peer}")
     source = run.peer_checkpoint(peer or 0) if peers > 1 else run.best_checkpoint
-    ckpt = load_checkpoint(source)
-    slim = {key: ckpt[key] for key in ("format", "version", "run_config", "model", "metrics",
-                                       "classes") if key in ckpt}
+    ckpt = load_checkpoint(source)  # a single model, or one peer alone: peer 0 of its file
+    state = peer_state(ckpt, 0, source)
+    # A team of one in the checkpoint layout, whatever the layout of the file it came from.
+    slim = {"format": FORMAT, "version": VERSION, "run_config": ckpt["run_config"],
+            "peers": [{"model": {k: v.half() if half and v.is_floating_point() else v
+                                 for k, v in state.items()}}],
+            **{key: ckpt[key] for key in ("metrics", "classes") if key in ckpt}}
     if half:
-        slim["model"] = {k: v.half() if v.is_floating_point() else v
-                         for k, v in slim["model"].items()}
         slim["stored_dtype"] = "float16"
     atomic_torch_save(slim, out)
-    params = sum(v.numel() for k, v in ckpt["model"].items()
+    params = sum(v.numel() for k, v in state.items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     explanation = (explanation_metrics(out, run.config().data)
                    if evaluate and peers == 1 else None)

@@ -16,7 +16,7 @@ from typing import Self
 
 from engine.errors import RunError
 from engine.fsutil import TEMP_PREFIX, TEMP_SUFFIX, remove_temp_files
-from engine.safe_io import read_json
+from engine.job_status import Status, load_status
 
 
 class RunFolderRemoved(RunError):
@@ -103,12 +103,12 @@ def _only_trainer_files(path: Path) -> bool:
     try:  # a write under way counts as the file it makes: a new run's config.json is not ours
         names = {_written(p.name) for p in path.iterdir()}
         ckpts = {_written(p.name) for p in (path / "checkpoints").glob("*")}
-        status = read_json(path / "status.json", "a run status") if (
-            path / "status.json").is_file() else {}
-    except (OSError, ValueError):
+        status = load_status(path / "status.json") if (
+            path / "status.json").is_file() else Status()
+    except (OSError, ValueError, TypeError):
         return False
     return (names <= {*TRAINER_FILES, "checkpoints"} and all(n.endswith(".pt") for n in ckpts)
-            and isinstance(status, dict) and "created" not in status)
+            and status.created is None)
 
 
 def _written(name: str) -> str:

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from engine.job_status import State
 
 PEAK_TFLOPS = {"H200 NVL": 835.5, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H200": 989.4,
                "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0,
@@ -332,13 +333,13 @@ def _train(store, name: str, model: ModelConfig, device: torch.device, data: Dat
 
 def _run_row(what: str, run) -> Row:
     status = run.status()
-    state = status.get("state")
-    detail = (f"{state}, {status.get('images_per_s') or 0:,.0f} img/s on {status.get('device')}"
-              f", data on device: {status.get('data_on_device')}, "
-              f"{status.get('metric_name')} {status.get('last_metric') or 0:.3f}")
-    if state != "finished":
-        detail += f" ({status.get('reason')})"
-    return Row("training", what, detail, "finished", state == "finished")
+    state, progress = status.state, status.fields
+    detail = (f"{state}, {progress.get('images_per_s') or 0:,.0f} img/s on "
+              f"{progress.get('device')}, data on device: {progress.get('data_on_device')}, "
+              f"{progress.get('metric_name')} {progress.get('last_metric') or 0:.3f}")
+    if state != State.FINISHED:
+        detail += f" ({status.reason})"
+    return Row("training", what, detail, "finished", state == State.FINISHED)
 
 
 def _nccl_row(store, plan: Plan) -> Row:
@@ -359,7 +360,7 @@ def _nccl_row(store, plan: Plan) -> Row:
     if not (store.root / "gpu-check-nccl").is_dir():
         return Row("training", what, f"did not start: {done.stderr[-160:]}", "finished", False)
     run = store.get("gpu-check-nccl")
-    row, world = _run_row(what, run), run.status().get("world")
+    row, world = _run_row(what, run), run.status().fields.get("world")
     return dataclasses.replace(row, value=f"{row.value}, world {world}",
                                met=bool(row.met) and world == 2)
 

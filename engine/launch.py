@@ -1,14 +1,16 @@
 """Training runs in the background: start, launch, resume and wait, for the app and the CLI.
 
-A run trains in its own process (``python -m engine train --run-dir ...``), started as the run
-folder's job (:mod:`engine.jobs`), so it survives the app's script reruns and a closed tab, and
-the app and the CLI only read files.
+A run trains in its own process, started as the run folder's job (:mod:`engine.jobs`) with a
+:class:`~engine.job_spec.TrainSpec`, so it survives the app's script reruns and a closed tab,
+and the app and the CLI only read files.
 """
 
 from __future__ import annotations
 
 from engine.config import RunConfig
 from engine.errors import ConfigError
+from engine.job_spec import TrainSpec
+from engine.job_status import Status
 from engine.jobs import ProcessIdentity
 from engine.jobs import wait as wait_job
 from engine.runs import Run, RunStore
@@ -29,8 +31,7 @@ def start(store: RunStore, run: Run, *, resume: bool = False,
             raise ConfigError(f"run {run.name} cannot resume here: {str(exc).split('; use')[0]}"
                               "; a run resumes on the device it was made for, so resume it on "
                               "a machine that has one") from None
-    args = ["train", "--run-dir", str(run.path.resolve()), "--quiet"]
-    identity = run.job.spawn(args + (["--resume"] if resume else []), env=env)
+    identity = run.job.spawn(TrainSpec(run_dir=str(run.path.resolve()), resume=resume), env=env)
     store.index(run)
     return identity
 
@@ -49,7 +50,7 @@ def resume(store: RunStore, name: str) -> Run:
     return run
 
 
-def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> dict:
+def wait(run: Run, timeout: float = 600.0, poll: float = 0.2) -> Status:
     """Block until the run is no longer running (for scripts and tests); returns its status."""
     wait_job(run.job, timeout, poll)
     return run.status()

@@ -36,7 +36,8 @@ from typing import Any
 from engine.config import RUN_NAME_PATTERN, RunConfig, config_from_dict, config_to_dict
 from engine.errors import RunError
 from engine.fsutil import atomic_write, write_json_atomic
-from engine.jobs import ACTIVE, Job
+from engine.job_status import ACTIVE, State, Status, merge_status
+from engine.jobs import Job
 from engine.safe_io import METRICS_CAP, read_bytes, read_json
 
 log = logging.getLogger(__name__)
@@ -127,20 +128,25 @@ class Run:
         return {k: v for k, v in data.items()
                 if k not in ("model", "data", "loss", "train", "transfer") or isinstance(v, dict)}
 
-    def raw_status(self) -> dict:
+    def raw_status(self) -> Status:
+        """The status file as written (:meth:`engine.jobs.Job.raw_status`); a run without one
+        is failed."""
         status = self.job.raw_status()
-        return status or {"state": "failed",
-                          "reason": f"{self.status_path} is missing; resume starts over"}
+        if status.missing:
+            return Status(state=State.FAILED,
+                          reason=f"{self.status_path} is missing; resume starts over")
+        return status
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         """The status, with a run whose process has gone reported as failed (or stopped)."""
-        return self.job.status() or self.raw_status()  # {}: no status.json
+        status = self.job.status()
+        return self.raw_status() if status.missing else status
 
     def last_output_line(self) -> str:
         """Last non-empty line the process printed (a crash's error message)."""
         return self.job.last_output_line()
 
-    def update_status(self, **fields: Any) -> dict:
+    def update_status(self, **fields: Any) -> Status:
         return self.job.update(**fields)
 
     def status_mtime(self) -> float:
@@ -186,25 +192,26 @@ class Run:
     def summary(self) -> dict:
         """One row for tables and the index."""
         cfg, status = self.config_dict(), self.status()
+        progress = status.fields
         model, data = cfg.get("model", {}), cfg.get("data", {})
         peers = [model, *[p for p in (cfg.get("transfer") or {}).get("peers", [])
                           if isinstance(p, dict)]]
         return {
-            "name": self.name, "state": status.get("state", "failed"),
-            "reason": status.get("reason", ""), "created": status.get("created", 0.0),
-            "updated": status.get("updated", 0.0), "dataset": data.get("dataset", ""),
+            "name": self.name, "state": (status.state or State.FAILED).value,
+            "reason": status.reason, "created": status.created or 0.0,
+            "updated": status.updated or 0.0, "dataset": data.get("dataset", ""),
             # A mutual-transfer run shows every peer: "small_cnn + resnet18".
             "backbone": " + ".join(str(p.get("backbone", "")) for p in peers),
             "head": " + ".join(str(p.get("head", "")) for p in peers),
             "gamma_max": cfg.get("loss", {}).get("gamma_max"), "xi": model.get("xi"),
             "epochs": cfg.get("train", {}).get("epochs"),
-            "epochs_done": status.get("epochs_done", 0),
-            "metric_name": status.get("metric_name", ""),
-            "best_metric": status.get("best_metric"), "best_epoch": status.get("best_epoch"),
-            "last_metric": status.get("last_metric"),
-            "duration_s": status.get("duration_s", 0.0),
-            "pid": (status.get("process") or {}).get("pid"),
-            "skipped": (status.get("skipped_train") or 0) + (status.get("skipped_test") or 0),
+            "epochs_done": progress.get("epochs_done", 0),
+            "metric_name": progress.get("metric_name", ""),
+            "best_metric": progress.get("best_metric"), "best_epoch": progress.get("best_epoch"),
+            "last_metric": progress.get("last_metric"),
+            "duration_s": progress.get("duration_s", 0.0),
+            "pid": status.process.pid if status.process else None,
+            "skipped": (progress.get("skipped_train") or 0) + (progress.get("skipped_test") or 0),
             "tags": [str(t) for t in cfg.get("tags", []) if isinstance(t, str)]
             if isinstance(cfg.get("tags"), list) else [],
             "status_mtime": self.status_mtime(),
@@ -287,7 +294,7 @@ class RunStore:
         run.checkpoint_dir.mkdir()
         write_json_atomic(run.config_path, config_to_dict(config))
         now = time.time()
-        write_json_atomic(run.status_path, {"state": "created", "created": now, "updated": now})
+        merge_status(run.status_path, {"state": State.CREATED, "created": now})
         self.index(run)
         return run
 
@@ -295,11 +302,11 @@ class RunStore:
         """Remove a run; a live run must be stopped first."""
         run = self.get(name)
         status = run.status()
-        if status.get("state") in ACTIVE:
-            process = run.job.process(status)
+        if status.state in ACTIVE:
+            process = status.process
             raise RunError(f"run {name!r} is running"
                            + (f" (pid {process.pid})" if process else "") + "; stop it first")
-        if status.get("state") == "queued":  # out of the queue first: it must not start now
+        if status.state == State.QUEUED:  # out of the queue first: it must not start now
             run.job.stop()
         shutil.rmtree(run.path)
         self._execute(f"DELETE FROM runs{INDEX_VERSION} WHERE name = ?", (name,))
@@ -399,7 +406,7 @@ class RunStore:
                 row = {**row, **summary}
             elif row["state"] in ACTIVE:  # the index may be stale about a dead process
                 live = run.status()
-                row["state"], row["reason"] = live.get("state"), live.get("reason", "")
+                row["state"], row["reason"] = live.state.value, live.reason
             if isinstance(row["tags"], str):
                 row["tags"] = json.loads(row["tags"] or "[]")
             out.append(row)

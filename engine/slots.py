@@ -22,15 +22,15 @@ A process killed without clean-up leaves its lease behind; a lease whose process
 ignored and removed at the next look. Leases of processes on other hosts (a run store that
 several machines mount) are never judged by pid and never count here: cores are per machine.
 
-This module knows files and processes only (no torch, no jobs), so that :mod:`engine.jobs`
-can use it; a process holds its slot through :func:`engine.budget.holding`.
+This module knows files and processes only (no torch, no jobs: the status file's reader
+:mod:`engine.job_status` and :mod:`engine.job_process`), so that :mod:`engine.jobs` can use
+it; a process holds its slot through :func:`engine.budget.holding`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +38,8 @@ from pathlib import Path
 
 from engine.errors import ConfigError
 from engine.fsutil import locked, write_json_atomic
+from engine.job_process import this_host
+from engine.job_status import State, read_state
 from engine.safe_io import read_json
 
 LIMIT_ENV = "LOSSATTN_MAX_JOBS"
@@ -129,10 +131,6 @@ def environment_for(recorded: dict[str, str]) -> dict[str, str]:
     (a variable the job's starter did not have is not passed on either)."""
     mine = {k: v for k, v in os.environ.items() if k not in job_environment()}
     return {**mine, **recorded}
-
-
-def this_host() -> str:
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -271,7 +269,7 @@ class Slots:
         are dropped."""
         order = []
         for pointer, job, where in self.queue_entries():
-            if job_state(job) != "queued" or job in order:
+            if job_state(job) != State.QUEUED or job in order:
                 pointer.unlink(missing_ok=True)
             elif host is None or where == host:
                 order.append(job)
@@ -284,13 +282,9 @@ class Slots:
         return (order.index(target) + 1, len(order)) if target in order else None
 
 
-def job_state(folder: Path) -> str | None:
+def job_state(folder: Path) -> State | None:
     """The ``state`` field of a job folder's status.json, as written (None if unreadable)."""
-    try:
-        data = read_json(folder / "status.json", "a job status")
-    except (OSError, ValueError):
-        return None
-    return data.get("state") if isinstance(data, dict) else None
+    return read_state(Path(folder) / "status.json")
 
 
 def _read_lease(path: Path) -> Lease | None:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from engine.cluster import RayExecutor, import_ray
+from engine.cluster import CellResources, RayExecutor, import_ray
 from engine.config import (
     SECTIONS,
     ConfigError,
@@ -34,7 +34,9 @@ from engine.config import (
     split_setting,
 )
 from engine.fsutil import write_json_atomic
-from engine.jobs import ACTIVE, Job, JobStopped, dispatch
+from engine.job_spec import SweepSpec
+from engine.job_status import LIVE, State, Status
+from engine.jobs import Job, JobStopped, dispatch
 from engine.launch import start
 from engine.metric_table import metrics_of
 from engine.preset_fill import fill_preset
@@ -180,12 +182,12 @@ def _runnable(store: RunStore, config: RunConfig, machine: bool = True
     if not store.exists(config.name):
         return store.create(prepare_run_config(config, machine=machine)), False
     run = store.get(config.name)
-    state = run.status().get("state")
-    if state == "finished":
+    state = run.status().state
+    if state == State.FINISHED:
         return None
-    if state in ACTIVE or state == "queued":
+    if state in LIVE:
         raise ConfigError(f"run {config.name} of this sweep is {state}; stop it or wait")
-    return run, state != "created"
+    return run, state != State.CREATED
 
 
 SWEEP_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
@@ -233,7 +235,8 @@ def resolve_parallel(text: int | str) -> int:
 
 def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]], sweep: str,
                  parallel: int | str = 1, ray: RayExecutor | None = None) -> int | None:
-    """Train and tabulate a sweep in a background process (``python -m engine sweep``); returns
+    """Train and tabulate a sweep in a background job (a :class:`~engine.job_spec.SweepSpec`,
+    what ``python -m engine sweep`` does: :func:`sweep_and_report`); returns
     its pid (None while it waits in the store's queue). The cells are ordinary runs, so
     progress is read from the run store; the sweep's own job folder is ``_sweeps/<sweep>/``
     (status, process.log, STOP). ``ray``: its cells are tasks on that Ray cluster (address and
@@ -245,29 +248,26 @@ def launch_sweep(store: RunStore, base: RunConfig, grid: list[tuple[str, list]],
     else:
         check_cells_machine(configs)
     for config in configs:
-        state = store.get(config.name).status().get("state") if store.exists(config.name) else None
-        if state in ACTIVE or state == "queued":
+        state = store.get(config.name).status().state if store.exists(config.name) else None
+        if state in LIVE:
             raise ConfigError(f"run {config.name} of sweep {sweep!r} is already {state}")
     job = sweep_job(store, sweep)
-    state = job.status().get("state")
-    if state in ACTIVE or state == "queued":
+    state = job.status().state
+    if state in LIVE:
         raise ConfigError(f"sweep {sweep!r} is already {state}")
     write_manifest(store, sweep, grid)
     folder = sweep_folder(store, sweep)
     write_json_atomic(folder / "base.json", config_to_dict(base))
-    args = ["sweep", "--runs-dir", str(store.root.resolve()), "--config",
-            str((folder / "base.json").resolve()), "--sweep-name", sweep, "--parallel",
-            str(parallel), "--quiet"]
-    if ray is not None:
-        args += ["--executor", "ray", "--ray-cpus", f"{ray.resources.cpus:g}", "--ray-gpus",
-                 f"{ray.resources.gpus:g}", "--ray-retries", str(ray.resources.max_retries)]
-        args += ["--ray-address", ray.address] if ray.address else []
-    for field, values in grid:
-        args += ["--grid", f"{field}={json.dumps(values) if _nested(values) else _csv(values)}"]
+    spec = SweepSpec(
+        runs_dir=str(store.root.resolve()), sweep=sweep,
+        config=str((folder / "base.json").resolve()), grid=grid, parallel=parallel,
+        **({} if ray is None else {
+            "executor": "ray", "ray_address": ray.address or None, "ray_cpus": ray.resources.cpus,
+            "ray_gpus": ray.resources.gpus, "ray_retries": ray.resources.max_retries}))
     # One after another, the sweep's process trains the cells itself and takes a slot; side by
     # side (or on Ray) it only watches cells that are jobs of their own.
     serial = ray is None and resolve_parallel(parallel) == 1
-    identity = job.spawn(args, compute=serial, kind="sweep",
+    identity = job.spawn(spec, compute=serial, kind="sweep",
                          cells=len(configs), executor="ray" if ray is not None else "local")
     return None if identity is None else identity.pid
 
@@ -279,12 +279,39 @@ def check_cells_machine(configs: list[RunConfig]) -> None:
         check_machine(config)
 
 
-def _nested(values: list) -> bool:
-    return any(isinstance(v, list | tuple) for v in values)
+def sweep_and_report(store: RunStore, data: dict | RunConfig, grid: list[tuple[str, list]],
+                     sweep: str, parallel: int | str = 1, *, ray_address: str | None = None,
+                     ray_resources: CellResources | None = None, device_eval: str = "auto",
+                     progress_bar: bool = True, log=print) -> dict:
+    """What ``python -m engine sweep`` does once its settings are read, in the foreground or as
+    the sweep's background job: train every cell of ``data`` x ``grid`` (``ray_resources``:
+    as tasks on that Ray cluster) as the sweep's own job, and evaluate them into the report,
+    which it returns. The report is part of the job: ``finished`` means the table is there."""
+    configs = sweep_configs(data, grid, sweep)
+    if ray_resources is None:  # a Ray cell trains on its node, with that node's devices
+        check_cells_machine(configs)
+    parallel = resolve_parallel(parallel)
+    log(f"sweep {sweep}: {len(configs)} runs")
+    write_manifest(store, sweep, grid)
+    # The sweep's own job, in the foreground too (the Sweep page sees it and can stop it).
+    job = sweep_job(store, sweep)
+    ray = None if ray_resources is None else RayExecutor(ray_address, ray_resources,
+                                                          job.stop_requested)
+    with job.attach(finish=True, kind="sweep", cells=len(configs),
+                    executor="local" if ray is None else "ray"):
+        run_sweep(store, configs, parallel, progress_bar=progress_bar, log=log, ray=ray)
+        return report_with_slot(store, sweep, device_eval)
 
 
-def _csv(values: list) -> str:
-    return ",".join(v if isinstance(v, str) else json.dumps(v) for v in values)
+def report_with_slot(store: RunStore, sweep: str, device_eval: str = "auto") -> dict:
+    """:func:`sweep_report` on ``device_eval``, with a slot of the store (the sweep's process
+    may only have watched its cells)."""
+    from engine.budget import holding
+    from engine.device import resolve_device
+
+    with holding(store.root, sweep_folder(store, sweep)):
+        device = resolve_device(device_eval, "--device-eval")
+        return sweep_report(store, sweep, device)
 
 
 def sweep_job(store: RunStore, sweep: str) -> Job:
@@ -292,14 +319,15 @@ def sweep_job(store: RunStore, sweep: str) -> Job:
     return Job(sweep_folder(store, sweep))
 
 
-def sweep_status(store: RunStore, sweep: str) -> dict:
-    """The sweep process's status (state, cells, reason); {} if it was never started."""
+def sweep_status(store: RunStore, sweep: str) -> Status:
+    """The sweep process's status (state, reason; its fields: cells, executor);
+    :attr:`~engine.job_status.Status.missing` if it was never started."""
     return sweep_job(store, sweep).status()
 
 
 def sweep_process_alive(store: RunStore, sweep: str) -> bool:
     """Whether the sweep's process runs, or waits in the store's queue to run."""
-    return sweep_status(store, sweep).get("state") in (*ACTIVE, "queued")
+    return sweep_status(store, sweep).state in LIVE
 
 
 def stop_sweep(store: RunStore, sweep: str) -> None:
@@ -309,8 +337,8 @@ def stop_sweep(store: RunStore, sweep: str) -> None:
     cell frees its CPUs, or Ray would start one of them there."""
     job = sweep_job(store, sweep)
     status = job.status()
-    process = job.process(status)
-    if job.stop() and status.get("executor") == "ray":
+    process = status.process
+    if job.stop() and status.fields.get("executor") == "ray":
         return
     for run in sweep_runs(store, sweep):
         if process is not None and process.matches(run.job.process()):
@@ -351,7 +379,7 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
         from engine.cluster import run_sweep_ray
 
         run_sweep_ray(store, todo, ray.resources, ray.address, ray.stop_requested, log)
-        stopped = [r.name for r, _ in todo if r.status().get("state") == "stopped"]
+        stopped = [r.name for r, _ in todo if r.status().state == State.STOPPED]
         if stopped:  # a cell stopped from outside (its own STOP): the sweep stops, as locally
             raise JobStopped(f"cell(s) {', '.join(stopped)} stopped; run the sweep again to "
                              "resume")
@@ -361,7 +389,7 @@ def run_sweep(store: RunStore, configs: list[RunConfig], parallel: int = 1,
             state = train_run(run, resume=resume, progress_bar=progress_bar, console=False,
                               on_status=store.index)
             log(f"{run.name}: {state}")
-            if state == "stopped":  # a stop request (SIGTERM, stop file) stops the sweep too
+            if state == State.STOPPED:  # a stop request (SIGTERM, stop file) stops the sweep too
                 raise JobStopped(f"stopped at cell {run.name}; run the sweep again to resume")
     else:
         _run_parallel(store, todo, parallel, log)
@@ -386,8 +414,8 @@ def _run_parallel(store: RunStore, todo: list[tuple[Run, bool]], parallel: int, 
                     started = start(store, run, resume=resume, env=env)
                     log(f"{run.name}: " + (f"started (slot {slot})" if started else "queued"))
             for slot, run in list(active.items()):
-                state = run.status().get("state")
-                if state not in ACTIVE and state != "queued":
+                state = run.status().state
+                if state not in LIVE:
                     log(f"{run.name}: {state}")
                     del active[slot]
             dispatch(store.root)  # a look: starts what a killed job's slot held back
@@ -460,16 +488,16 @@ def cell_seconds(store: RunStore, config: RunConfig) -> tuple[float | None, str]
     data set's own), and what the estimate rests on."""
     speeds, counts = [], []
     for row in store.list():
-        if not (row.get("state") == "finished" and row.get("dataset") == config.data.dataset
+        if not (row.get("state") == State.FINISHED and row.get("dataset") == config.data.dataset
                 and row.get("backbone") == config.model.backbone
                 and row.get("head") == config.model.head):
             continue
         run = store.get(row["name"])
-        status = run.status()
-        if status.get("images_per_s"):
-            speeds.append(float(status["images_per_s"]))
-        if run.config().data.train_size is None and status.get("train_images"):
-            counts.append(int(status["train_images"]))
+        progress = run.status().fields
+        if progress.get("images_per_s"):
+            speeds.append(float(progress["images_per_s"]))
+        if run.config().data.train_size is None and progress.get("train_images"):
+            counts.append(int(progress["train_images"]))
     images = config.data.train_size or (max(counts) if counts else None)
     if not speeds or not images:
         return None, ("no finished run of this model on this data yet to time it by"
@@ -495,7 +523,7 @@ def sweep_table(store: RunStore, sweep: str, evaluate=evaluate_cell) -> dict:
     for run in runs:
         cfg = run.config_dict()
         row = {f: config_value(cfg, f) for f in fields + derived}
-        row.update(run=run.name, state=run.status().get("state"))
+        row.update(run=run.name, state=run.status().state.value)
         row.update(evaluate(run))
         rows.append(row)
     return {"sweep": sweep, "fields": fields, "derived_fields": derived, "rows": rows}
@@ -536,7 +564,7 @@ def seed_groups(report: dict) -> list[dict]:
         group["runs"].append(row["run"])
         state = row.get("state") or "missing"
         group["states"][state] = group["states"].get(state, 0) + 1
-        if state == "finished":
+        if state == State.FINISHED:
             for m in metrics:
                 if _finite(row.get(m)):
                     group["_values"][m].append(float(row[m]))
@@ -567,7 +595,7 @@ def format_sweep(report: dict) -> str:
     for r in rows:
         cells = [f"{json.dumps(r.get(f)):>{width}s}" for f in fields]
         # a cell that did not finish is a gap with its state, never a 0
-        done = (f"{r['states'].get('finished', 0)}/{len(r['runs'])} finished" if seeded
+        done = (f"{r['states'].get(State.FINISHED, 0)}/{len(r['runs'])} finished" if seeded
                 else str(r.get("state") or "missing"))
         cells.append(f"{done:>{width}s}")
         for c in shown:

@@ -11,9 +11,11 @@ Guarantees:
 - A kill (SIGKILL, power loss) loses at most the work since the last checkpoint (every epoch,
   and every ``checkpoint_minutes`` within one). Checkpoints are written atomically.
 - A non-finite loss marks the run ``failed`` with the reason; checkpoints are left untouched.
-- A mutual-transfer run (``RunConfig.transfer``) trains its peers in the same loop: the
-  :class:`engine.mutual.team.Team` steps, checkpoints and evaluates all of them; an ordinary run
-  is a team of one, with exactly the single-model step and checkpoint.
+- Every run trains a team (:class:`engine.team.Team`): an ordinary run is a team of one,
+  with exactly the single-model step; a mutual-transfer run (``RunConfig.transfer``) trains its
+  K peers in the same loop, which steps, checkpoints and evaluates all of them. A metrics row
+  keeps the team's means under the plain names and each peer's own in ``row["peers"]``
+  (K > 1; read any version's with :func:`engine.team.peer_rows`).
 - Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP (nccl on CUDA, gloo on
   CPU). Each rank takes a contiguous slice of every global batch, and BatchNorm statistics are
   per rank, as with the paper's DataParallel. A run with W ranks therefore equals a
@@ -27,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -52,15 +55,15 @@ from engine.device import (
 )
 from engine.folder_guard import FolderGuard, RunFolderRemoved
 from engine.fsutil import remove_temp_files
-from engine.jobs import ACTIVE, JobStopped, ProcessIdentity, queue_place
+from engine.jobs import ACTIVE, JobStopped, ProcessIdentity, State, queue_place
 from engine.losses import scaled_ramp_epochs
 from engine.metric_table import main_metric
 from engine.metrics import evaluate
 from engine.models import build_model, compiled, head_spec, resolve_config
-from engine.mutual.team import Team, map_agreement, map_plan, peer_checkpoint
 from engine.recipes import RECIPES
 from engine.runs import Run, RunError
 from engine.slots import store_root_of
+from engine.team import Team, map_agreement, map_plan, peer_checkpoint
 
 log = logging.getLogger("engine.train")
 
@@ -199,8 +202,9 @@ class Progress:
     best_epoch: int | None = None
     best_whole: bool = True
     """Whether the best metric was measured on the whole test set (``train.eval_sample``)."""
-    sums: dict[str, float] = field(default_factory=dict)
-    """Running sums of the current epoch's training statistics."""
+    sums: dict = field(default_factory=dict)
+    """Running sums of the current epoch's training statistics: the team's under the plain
+    names, each peer's in a list under ``peers`` (K > 1; see :func:`_epoch_sums`)."""
     epoch_seconds: float = 0.0
     """Training seconds already spent in the current epoch (before a stop)."""
     total_seconds: float = 0.0
@@ -293,7 +297,7 @@ class StatusWriter:
 
 def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
               console: bool | None = None, dist: Dist | None = None, on_status=None,
-              spawned: bool = False) -> str:
+              spawned: bool = False) -> State:
     """Train (or resume) ``run`` to its end or until stopped. Returns the final state.
 
     ``console``: also log to stderr (default: with the progress bar); the run's log.txt gets
@@ -323,7 +327,7 @@ def train_run(run: Run, *, resume: bool = False, progress_bar: bool = True,
 
 
 def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist,
-                   set_status: StatusWriter) -> str:
+                   set_status: StatusWriter) -> State:
     """:func:`_train`, with every way it can end written to the run's status (a removed run
     folder excepted: nothing is written into it again)."""
     try:
@@ -339,17 +343,17 @@ def _train_guarded(run: Run, resume: bool, progress_bar: bool, dist: Dist,
         return _ended_by(exc, run, dist, set_status)
 
 
-def _ended_by(exc: BaseException, run: Run, dist: Dist, set_status: StatusWriter) -> str:
+def _ended_by(exc: BaseException, run: Run, dist: Dist, set_status: StatusWriter) -> State:
     """Log how ``exc`` ended the run, write it to the status and return the final state."""
     if dist.is_main and not set_status.guard.intact():  # whatever the error, this is its cause
         log.error("%s", _removed_text(exc, set_status.guard))
-        return "failed"
+        return State.FAILED
     state, reason = _ending(exc, run, dist)
     try:
         set_status(state=state, reason=reason)
     except RunFolderRemoved as removed:
         log.error("%s", removed)
-        return "failed"
+        return State.FAILED
     return state
 
 
@@ -361,28 +365,28 @@ def _removed_text(exc: BaseException, guard: FolderGuard) -> str:
     return f"run folder removed: {guard.path} was removed while its trainer ran ({exc})"
 
 
-def _ending(exc: BaseException, run: Run, dist: Dist) -> tuple[str, str]:
+def _ending(exc: BaseException, run: Run, dist: Dist) -> tuple[State, str]:
     """(state, reason) after ``exc``, logged: a traceback only for the unforeseen, and then
     into the run's log, with one line on the console that says where it is."""
     if isinstance(exc, JobStopped):
         log.info("stopped during start-up")
         if dist.is_main:  # first: whoever sees "stopped" sees the request handled
             run.job.clear_stop()
-        return "stopped", ("stopped during start-up, outside a training step; resume continues "
-                           "from the last checkpoint")
+        return State.STOPPED, ("stopped during start-up, outside a training step; resume "
+                               "continues from the last checkpoint")
     if isinstance(exc, NonFiniteLoss):
         log.error("%s", exc)
-        return "failed", str(exc)
+        return State.FAILED, str(exc)
     if isinstance(exc, ValueError | OSError):  # expected (as for the CLI): the message says it
         log.error("%s", _one_line(exc))
-        return "failed", _failure_reason(exc, dist)
+        return State.FAILED, _failure_reason(exc, dist)
     if not dist.is_main:  # no log file on this rank: the traceback goes where it can
         log.exception("training failed")
-        return "failed", _failure_reason(exc, dist)
+        return State.FAILED, _failure_reason(exc, dist)
     where = f"the traceback is in {run.log_path}"
     log.error("unexpected %s: %s; %s", exc.__class__.__name__, _one_line(exc), where,
               exc_info=exc)
-    return "failed", f"{_failure_reason(exc, dist)} (unexpected; {where})"
+    return State.FAILED, f"{_failure_reason(exc, dist)} (unexpected; {where})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -414,26 +418,26 @@ def check_startable(run: Run, resume: bool, spawned: bool = False) -> None:
     raw = run.raw_status()
     recorded = run.job.process(raw)
     mine = recorded is None or recorded.matches(ProcessIdentity.current())
-    if spawned and raw.get("state") in ACTIVE and mine:  # running: this process's own attach
+    if spawned and raw.state in ACTIVE and mine:  # running: this process's own attach
         return
     status = run.status()
-    state = status.get("state")
+    state = status.state
     if state in ACTIVE:
         raise RunError(f"run {run.name} is already running"
                        + (f" (pid {recorded.pid})" if recorded else ""))
-    if state == "queued":
+    if state == State.QUEUED:
         place = queue_place(run.path)
         raise RunError(f"run {run.name} is already queued"
                        + (f" (place {place[0]} of {place[1]})" if place else "")
                        + ": it starts when one of the store's slots frees (stop it to take it "
                        "out of the queue)")
     if resume:
-        if state == "finished":
-            raise RunError(f"run {run.name} is finished ({status.get('epochs_done')} epochs); "
-                           "nothing to resume. Start a new run to train longer.")
-        if state == "created":
+        if state == State.FINISHED:
+            raise RunError(f"run {run.name} is finished ({status.fields.get('epochs_done')} "
+                           "epochs); nothing to resume. Start a new run to train longer.")
+        if state == State.CREATED:
             raise RunError(f"run {run.name} has not started yet; train it instead of resuming")
-    elif state != "created":
+    elif state != State.CREATED:
         raise RunError(f"run {run.name} is {state}; use resume to continue it")
 
 
@@ -478,7 +482,7 @@ class Session:
 
 
 def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dist,
-           set_status) -> str:
+           set_status) -> State:
     """Set up, then epochs of steps, each epoch ending with its evaluation and checkpoints."""
     # The run holds one of its store's slots while it computes; its threads are its share of
     # the cores (or train.threads), followed once a second as other jobs start and end.
@@ -491,12 +495,12 @@ def _train(run: Run, cfg: RunConfig, resume: bool, progress_bar: bool, dist: Dis
             for epoch in range(s.progress.epoch, cfg.train.epochs):
                 ended = _train_epoch(s, epoch, stop, reporter, progress_bar)
                 if ended is None:
-                    return "stopped"
+                    return State.STOPPED
                 _end_epoch(s, epoch, *ended, reporter.epoch_threads())
             # Inside: a SIGTERM now only sets the flag, so a trained-out run says finished.
-            set_status(state="finished", reason="", duration_s=s.progress.total_seconds,
+            set_status(state=State.FINISHED, reason="", duration_s=s.progress.total_seconds,
                        eta_s=0.0)
-    return "finished"
+    return State.FINISHED
 
 
 def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> Session:
@@ -645,20 +649,21 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
         t = epoch + progress.step / len(stream)
         s.team.set_position(t)
         terms = _step(s, x, y, t)
-        bad, wants_stop = _agree_flags(terms, stop.requested or (
+        team = _team_terms(terms)
+        bad, wants_stop = _agree_flags(team["loss"], stop.requested or (
             s.dist.is_main and s.run.stop_requested()), s.device, s.dist)
         if bad:
             raise NonFiniteLoss(f"loss became non-finite at epoch {epoch} step {progress.step} "
                                 f"(lr {lr:g}); checkpoints are untouched. Try a lower lr or fp32.")
         s.team.optimizer_step()
-        _accumulate(sums, terms, y, s.cfg.loss.multilabel)
+        _accumulate(sums, team, terms, y, s.cfg.loss.multilabel)
         progress.step += 1
         bar.update(1)
         reporter.step(epoch, progress.step)
         periodic = (time.monotonic() - last_checkpoint > 60 * tc.checkpoint_minutes
                     and progress.step < len(stream))  # the epoch's end saves anyway
         if wants_stop or periodic:
-            progress.sums = {k: v.item() for k, v in sums.items()}
+            progress.sums = _saved_sums(sums)
             progress.epoch_seconds = reporter.elapsed()
             s.save_last()
             last_checkpoint = time.monotonic()
@@ -670,12 +675,39 @@ def _train_epoch(s: Session, epoch: int, stop: StopSignal, reporter: Reporter,
     return sums, lr, patch_weight, reporter.elapsed()
 
 
-def _epoch_sums(saved: dict[str, float], device: torch.device) -> dict[str, torch.Tensor]:
-    """Running sums of the epoch's training statistics (restored mid-epoch after a resume)."""
-    if saved:
-        return {k: torch.tensor(v, device=device) for k, v in saved.items()}
-    return {k: torch.zeros((), device=device)
-            for k in ("loss", "image", "patch", "correct", "seen")}
+_OLD_PEER_SUM = re.compile(r"([a-z_]+?)(\d+)")
+
+
+def _epoch_sums(saved: dict, device: torch.device) -> dict:
+    """Running sums of the epoch's training statistics (restored mid-epoch after a resume):
+    the team's (``loss``, ``image``, ``patch``, ``transfer``, ``kl``: the peers' mean; a single
+    model's own, with ``correct``) and ``seen``; a team of K > 1 keeps each peer's (``loss``,
+    ..., ``correct``) in a list under ``peers``.
+
+    The previous version saved a mutual run's per-peer sums as suffixed keys beside the team's
+    (``loss0``, ``correct1``, ...): they are read into ``peers``."""
+    if not saved:
+        return {k: torch.zeros((), device=device)
+                for k in ("loss", "image", "patch", "correct", "seen")}
+    sums: dict = {}
+    peers: dict[int, dict] = {}
+    for key, value in saved.items():
+        if key == "peers":
+            peers.update({k: {n: torch.tensor(v, device=device) for n, v in own.items()}
+                          for k, own in enumerate(value)})
+        elif match := _OLD_PEER_SUM.fullmatch(key):  # the previous version's form
+            peers.setdefault(int(match[2]), {})[match[1]] = torch.tensor(value, device=device)
+        else:
+            sums[key] = torch.tensor(value, device=device)
+    if peers:
+        sums["peers"] = [peers[k] for k in range(len(peers))]
+    return sums
+
+
+def _saved_sums(sums: dict) -> dict:
+    """The running sums as plain numbers (for ``Progress.sums`` in a checkpoint)."""
+    return {k: ([{n: t.item() for n, t in own.items()} for own in v] if k == "peers"
+                else v.item()) for k, v in sums.items()}
 
 
 def _stopped(s: Session, epoch: int) -> None:
@@ -683,7 +715,7 @@ def _stopped(s: Session, epoch: int) -> None:
     log.info("stopped at epoch %d step %d; checkpoint saved", epoch, s.progress.step)
     if s.dist.is_main:  # first: whoever sees "stopped" sees the request handled
         s.run.job.clear_stop()
-    s.set_status(state="stopped", reason="stopped on request",
+    s.set_status(state=State.STOPPED, reason="stopped on request",
                  duration_s=s.progress.total_seconds)
 
 
@@ -692,12 +724,16 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
     """Evaluate, append the metrics line, write last.pt (and best.pt when it improved)."""
     cfg, progress, metric_name = s.cfg, s.progress, main_metric(s.cfg.loss.multilabel)
     _reduce_sums(sums, s.dist)
-    row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel,
-                     len(s.team.peers))
+    row = _epoch_row(epoch, sums, lr, patch_weight, seconds, cfg.loss.multilabel)
     row["peak_memory_mb"] = peak_memory_mb(s.device)
     row["cpu_threads"] = threads  # every count the epoch trained with (the budget moves)
     if s.dist.is_main:
-        row.update(_evaluate_team(s, _eval_count(s, epoch)))
+        tested = _evaluate_team(s, _eval_count(s, epoch))
+        peers_tested = tested.pop("peers", None)
+        row.update(tested)
+        if peers_tested is not None:
+            row["peers"] = [{**own, **test} for own, test in zip(row["peers"], peers_tested,
+                                                                   strict=True)]
     _barrier(s.dist)
     progress.total_seconds += seconds
     progress.epoch, progress.step, progress.sums = epoch + 1, 0, {}
@@ -719,9 +755,17 @@ def _end_epoch(s: Session, epoch: int, sums: dict, lr: float, patch_weight: floa
              epoch + 1, cfg.train.epochs, row["train_loss"], metric_name,
              row.get(metric_name, float("nan")), progress.best_metric or float("nan"),
              (progress.best_epoch or 0) + 1, seconds, row["images_per_s"])
+    # A team of K > 1: each peer's own last metric too (its best is the team's best epoch's).
+    peers = ({"peers": [{"last_metric": _finite_or_none(own.get(metric_name))}
+                        for own in row["peers"]]} if "peers" in row else {})
     s.set_status(epochs_done=epoch + 1, best_metric=progress.best_metric,
                  best_epoch=progress.best_epoch, last_metric=row.get(metric_name),
-                 duration_s=progress.total_seconds, step=0)
+                 duration_s=progress.total_seconds, step=0, **peers)
+
+
+def _finite_or_none(value):
+    """A status value JSON can hold: NaN and inf (a metric can be NaN) become None."""
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 AGREEMENT_IMAGES = 256
@@ -748,9 +792,9 @@ def _beats_best(progress: Progress, value: float, whole: bool) -> bool:
 
 def _evaluate_team(s: Session, count: int) -> dict:
     """The model's test metrics on the first ``count`` test images (``eval_images``); for a
-    mutual run each peer's as ``peer{k}_...``, their mean under the plain names (the run's main
-    metric is the peers' mean), and the peers' mean local-map Pearson ρ on the first test
-    images (``test_map_pearson``)."""
+    team of K > 1 each peer's in a list under ``peers``, their mean under the plain names (the
+    run's main metric is the peers' mean), and the peers' mean local-map Pearson ρ on the
+    first test images (``test_map_pearson``)."""
     test_set, images = s.test_set, s.test_images
     if count < len(test_set):
         test_set = test_set.subset(torch.arange(count))
@@ -759,9 +803,9 @@ def _evaluate_team(s: Session, count: int) -> dict:
             for m in s.team.models]
     if not s.team.mutual:
         return rows[0]
-    out = {f"peer{k}_{key}": v for k, r in enumerate(rows) for key, v in r.items()}
-    out.update({key: sum(r[key] for r in rows) / len(rows)
-                for key in set.intersection(*(set(r) for r in rows))})
+    out = {key: sum(r[key] for r in rows) / len(rows)
+           for key in set.intersection(*(set(r) for r in rows))}
+    out["peers"] = rows
     first = s.test_set.images[:AGREEMENT_IMAGES]
     out["test_map_pearson"] = map_agreement(s.team, model_input(s.test_set, first, s.device))
     return out
@@ -780,16 +824,16 @@ def _save_best(s: Session, row: dict) -> None:
                 atomic_torch_save(peer_checkpoint(s.cfg, ckpt, k), s.run.peer_checkpoint(k))
 
 
-def _step(s: Session, x: torch.Tensor, y: torch.Tensor, t: float) -> dict[str, torch.Tensor]:
+def _step(s: Session, x: torch.Tensor, y: torch.Tensor, t: float
+          ) -> list[dict[str, torch.Tensor]]:
     """Forward + backward of one global batch (split into micro-batches) at position ``t``
-    (epochs); returns loss sums
-    ``loss``, ``image``, ``patch`` and the ``logits``. For a mutual run every peer's are
-    suffixed with its index (``loss0``, ``logits1``, ...), and the plain names hold the peers'
-    mean loss terms."""
+    (epochs); returns each peer's loss sums over the batch (``loss``, ``image``, ``patch``
+    and, where they apply, ``transfer`` and ``kl``) and its ``logits``."""
     chunks = torch.tensor_split(torch.arange(x.shape[0], device=x.device),
                                 s.cfg.train.micro_batches)
     chunks = [c for c in chunks if len(c)]
-    team, totals = s.team, {}
+    team = s.team
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in team.peers]
     logits: list[list[torch.Tensor]] = [[] for _ in team.peers]
     for i, chunk in enumerate(chunks):
         with team.no_sync(i == len(chunks) - 1 or s.dist.world == 1):
@@ -799,26 +843,24 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor, t: float) -> dict[str, t
             (sum(term["loss"] for term in terms) / len(chunks)).backward()
         for k, term in enumerate(terms):
             for name, value in term.items():
-                key = name + _suffix(team, k)
-                totals[key] = totals.get(key, 0.0) + value.detach() * len(chunk)
+                totals[k][name] = totals[k].get(name, 0.0) + value.detach() * len(chunk)
             logits[k].append(outs[k].logits.detach())
     for k, peer_logits in enumerate(logits):
-        totals["logits" + _suffix(team, k)] = torch.cat(peer_logits)
-    if team.mutual:
-        for name in ("loss", "image", "patch", "transfer", "kl"):
-            if f"{name}0" in totals:
-                totals[name] = sum(totals[f"{name}{k}"] for k in range(len(team.peers))
-                                   ) / len(team.peers)
+        totals[k]["logits"] = torch.cat(peer_logits)
     return totals
 
 
-def _suffix(team: Team, k: int) -> str:
-    """How peer ``k``'s statistics are named: no suffix for a single model."""
-    return str(k) if team.mutual else ""
+def _team_terms(totals: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The team's loss sums of a step: a single model's own (with its ``logits``), the peers'
+    mean of each loss term for K > 1."""
+    if len(totals) == 1:
+        return totals[0]
+    return {name: sum(own[name] for own in totals) / len(totals)
+            for name in ("loss", "image", "patch", "transfer", "kl") if name in totals[0]}
 
 
-def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
-    flags = torch.stack([(~torch.isfinite(terms["loss"])).float(),
+def _agree_flags(loss: torch.Tensor, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
+    flags = torch.stack([(~torch.isfinite(loss)).float(),
                          torch.tensor(float(stop), device=device)])
     if dist.world > 1:
         import torch.distributed as tdist
@@ -828,38 +870,44 @@ def _agree_flags(terms, stop: bool, device, dist: Dist) -> tuple[bool, bool]:
     return bool(bad), bool(wants_stop)
 
 
-def _accumulate(sums, terms, y, multilabel: bool) -> None:
-    """Add a step's loss sums, and the correct predictions of each ``logits[k]``
-    (``correct[k]``, single-label only)."""
-    for key, value in terms.items():
-        if not key.startswith("logits"):
-            sums[key] = sums.get(key, 0.0) + value
-        elif not multilabel:
-            name = "correct" + key.removeprefix("logits")
-            sums[name] = sums.get(name, 0.0) + (value.argmax(1) == y).sum()
+def _accumulate(sums, team, totals, y, multilabel: bool) -> None:
+    """Add a step's loss sums (the team's, and for K > 1 each peer's under ``peers``) and the
+    correct predictions of each peer's ``logits`` (``correct``, single-label only)."""
+    _add_terms(sums, team, y, multilabel)
+    if len(totals) > 1:
+        own_sums = sums.setdefault("peers", [{} for _ in totals])
+        for own, terms in zip(own_sums, totals, strict=True):
+            _add_terms(own, terms, y, multilabel)
     sums["seen"] += y.shape[0]
 
 
-def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel, peers: int = 1) -> dict:
+def _add_terms(sums: dict, terms: dict, y, multilabel: bool) -> None:
+    for key, value in terms.items():
+        if key != "logits":
+            sums[key] = sums.get(key, 0.0) + value
+        elif not multilabel:
+            sums["correct"] = sums.get("correct", 0.0) + (value.argmax(1) == y).sum()
+
+
+def _epoch_row(epoch, sums, lr, patch_weight, seconds, multilabel) -> dict:
     seen = max(sums["seen"].item(), 1.0)
     row = {"epoch": epoch, "lr": lr, "patch_weight": patch_weight,
            "train_loss": sums["loss"].item() / seen,
            "train_image_loss": sums["image"].item() / seen,
            "train_patch_loss": sums["patch"].item() / seen, "epoch_s": seconds,
            "images_per_s": seen / max(seconds, 1e-9)}
-    if peers == 1:
+    if "peers" not in sums:  # a single model
         if not multilabel:
             row["train_acc"] = sums["correct"].item() / seen
         return row
     for name in ("transfer", "kl"):
         if name in sums:
             row[f"train_{name}_loss"] = sums[name].item() / seen
-    for k in range(peers):
-        row[f"peer{k}_train_loss"] = sums[f"loss{k}"].item() / seen
-        if not multilabel:
-            row[f"peer{k}_train_acc"] = sums[f"correct{k}"].item() / seen
-    if not multilabel:  # the peers' mean, as for every other plain name of a mutual run
-        row["train_acc"] = sum(row[f"peer{k}_train_acc"] for k in range(peers)) / peers
+    row["peers"] = [{"train_loss": own["loss"].item() / seen,
+                     **({} if multilabel else {"train_acc": own["correct"].item() / seen})}
+                    for own in sums["peers"]]
+    if not multilabel:  # the peers' mean, as for every other plain name of a team
+        row["train_acc"] = sum(own["train_acc"] for own in row["peers"]) / len(row["peers"])
     return row
 
 
@@ -868,8 +916,10 @@ def _reduce_sums(sums: dict[str, torch.Tensor], dist: Dist) -> None:
     if dist.world > 1:
         import torch.distributed as tdist
 
-        for value in sums.values():
-            tdist.all_reduce(value)
+        for key, value in sums.items():
+            for tensor in ([t for own in value for t in own.values()] if key == "peers"
+                           else [value]):
+                tdist.all_reduce(tensor)
 
 
 def _barrier(dist: Dist) -> None:

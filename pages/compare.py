@@ -37,15 +37,10 @@ from engine.sanity import (
     verdict,
 )
 from ui.compare_figures import cascade_figure, deletion_insertion_figure, map_grid_figure
-from ui.st_state import (
-    ensure_router,
-    guard,
-    keep,
-    loaded_model,
-    map_memo,
-    require_model_path,
-    test_set,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import loaded_model, map_memo, require_model_path, test_set
+from ui.st_session import keep
 from ui.tables import markdown_table
 
 COLUMNS = {m.key: m.short_heading for m in metrics_of("faithfulness")}

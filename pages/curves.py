@@ -14,15 +14,10 @@ from plotly.colors import sample_colorscale
 
 from engine.evaluate import evaluate_model
 from ui.figures import pr_figure
-from ui.st_state import (
-    collected_test_set,
-    ensure_router,
-    guard,
-    keep,
-    loaded_model,
-    require_model_path,
-    test_set,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import collected_test_set, loaded_model, require_model_path, test_set
+from ui.st_session import keep
 
 XI_POINTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 SIZES = [500, 1000, 2000, 5000, 10000]

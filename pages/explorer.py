@@ -41,23 +41,16 @@ from ui.explorer_figures import (
 from ui.figures import gamma_effects, patch_bars
 from ui.overlay import csv_bytes, gallery_strip
 from ui.st_gamma import NONE, GammaSource, gamma_sources, source_of
-from ui.st_state import (
-    MODEL_KEY,
+from ui.st_guards import guard, single_threaded
+from ui.st_links import ensure_router, link_value, take_link, write_link
+from ui.st_models import (
     collected_test_set,
-    ensure_router,
-    guard,
-    keep,
-    link_value,
     loaded_model,
     model_sources,
     patch_loss_partner,
-    remember,
-    remembered,
     require_model_path,
-    single_threaded,
-    take_link,
-    write_link,
 )
+from ui.st_session import MODEL_KEY, keep, remember, remembered
 from ui.tables import markdown_table, md_text
 
 GALLERY = 12

@@ -13,7 +13,10 @@ from engine.catalog import (
     head_catalog,
 )
 from engine.safe_io import JSON_CAP, read_text
-from ui.st_state import DEFAULT_SHIPPED, MODEL_KEY, SHIPPED_DIR, ensure_router, guard, remember
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import DEFAULT_SHIPPED, SHIPPED_DIR
+from ui.st_session import MODEL_KEY, remember
 from ui.tables import markdown_table
 
 RESULTS = SHIPPED_DIR.parent / "results" / "gamma_family"  # engine.gamma_family.RESULTS

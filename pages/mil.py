@@ -8,6 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from engine.jobs import ACTIVE, State
 from engine.mil.config import EPOCH_CHOICES, INSTANCE_LOSSES, MilConfig
 from engine.mil.data import EMBEDDED, available_mil_datasets
 from engine.mil.experiment import (
@@ -23,7 +24,10 @@ from engine.mil.results import TEST_MAX, read_bag_weights, read_results, table_r
 from engine.runs import default_runs_root
 from ui.figures import bag_weights_figure
 from ui.st_forms import data_folder_picker, eta_text, queue_note, show_job_end
-from ui.st_state import ensure_router, guard, keep, look_at_queue
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_session import keep
+from ui.st_watch import look_at_queue
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = PROJECT_ROOT / "results" / "mil"
@@ -112,30 +116,30 @@ def shipped_choices() -> dict[str, Path]:
 def progress(folder: Path) -> None:
     with guard("Reading the progress", stop=False):
         status = experiment_status(folder)
-        state = status.get("state")
-        if not status:
+        state = status.state
+        if status.missing:
             return
-        fraction = float(status.get("fraction") or 0.0)
-        if state == "queued":
+        fraction = float(status.fields.get("fraction") or 0.0)
+        if state == State.QUEUED:
             look_at_queue()
             st.progress(0.0, text=queue_note(folder))
             if st.button("Stop", key="mil_stop"):
                 stop_experiment(folder)
                 st.rerun(scope="app")
-        elif state in ("starting", "running"):
-            current = status.get("current") or "starting"
+        elif state in ACTIVE:
+            current = status.fields.get("current") or "starting"
             st.progress(min(1.0, fraction), text=f"{fraction:.0%} - {current} "
-                        f"({status.get('task', 0) + 1}/{status.get('tasks', '?')})"
-                        + eta_text(status.get("started"), fraction, time.time()))
+                        f"({status.fields.get('task', 0) + 1}/{status.fields.get('tasks', '?')})"
+                        + eta_text(status.started, fraction, time.time()))
             if st.button("Stop", key="mil_stop"):
                 stop_experiment(folder)
                 st.rerun(scope="app")
         else:
             show_job_end(status, "The experiment", f"It had done {fraction:.0%}.",
-                         f" in {status.get('seconds', '?')} s")
+                         f" in {status.fields.get('seconds', '?')} s")
         seen = st.session_state.setdefault("mil_seen", {})
         key = str(folder)
-        mark = (state, status.get("task"))
+        mark = (state, status.fields.get("task"))
         if seen.get(key, mark) != mark:  # a cross-validation finished: redraw the table
             seen[key] = mark
             st.rerun(scope="app")

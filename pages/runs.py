@@ -6,22 +6,17 @@ from pathlib import Path
 import streamlit as st
 
 from engine import launch
-from engine.jobs import ACTIVE
+from engine.jobs import ACTIVE, LIVE, State
 from engine.metric_table import label, metrics_of
 from engine.slots import Slots
 from engine.sweep import config_value, varied_fields
 from ui.figures import metric_overlay
 from ui.overlay import csv_bytes
-from ui.st_state import (
-    ensure_router,
-    explorable,
-    explore_run,
-    guard,
-    keep,
-    look_at_queue,
-    remember,
-    store,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import store
+from ui.st_session import keep, remember
+from ui.st_watch import explorable, explore_run, look_at_queue
 from ui.tables import md_text
 
 CURVE_KEYS = [m.key for m in metrics_of("epoch")]
@@ -49,7 +44,7 @@ def table_rows(rows: list[dict], queued: list | None = None) -> list[dict]:
     order = [Path(q).name for q in queued or []]
 
     def note(r: dict) -> str:
-        if r["state"] == "queued" and r["name"] in order:
+        if r["state"] == State.QUEUED and r["name"] in order:
             return (f"place {order.index(r['name']) + 1} of {len(order)} in the queue; starts "
                     "when a running job ends")
         return r["reason"]
@@ -77,7 +72,7 @@ def notes_text(rows: list[dict]) -> str:
 def row_actions(name: str) -> None:
     """What can be done with the picked run, by its state."""
     run = store().get(name)
-    state = run.status().get("state")
+    state = run.status().state
     c1, c2, c3, c4, c5 = st.columns([1.6, 1.2, 1, 1, 1.4])
     if c1.button("Open in the Explorer", type="primary", key="runs_row_explore",
                  disabled=not explorable(run), help="Its best checkpoint, in the Patch Explorer"):
@@ -85,13 +80,14 @@ def row_actions(name: str) -> None:
     if c2.button("Watch on Train", key="runs_row_watch"):
         remember("tr_watch", name)
         st.switch_page("pages/train.py")
-    if c3.button("Resume", key="runs_row_resume", disabled=state not in ("stopped", "failed")):
+    if c3.button("Resume", key="runs_row_resume",
+                 disabled=state not in (State.STOPPED, State.FAILED)):
         with guard(f"Resuming {name}", stop=False):
             launch.resume(store(), name)
             st.toast(f"Resumed {name}.")
-    if c4.button("Stop", key="runs_row_stop", disabled=state not in (*ACTIVE, "queued")):
+    if c4.button("Stop", key="runs_row_stop", disabled=state not in LIVE):
         store().stop(name)
-        st.toast(f"{name} is out of the queue: it never started." if state == "queued" else
+        st.toast(f"{name} is out of the queue: it never started." if state == State.QUEUED else
                  f"Stopping {name}: it checkpoints and stops after the current step.")
     # The tick belongs to this run (its own key): picking another row never inherits it.
     sure = c5.checkbox("delete it", key=f"runs_row_sure_{name}", disabled=state in ACTIVE,
@@ -115,7 +111,7 @@ with guard("The run table"):
         st.stop()
     c1, c2 = st.columns(2, vertical_alignment="bottom")
     text = c1.text_input("Filter (name, model, data or tag contains)", **keep("runs_filter", ""))
-    queued = Slots(store().root).queued() if any(r["state"] == "queued" for r in rows) else []
+    queued = Slots(store().root).queued() if any(r["state"] == State.QUEUED for r in rows) else []
     shown = [r for r in table_rows(rows, queued)
              if text.lower() in " ".join(str(v) for v in r.values()).lower()]
     view = c2.radio("Columns", list(VIEWS), horizontal=True,

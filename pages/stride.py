@@ -6,7 +6,7 @@ import time
 import streamlit as st
 
 from engine.bench import format_plans, parse_stride_plans, start_stride_bench, stride_summary
-from engine.jobs import ACTIVE, Job
+from engine.jobs import ACTIVE, Job, State
 from engine.models import backbone_spec, list_backbones, list_heads
 from engine.safe_io import read_json
 from engine.sweep import (
@@ -18,16 +18,11 @@ from engine.sweep import (
 )
 from ui.figures import bench_figure, stride_sketch_figure, stride_time_figure
 from ui.st_forms import config_of, queue_note, run_settings
-from ui.st_state import (
-    device_badge,
-    ensure_router,
-    guard,
-    keep,
-    look_at_queue,
-    remember,
-    remembered,
-    store,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import device_badge, store
+from ui.st_session import keep, remember, remembered
+from ui.st_watch import look_at_queue
 
 BENCH_KEY = "st_bench_folder"
 
@@ -94,14 +89,14 @@ def bench_results() -> None:
                  "device": r["device"]} for r in read_json(result, "a benchmark result")]
         st.plotly_chart(bench_figure(rows), key="st_bench_fig")
         st.dataframe(rows, hide_index=True)
-    elif status.get("state") in ACTIVE:
+    elif status.state in ACTIVE:
         st.progress(0.5, text="Measuring in the background...")
-    elif status.get("state") == "queued":
+    elif status.state == State.QUEUED:
         look_at_queue()
         st.progress(0.0, text=f"The benchmark is {queue_note(folder)}.")
     else:
         st.error("The benchmark ended without a result: "
-                 + (status.get("reason") or Job(folder).last_output_line() or "no output"))
+                 + (status.reason or Job(folder).last_output_line() or "no output"))
 
 
 def accuracy_section() -> None:

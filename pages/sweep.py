@@ -7,7 +7,7 @@ import math
 import streamlit as st
 
 from engine.cluster import CellResources, RayExecutor
-from engine.jobs import ACTIVE
+from engine.jobs import LIVE, State
 from engine.losses import patch_loss_share
 from engine.metric_table import metrics_of
 from engine.sweep import (
@@ -39,7 +39,11 @@ from ui.st_forms import (
     queue_note,
     run_settings,
 )
-from ui.st_state import ensure_router, explore_run, guard, keep, look_at_queue, remember, store
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import store
+from ui.st_session import keep, remember
+from ui.st_watch import explore_run, look_at_queue
 
 WATCH_KEY = "sw_watch"
 RATES = [(m.key, m.label) for m in metrics_of("summary") if m.better == "higher"]
@@ -141,20 +145,20 @@ def progress(sweep: str) -> None:
     with guard("The sweep's progress", stop=False):
         look_at_queue()
         runs = sweep_runs(store(), sweep)
-        states = [r.status().get("state") for r in runs]
+        states = [r.status().state for r in runs]
         process = sweep_status(store(), sweep)  # the sweep's job status, read once per tick
-        cells = process.get("cells") or len(runs)
-        done = states.count("finished")
-        alive = process.get("state") in (*ACTIVE, "queued")
-        where = " on Ray" if process.get("executor") == "ray" else " in the background"
-        waiting = states.count("queued")
+        cells = process.fields.get("cells") or len(runs)
+        done = states.count(State.FINISHED)
+        alive = process.state in LIVE
+        where = " on Ray" if process.fields.get("executor") == "ray" else " in the background"
+        waiting = states.count(State.QUEUED)
         st.progress(done / max(cells, 1), text=f"{done}/{cells} runs finished"
                     + (f", training{where}" if alive else "")
                     + (f"; {waiting} waiting in the queue for a slot" if waiting else "")
                     + ("; the sweep itself is " + queue_note(sweep_folder(store(), sweep))
-                       if process.get("state") == "queued" else ""))
-        if "failed" in states:
-            failed = [r.name for r, s in zip(runs, states, strict=True) if s == "failed"]
+                       if process.state == State.QUEUED else ""))
+        if State.FAILED in states:
+            failed = [r.name for r, s in zip(runs, states, strict=True) if s == State.FAILED]
             st.error("Failed: " + ", ".join(failed) + " (see the Runs page for the reason).")
         seen = st.session_state.setdefault("sw_done_seen", {})
         if seen.get(sweep, done) != done:  # a cell finished: redraw the heat maps
@@ -189,7 +193,7 @@ def heat_maps(report: dict) -> None:
     range; cells at chance say so; the table and its CSV below."""
     groups = seed_groups(report)
     fields = [f for f in report["fields"] if f != SEED_FIELD] or ["run"]
-    if not any(g["states"].get("finished") for g in groups):
+    if not any(g["states"].get(State.FINISHED) for g in groups):
         st.info("No finished run in this sweep yet.")
         return
     x_field = fields[-1]
@@ -220,7 +224,7 @@ def heat_maps(report: dict) -> None:
             st.plotly_chart(grid_heatmap(groups, x_field, y_field, key, label,
                                          chance=chance if key == "accuracy" else None),
                             key=f"sw_heat_{key}")
-    finished = [r for r in report["rows"] if r.get("state") == "finished"]
+    finished = [r for r in report["rows"] if r.get("state") == State.FINISHED]
     if finished and st.button("Slide over these cells in the Patch Explorer",
                               key="sw_explore", help="Opens a finished cell; the Explorer's "
                               "γmax slider then moves over the cells beside it."):

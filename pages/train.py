@@ -7,7 +7,7 @@ on when the tab closes. The live panel is a fragment that re-reads the run's fil
 import streamlit as st
 
 from engine import launch
-from engine.jobs import ACTIVE
+from engine.jobs import ACTIVE, LIVE, State
 from engine.metric_table import main_metric
 from engine.safe_io import read_tail
 from ui.figures import training_curves
@@ -21,16 +21,11 @@ from ui.st_forms import (
     show_job_end,
     with_data_folder,
 )
-from ui.st_state import (
-    ensure_router,
-    explorable,
-    explore_run,
-    guard,
-    keep,
-    look_at_queue,
-    remember,
-    store,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import store
+from ui.st_session import keep, remember
+from ui.st_watch import explorable, explore_run, look_at_queue
 
 LIVE_KEY = "tr_watch"  # the run the live panel shows; a new launch takes it over
 
@@ -52,7 +47,7 @@ def launch_form() -> None:
             config = config_of(settings, name.strip() or None, preset=preset or None)
             run = launch.launch(store(), config)
             remember(LIVE_KEY, run.name)
-            if run.status().get("state") == "queued":
+            if run.status().state == State.QUEUED:
                 st.info(f"Run {run.name} is {queue_note(run.path)}.")
             else:
                 st.success(f"Run {run.name} started in the background.")
@@ -67,20 +62,21 @@ def live_panel(name: str) -> None:
             return
         run = store().get(name)
         status = run.status()
-        state = status.get("state")
+        state = status.state
         fraction, text = progress_of(run, status)
         st.progress(fraction, text=text)
         show_job_end(status, f"Run {name}", "Resume continues the same curves.",
-                     f" in {status.get('duration_s') or 0:.0f} s")
+                     f" in {status.fields.get('duration_s') or 0:.0f} s")
         c1, c2, c3, _ = st.columns([1, 1, 1.6, 2.4])
-        if c1.button("Stop", disabled=state not in (*ACTIVE, "queued"), key="tr_stop"):
+        if c1.button("Stop", disabled=state not in LIVE, key="tr_stop"):
             store().stop(name)
-            st.toast(f"{name} is out of the queue: it never started." if state == "queued"
+            st.toast(f"{name} is out of the queue: it never started." if state == State.QUEUED
                      else f"Stopping {name}: it checkpoints and stops after the current step.")
-        if c2.button("Resume", disabled=state not in ("stopped", "failed"), key="tr_resume"):
+        if c2.button("Resume", disabled=state not in (State.STOPPED, State.FAILED),
+                     key="tr_resume"):
             launch.resume(store(), name)
             st.toast(f"Resumed {name}.")
-        if c3.button("Explore this run", type="primary" if state == "finished" else "secondary",
+        if c3.button("Explore this run", type="primary" if state == State.FINISHED else "secondary",
                      disabled=state in ACTIVE or not explorable(run), key="tr_explore",
                      help="Open its best checkpoint in the Patch Explorer"):
             explore_run(name)
@@ -89,7 +85,7 @@ def live_panel(name: str) -> None:
             metric = main_metric(run.config().loss.multilabel)
             st.plotly_chart(training_curves(metrics, metric), key=f"tr_curves_{name}")
         with st.expander("Log"):
-            st.code(run.last_output_line() if state == "failed" else _tail(run), language=None)
+            st.code(run.last_output_line() if state == State.FAILED else _tail(run), language=None)
 
 
 def _tail(run, lines: int = 15) -> str:

@@ -13,9 +13,13 @@ import torch
 from engine import launch
 from engine.config import MAP_SOURCES
 from engine.data.base import model_input
-from engine.jobs import ACTIVE
+from engine.jobs import LIVE, State
+from engine.metric_table import DEFAULT_MASK, MASKS
 from engine.models import head_spec, list_backbones, list_heads
-from engine.mutual.experiment import (
+from engine.pictures import enlarge, to_hwc
+from engine.safe_io import JSON_CAP, read_text
+from engine.team import local_view
+from engine.transfer import (
     MAP_LABELS,
     SEED_PAPER,
     add_intervals,
@@ -25,21 +29,12 @@ from engine.mutual.experiment import (
     read_results,
     summarise,
 )
-from engine.mutual.team import local_view
-from engine.pictures import enlarge, to_hwc
-from engine.safe_io import JSON_CAP, read_text
 from ui.figures import local_maps_figure, transfer_table
 from ui.st_forms import config_of, progress_of, run_settings, show_job_end
-from ui.st_state import (
-    PROJECT_ROOT,
-    ensure_router,
-    guard,
-    keep,
-    loaded_model,
-    remember,
-    store,
-    test_set,
-)
+from ui.st_guards import guard
+from ui.st_links import ensure_router
+from ui.st_models import PROJECT_ROOT, loaded_model, store, test_set
+from ui.st_session import keep, remember
 
 WATCH_KEY = "mt_watch"
 RESULTS_DIR = PROJECT_ROOT / "results" / "transfer"
@@ -104,13 +99,13 @@ def live_panel(rows: list[dict]) -> None:
             fraction, text = progress_of(run, status)
             c1, c2 = st.columns([6, 1])
             c1.progress(fraction, text=f"{run.name}: {text}")
-            if c2.button("Stop", disabled=status.get("state") not in (*ACTIVE, "queued"),
+            if c2.button("Stop", disabled=status.state not in LIVE,
                          key=f"mt_stop_{run.name}"):
                 store().stop(run.name)
-            if status.get("state") in ("stopped", "failed") and c2.button(
+            if status.state in (State.STOPPED, State.FAILED) and c2.button(
                     "Resume", key=f"mt_resume_{run.name}"):
                 launch.resume(store(), run.name)
-            if status.get("state") != "finished":  # the bar says finished; no box for it
+            if status.state != State.FINISHED:  # the bar says finished; no box for it
                 show_job_end(status, f"Run {run.name}", "Resume continues it.")
 
 
@@ -153,36 +148,43 @@ def maps_section(row: dict) -> None:
 
 @st.cache_data(show_spinner="Judging every peer's maps (Grad-CAM, deletion, insertion)...",
                max_entries=8)
-def _judged(runs: tuple[tuple[str, str], ...], stamps: tuple[float, ...], images: int
-            ) -> list[dict]:
-    """Every peer of the (run name, arm) pairs, judged on the first ``images`` test images."""
+def _judged(runs: tuple[tuple[str, str], ...], stamps: tuple[float, ...], images: int,
+            mask: str) -> list[dict]:
+    """Every peer of the (run name, arm) pairs, judged on the first ``images`` test images
+    under ``mask``."""
     del stamps  # part of the cache key: a run trained further is judged again
     rows = []
     for name, arm in runs:
         run = store().get(name)
         rows += [{**r, "arm": arm, "seed": run.config().train.seed}
-                 for r in judge_peers(run, images, 16, torch.device("cpu"))]
+                 for r in judge_peers(run, images, 16, torch.device("cpu"), mask)]
     return rows
 
 
 def metrics_section(arms: dict[str, list[dict]]) -> None:
     st.subheader("Mutual vs alone")
-    done = {arm: [r for r in rows if r["state"] == "finished"] for arm, rows in arms.items()}
+    done = {arm: [r for r in rows if r["state"] == State.FINISHED] for arm, rows in arms.items()}
     if not (done["mutual"] and done["alone"]):
         st.info("Both arms must finish (launch with \"Also train alone\") before they can be "
                 "compared.")
         return
-    images = st.select_slider("Test images to judge on", [32, 64, 128, 256],
+    c1, c2 = st.columns(2)
+    images = c1.select_slider("Test images to judge on", [32, 64, 128, 256],
                               **keep("mt_images", 64, [32, 64, 128, 256]))
+    masks = list(MASKS)
+    # The mask decides results (docs/faithfulness.md): the reader picks it and sees it named.
+    mask = c2.selectbox("Mask: left-out pixels become", masks,
+                        **keep("mt_mask", DEFAULT_MASK, masks),
+                        help="; ".join(f"{k}: {v}" for k, v in MASKS.items()))
     runs = tuple((r["name"], arm) for arm in ("mutual", "alone") for r in done[arm])
     if st.button("Measure", type="primary", key="mt_measure"):
-        remember("mt_measured", (runs, images))
-    if st.session_state.get("mt_measured") == (runs, images):
+        remember("mt_measured", (runs, images, mask))
+    if st.session_state.get("mt_measured") == (runs, images, mask):
         stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
-        summary = summarise(_judged(runs, stamps, images))
+        summary = summarise(_judged(runs, stamps, images, mask))
         st.dataframe(interval_table(summary), hide_index=True)
-        st.caption("Mask: black (the image times the map). Maps marked reference know nothing "
-                   "of the model: a yardstick, not a method. " + INTERVAL_NOTE)
+        st.caption(f"Mask {mask}: {MASKS[mask]}. Maps marked reference know nothing of the "
+                   "model: a yardstick, not a method. " + INTERVAL_NOTE)
     st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
                f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
                "peers and data (only the abstract is available); compare the direction of the "

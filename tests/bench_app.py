@@ -342,7 +342,7 @@ def start_training(runs: str | Path, count: int) -> list[str]:
 
     store = RunStore(runs)
     while time.monotonic() < deadline:
-        states = [store.get(n).status().get("state") for n in names]
+        states = [store.get(n).status().state for n in names]
         if any(s == "running" for s in states) and "starting" not in states:
             return names
         time.sleep(0.2)

@@ -59,7 +59,7 @@ def wait_all(store: Path, names: list[str], timeout: float, watch=None) -> bool:
 
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        ended = [Run(store / n).status().get("state") in ("finished", "failed", "stopped")
+        ended = [Run(store / n).status().state in ("finished", "failed", "stopped")
                  for n in names]
         if watch is not None:
             watch()

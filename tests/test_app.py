@@ -46,7 +46,7 @@ def tiny_run(root: Path, name: str, **model) -> str:
                        data=DataConfig(train_size=64, test_size=32),
                        train=TrainConfig(epochs=1, batch_size=32))
     run = background.launch(store, config)
-    assert background.wait(run, timeout=600)["state"] == "finished"
+    assert background.wait(run, timeout=600).state == "finished"
     return name
 
 
@@ -81,8 +81,8 @@ def test_home(runs_root):
 FIRST_PAGE_PROBE = """
 import sys
 from streamlit.testing.v1 import AppTest
-import ui.st_state as state
-state._PRELOAD_STARTED.acquire()  # as if the background import had not had its turn yet
+import ui.st_models as st_models
+st_models._PRELOAD_STARTED.acquire()  # as if the background import had not had its turn yet
 at = AppTest.from_file(sys.argv[1], default_timeout=300)
 if sys.argv[2] != "home":
     at.switch_page(f"pages/{sys.argv[2]}.py")
@@ -91,10 +91,10 @@ assert not at.exception, [e.message for e in at.exception]
 print("TORCH" if "torch" in sys.modules else "NO TORCH")
 print("TITLE", at.title[0].value)
 print("LINE", [c.value for c in at.sidebar.caption])
-state._PRELOAD_STARTED.release()
-state.preload_torch()
-assert state._TORCH_LOADED.wait(120)
-print("PRELOADED" if "torch" in sys.modules else "NOT PRELOADED", state.device_badge())
+st_models._PRELOAD_STARTED.release()
+st_models.preload_torch()
+assert st_models._TORCH_LOADED.wait(120)
+print("PRELOADED" if "torch" in sys.modules else "NOT PRELOADED", st_models.device_badge())
 """
 DEVICE = r"(CPU \(\d+ threads\)|GPU: .+)"
 
@@ -324,7 +324,7 @@ def test_train_page_launches_watches_and_rejects_bad_input(runs_root):
     assert not at.exception and not errors(at)
     assert any("ui-run started" in s.value for s in at.success)
     run = RunStore(runs_root).get("ui-run")
-    assert background.wait(run, timeout=600)["state"] == "finished"
+    assert background.wait(run, timeout=600).state == "finished"
     at.run()
     assert at.selectbox(key="w_tr_watch").value == "ui-run"
     assert any("finished" in p.proto.text for p in at.get("progress"))
@@ -415,7 +415,7 @@ def test_a_queued_run_shows_its_place_and_stops_from_the_pages(runs_root, monkey
         pick_row(at, 0)
         assert not at.button(key="runs_row_stop").disabled
         at.button(key="runs_row_stop").click().run()
-        assert RunStore(runs_root).get("waits").status()["state"] == "stopped"
+        assert RunStore(runs_root).get("waits").status().state == "stopped"
     finally:
         busy.kill()
         busy.wait()
@@ -578,7 +578,7 @@ def test_compare_shows_one_pass_maps_at_once_and_score_cam_on_demand(runs_root, 
     import streamlit as st
 
     from engine import explain
-    from ui.st_state import _map_memo
+    from ui.st_models import _map_memo
 
     st.cache_data.clear()
     _map_memo.clear()
@@ -620,7 +620,7 @@ def test_curves_reuse_the_explorers_pass_over_the_test_set(runs_root, monkeypatc
     import streamlit as st
 
     from engine import evaluate
-    from ui.st_state import _collected
+    from ui.st_models import _collected
 
     st.cache_data.clear()
     _collected.clear()
@@ -689,7 +689,7 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     store = RunStore(runs_root)
     assert store.names() == ["ui-s0-alone", "ui-s0-mutual"]
     for name in store.names():
-        assert background.wait(store.get(name), timeout=600)["state"] == "finished"
+        assert background.wait(store.get(name), timeout=600).state == "finished"
     at.run()
     assert not errors(at) and not at.exception
     charts = at.get("plotly_chart")
@@ -705,23 +705,43 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     assert set(table["seeds better"]) <= {"0/1", "1/1"}
     ad = table[table["metric"] == "average_drop_pct"]["seed paper"]
     assert set(ad) == {"28.2"}  # the seed paper's figure, beside every map's row
+    assert any("Mask black:" in c.value for c in at.caption)
+    # The mask is the reader's to pick, and the table says which one it was measured under.
+    at.selectbox(key="w_mt_mask").set_value("mean").run()
+    at.button(key="mt_measure").click().run()
+    assert not errors(at) and not at.exception
+    assert any("Mask mean: unexplained pixels the data set's mean colour" in c.value
+               for c in at.caption)
+    mean_ad = at.dataframe[0].value
+    mean_ad = mean_ad[mean_ad["metric"] == "average_drop_pct"]["mutual"].tolist()
+    assert mean_ad != table[table["metric"] == "average_drop_pct"]["mutual"].tolist()
     # Each peer is a model the explaining pages can open.
-    from ui.st_state import model_sources
+    from ui.st_models import model_sources
 
     sources = model_sources()
     assert {"run: ui-s0-mutual · peer 0", "run: ui-s0-mutual · peer 1"} <= set(sources)
 
 
 def test_saved_transfer_results_show_each_difference_with_its_t_interval(runs_root):
-    """The shipped digits λ = 1 study: Grad-CAM's Average Drop rose by 1.2 with a t interval
-    over its 3 seeds that just excludes 0; the own map's −0.8 has one that includes 0."""
+    """The first shipped study the page offers: each map's Average Drop difference is shown
+    with the t interval over its seeds that its results.json holds, and the mask it was
+    measured under is named."""
+    from engine.transfer import read_results
+
+    first = min(p for p in (ROOT / "results" / "transfer").glob("*")
+                if (p / "results.json").is_file())
+    report = read_results(first)
+    assert report["seeds"] and len(report["seeds"]) >= 3  # an interval needs seeds
     at = open_page("transfer")
     assert not errors(at) and not at.exception
     table = next(d.value for d in at.dataframe if "95 % interval" in d.value.columns)
     ad = table[table["metric"] == "average_drop_pct"].set_index("map")["95 % interval"]
-    assert ad["Grad-CAM"] == "0.0 to 2.3"
-    assert ad["Peer's own attention map"] == "-4.2 to 2.6"
+    for method, label in (("own_map", "Peer's own attention map"), ("gradcam", "Grad-CAM")):
+        row = next(r for r in report["summary"]
+                   if r["method"] == method and r["metric"] == "average_drop_pct")
+        assert ad[label] == f"{row['difference_low']:.1f} to {row['difference_high']:.1f}"
     assert any("Student t over the per-seed differences" in c.value for c in at.caption)
+    assert any(f"Mask: {report['mask']}" in c.value for c in at.caption)
 
 
 def test_overlapping_xi_moves_leave_torch_threads_as_they_found_them(monkeypatch):
@@ -731,21 +751,21 @@ def test_overlapping_xi_moves_leave_torch_threads_as_they_found_them(monkeypatch
 
     import torch
 
-    import ui.st_state as state
+    from ui import st_guards
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # also the default of threads started from here on
-    monkeypatch.setattr(state, "_default_threads", None)
+    monkeypatch.setattr(st_guards, "_default_threads", None)
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
 
     def first():
-        with state.single_threaded():
+        with st_guards.single_threaded():
             a_in.set()
             b_in.wait(10)
         a_out.set()
 
     def second():  # starts while the first is inside, so it starts at 1 thread
-        with state.single_threaded():
+        with st_guards.single_threaded():
             b_in.set()
             a_out.wait(10)
 

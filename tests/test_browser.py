@@ -59,9 +59,9 @@ def png_bytes(size=(50, 30)) -> bytes:
 def trained_pair(root: Path) -> None:
     """A one-epoch mutual pair and its control, so the Mutual transfer page shows its maps."""
     from engine.config import RunConfig
-    from engine.mutual.experiment import arm_config
     from engine.runs import RunStore
     from engine.train import prepare_run_config, train_run
+    from engine.transfer import arm_config
 
     store = RunStore(root)
     base = RunConfig(model={"backbone": "small_cnn"}, data={"train_size": 256, "test_size": 64},

@@ -43,7 +43,7 @@ def _trained_checkpoint(path: Path) -> dict:
     model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
     optimizer.step()
     run = RunConfig(model=model.config)
-    ckpt = make_checkpoint(config_to_dict(run), model, optimizer=optimizer.state_dict(),
+    ckpt = make_checkpoint(config_to_dict(run), model, [optimizer.state_dict()],
                            rng={"torch": torch.get_rng_state()}, metrics={"test_acc": 0.5})
     atomic_torch_save(ckpt, path)
     return ckpt
@@ -99,10 +99,11 @@ def test_saved_checkpoint_round_trips_and_verifies(tmp_path, caplog):
         loaded = load_checkpoint(path)
     assert not caplog.records and NOTE_KEY not in loaded
     assert loaded[CHECKSUM_KEY] == checkpoint_checksum(saved) == checkpoint_checksum(loaded)
-    for key, value in saved["model"].items():
-        assert loaded["model"][key].dtype == value.dtype and torch.equal(loaded["model"][key],
-                                                                         value)
-    momentum = [s["momentum_buffer"] for s in loaded["optimizer"]["state"].values()]
+    [entry] = loaded["peers"]  # a single model: a team of one
+    for key, value in saved["peers"][0]["model"].items():
+        assert entry["model"][key].dtype == value.dtype and torch.equal(entry["model"][key],
+                                                                        value)
+    momentum = [s["momentum_buffer"] for s in entry["optimizer"]["state"].values()]
     assert momentum and all(m.abs().sum() > 0 for m in momentum)
     model, ckpt = load_model(path)
     assert NOTE_KEY not in ckpt and model.config.backbone == "small_cnn"
@@ -169,7 +170,12 @@ def test_a_peers_non_finite_weights_are_refused_naming_the_peer(tmp_path):
     peer = {**ckpt["model"], "head.fc.bias": torch.full((10,), float("nan"))}
     atomic_torch_save({**ckpt, "peers": [{"model": peer}]}, tmp_path / "team.pt")
     with pytest.raises(CheckpointError, match=r"in head\.fc\.bias \(peer 1\); refused"):
-        load_checkpoint(tmp_path / "team.pt")
+        load_checkpoint(tmp_path / "team.pt")  # the previous version's mutual layout
+    team = {key: v for key, v in ckpt.items() if key != "model"}
+    atomic_torch_save({**team, "version": 2, "peers": [{"model": ckpt["model"]}, {"model": peer}]},
+                      tmp_path / "team2.pt")
+    with pytest.raises(CheckpointError, match=r"in head\.fc\.bias \(peer 1\); refused"):
+        load_checkpoint(tmp_path / "team2.pt")  # this version's layout
 
 
 # ----------------------------------------------------------------------------------------------

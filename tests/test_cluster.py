@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, peer_state
 from engine.cli import main
 from engine.cluster import CellResources, RayExecutor, connect
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -48,7 +48,7 @@ def ray_executor(**kw) -> RayExecutor:
 
 
 def weights(path):
-    return load_checkpoint(path)["model"]
+    return peer_state(load_checkpoint(path))
 
 
 def cell_args(root, name, *more):
@@ -70,7 +70,7 @@ def test_a_ray_sweep_equals_the_local_one(cluster, tmp_path):
     names = [r["name"] for r in local.list()]
     assert len(names) == 4 and names == [r["name"] for r in remote.list()]
     for name in names:
-        assert remote.get(name).status()["state"] == "finished"
+        assert remote.get(name).status().state == "finished"
         a = weights(local.get(name).last_checkpoint)
         b = weights(remote.get(name).last_checkpoint)
         for key in a:
@@ -84,7 +84,7 @@ def test_a_ray_sweep_equals_the_local_one(cluster, tmp_path):
     for x, y in zip(report["local"], report["ray"], strict=True):
         assert x["accuracy"] == y["accuracy"] and x["f_paper"] == pytest.approx(y["f_paper"])
     status = sweep_status(remote, "grid")
-    assert status["state"] == "finished" and status["executor"] == "ray"
+    assert status.state == "finished" and status.fields["executor"] == "ray"
 
 
 def _kill_when_checkpointed(run, killed: list) -> None:
@@ -92,11 +92,11 @@ def _kill_when_checkpointed(run, killed: list) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = run.raw_status()
-        if status.get("state") in ("finished", "failed"):
+        if status.state in ("finished", "failed"):
             return
-        if status.get("state") == "running" and status.get("epochs_done", 0) >= 1:
-            os.kill(status["process"]["pid"], signal.SIGKILL)
-            killed.append(status["epochs_done"])
+        if status.state == "running" and status.fields.get("epochs_done", 0) >= 1:
+            os.kill(status.process.pid, signal.SIGKILL)
+            killed.append(status.fields["epochs_done"])
             return
         time.sleep(0.02)
 
@@ -116,7 +116,7 @@ def test_a_killed_worker_is_retried_and_the_cell_resumes(cluster, tmp_path):
     killer.join()
     assert killed and killed[0] < 4, "the cell finished before it could be killed"
     run = kill_store.get(cell.name)
-    assert run.status()["state"] == "finished"
+    assert run.status().state == "finished"
     log = (run.path / "log.txt").read_text()
     assert f"resumed {cell.name} at epoch {killed[0]}" in log
     run_sweep(calm_store, sweep_configs(base, grid, "faults"), log=lambda m: None)
@@ -133,9 +133,9 @@ def test_a_cell_that_fails_for_its_own_reason_is_not_retried(cluster, tmp_path):
     configs = sweep_configs(CELL, [("train.lr", [0.05, 1e30])], "bad")
     run_sweep(store, configs, ray=ray_executor(), log=lambda m: None)
     good, bad = (store.get(c.name) for c in configs)
-    assert good.status()["state"] == "finished"
+    assert good.status().state == "finished"
     status = bad.status()
-    assert status["state"] == "failed" and "non-finite" in status["reason"]
+    assert status.state == "failed" and "non-finite" in status.reason
     starts = (bad.path / "log.txt").read_text().count(f"run {bad.name}:")
     assert starts == 1  # trained once: a real failure is not retried
 
@@ -151,18 +151,18 @@ def test_stopping_a_ray_sweep_stops_its_tasks(cluster, tmp_path):
                  ray=RayExecutor(cluster, CellResources(cpus=THREADS)))
     first = "stopme-00-seed0"
     deadline = time.monotonic() + 600
-    while not (store.exists(first) and store.get(first).raw_status().get("step")):
+    while not (store.exists(first) and store.get(first).raw_status().fields.get("step")):
         assert time.monotonic() < deadline, f"no cell stepped: {sweep_status(store, 'stopme')}"
         time.sleep(0.1)
     assert main(["sweep", "--runs-dir", str(store.root), "--sweep-name", "stopme",
                  "--stop"]) == 0
     deadline = time.monotonic() + 600
-    while sweep_status(store, "stopme").get("state") in ("starting", "running"):
+    while sweep_status(store, "stopme").state in ("starting", "running"):
         assert time.monotonic() < deadline, "the sweep did not stop"
         time.sleep(0.2)
-    states = {r["name"]: store.get(r["name"]).status()["state"] for r in store.list()}
+    states = {r["name"]: store.get(r["name"]).status().state for r in store.list()}
     status = sweep_status(store, "stopme")
-    assert status["state"] == "stopped", status.get("reason")
+    assert status.state == "stopped", status.reason
     assert states[first] == "stopped" and store.get(first).last_checkpoint.is_file()
     assert sorted(states.values()) == ["created", "created", "stopped"]
     deadline = time.monotonic() + 30
@@ -174,9 +174,9 @@ def test_stopping_a_ray_sweep_stops_its_tasks(cluster, tmp_path):
 def _sigterm_when_stepped(run, sent: list) -> None:
     """SIGTERM this very process (the sweep's driver), once the cell has taken a step."""
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not run.raw_status().get("step"):
+    while time.monotonic() < deadline and not run.raw_status().fields.get("step"):
         time.sleep(0.05)
-    if run.raw_status().get("step"):
+    if run.raw_status().fields.get("step"):
         os.kill(os.getpid(), signal.SIGTERM)
         sent.append(True)
 
@@ -200,9 +200,9 @@ def test_sigterm_while_the_driver_waits_on_ray_stops_the_sweep(cluster, tmp_path
         run_sweep(store, configs, ray=executor, log=lambda m: None)
     killer.join()
     assert sent, "the cell never stepped"
-    assert job.status()["state"] == "stopped", job.status().get("reason")
-    assert first.status()["state"] == "stopped" and first.last_checkpoint.is_file()
-    assert store.get(configs[1].name).status()["state"] == "created"
+    assert job.status().state == "stopped", job.status().reason
+    assert first.status().state == "stopped" and first.last_checkpoint.is_file()
+    assert store.get(configs[1].name).status().state == "created"
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers were put back
 
 
@@ -233,7 +233,7 @@ def test_sigterm_while_joining_ray_goes_to_the_sweeps_handler(monkeypatch, tmp_p
     job, before = Job(tmp_path / "sweep"), signal.getsignal(signal.SIGTERM)
     with pytest.raises(JobStopped), job.attach(kind="sweep"):
         connect("192.0.2.1:6379")
-    assert job.status()["state"] == "stopped"
+    assert job.status().state == "stopped"
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -256,7 +256,7 @@ def test_the_sweep_page_launches_on_ray_and_shows_it_like_a_local_sweep(cluster,
     while sweep_process_alive(store, "onray"):
         assert time.monotonic() < deadline, "the Ray sweep did not end"
         time.sleep(0.5)
-    assert sweep_status(store, "onray")["executor"] == "ray"
+    assert sweep_status(store, "onray").fields["executor"] == "ray"
     at.run()
     assert not at.exception and not errors(at)
     assert "2/2 runs finished" in at.get("progress")[0].proto.text

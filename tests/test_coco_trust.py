@@ -352,6 +352,6 @@ def test_a_training_run_records_the_counts(tmp_path):
         name="drops", model=ModelConfig(backbone="small_cnn"), data=data,
         train=TrainConfig(epochs=1, batch_size=2))))
     assert train_run(run, progress_bar=False) == "finished"
-    status = run.status()
-    assert status["dropped_test"][NOT_FINITE] == 2 and status["dropped_test"][OUTSIDE] == 2
-    assert status["dropped_train"] == {reason: 0 for reason in status["dropped_train"]}
+    progress = run.status().fields
+    assert progress["dropped_test"][NOT_FINITE] == 2 and progress["dropped_test"][OUTSIDE] == 2
+    assert progress["dropped_train"] == {reason: 0 for reason in progress["dropped_train"]}

@@ -165,7 +165,7 @@ def test_skipped_images_are_recorded_with_the_run_and_shown_by_data_check(tmp_pa
         name="skips", model=ModelConfig(backbone="small_cnn"), data=data,
         train=TrainConfig(epochs=1, batch_size=4))))
     assert train_run(run, progress_bar=False) == "finished"
-    assert run.status()["skipped_train"] == 1 and run.status()["skipped_test"] == 0
+    assert run.status().fields["skipped_train"] == 1 and run.status().fields["skipped_test"] == 0
     assert store.list()[0]["skipped"] == 1
     assert main(["data", "check", "image_folder", "--data-root", str(root),
                  "--skip-unreadable"]) == 0
@@ -209,7 +209,7 @@ def test_resume_refuses_data_whose_classes_changed(tmp_path):
         (root / split / "b").rename(root / split / "c")
     run.update_status(state="stopped")
     assert train_run(run, resume=True, progress_bar=False) == "failed"
-    assert "other classes" in run.status()["reason"]
+    assert "other classes" in run.status().reason
 
 
 # ----------------------------------------------------------------------------------------------

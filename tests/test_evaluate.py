@@ -235,8 +235,8 @@ def test_a_sweep_is_finished_only_with_its_table(tmp_path, capsys):
                  "--device-eval", "cpu"]) == 0
     status = sweep_status(RunStore(tmp_path), "one")
     report = sweep_folder(RunStore(tmp_path), "one") / "report.json"
-    assert status["state"] == "finished" and report.is_file()
-    assert report.stat().st_mtime <= status["finished"]
+    assert status.state == "finished" and report.is_file()
+    assert report.stat().st_mtime <= status.finished
 
 
 def _untrained_checkpoint(path, model_cfg, data_cfg):

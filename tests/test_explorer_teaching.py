@@ -347,7 +347,7 @@ def test_eta_is_measured_not_promised():
 def test_each_shipped_model_has_one_name_in_the_picker_and_on_its_card():
     """The picker shows ``shipped: <file stem>``; the card is headed by the same name (it
     was once the run's name, digits-small-la, beside digits_small_cnn_la in the picker)."""
-    from ui.st_state import SHIPPED_DIR
+    from ui.st_models import SHIPPED_DIR
 
     cards = [c for c in sorted(SHIPPED_DIR.glob("*.md")) if c.name != "README.md"]
     assert {c.stem for c in cards} >= {"digits_small_cnn_la", "digits_small_cnn_la_gamma0"}

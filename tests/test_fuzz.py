@@ -130,8 +130,8 @@ def test_any_status_file_reads_as_a_known_state(tmp_path, content):
     except ValueError:  # NaN in strict JSON: write it the way Python does
         job.status_path.write_text(json.dumps(content, allow_nan=True))
     status = job.status()
-    assert status.get("state") in (*STATES, None)
-    assert not job.stop() or status["state"] in ("starting", "running")
+    assert status.state in (*STATES, None)
+    assert not job.stop() or status.state in ("starting", "running")
 
 
 # ----------------------------------------------------------------------------------------------

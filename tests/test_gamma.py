@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import gamma_family as family
-from engine.checkpoint import load_checkpoint, load_model
+from engine.checkpoint import load_checkpoint, load_model, peer_state
 from engine.config import RunConfig, config_to_dict
 from engine.errors import ConfigError
 from engine.explore import flat_config, gamma_families, varied_fields_beyond_gamma
@@ -132,17 +132,17 @@ def test_a_half_precision_checkpoint_decodes_exactly(tmp_path):
         name="h", model=ModelConfig(backbone="small_cnn"), data=DataConfig(train_size=64,
                                                                            test_size=32),
         train=TrainConfig(epochs=1, batch_size=32), loss=LossConfig(ramp_epochs=0)))
-    assert launch.wait(run, timeout=600)["state"] == "finished"
+    assert launch.wait(run, timeout=600).state == "finished"
     run.update_status(command="python -m engine train --name h")  # what the CLI records
     out, card = export_model(run, tmp_path / "h-half.pt", half=True)
     # headed by the file's name, which the app's model picker shows, not the run's ("h")
     assert card.read_text().startswith("# h-half\n")
     stored = load_checkpoint(out)
     assert stored["stored_dtype"] == "float16"
-    assert {v.dtype for v in stored["model"].values() if v.is_floating_point()} == {
+    assert {v.dtype for v in peer_state(stored).values() if v.is_floating_point()} == {
         torch.float16}
     model, _ = load_model(out)
-    trained = load_checkpoint(run.best_checkpoint)["model"]
+    trained = peer_state(load_checkpoint(run.best_checkpoint))
     for key, value in model.state_dict().items():
         if value.is_floating_point():
             assert value.dtype == torch.float32
@@ -239,4 +239,4 @@ def test_the_family_command_builds_results_and_half_checkpoints(tmp_path, monkey
     assert again["rows"] == out["rows"]
     for name in ("digits_live_gamma0.pt", "digits_live_gamma0.3.pt"):
         a, b = load_checkpoint(tmp_path / "ck" / name), load_checkpoint(tmp_path / "ck2" / name)
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert all(torch.equal(peer_state(a)[k], peer_state(b)[k]) for k in peer_state(a))

@@ -13,6 +13,7 @@ import pytest
 
 from engine import launch as background
 from engine.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from engine.job_spec import BenchSpec, TrainSpec
 from engine.jobs import ACTIVE, Job, JobError, JobStopped, ProcessIdentity, check_status, wait
 from engine.runs import RunStore
 
@@ -82,7 +83,7 @@ def test_a_reused_pid_is_never_signalled(bystander, tmp_path):
     job = Job(tmp_path / "job")
     job.update(state="running", process=stale.to_dict())
     status = job.status()
-    assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
+    assert status.state == "failed" and "ended unexpectedly" in status.reason
     assert not job.stop()
     time.sleep(0.2)
     assert bystander.poll() is None  # still running: it was never signalled
@@ -100,7 +101,7 @@ def test_a_process_on_another_host_is_judged_by_its_heartbeat(bystander, tmp_pat
     assert not there.alive() and not there.signal(signal.SIGTERM)
     job = Job(tmp_path / "job")
     job.update(state="running", process=there.to_dict())
-    assert job.status()["state"] == "running"
+    assert job.status().state == "running"
     assert job.stop() and job.stop_requested()  # asked, not signalled
     time.sleep(0.2)
     assert bystander.poll() is None
@@ -108,10 +109,10 @@ def test_a_process_on_another_host_is_judged_by_its_heartbeat(bystander, tmp_pat
     status["updated"] = time.time() - jobs.REMOTE_STALE_S - 1
     job.status_path.write_text(json.dumps(status))
     ended = job.status()
-    assert ended["state"] == "stopped"  # silent after a stop request
+    assert ended.state == "stopped"  # silent after a stop request
     job.clear_stop()
     ended = job.status()
-    assert ended["state"] == "failed" and "another-node" in ended["reason"]
+    assert ended.state == "failed" and "another-node" in ended.reason
     # A status written before hosts were recorded still means this machine.
     assert ProcessIdentity.parse({"pid": here.pid, "create_time": here.create_time}).alive()
 
@@ -122,7 +123,7 @@ def test_pids_up_to_1_are_never_signalled(pid, tmp_path):
     assert not ProcessIdentity(pid, 0.0).signal(signal.SIGTERM)
     job = Job(tmp_path / "job")
     job.update(state="running", process={"pid": pid, "create_time": 0.0})
-    assert job.status()["state"] == "failed"  # named as malformed, never "running"
+    assert job.status().state == "failed"  # named as malformed, never "running"
     assert not job.stop()
 
 
@@ -131,7 +132,7 @@ def test_a_legacy_bare_pid_is_never_trusted(bystander, tmp_path):
     job.folder.mkdir()
     job.status_path.write_text(json.dumps({"state": "running", "pid": bystander.pid,
                                            "launched": time.time() - 3600}))
-    assert job.status()["state"] == "failed"
+    assert job.status().state == "failed"
     assert not job.stop()
     assert bystander.poll() is None
 
@@ -159,10 +160,10 @@ def test_malformed_status_fields_name_the_file(content, field, state, tmp_path):
     content = {**content, "launched": time.time() - 3600}
     job.status_path.write_text(json.dumps(content))
     status = job.status()
-    assert status["state"] == state
+    assert status.state == state
     if field:
-        assert str(job.status_path) in status["reason"] and repr(field) in status["reason"]
-        assert status.get(field) != content[field] or field == "state"  # not passed on
+        assert str(job.status_path) in status.reason and repr(field) in status.reason
+        assert status.fields.get(field) != content[field] or field == "state"  # not passed on
     good, problems = check_status(content, "status.json")
     assert ("pid" not in good) and (bool(problems) == (field is not None))
 
@@ -178,11 +179,11 @@ def test_a_live_job_with_a_bad_field_stays_running_and_stoppable(tmp_path):
         raw["epochs_done"] = "three"  # as another version might write it
         job.status_path.write_text(json.dumps(raw))
         status = job.status()
-        assert status["state"] == "running" and "'epochs_done'" in status["reason"]
+        assert status.state == "running" and "'epochs_done'" in status.reason
         with pytest.raises(JobError, match="already running"):
-            job.spawn(["models"])
+            job.spawn(TrainSpec(run_dir=str(job.folder)))
         job.complete(0)
-    assert job.status()["state"] == "finished"
+    assert job.status().state == "finished"
 
 
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", "null", "\x00\x01", '"running"'])
@@ -191,7 +192,7 @@ def test_unreadable_status_files_are_failures(text, tmp_path):
     job.folder.mkdir()
     job.status_path.write_text(text)
     status = job.status()
-    assert status["state"] == "failed" and str(job.status_path) in status["reason"]
+    assert status.state == "failed" and str(job.status_path) in status.reason
 
 
 def test_runs_list_survives_malformed_status_and_config(tmp_path):
@@ -222,13 +223,13 @@ def test_identity_is_recorded_before_the_child_starts_and_death_is_seen_at_once(
     run = background.launch(store, tiny_config("killed-early"))
     process = run.job.process()  # recorded by the starter, not by the child
     assert process is not None and process.alive()
-    assert run.raw_status()["state"] in ACTIVE
+    assert run.raw_status().state in ACTIVE
     os.kill(process.pid, signal.SIGKILL)
-    status = until(lambda: (s := run.status())["state"] not in ACTIVE and s, timeout=60)
-    assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
+    status = until(lambda: (s := run.status()).state not in ACTIVE and s, timeout=60)
+    assert status.state == "failed" and "ended unexpectedly" in status.reason
     assert store.list()[0]["state"] == "failed"
     assert background.resume(store, run.name)  # resumable: starts over, no checkpoint yet
-    assert background.wait(run, timeout=600)["state"] == "finished"
+    assert background.wait(run, timeout=600).state == "finished"
 
 
 def test_stop_right_after_launch_ends_as_stopped(tmp_path):
@@ -237,7 +238,7 @@ def test_stop_right_after_launch_ends_as_stopped(tmp_path):
     run = background.launch(store, tiny_config("stopped-early"))
     assert store.stop(run.name)
     status = background.wait(run, timeout=600)
-    assert status["state"] == "stopped", status
+    assert status.state == "stopped", status
     assert not (run.checkpoint_dir / "last.pt").exists()
 
 
@@ -250,14 +251,14 @@ def test_sigterm_during_set_up_ends_as_stopped_by_the_trainer(tmp_path):
     run = store.create(prepare_run_config(tiny_config("slow-start")))
     proc = subprocess.Popen([sys.executable, str(DRIVER), "slow-data", "train", "--run-dir",
                              str(run.path), "--quiet"], cwd=ROOT)
-    until(lambda: run.raw_status().get("state") == "running" and (run.path / "LOADING").exists())
+    until(lambda: run.raw_status().state == "running" and (run.path / "LOADING").exists())
     assert store.stop(run.name)
     assert proc.wait(timeout=600) == 0
     status = run.status()
-    assert status["state"] == "stopped" and "start-up" in status["reason"], status
+    assert status.state == "stopped" and "start-up" in status.reason, status
     assert not run.stop_path.exists()  # handled: it cannot stop the resumed process
     assert background.resume(store, run.name)
-    assert background.wait(run, timeout=600)["state"] == "finished"
+    assert background.wait(run, timeout=600).state == "finished"
 
 
 def test_a_second_start_is_refused_while_one_runs(tmp_path):
@@ -266,11 +267,11 @@ def test_a_second_start_is_refused_while_one_runs(tmp_path):
     with pytest.raises(ValueError, match="already running"):
         background.resume(store, run.name)
     with pytest.raises(JobError, match="already running"):
-        run.job.spawn(["models"])
+        run.job.spawn(TrainSpec(run_dir=str(run.path)))
     with pytest.raises(ValueError, match="running.*stop it first"):
         store.delete(run.name)
     store.stop(run.name)
-    assert background.wait(run, timeout=600)["state"] in ("stopped", "finished")
+    assert background.wait(run, timeout=600).state in ("stopped", "finished")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,24 +286,25 @@ def test_mil_experiment_stops_and_is_one_job(tmp_path):
                               MilConfig(folds=2, repeats=5, epochs=500, patience=500))
     job = Job(folder)
     assert job.process() is not None  # recorded by the starter at once
-    until(lambda: experiment_status(folder).get("state") == "running"
-          and experiment_status(folder).get("current"))
+    until(lambda: experiment_status(folder).state == "running"
+          and experiment_status(folder).fields.get("current"))
     assert stop_experiment(folder)
     status = settle(job)
-    assert status["state"] == "stopped", status
+    assert status.state == "stopped", status
     assert not stop_experiment(folder)  # nothing to stop any more
 
 
 def test_bench_job_records_how_it_ended(tmp_path):
     job = Job(tmp_path / "bench")
-    job.spawn(["bench", "--models", "small_cnn/loss_attention", "--batch", "2", "--steps", "1",
-               "--no-isolate", "--device", "cpu", "--json", str(tmp_path / "bench" / "b.json")],
+    job.spawn(BenchSpec(models=[("small_cnn", "loss_attention")], batch=2, steps=1,
+                        isolate=False, device="cpu", json=str(tmp_path / "bench" / "b.json")),
               kind="bench")
-    assert settle(job)["state"] == "finished"
+    assert settle(job).state == "finished"
+    assert json.loads((tmp_path / "bench" / "b.json").read_text())[0]["batch"] == 2
     bad = Job(tmp_path / "bad")
-    bad.spawn(["bench", "--models", "nope/loss_attention"], kind="bench")
+    bad.spawn(BenchSpec(models=[("nope", "loss_attention")]), kind="bench")
     status = settle(bad)
-    assert status["state"] == "failed" and "backbone must be one of" in status["reason"]
+    assert status.state == "failed" and "backbone must be one of" in status.reason
     assert bad.last_output_line().startswith("error: model.backbone must be one of")
 
 
@@ -327,7 +329,7 @@ def test_a_jobs_error_line_is_written_before_its_status_says_failed(tmp_path, mo
     assert [state for state, _ in printed_when_ended] == ["failed"]
     assert printed_when_ended[0][1].startswith("error: model.backbone must be one of")
     assert capsys.readouterr().err == ""  # said once, not again on the way out
-    assert job.status()["state"] == "failed"
+    assert job.status().state == "failed"
 
 
 def test_sweep_stop_stops_its_process_and_cell(tmp_path):
@@ -337,25 +339,25 @@ def test_sweep_stop_stops_its_process_and_cell(tmp_path):
     base = tiny_config(None, epochs=30)
     launch_sweep(store, base, [("train.seed", [0, 1])], "stopme")
     job = sweep_job(store, "stopme")
-    until(lambda: any(r.raw_status().get("state") == "running"
+    until(lambda: any(r.raw_status().state == "running"
                       for r in sweep_runs(store, "stopme")))
     stop_sweep(store, "stopme")
     status = settle(job)
-    assert status["state"] == "stopped", status
-    states = [r.status()["state"] for r in sweep_runs(store, "stopme")]
+    assert status.state == "stopped", status
+    states = [r.status().state for r in sweep_runs(store, "stopme")]
     assert "running" not in states and "stopped" in states
 
 
 def test_attach_marks_every_ending(tmp_path, monkeypatch):
     ok = Job(tmp_path / "ok")
     with ok.attach(finish=True):
-        assert ok.status()["state"] == "running" and ok.process().matches(ProcessIdentity.current())
-    assert ok.status()["state"] == "finished"
+        assert ok.status().state == "running" and ok.process().matches(ProcessIdentity.current())
+    assert ok.status().state == "finished"
     boom = Job(tmp_path / "boom")
     with pytest.raises(RuntimeError), boom.attach():
         raise RuntimeError("disk on fire")
-    assert boom.status()["state"] == "failed"
-    assert "disk on fire" in boom.status()["reason"]
+    assert boom.status().state == "failed"
+    assert "disk on fire" in boom.status().reason
 
 
 def test_a_stop_asked_before_start_stops_a_spawned_job_and_is_stale_for_others(tmp_path,
@@ -366,14 +368,14 @@ def test_a_stop_asked_before_start_stops_a_spawned_job_and_is_stale_for_others(t
     monkeypatch.setenv("LOSSATTN_JOB_DIR", str(pending.folder))  # this process was spawned for it
     with pytest.raises(BaseException, match="stop requested"), pending.attach():
         pytest.fail("the body must not run")
-    assert pending.status()["state"] == "stopped" and not pending.stop_requested()
+    assert pending.status().state == "stopped" and not pending.stop_requested()
     monkeypatch.delenv("LOSSATTN_JOB_DIR")
     left = Job(tmp_path / "left")  # a STOP left by a run that ended before it was read
     left.folder.mkdir()
     left.request_stop()
     with left.attach(finish=True):  # a foreground command: the old request is not its own
         assert not left.stop_requested()
-    assert left.status()["state"] == "finished"
+    assert left.status().state == "finished"
 
 
 def test_a_second_sigterm_does_not_break_off_the_first_ones_clean_up(tmp_path):
@@ -386,7 +388,7 @@ def test_a_second_sigterm_does_not_break_off_the_first_ones_clean_up(tmp_path):
         except JobStopped:
             signal.raise_signal(signal.SIGTERM)  # during clean-up: ignored, not raised
             raise
-    assert job.status()["state"] == "stopped"
+    assert job.status().state == "stopped"
 
 
 def test_a_process_that_cannot_start_is_failed_at_once(tmp_path, monkeypatch):
@@ -398,9 +400,9 @@ def test_a_process_that_cannot_start_is_failed_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sp, "Popen", refuse)
     job = Job(tmp_path / "nostart")
     with pytest.raises(OSError):
-        job.spawn(["models"])
+        job.spawn(TrainSpec(run_dir=str(job.folder)))
     status = job.status()
-    assert status["state"] == "failed" and "Too many open files" in status["reason"]
+    assert status.state == "failed" and "Too many open files" in status.reason
 
 
 def test_a_sigterm_just_after_the_job_is_marked_running_still_ends_it_stopped(tmp_path,
@@ -420,10 +422,10 @@ def test_a_sigterm_just_after_the_job_is_marked_running_still_ends_it_stopped(tm
     def locked_then_signalled(path):
         with real(path):
             yield
-        if job.raw_status().get("state") == "running":
+        if job.raw_status().state == "running":
             raise JobStopped("stopped by SIGTERM")
 
     monkeypatch.setattr(jobs, "locked", locked_then_signalled)
     with pytest.raises(JobStopped), job.attach():
         pytest.fail("the body must not run")
-    assert job.raw_status()["state"] == "stopped"
+    assert job.raw_status().state == "stopped"

@@ -3,6 +3,7 @@ errors, digit bags, the cross-validation protocol (and that the test fold never 
 the real benchmark files when LOSSATTN_DATA is set, and the MIL page under AppTest."""
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -482,15 +483,15 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert main(["mil", "--epoch-choice", "best", "--out", str(out)]) == 2
 
 
-def test_cli_args_carry_every_setting_to_the_background_process():
+def test_the_spec_carries_every_setting_to_the_background_process(tmp_path):
     from engine.cli import build_parser
-    from engine.mil.experiment import cli_args
+    from engine.job_spec import MilSpec, spec_from_dict
 
     config = MilConfig(report_test_max=False, epoch_choice="inner_cv", inner_folds=4,
                        instance_loss="mean", hidden=(32, 16))
-    args = build_parser().parse_args(cli_args(["fox"], ["attention"], config, Path("out")))
-    assert args.report_test_max is False and args.epoch_choice == "inner_cv"
-    assert (args.inner_folds, args.instance_loss, args.hidden) == (4, "mean", (32, 16))
+    spec = MilSpec(datasets=["fox"], methods=["attention"], config=config, out=str(tmp_path))
+    back = spec_from_dict(json.loads(json.dumps(spec.to_dict())))  # as spec.json holds it
+    assert back == spec and back.mil_config() == config
     args = build_parser().parse_args(["mil", "--report-test-max"])
     assert args.report_test_max is True and args.epoch_choice is None
 

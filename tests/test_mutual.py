@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoint import load_checkpoint, load_model
+from engine.checkpoint import load_checkpoint, load_model, peer_state
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
-from engine.models import build_model
-from engine.mutual.maps import (
+from engine.local_maps import (
     EPS,
     captured,
     chosen_layers,
@@ -22,8 +21,9 @@ from engine.mutual.maps import (
     regions,
     transfer_loss,
 )
-from engine.mutual.team import map_plan
+from engine.models import build_model
 from engine.runs import RunStore
+from engine.team import map_plan, peer_rows
 from engine.train import prepare_run_config, train_run
 
 # ----------------------------------------------------------------------------------------------
@@ -267,20 +267,35 @@ def mutual_run(tmp_path_factory):
 def test_mutual_run_holds_every_peer(mutual_run):
     rows = mutual_run.metrics()
     assert len(rows) == 2
-    for key in ("peer0_test_acc", "peer1_test_acc", "peer0_train_loss", "peer1_train_acc",
-                "train_transfer_loss", "test_map_pearson"):
+    for key in ("train_transfer_loss", "test_map_pearson"):
         assert key in rows[-1], key
-    assert rows[-1]["test_acc"] == pytest.approx(
-        (rows[-1]["peer0_test_acc"] + rows[-1]["peer1_test_acc"]) / 2)
+    peers = rows[-1]["peers"]  # each peer's own statistics, a list (no suffixed keys)
+    assert len(peers) == 2 and not any(key.startswith("peer0_") for key in rows[-1])
+    for own in peers:
+        assert {"test_acc", "train_loss", "train_acc", "eval_images"} <= set(own)
+    assert peer_rows(rows[-1]) == peers
+    assert rows[-1]["test_acc"] == pytest.approx((peers[0]["test_acc"] + peers[1]["test_acc"]) / 2)
+    assert rows[-1]["train_acc"] == (peers[0]["train_acc"] + peers[1]["train_acc"]) / 2
     assert -1 <= rows[-1]["test_map_pearson"] <= 1
+    progress = mutual_run.status().fields
+    assert [own["last_metric"] for own in progress["peers"]] == [own["test_acc"] for own in peers]
     ckpt = load_checkpoint(mutual_run.last_checkpoint)
-    assert len(ckpt["peers"]) == 1 and "optimizer" in ckpt["peers"][0]
-    # Each peer is also a standalone checkpoint, and it is that peer.
+    assert ckpt["version"] == 2 and "model" not in ckpt  # one layout: every peer in "peers"
+    assert len(ckpt["peers"]) == 2 and all("optimizer" in own for own in ckpt["peers"])
+    # Each peer is also a standalone checkpoint (a team of one), and it is that peer.
     peer1, standalone = load_model(mutual_run.peer_checkpoint(1))
-    assert standalone["run_config"]["transfer"] is None
+    assert standalone["run_config"]["transfer"] is None and len(standalone["peers"]) == 1
+    assert standalone["metrics"] == {"epoch": standalone["metrics"]["epoch"],
+                                     **rows[standalone["metrics"]["epoch"]]["peers"][1]}
     best = load_checkpoint(mutual_run.best_checkpoint)
-    for key, value in best["peers"][0]["model"].items():
+    for key, value in peer_state(best, 1).items():
         torch.testing.assert_close(peer1.state_dict()[key], value, atol=0, rtol=0)
+    # load_model sees peer 0 by default, and any peer when asked
+    for k in (0, 1):
+        model, _ = load_model(mutual_run.best_checkpoint, peer=k)
+        assert model.config.head == ("loss_attention", "plain")[k]
+        for key, value in peer_state(best, k).items():
+            torch.testing.assert_close(model.state_dict()[key], value, atol=0, rtol=0)
     summary = RunStore(mutual_run.path.parent).list()[0]
     assert summary["backbone"] == "small_cnn + small_cnn"
 
@@ -292,8 +307,8 @@ def test_export_writes_a_peer_as_itself(mutual_run, tmp_path):
     weights, card = export_model(mutual_run, tmp_path / "p1.pt", peer=1)
     ckpt = load_checkpoint(weights)
     best_row = mutual_run.metrics()[ckpt["metrics"]["epoch"]]
-    assert ckpt["metrics"]["test_acc"] == best_row["peer1_test_acc"]
-    assert ckpt["run_config"]["transfer"] is None and "optimizer" not in ckpt
+    assert ckpt["metrics"]["test_acc"] == best_row["peers"][1]["test_acc"]
+    assert ckpt["run_config"]["transfer"] is None and list(ckpt["peers"][0]) == ["model"]
     assert "peer 1" in card.read_text() and "Mutual transfer" in card.read_text()
     with pytest.raises(RunError, match=r"--peer must be in 0\.\.1"):
         export_model(mutual_run, tmp_path / "p2.pt", peer=2)
@@ -321,8 +336,7 @@ def test_mutual_run_resumes_exactly(mutual_run, tmp_path, monkeypatch):
     run.update_status(state="failed")
     assert train_run(run, resume=True, progress_bar=False) == "finished"
     a, b = load_checkpoint(mutual_run.last_checkpoint), load_checkpoint(run.last_checkpoint)
-    for mine, theirs in ((a["model"], b["model"]), (a["peers"][0]["model"],
-                                                     b["peers"][0]["model"])):
+    for mine, theirs in ((peer_state(a, k), peer_state(b, k)) for k in (0, 1)):
         for key in mine:
             torch.testing.assert_close(mine[key], theirs[key], atol=0, rtol=0, msg=key)
     assert [r["train_transfer_loss"] for r in run.metrics()] == [
@@ -339,10 +353,10 @@ def test_lambda_zero_peers_train_exactly_as_alone(tmp_path):
     assert train_run(team, progress_bar=False) == "finished"
     assert train_run(alone, progress_bar=False) == "finished"
     a, b = load_checkpoint(team.last_checkpoint), load_checkpoint(alone.last_checkpoint)
-    for key in b["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0, msg=key)
-    assert [r["peer0_test_acc"] for r in team.metrics()] == [r["test_acc"]
-                                                            for r in alone.metrics()]
+    for key, value in peer_state(b).items():
+        torch.testing.assert_close(peer_state(a)[key], value, atol=0, rtol=0, msg=key)
+    assert [peer_rows(r)[0]["test_acc"] for r in team.metrics()] == [
+        r["test_acc"] for r in alone.metrics()]
     # λ = 0 still measures the agreement (once an epoch, on test images), without learning
     # from it: no transfer term in training at all.
     assert -1 <= team.metrics()[-1]["test_map_pearson"] <= 1
@@ -352,7 +366,7 @@ def test_lambda_zero_peers_train_exactly_as_alone(tmp_path):
 def test_a_team_checkpoint_with_the_wrong_peers_is_refused(mutual_run, tmp_path):
     from engine.checkpoint import CheckpointError
     from engine.device import resolve_device
-    from engine.mutual.team import Team
+    from engine.team import Team
 
     ckpt = load_checkpoint(mutual_run.last_checkpoint)
     cfg = mutual_run.config()
@@ -460,7 +474,7 @@ def test_a_too_long_experiment_name_fails_before_training(tmp_path, capsys):
 
 
 def test_transfer_command_trains_both_arms_and_writes_results(tmp_path, capsys):
-    from engine.mutual.experiment import read_results
+    from engine.transfer import read_results
 
     out = tmp_path / "results"
     argv = ["transfer", "--runs-dir", str(tmp_path / "runs"), "--peer", "small_cnn",
@@ -515,7 +529,7 @@ def test_an_interrupted_arm_is_one_line_and_resumed_by_the_next_call(tmp_path, c
     assert code == 2 and "run cut-s0-mutual ended stopped" in err and "again to resume" in err
     monkeypatch.setattr(train, "train_run", real)
     assert _cli(capsys, *argv)[0] == 0  # the same command resumes and finishes
-    assert RunStore(tmp_path).get("cut-s0-mutual").status()["state"] == "finished"
+    assert RunStore(tmp_path).get("cut-s0-mutual").status().state == "finished"
 
 
 def test_a_transfer_experiment_gets_no_data_set_default_preset():
@@ -534,7 +548,7 @@ def test_a_transfer_experiment_gets_no_data_set_default_preset():
 def test_results_saved_before_masks_were_named_read_as_black(tmp_path):
     import json
 
-    from engine.mutual.experiment import read_results
+    from engine.transfer import read_results
 
     (tmp_path / "results.json").write_text(json.dumps({"summary": [], "rows": []}))
     assert read_results(tmp_path)["mask"] == "black"
@@ -554,7 +568,7 @@ def test_each_mutual_minus_alone_carries_a_t_interval_and_words_that_follow_it(t
 
     from scipy import stats
 
-    from engine.mutual.experiment import read_results, summarise, write_results
+    from engine.transfer import read_results, summarise, write_results
 
     clear, unclear = _hand_rows([-3.0, -2.0, -4.0]), _hand_rows([-3.0, 1.0, -4.0])
     (row,) = summarise(clear)
@@ -586,3 +600,34 @@ def test_each_mutual_minus_alone_carries_a_t_interval_and_words_that_follow_it(t
     (tmp_path / "results.json").write_text(json.dumps(old))
     again = read_results(tmp_path)["summary"][0]
     assert again["difference_low"] == pytest.approx(row["difference_low"])
+
+
+def test_an_experiment_shares_its_controls_runs_and_judging(tmp_path, capsys, monkeypatch):
+    """--control: a λ = 10 experiment reuses the λ = 1 experiment's alone runs (λ = 0 either
+    way), and a run's judged maps are kept in its folder, so running an experiment again under
+    the same protocol judges nothing again; another mask is judged afresh."""
+    from engine import transfer
+
+    base = ["transfer", "--runs-dir", str(tmp_path / "runs"), "--peer", "small_cnn", "--peer",
+            "small_cnn", "--train-size", "128", "--test-size", "32", "--epochs", "1",
+            "--batch-size", "64", "--eval-images", "4", "--steps", "1", "--quiet",
+            "--random-draws", "1"]
+    assert _cli(capsys, *base, "--experiment", "a", "--out", str(tmp_path / "a"))[0] == 0
+    judged = []
+    real = transfer.judge_peers
+    monkeypatch.setattr(transfer, "judge_peers",
+                        lambda run, *a, **k: judged.append(run.name) or real(run, *a, **k))
+    code, _, err = _cli(capsys, *base, "--lam", "10", "--experiment", "b", "--control", "a",
+                        "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert RunStore(tmp_path / "runs").names() == ["a-s0-alone", "a-s0-mutual", "b-s0-mutual"]
+    assert judged == ["b-s0-mutual"]  # the shared control was judged with experiment a
+    report = transfer.read_results(tmp_path / "b")
+    assert report["control"] == "a"
+    assert {r["run"] for r in report["rows"]} == {"a-s0-alone", "b-s0-mutual"}
+    judged.clear()
+    assert _cli(capsys, *base, "--experiment", "a", "--out", str(tmp_path / "a"))[0] == 0
+    assert judged == []
+    assert _cli(capsys, *base, "--experiment", "a", "--mask", "mean",
+                "--out", str(tmp_path / "a-mean"))[0] == 0
+    assert judged == ["a-s0-mutual", "a-s0-alone"]

@@ -273,7 +273,7 @@ def test_train_page_launches_with_a_preset(tmp_path, monkeypatch):
     assert cfg.preset == "released-code" and not cfg.model.stem_norm
     assert cfg.model.xi_denominator == "feature_map" and cfg.loss.ramp_epochs == 80
     assert (cfg.train.epochs, cfg.train.batch_size) == (1, 32)  # what the user typed wins
-    assert background.wait(run, timeout=120)["state"] == "finished"
+    assert background.wait(run, timeout=120).state == "finished"
 
 
 def test_the_digits_default_is_the_live_preset_and_its_run_uses_it(tmp_path):

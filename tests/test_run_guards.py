@@ -96,7 +96,7 @@ def test_a_seed_outside_int64_is_refused_before_the_run_folder(tmp_path, capsys,
 def test_the_largest_seed_still_trains(tmp_path):
     assert main(["train", "--runs-dir", str(tmp_path), "--name", "big", "--seed",
                  str(2**63 - 1), *TINY]) == 0
-    assert RunStore(tmp_path).get("big").status()["state"] == "finished"
+    assert RunStore(tmp_path).get("big").status().state == "finished"
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
@@ -118,7 +118,7 @@ def test_a_run_made_for_a_missing_device_says_where_it_can_resume(tmp_path):
                                           r"mps is not available on this machine \(no Apple MPS "
                                           r"GPU\); a run resumes on the device it was made for"):
         launch.resume(store, "made-on-a-mac")
-    assert run.raw_status()["state"] == "stopped"
+    assert run.raw_status().state == "stopped"
 
 
 @pytest.mark.parametrize("section, field, value, words", [
@@ -222,7 +222,7 @@ def test_an_unforeseen_error_is_one_console_line_and_a_traceback_in_the_log(
     log_text = run.log_path.read_text()
     assert "Traceback (most recent call last)" in log_text and "in broken" in log_text
     status = run.status()
-    assert status["state"] == "failed" and "RuntimeError: a bug in the step" in status["reason"]
+    assert status.state == "failed" and "RuntimeError: a bug in the step" in status.reason
 
 
 def test_an_expected_error_during_training_has_no_traceback_anywhere(tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_an_expected_error_during_training_has_no_traceback_anywhere(tmp_path, m
     assert train.train_run(run, progress_bar=False) == "failed"
     assert "Traceback" not in run.log_path.read_text()
     assert "the data went away" in run.log_path.read_text()
-    assert run.status()["reason"] == "DataError: the data went away"
+    assert run.status().reason == "DataError: the data went away"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from engine import launch
 from engine.budget import holding
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
-from engine.jobs import Job, dispatch, queue_place
+from engine.jobs import dispatch, queue_place
 from engine.runs import RunStore
 from engine.slots import (
     LIMIT_ENV,
@@ -152,13 +152,13 @@ def test_a_lease_of_a_process_that_died_is_dropped(tmp_path):
 def test_a_run_records_the_threads_it_used(tmp_path):
     store = RunStore(tmp_path)
     run = launch.launch(store, tiny("pinned", threads=1))
-    assert launch.wait(run, timeout=600)["state"] == "finished"
-    status = run.status()
+    assert launch.wait(run, timeout=600).state == "finished"
+    status = run.status().fields
     assert status["cpu_threads"] == 1 and status["threads_from"] == "pinned"
     assert run.metrics()[-1]["cpu_threads"] == [1]
     run = launch.launch(store, tiny("budget"))
-    assert launch.wait(run, timeout=600)["state"] == "finished"
-    assert run.status()["threads_from"] == "budget"
+    assert launch.wait(run, timeout=600).state == "finished"
+    assert run.status().fields["threads_from"] == "budget"
     assert run.metrics()[-1]["cpu_threads"] == [cores()]  # alone: every core
 
 
@@ -172,20 +172,20 @@ def test_jobs_beyond_the_limit_queue_and_start_in_order(tmp_path, monkeypatch):
     long = launch.launch(store, tiny("long", epochs=500))
     second = launch.launch(store, tiny("second"))
     third = launch.launch(store, tiny("third"))
-    assert long.status()["state"] in ("starting", "running")
-    assert second.status()["state"] == third.status()["state"] == "queued"
+    assert long.status().state in ("starting", "running")
+    assert second.status().state == third.status().state == "queued"
     assert queue_place(second.path) == (1, 2) and queue_place(third.path) == (2, 2)
     with pytest.raises(ValueError, match="queued"):  # not twice
         launch.start(store, second)
     # a queued job stops at once, and never starts
     assert store.stop("third")
-    assert third.status()["state"] == "stopped" and "queued" in third.status()["reason"]
+    assert third.status().state == "stopped" and "queued" in third.status().reason
     assert queue_place(second.path) == (1, 1)
-    wait_for(lambda: long.status()["state"] == "running", "the first job to run")
+    wait_for(lambda: long.status().state == "running", "the first job to run")
     store.stop("long")
     # the stopped job gave its slot back, which started the next in the queue
-    assert launch.wait(second, timeout=600)["state"] == "finished"
-    assert long.status()["state"] == "stopped" and third.status()["state"] == "stopped"
+    assert launch.wait(second, timeout=600).state == "finished"
+    assert long.status().state == "stopped" and third.status().state == "stopped"
     assert not Slots(tmp_path).queued()
     # its process gives the slot back as it exits, a moment after it wrote 'finished'
     wait_for(lambda: Slots(tmp_path).held() == 0, "the finished job's slot to be given back")
@@ -202,13 +202,13 @@ def test_a_queued_job_survives_a_restart_and_the_next_look_starts_it(tmp_path, m
     slots = Slots(tmp_path)
     slots.write_lease(other_process.pid, tmp_path / "busy")  # a job computing elsewhere
     waiting = launch.launch(store, tiny("waiting"))
-    assert waiting.status()["state"] == "queued"
-    assert json.loads(waiting.job.spec_path.read_text())["args"][0] == "train"
+    assert waiting.status().state == "queued"
+    assert json.loads(waiting.job.spec_path.read_text())["kind"] == "train"
     assert dispatch(tmp_path) == []  # the slot is still held
     other_process.kill()
     other_process.wait()
     assert dispatch(tmp_path) == [waiting.path.resolve()]
-    assert launch.wait(waiting, timeout=600)["state"] == "finished"
+    assert launch.wait(waiting, timeout=600).state == "finished"
 
 
 def test_the_cli_says_a_background_run_is_queued(tmp_path, other_process):
@@ -230,10 +230,14 @@ def test_the_cli_says_a_background_run_is_queued(tmp_path, other_process):
 def test_a_job_that_only_watches_takes_no_slot(tmp_path, monkeypatch, other_process):
     monkeypatch.setenv(LIMIT_ENV, "1")
     Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
-    job = Job(tmp_path / "_sweeps" / "watcher")
-    identity = job.spawn(["models"], compute=False)  # starts although every slot is taken
+    from engine.job_spec import TrainSpec
+    from engine.train import prepare_run_config
+
+    run = RunStore(tmp_path).create(prepare_run_config(tiny("watcher")))
+    job = run.job
+    identity = job.spawn(TrainSpec(run_dir=str(run.path)), compute=False)  # every slot taken
     assert identity is not None
-    wait_for(lambda: job.status().get("state") == "finished", "the watcher to end")
+    wait_for(lambda: job.status().state == "finished", "the watcher to end")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def test_a_job_that_only_watches_takes_no_slot(tmp_path, monkeypatch, other_proc
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["peers"][0]["model"]
 
 
 def test_cells_side_by_side_equal_cells_one_after_another_with_pinned_threads(tmp_path):
@@ -260,7 +264,7 @@ def test_cells_side_by_side_equal_cells_one_after_another_with_pinned_threads(tm
     run_sweep(together, sweep_configs(json.loads(json.dumps(base)), grid, "s"), parallel=2,
               log=lambda m: None)
     for name in apart.names():
-        assert together.get(name).status()["state"] == "finished"
+        assert together.get(name).status().state == "finished"
         a, b = weights(apart.get(name).last_checkpoint), weights(together.get(name).last_checkpoint)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -277,7 +281,7 @@ def test_a_queued_job_starts_with_the_environment_it_was_queued_with(tmp_path, m
     monkeypatch.setenv("LOSSATTN_DATA", "/data/of/the/launcher")
     Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
     run = launch.launch(RunStore(tmp_path), tiny("envy"))
-    recorded = json.loads(run.job.spec_path.read_text())["environment"]
+    recorded = json.loads(run.job.start_path.read_text())["environment"]
     assert recorded["LOSSATTN_DATA"] == "/data/of/the/launcher"
     assert "LOSSATTN_JOB_DIR" not in recorded
     # whoever starts it later (a Ray worker with its own pinned threads, a shell without the
@@ -299,7 +303,7 @@ def test_a_job_queued_on_another_host_is_not_started_here(tmp_path, monkeypatch)
     slots.queue_folder.mkdir(parents=True)
     (slots.queue_folder / "00000000000000000001-1.json").write_text(json.dumps(
         {"job": str(run.path.resolve()), "host": "another-node"}))
-    assert dispatch(tmp_path) == [] and run.status()["state"] == "queued"
+    assert dispatch(tmp_path) == [] and run.status().state == "queued"
     assert queue_place(run.path) == (1, 1)  # still shown in its place
 
 
@@ -312,10 +316,10 @@ def test_a_new_launch_waits_behind_the_queue_even_when_a_slot_is_free(tmp_path, 
     other_process.kill()  # the slot frees, but nobody has looked at the queue yet
     other_process.wait()
     later = launch.launch(store, tiny("later"))
-    assert later.status()["state"] == "queued" and queue_place(later.path) == (2, 2)
+    assert later.status().state == "queued" and queue_place(later.path) == (2, 2)
     assert dispatch(tmp_path) == [first.path.resolve()]  # first come, first served
-    assert launch.wait(first, timeout=600)["state"] == "finished"
-    assert launch.wait(later, timeout=600)["state"] == "finished"  # started by first's end
+    assert launch.wait(first, timeout=600).state == "finished"
+    assert launch.wait(later, timeout=600).state == "finished"  # started by first's end
 
 
 def test_a_lost_queue_entry_is_made_again_and_stop_and_delete_clear_it(tmp_path, monkeypatch,
@@ -352,9 +356,9 @@ def test_a_sweep_that_trains_its_cells_itself_takes_a_slot(tmp_path, monkeypatch
     Slots(tmp_path).write_lease(other_process.pid, tmp_path / "busy")
     assert launch_sweep(store, tiny("base"), [("loss.gamma_max", [0.0, 0.3])], "s",
                         parallel="auto") is None
-    assert sweep_status(store, "s")["state"] == "queued"
+    assert sweep_status(store, "s").state == "queued"
     stop_sweep(store, "s")
-    assert sweep_status(store, "s")["state"] == "stopped"
+    assert sweep_status(store, "s").state == "stopped"
 
 
 def test_store_roots_named_like_job_folders_are_their_own(tmp_path):

@@ -140,11 +140,11 @@ def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     status = run.status()
-    assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
+    assert status.state == "failed" and "ended unexpectedly" in status.reason
     assert run.last_checkpoint.read_bytes() == before
     assert load_checkpoint(run.last_checkpoint)["progress"]["epoch"] == 1
     resume(store, run.name)
-    assert wait(run, timeout=600)["state"] == "finished"
+    assert wait(run, timeout=600).state == "finished"
     assert not list(run.path.rglob("*.tmp"))
     assert "temp files" in run.log_path.read_text()
     assert [r["epoch"] for r in run.metrics()] == [0, 1, 2]
@@ -159,8 +159,8 @@ def test_an_empty_last_checkpoint_fails_the_resume_with_a_reason(tmp_path):
     run.update_status(state="stopped")
     assert train_run(run, resume=True, progress_bar=False) == "failed"
     status = run.status()
-    assert status["state"] == "failed"
-    assert "empty" in status["reason"] and "last.pt" in status["reason"]
+    assert status.state == "failed"
+    assert "empty" in status.reason and "last.pt" in status.reason
     assert json.loads(run.status_path.read_text())["state"] == "failed"  # written, not derived
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import launch as background
-from engine.checkpoint import CheckpointError, load_checkpoint, load_model, load_state
+from engine.checkpoint import CheckpointError, load_checkpoint, load_model, load_state, peer_state
 from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from engine.models import build_model
 from engine.recipes import RECIPES, lr_at
@@ -34,7 +34,7 @@ def create(store, name, **kwargs):
 
 
 def weights(path):
-    return load_checkpoint(path)["model"]
+    return peer_state(load_checkpoint(path))
 
 
 def assert_same_weights(a, b):
@@ -69,14 +69,14 @@ def test_run_directory_contents(reference, tmp_path):
         assert key in rows[0], key
     assert rows[0]["patch_weight"] == 0.0 and rows[2]["patch_weight"] == pytest.approx(0.1)
     status = reference.status()
-    assert status["state"] == "finished" and status["epochs_done"] == 3
-    assert status["best_metric"] == max(r["test_acc"] for r in rows)
+    assert status.state == "finished" and status.fields["epochs_done"] == 3
+    assert status.fields["best_metric"] == max(r["test_acc"] for r in rows)
     config = reference.config()
     assert config.model.num_classes == 10 and config.loss.ramp_epochs == 1
     assert config.train.recipe == "sgd" and config.train.lr == 0.1
     model, ckpt = load_model(reference.best_checkpoint)
     assert ckpt["classes"] == [str(d) for d in range(10)] and not model.training
-    assert "optimizer" in load_checkpoint(reference.last_checkpoint)
+    assert "optimizer" in load_checkpoint(reference.last_checkpoint)["peers"][0]
     assert [r["name"] for r in RunStore(reference.path.parent).list()] == ["reference"]
 
 
@@ -86,7 +86,7 @@ def test_stop_and_resume_continue_the_same_curves(reference, tmp_path):
     wait_for(run, lambda s: len(run.metrics()) >= 1)  # stop somewhere after epoch 0
     assert store.stop(run.name)
     status = background.wait(run, timeout=600)
-    assert status["state"] == "stopped", status
+    assert status.state == "stopped", status
     assert not run.stop_path.exists()  # handled, so it cannot stop the resumed process
     assert 1 <= len(run.metrics()) < 3
     with pytest.raises(RunError, match="use resume"):
@@ -105,8 +105,8 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(reference, tmp_path):
     os.kill(run.job.process().pid, signal.SIGSTOP)  # freeze it to read what a kill leaves
     saved = run.last_checkpoint.read_bytes()
     os.kill(run.job.process().pid, signal.SIGKILL)
-    status = wait_for(run, lambda s: s["state"] != "running")
-    assert status["state"] == "failed" and "ended unexpectedly" in status["reason"]
+    status = wait_for(run, lambda s: s.state != "running")
+    assert status.state == "failed" and "ended unexpectedly" in status.reason
     assert run.last_checkpoint.read_bytes() == saved  # nothing older is lost or corrupted
     load_checkpoint(run.last_checkpoint)
     assert [r["name"] for r in store.list()] == ["killed"]
@@ -160,7 +160,7 @@ def test_nan_loss_fails_the_run_and_keeps_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "single_label_loss", poisoned)
     assert train_run(run, progress_bar=False) == "failed"
     status = run.status()
-    assert status["state"] == "failed" and "non-finite" in status["reason"]
+    assert status.state == "failed" and "non-finite" in status.reason
     assert load_checkpoint(run.last_checkpoint)["progress"]["epoch"] == 1  # epoch 0's, intact
     assert len(run.metrics()) == 1
 
@@ -252,7 +252,7 @@ def test_eval_sample_evaluates_the_last_epoch_on_the_whole_set(tmp_path):
     rows = run.metrics()
     assert [r["eval_images"] for r in rows] == [16, 64]
     status = run.status()
-    assert status["best_epoch"] == 1 and status["best_metric"] == rows[1]["test_acc"]
+    assert status.fields["best_epoch"] == 1 and status.fields["best_metric"] == rows[1]["test_acc"]
     assert load_checkpoint(run.best_checkpoint)["metrics"]["eval_images"] == 64
 
 
@@ -427,11 +427,11 @@ def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resum
     try:
         deadline = time.monotonic() + 600
         while not ((tmp_path / "mn/status.json").is_file()
-                   and store.get("mn").status().get("epochs_done", 0) >= 1):
+                   and store.get("mn").status().fields.get("epochs_done", 0) >= 1):
             assert time.monotonic() < deadline, _node_log(tmp_path, "first", 0)
             assert all(n.poll() is None for n in nodes), _node_log(tmp_path, "first", 0)
             time.sleep(0.02)
-        rank0 = psutil.Process(store.get("mn").raw_status()["process"]["pid"])
+        rank0 = psutil.Process(store.get("mn").raw_status().process.pid)
         victim = next(n for n in nodes if n.pid not in {p.pid for p in rank0.parents()})
         _kill_node(victim)
         survivor = next(n for n in nodes if n is not victim)
@@ -441,18 +441,18 @@ def test_two_nodes_equal_one_process_and_a_lost_node_fails_the_run_then_it_resum
             if n.poll() is None:
                 _kill_node(n)
     status = store.get("mn").status()
-    assert status["state"] == "failed", status
-    assert 1 <= status["epochs_done"] < 8
-    assert "lost contact with the other ranks of the 2-process group" in status["reason"]
+    assert status.state == "failed", status
+    assert 1 <= status.fields["epochs_done"] < 8
+    assert "lost contact with the other ranks of the 2-process group" in status.reason
 
     port = _free_port()
     nodes = [_torchrun_node(tmp_path, port, "second", k, "resume", "mn", "--runs-dir",
                             str(tmp_path), "--quiet") for k in range(2)]
     codes = _wait_for_nodes(nodes, timeout=300)
     assert codes == [0, 0], _node_log(tmp_path, "second", 0) + _node_log(tmp_path, "second", 1)
-    assert store.get("mn").status()["state"] == "finished"
+    assert store.get("mn").status().state == "finished"
     log_text = store.get("mn").log_path.read_text()
-    assert f"resumed mn at epoch {status['epochs_done']} step 0" in log_text
+    assert f"resumed mn at epoch {status.fields['epochs_done']} step 0" in log_text
     _assert_equals_one_process_with_micro_batches(tmp_path, "mn", args)
 
 
@@ -534,4 +534,4 @@ def test_crash_in_background_process_is_reported(tmp_path):
         path.unlink()
     background.start(store, run)
     status = background.wait(run, timeout=600)
-    assert status["state"] == "failed" and "no image files" in status["reason"]
+    assert status.state == "failed" and "no image files" in status.reason

@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from engine.job_status import State
+
 COLORSCALE = "Viridis"
 PALETTE = qualitative.D3
 TEMPLATE = "plotly_white"
@@ -140,7 +142,7 @@ def _within_spread(cell: dict, best: dict, value: str) -> bool:
 
 def _states_text(group: dict) -> str:
     """A cell without a value: what its runs are doing (``2 running, 1 failed``)."""
-    states = {k: n for k, n in (group.get("states") or {}).items() if k != "finished"}
+    states = {k: n for k, n in (group.get("states") or {}).items() if k != State.FINISHED}
     return ", ".join(f"{n} {k}" if n > 1 else k for k, n in states.items()) or "no value"
 
 

@@ -11,12 +11,13 @@ from engine.config import ConfigError, RunConfig, config_from_dict
 from engine.data import DataError, list_datasets
 from engine.data.registry import dataset_spec
 from engine.device import DEVICE_CHOICES
+from engine.job_status import State, Status
 from engine.models import head_spec, list_backbones, list_heads
 from engine.preset_fill import fill_preset, preset_context
 from engine.presets import PRESETS, preset_settings
 from engine.roots import data_roots, folder_in_root, shown_relative
 from engine.runs import Run
-from ui.st_state import keep
+from ui.st_session import keep
 
 PRESET_CHOICES = ["", *PRESETS]  # "": no preset, the recipe defaults
 FORM_FIELDS = {"model.backbone": "backbone", "model.xi": "xi", "loss.gamma_max": "gamma",
@@ -213,36 +214,38 @@ def queue_note(folder) -> str:
             "ends (LOSSATTN_MAX_JOBS)")
 
 
-def progress_of(run: Run, status: dict) -> tuple[float, str]:
+def progress_of(run: Run, status: Status) -> tuple[float, str]:
     """(fraction done, a line of text) from a run's status (read once by the caller)."""
-    if status.get("state") == "queued":
+    if status.state == State.QUEUED:
         return 0.0, queue_note(run.path)
-    epochs = status.get("epochs") or run.config().train.epochs
-    done = status.get("epochs_done") or 0
-    steps, step = status.get("steps") or 0, status.get("step") or 0
+    progress = status.fields
+    epochs = progress.get("epochs") or run.config().train.epochs
+    done = progress.get("epochs_done") or 0
+    steps, step = progress.get("steps") or 0, progress.get("step") or 0
     fraction = min(1.0, (done + (step / steps if steps else 0)) / max(epochs, 1))
-    state = status.get("state", "?")
-    text = f"{state}: epoch {min(done + 1, epochs) if state == 'running' else done}/{epochs}"
-    if state == "running" and steps:
+    state = status.state or "?"
+    running = state == State.RUNNING
+    text = f"{state}: epoch {min(done + 1, epochs) if running else done}/{epochs}"
+    if running and steps:
         text += f", step {step}/{steps}"
-    if status.get("images_per_s"):
-        text += f", {status['images_per_s']:.0f} img/s"
-    if state == "running" and status.get("eta_s") is not None:
-        text += f", ETA {format_seconds(status['eta_s'])}"
-    if status.get("best_metric") is not None:
-        text += f"; best {status.get('metric_name', 'metric')} {status['best_metric']:.4f}"
+    if progress.get("images_per_s"):
+        text += f", {progress['images_per_s']:.0f} img/s"
+    if running and progress.get("eta_s") is not None:
+        text += f", ETA {format_seconds(progress['eta_s'])}"
+    if progress.get("best_metric") is not None:
+        text += f"; best {progress.get('metric_name', 'metric')} {progress['best_metric']:.4f}"
     return fraction, text
 
 
-def show_job_end(status: dict, what: str, after_stop: str = "", finished: str = "") -> None:
+def show_job_end(status: Status, what: str, after_stop: str = "", finished: str = "") -> None:
     """The message for a background job that has ended (every job has one status schema:
-    engine.jobs); nothing while it is active."""
-    state, reason = status.get("state"), status.get("reason") or ""
-    if state == "failed":
+    engine.job_status); nothing while it is active."""
+    state, reason = status.state, status.reason
+    if state == State.FAILED:
         st.error(f"{what} failed: {reason or 'see the log'}")
-    elif state == "stopped":
+    elif state == State.STOPPED:
         st.info(f"{what} stopped ({reason or 'on request'}). {after_stop}".strip())
-    elif state == "finished":
+    elif state == State.FINISHED:
         st.success(f"{what} finished{finished}.")
 
 

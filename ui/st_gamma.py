@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.st_state import model_sources, run_config_at, store
+from ui.st_models import model_sources, run_config_at, store
 
 NONE = "this model only"
 
@@ -76,12 +76,13 @@ def _family_name(config: dict, stops: dict[float, str]) -> str:
 
 
 def _sweep_sources(current: str | None) -> list[GammaSource | None]:
+    from engine.job_status import State
     from engine.sweep import list_sweeps, sweep_runs
 
     out = []
     for sweep in list_sweeps(store()):
         labels = [f"run: {run.name}" for run in sweep_runs(store(), sweep)
-                  if run.status().get("state") == "finished"]
+                  if run.status().state == State.FINISHED]
         out.append(_sweep_source(sweep, _configs(labels), current))
     return out
 
@@ -117,7 +118,7 @@ def adopt_link_gamma(params: dict[str, str]) -> None:
     """A link's ``gamma``: the model of the link's model's family trained at that γmax (the
     link's model is chosen already). A γmax the family has no model for is named and
     ignored."""
-    from ui.st_state import MODEL_KEY, remember, remembered
+    from ui.st_session import MODEL_KEY, remember, remembered
 
     text = params.get("gamma")
     if text is None:

@@ -128,30 +128,16 @@ def model_list(text: str) -> list[tuple[str, str]]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import (
-        bench_isolated,
-        bench_one,
-        format_table,
-        modes_for,
-        parse_stride_plans,
-        results_as_dicts,
-    )
-    from engine.config import ModelConfig
+    from engine.bench import bench_models, format_table, parse_stride_plans, results_as_dicts
     from engine.device import resolve_device
 
     device = resolve_device(args.device, "--device")
     plans = parse_stride_plans(args.stride_plans) if args.stride_plans else [None]
-    configs = [ModelConfig(backbone=b, head=h, num_classes=args.num_classes,
-                           input_size=args.input_size, stride_plan=plan)
-               for b, h in model_list(args.models) for plan in plans]
-    run = bench_one if args.no_isolate else bench_isolated
-    results = []
-    for cfg in configs:
-        for mode in modes_for(device, args.compare_fp32, args.compile):
-            result = run(cfg, mode, device, args.batch, args.steps, args.warmup)
-            results.append(result)
-            print(f"  measured {result.model} [{result.mode}]: {result.images_per_s:.1f} img/s",
-                  file=sys.stderr, flush=True)
+    results = bench_models(
+        model_list(args.models), plans, device, batch=args.batch, steps=args.steps,
+        warmup=args.warmup, num_classes=args.num_classes, input_size=args.input_size,
+        compare_fp32=args.compare_fp32, compile_=args.compile, isolate=not args.no_isolate,
+        echo=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(results))
     write_json(args.json, results_as_dicts(results))
     return 0

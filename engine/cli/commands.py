@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-train": ("bench", "loader-only, model-only and full training step images/s"),
     "bench-eval": ("bench", "seconds for patch metrics over N images at a ξ grid"),
     "gpu-check": ("bench", "the CUDA paths verified on one GPU, in one table"),
+    "job": ("job", "run a background job from its folder's spec.json (what the app starts)"),
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.cli.common import add_command, command_line, quiet_parent, runs_dir_parent, store_of
 from engine.cli.estimate import say_if_long
 from engine.cli.formatting import Deferred
+from engine.job_status import State
 from engine.presets import describe_presets, preset_names
 
 # Convenience flags: flag -> (section, field, type). Anything else: --set section.field=value.
@@ -225,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Run(Path(args.run_dir))
         state = train_run(run, resume=args.resume, progress_bar=not args.quiet,
                           on_status=RunStore(run.path.parent).index, spawned=True)
-        return 0 if state in ("finished", "stopped") else 1
+        return 0 if state in (State.FINISHED, State.STOPPED) else 1
     config = build_run_config(args)
     store = store_of(args)
     if args.background:
@@ -278,7 +279,7 @@ def _train_here(store, config, quiet: bool) -> int:
     _leave_group(dist)
     if dist.is_main:
         print(f"run {run.name}: {state}", file=sys.stderr)
-    return 0 if state in ("finished", "stopped") else 1
+    return 0 if state in (State.FINISHED, State.STOPPED) else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -297,7 +298,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _leave_group(dist)
     if dist.is_main:
         print(f"run {run.name}: {state}", file=sys.stderr)
-    return 0 if state in ("finished", "stopped") else 1
+    return 0 if state in (State.FINISHED, State.STOPPED) else 1
 
 
 def _leave_group(dist) -> None:
@@ -318,7 +319,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"no runs in {store.root}")
         for r in rows:
             best = "" if r["best_metric"] is None else f"{r['metric_name']} {r['best_metric']:.4f}"
-            place = queue_place(store.root / r["name"]) if r["state"] == "queued" else None
+            place = queue_place(store.root / r["name"]) if r["state"] == State.QUEUED else None
             where = f"  (place {place[0]} of {place[1]} in the queue)" if place else ""
             print(f"  {r['name']:48s} {r['state']:9s} {r['epochs_done']}/{r['epochs']} ep  "
                   f"{r['dataset']}/{r['backbone']}/{r['head']}  {best}{where}")
@@ -326,7 +327,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"indexed {store.rebuild_index()} runs in {store.root}")
     elif args.action == "show":
         run = store.get(args.name)
-        print(json.dumps({"status": run.status(), "config": run.config_dict(),
+        print(json.dumps({"status": run.status().to_dict(), "config": run.config_dict(),
                           "metrics": run.metrics()[-3:]}, indent=2))
     elif args.action == "stop":
         print("stop requested" if store.stop(args.name) else f"run {args.name} is not running")

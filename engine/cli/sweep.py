@@ -84,26 +84,22 @@ def _parallel(text: str) -> int:
     return resolve_parallel(text)
 
 
-def _ray_executor(args: argparse.Namespace, job):
+def _ray_resources(args: argparse.Namespace):
     if args.executor != "ray":
         return None
-    from engine.cluster import CellResources, RayExecutor
+    from engine.cluster import CellResources
 
-    return RayExecutor(args.ray_address, CellResources(args.ray_cpus, args.ray_gpus,
-                                                       args.ray_retries), job.stop_requested)
+    return CellResources(args.ray_cpus, args.ray_gpus, args.ray_retries)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from engine.sweep import (
         DEFAULT_GRID,
-        check_cells_machine,
         format_sweep,
         parse_grid_notes,
-        run_sweep,
-        sweep_configs,
-        sweep_job,
+        report_with_slot,
+        sweep_and_report,
         with_seeds,
-        write_manifest,
     )
 
     store = store_of(args)
@@ -127,35 +123,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid = with_seeds(grid, args.seeds, seed if isinstance(seed, int) else 0)
         validated_run_config(data, args)  # the base alone: its error names the file and flags
         # The cells get the settings as given, so that each fills its preset by its own head.
-        configs = sweep_configs(data, grid, args.sweep_name)
-        if args.executor == "local":  # a Ray cell trains on its node, with that node's devices
-            check_cells_machine(configs)
-        parallel = _parallel(args.parallel)
-        print(f"sweep {args.sweep_name}: {len(configs)} runs", file=sys.stderr)
-        write_manifest(store, args.sweep_name, grid)
-        # The sweep's own job, in the foreground too (the Sweep page sees it and can stop it),
-        # and its report is part of it: "finished" means the table is there.
-        job = sweep_job(store, args.sweep_name)
-        with job.attach(finish=True, kind="sweep", cells=len(configs), executor=args.executor):
-            run_sweep(store, configs, parallel, progress_bar=not args.quiet,
-                      log=lambda m: print(m, file=sys.stderr), ray=_ray_executor(args, job))
-            report = _report(store, args)
+        report = sweep_and_report(
+            store, data, grid, args.sweep_name, args.parallel, ray_address=args.ray_address,
+            ray_resources=_ray_resources(args), device_eval=args.device_eval,
+            progress_bar=not args.quiet, log=lambda m: print(m, file=sys.stderr))
     else:
-        report = _report(store, args)
+        report = report_with_slot(store, args.sweep_name, args.device_eval)
     print(format_sweep(report))
     print(f"wrote {report['folder']}/report.json and report.csv", file=sys.stderr)
     return 0
-
-
-def _report(store, args: argparse.Namespace) -> dict:
-    """The table, evaluated with a slot of the store (this process may only have watched)."""
-    from engine.budget import holding
-    from engine.device import resolve_device
-    from engine.sweep import sweep_folder, sweep_report
-
-    with holding(store.root, sweep_folder(store, args.sweep_name)):
-        device = resolve_device(args.device_eval, "--device-eval")
-        return sweep_report(store, args.sweep_name, device)
 
 
 def cmd_gamma_family(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--experiment", default="transfer",
                    help="names the runs (EXPERIMENT-sSEED-mutual / -alone) and the results "
                         "(default: transfer)")
+    p.add_argument("--control", metavar="EXPERIMENT",
+                   help="share the alone (λ = 0) runs of this experiment, trained and judged "
+                        "once whatever λ the mutual arm has (default: the experiment's own)")
     p.add_argument("--eval-images", type=int, default=500,
                    metavar="N", help="test images on which the maps are judged (default: 500)")
     p.add_argument("--steps", type=int, default=16, metavar="N",
@@ -100,8 +103,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from engine.mutual.experiment import format_results, run_experiment
     from engine.train import check_machine
+    from engine.transfer import format_results, run_experiment
 
     if args.eval_images < 1 or args.steps < 1:
         raise ValueError("--eval-images and --steps must be >= 1")
@@ -115,7 +118,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                             images=args.eval_images, steps=args.steps, out=out,
                             mask=args.mask, draws=args.random_draws,
                             progress_bar=not args.quiet,
-                            on_progress=lambda text: print(text, file=sys.stderr))
+                            on_progress=lambda text: print(text, file=sys.stderr),
+                            control=args.control)
     print(format_results(report))
     print(f"wrote {out}/results.md, results.json and results.csv", file=sys.stderr)
     return 0

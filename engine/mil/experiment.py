@@ -1,9 +1,10 @@
 """A MIL experiment: several data sets x methods, cross-validated, written to one results folder.
 
-This is what ``python -m engine mil`` runs, in the foreground or (from the app) as a background
-process under ``<run store>/_mil/<name>/``. The results folder is the experiment's job folder
-(:mod:`engine.jobs`): its ``status.json`` tells a poller which (data set, method) is running and
-how far the whole experiment is, and ``results.*`` grow as each pair finishes.
+This is what ``python -m engine mil`` runs in the foreground, and what a background job with a
+:class:`~engine.job_spec.MilSpec` runs (from the app) under ``<run store>/_mil/<name>/``. The
+results folder is the experiment's job folder (:mod:`engine.jobs`): its ``status.json`` tells
+a poller which (data set, method) is running and how far the whole experiment is, and
+``results.*`` grow as each pair finishes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 from engine.budget import holding
+from engine.job_spec import MilSpec
+from engine.job_status import Status
 from engine.jobs import Job, spawned_job
 from engine.mil.config import MilConfig
 from engine.mil.data import BENCHMARKS, load_mil_dataset
@@ -109,29 +112,6 @@ def list_experiments(runs_root: str | Path) -> list[str]:
     return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def cli_args(datasets: Sequence[str], methods: Sequence[str], config: MilConfig, out: Path,
-             data_root: str | None = None, threads: int | None = None) -> list[str]:
-    """``python -m engine`` arguments that run this experiment."""
-    args = ["mil", "--dataset", ",".join(datasets), "--method", ",".join(methods),
-            "--out", str(out), "--quiet"]
-    defaults = MilConfig()
-    for f in dataclasses.fields(MilConfig):
-        value = getattr(config, f.name)
-        if f.name == "method" or value == getattr(defaults, f.name):
-            continue
-        flag = f.name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(f"--{flag}" if value else f"--no-{flag}")
-            continue
-        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        args += [f"--{flag}", text]
-    if data_root:
-        args += ["--data-root", str(data_root)]
-    if threads:
-        args += ["--threads", str(threads)]
-    return args
-
-
 def start_experiment(runs_root: str | Path, name: str, datasets: Sequence[str],
                      methods: Sequence[str], config: MilConfig, data_root: str | None = None,
                      threads: int | None = None) -> Path:
@@ -141,14 +121,16 @@ def start_experiment(runs_root: str | Path, name: str, datasets: Sequence[str],
         raise ValueError(f"experiment name must be 1-80 letters, digits, '.', '_' or '-', "
                          f"starting with a letter or digit; got {name!r}")
     folder = mil_root(runs_root) / name
-    args = cli_args(datasets, methods, config, folder.resolve(), data_root, threads)
-    Job(folder).spawn(args, kind="mil", fraction=0.0, task=0,  # refused if it is running
+    spec = MilSpec(datasets=list(datasets), methods=list(methods), config=config,
+                   out=str(folder.resolve()), data_root=str(data_root) if data_root else None,
+                   threads=threads or None)
+    Job(folder).spawn(spec, kind="mil", fraction=0.0, task=0,  # refused if it is running
                       tasks=len(datasets) * len(methods), current="starting",
                       datasets=list(datasets), methods=list(methods))
     return folder
 
 
-def experiment_status(folder: str | Path) -> dict:
+def experiment_status(folder: str | Path) -> Status:
     """The experiment's status (``state``, ``reason``, ``fraction``, ``task``, ``current``);
     one whose process has gone is reported as failed (or stopped) at once."""
     return Job(folder).status()

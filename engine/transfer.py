@@ -1,4 +1,6 @@
-"""``python -m engine transfer``: mutual vs alone, the same peers and seeds, judged by faithfulness.
+"""The mutual-transfer study (``python -m engine transfer``): mutual vs alone, the same peers and
+seeds, judged by faithfulness. A study above the trainer: it trains ordinary runs of the run
+store (:mod:`engine.train`, :mod:`engine.launch`) and the trainer knows nothing of it.
 
 For each seed two runs train in the run store: ``NAME-sS-mutual`` (λ > 0) and ``NAME-sS-alone``
 (λ = 0 and no KL: each peer trains exactly as it would by itself, which a test proves bit for
@@ -27,6 +29,7 @@ import torch
 from engine.config import RUN_NAME_PATTERN, RunConfig
 from engine.errors import ConfigError, RunError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
+from engine.job_status import State
 from engine.metric_table import DEFAULT_MASK, RANDOM_DRAWS
 from engine.runs import Run, RunStore
 from engine.safe_io import read_json
@@ -56,8 +59,13 @@ SEED_PAPER = {
 }
 
 
-def arm_config(base: RunConfig, name: str, seed: int, arm: str) -> RunConfig:
-    """The run of one arm and seed: ``alone`` is ``base`` with λ = 0 and no KL term."""
+def arm_config(base: RunConfig, name: str, seed: int, arm: str,
+               control: str | None = None) -> RunConfig:
+    """The run of one arm and seed: ``alone`` is ``base`` with λ = 0 and no KL term.
+    ``control``: another experiment whose alone runs this one shares (its λ = 0 runs are the
+    same runs whatever λ the mutual arm has), so they are named and tagged after it."""
+    if arm == "alone" and control:
+        name = control
     if base.transfer is None:
         raise ConfigError("transfer: the experiment needs a transfer section (two or more "
                           "peers)")
@@ -81,17 +89,17 @@ def trained_run(store: RunStore, cfg: RunConfig, progress_bar: bool) -> Run:
     if store.exists(cfg.name):
         run = store.get(cfg.name)
         _check_same_settings(run, prepared)
-        state = run.status().get("state")
-        if state == "finished":
+        state = run.status().state
+        if state == State.FINISHED:
             log.info("%s is finished: reused", run.name)
             return run
-        resume = state != "created"
+        resume = state != State.CREATED
     else:
         run, resume = store.create(prepared), False
     state = train_run(run, resume=resume, progress_bar=progress_bar, console=progress_bar,
                       on_status=store.index)
-    if state != "finished":  # stopped or failed: said in one line, resumed by the next call
-        raise RunError(f"run {run.name} ended {state}: {run.status().get('reason', '')}; run "
+    if state != State.FINISHED:  # stopped or failed: said in one line, resumed by the next call
+        raise RunError(f"run {run.name} ended {state}: {run.status().reason}; run "
                        "the same command again to resume it")
     return run
 
@@ -149,6 +157,28 @@ def experiments(store: RunStore) -> dict[str, dict[str, list[dict]]]:
     return found
 
 
+def judged_peers(run: Run, images: int, steps: int, device: torch.device,
+                 mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS) -> list[dict]:
+    """:func:`judge_peers`, kept in the run's folder (``judged/``) for the same protocol and
+    checkpoint: judging costs more than training a small pair, and an experiment run again (the
+    other mask, an experiment sharing this control, an interrupted one) need not judge again."""
+    best = run.path / "best.pt"
+    stamp = best.stat() if best.exists() else None
+    key = {"images": images, "steps": steps, "mask": mask, "draws": draws,
+           "best": [stamp.st_mtime_ns, stamp.st_size] if stamp else None}
+    path = run.path / "judged" / f"{mask}-i{images}-s{steps}-d{draws}.json"
+    try:
+        kept = read_json(path, "judged maps")
+    except (OSError, ValueError):  # none yet, or damaged: judged again
+        kept = None
+    if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("rows"), list):
+        return kept["rows"]
+    rows = judge_peers(run, images, steps, device, mask, draws)
+    path.parent.mkdir(exist_ok=True)
+    write_json_atomic(path, {"key": key, "rows": rows})
+    return rows
+
+
 def judge_peers(run: Run, images: int, steps: int, device: torch.device,
                 mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS) -> list[dict]:
     """Every peer of ``run`` at its best epoch, on the first ``images`` test images, with the
@@ -157,7 +187,7 @@ def judge_peers(run: Run, images: int, steps: int, device: torch.device,
     from engine.data import load_split
     from engine.explain import REFERENCES, faithfulness
     from engine.metrics import evaluate
-    from engine.mutual.team import input_maps
+    from engine.team import input_maps
 
     cfg = run.config()
     data = load_split(cfg.data, "test")
@@ -260,7 +290,8 @@ def _std(values) -> float | None:
 def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int], *,
                    images: int = 500, steps: int = 16, out: str | Path,
                    mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS, progress_bar: bool = True,
-                   on_progress: Callable[[str], None] = lambda text: None) -> dict:
+                   on_progress: Callable[[str], None] = lambda text: None,
+                   control: str | None = None) -> dict:
     """Train both arms for every seed, judge every peer under ``mask`` (with the reference
     maps, the random one over ``draws`` repeats), write the results folder."""
     from engine.device import resolve_device
@@ -270,7 +301,8 @@ def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int]
     check_references(["random"], draws)
     device = resolve_device(base.train.device)
     # Every run's config first: a bad name fails before anything trains.
-    configs = {(seed, arm): arm_config(base, name, seed, arm) for seed in seeds for arm in ARMS}
+    configs = {(seed, arm): arm_config(base, name, seed, arm, control) for seed in seeds
+               for arm in ARMS}
     rows, timing = [], []
     for seed in seeds:
         for arm in ARMS:
@@ -282,10 +314,10 @@ def run_experiment(store: RunStore, base: RunConfig, name: str, seeds: list[int]
                            "epoch_s": statistics.median(r["epoch_s"] for r in metrics),
                            "test_map_pearson": metrics[-1].get("test_map_pearson")})
             rows += [{**r, "arm": arm, "seed": seed}
-                     for r in judge_peers(run, images, steps, device, mask, draws)]
+                     for r in judged_peers(run, images, steps, device, mask, draws)]
     report = {"name": name, "config": json.loads(json.dumps(dataclasses.asdict(base))),
               "seeds": seeds, "images": images, "steps": steps, "mask": mask,
-              "random_draws": draws, "rows": rows,
+              "random_draws": draws, "control": control or name, "rows": rows,
               "summary": summarise(rows), "timing": timing, "seed_paper": SEED_PAPER}
     write_results(report, out)
     return report

@@ -1,4 +1,5 @@
-"""Attention maps of a model and the local-region Pearson transfer loss (docs/mutual_transfer.md).
+"""Attention maps of a model and the local-region Pearson transfer loss (docs/mutual_transfer.md):
+what the trainer's team (:mod:`engine.team`) computes when its peers learn from each other.
 
 - **Layers.** A backbone's map layers are its stages: its direct children (a lone container
   child, such as timm's ``body``, is opened; so is a container that is never called itself).

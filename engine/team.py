@@ -1,30 +1,33 @@
-"""The models one run trains: one model, or K peers that learn from each other's local maps.
+"""The team of K peers one run trains: one model (a team of one), or K peers that learn from
+each other's local maps.
 
-An ordinary run is a team of one, and its step, checkpoint and metrics are exactly those of a
-single model. A mutual-transfer run (``RunConfig.transfer``) trains every peer on the same
-batches, each with its own optimizer; each peer's loss adds λ · (1 - ρ) over local regions
-against the other peers' maps (detached) and, if asked, mutual learning's KL term.
+An ordinary run is a team of one, and its step and metrics are exactly those of a single
+model. A mutual-transfer run (``RunConfig.transfer``) trains every peer on the same batches,
+each with its own optimizer; each peer's loss adds λ · (1 - ρ) over local regions against the
+other peers' maps (detached) and, if asked, mutual learning's KL term
+(docs/mutual_transfer.md; the maps: :mod:`engine.local_maps`).
 
-Checkpoints keep peer 0 where a single model's checkpoint keeps its model (``model``,
-``optimizer``), so any tool that opens a run's checkpoint sees peer 0; the other peers are in
-``peers``. :func:`peer_checkpoint` makes a standalone checkpoint of any peer.
+Checkpoints hold every peer in one layout (:mod:`engine.checkpoint`), so any tool that opens a
+run's checkpoint sees peer 0; :func:`peer_checkpoint` makes a standalone checkpoint of any
+peer. A metrics row keeps the team's means under the plain names and, for K > 1, each peer's
+own under ``peers``; :func:`peer_rows` reads every peer's, from rows of any version.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import load_state, make_checkpoint
+from engine.checkpoint import VERSION, checkpoint_peers, load_state, make_checkpoint
 from engine.config import ConfigError, RunConfig, TransferConfig, config_to_dict
 from engine.device import autocast, channels_last_supported
-from engine.losses import Criterion
-from engine.models import PatchModel, PatchOutput, build_model
-from engine.mutual.maps import (
+from engine.errors import CheckpointError
+from engine.local_maps import (
     LayerTap,
     captured,
     chosen_layers,
@@ -34,6 +37,8 @@ from engine.mutual.maps import (
     region_pearson,
     transfer_loss,
 )
+from engine.losses import Criterion
+from engine.models import PatchModel, PatchOutput, build_model
 from engine.recipes import make_optimizer, set_hyperparameters
 
 
@@ -232,42 +237,23 @@ class Team:
     # -- checkpoints ------------------------------------------------------------------------
 
     def checkpoint(self, optimizers: bool = False, **extra) -> dict:
-        """Peer 0 as a single model's checkpoint, the other peers under ``peers``; with
-        ``optimizers``, every peer's optimizer state too (what resume needs)."""
-        if optimizers:
-            extra["optimizer"] = self.peers[0].optimizer.state_dict()
-        if self.mutual:
-            extra["peers"] = [{"model": {k: v.detach().cpu()
-                                         for k, v in p.model.state_dict().items()},
-                               **({"optimizer": p.optimizer.state_dict()} if optimizers else {})}
-                              for p in self.peers[1:]]
-        return make_checkpoint(config_to_dict(self.cfg), self.model, **extra)
+        """Every peer's weights in the one checkpoint layout; with ``optimizers``, every
+        peer's optimizer state too (what resume needs)."""
+        states = [p.optimizer.state_dict() for p in self.peers] if optimizers else None
+        return make_checkpoint(config_to_dict(self.cfg), self.models, states, **extra)
 
     def load(self, ckpt: dict, path) -> None:
-        """Weights (and optimizer states, where present) of every peer."""
-        from engine.errors import CheckpointError
-
-        stored = ckpt.get("peers", [])
-        if not (isinstance(stored, list) and all(isinstance(p, dict) for p in stored)):
-            raise CheckpointError(f"{path}: its 'peers' entry is malformed")
-        if len(stored) != len(self.peers) - 1:
-            raise CheckpointError(f"{path} holds {1 + len(stored)} peer(s) but the run trains "
+        """Weights (and optimizer states, where present) of every peer, from a checkpoint of
+        any layout (:func:`engine.checkpoint.checkpoint_peers`)."""
+        stored = checkpoint_peers(ckpt, path)
+        if len(stored) != len(self.peers):
+            raise CheckpointError(f"{path} holds {len(stored)} peer(s) but the run trains "
                                   f"{len(self.peers)}")
-        if not all(isinstance(p.get("model"), dict) for p in stored):
-            raise CheckpointError(f"{path}: a peer in its 'peers' entry has no weights")
-        run_config = ckpt["run_config"]
-        recorded = [run_config.get("model"),
-                    *((run_config.get("transfer") or {}).get("peers") or [])][:len(self.peers)]
-        if len(recorded) != len(self.peers):
-            raise CheckpointError(f"{path}: its config lists {len(recorded)} peer model(s) "
-                                  f"for {len(self.peers)} peers")
-        for k, (peer, state) in enumerate(zip(self.peers, [ckpt, *stored], strict=True)):
+        for k, (peer, entry) in enumerate(zip(self.peers, stored, strict=True)):
             # Each peer is checked against the architecture recorded for it, not peer 0's.
-            own = {**run_config, "model": recorded[k]}
-            load_state(peer.model, {**ckpt, "run_config": own, "model": state["model"]},
-                       f"{path} (peer {k})")
-            if "optimizer" in state:
-                peer.optimizer.load_state_dict(state["optimizer"])
+            load_state(peer.model, ckpt, f"{path} (peer {k})", k)
+            if "optimizer" in entry:
+                peer.optimizer.load_state_dict(entry["optimizer"])
 
 
 def _mutual_kl(outs: list[PatchOutput], k: int) -> torch.Tensor:
@@ -286,17 +272,40 @@ def peer_config(cfg: RunConfig, k: int) -> RunConfig:
 
 
 def peer_checkpoint(cfg: RunConfig, ckpt: dict, k: int) -> dict:
-    """A standalone checkpoint of peer ``k`` from a team checkpoint (for export, Explorer,
-    Compare maps)."""
-    state = ckpt["model"] if k == 0 else ckpt["peers"][k - 1]["model"]
+    """A standalone checkpoint of peer ``k`` (a team of one) from a team checkpoint of any
+    layout (for export, Explorer, Compare maps); its metrics are that peer's own."""
+    state = checkpoint_peers(ckpt)[k]["model"]
     keep = {key: v for key, v in ckpt.items()
             if key not in ("model", "optimizer", "peers", "run_config", "rng", "metrics")}
     team_row = ckpt.get("metrics") or {}
-    prefix = f"peer{k}_"
-    own = {key.removeprefix(prefix): v for key, v in team_row.items() if key.startswith(prefix)}
-    metrics = {"epoch": team_row.get("epoch"), **own} if team_row else {}
-    return {**keep, "run_config": config_to_dict(peer_config(cfg, k)), "model": state,
-            "metrics": metrics, "peer": k}
+    metrics = {"epoch": team_row.get("epoch"), **peer_rows(team_row)[k]} if team_row else {}
+    return {**keep, "version": VERSION, "run_config": config_to_dict(peer_config(cfg, k)),
+            "peers": [{"model": state}], "metrics": metrics, "peer": k}
+
+
+_OLD_PEER_KEY = re.compile(r"peer(\d+)_(.+)")
+
+
+def peer_rows(row: dict) -> list[dict]:
+    """Each peer's own statistics in a metrics row (one line of ``metrics.jsonl``), from a row
+    of any version; every reader of per-peer values goes through here:
+
+    - this version, a team of K > 1: ``row["peers"]``, one dict per peer (``train_loss``,
+      ``train_acc``, ``test_acc``, ...); the team's means are under the plain names;
+    - the previous version, K > 1: suffixed keys ``peer{k}_{name}`` (``peer1_test_acc``);
+    - a single model (any version): the row's own values are its one peer's.
+    """
+    peers = row.get("peers")
+    if isinstance(peers, list) and all(isinstance(p, dict) for p in peers) and peers:
+        return [dict(p) for p in peers]
+    found: dict[int, dict] = {}
+    for key, value in row.items():
+        match = _OLD_PEER_KEY.fullmatch(key) if isinstance(key, str) else None
+        if match:
+            found.setdefault(int(match[1]), {})[match[2]] = value
+    if found and sorted(found) == list(range(len(found))):  # peers 0..K-1, none missing
+        return [found[k] for k in range(len(found))]
+    return [{key: v for key, v in row.items() if key != "peers"}]
 
 
 @torch.no_grad()

@@ -183,14 +183,18 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
         stamps = tuple(store().get(name).status_mtime() for name, _ in runs)
         summary = summarise(_judged(runs, stamps, images, mask))
         st.dataframe(interval_table(summary), hide_index=True)
-        st.caption(f"Mask {mask}: {MASKS[mask]}. Maps marked reference know nothing of the "
-                   "model: a yardstick, not a method. " + INTERVAL_NOTE)
+        st.caption(f"Mask {mask}: {MASKS[mask]}. " + REFERENCE_NOTE + " " + INTERVAL_NOTE)
     st.caption(f"The seed paper reports Average Drop {SEED_PAPER['average_drop_pct']} % and "
                f"Increase in Confidence {SEED_PAPER['increase_in_confidence_pct']} % on its own "
                "peers and data (only the abstract is available); compare the direction of the "
                "change, not the level.")
 
 
+SHORT_LABELS = {k: v.removesuffix(" (reference, not a method)") for k, v in MAP_LABELS.items()}
+"""The maps' names in the page's tables: a reference map's "ref: ..." without the words that
+made its column too wide for a 1366 px screen (the caption says what ref means)."""
+REFERENCE_NOTE = ("Maps named ref: are reference maps that know nothing of the model: a "
+                  "yardstick, not a method.")
 INTERVAL_NOTE = ("95 % interval: Student t over the per-seed differences (n − 1 degrees of "
                  "freedom; none with one seed, and wide with three: t = 4.30). Only an interval "
                  "that excludes 0 says which way the change went.")
@@ -201,7 +205,7 @@ def interval_table(summary: list[dict]) -> list[dict]:
     difference shows its mean only (the interval says how far it may be off) and the seed
     paper's column a short heading, so that the table fits a 1366 px screen."""
     table = []
-    for r, row in zip(summary, transfer_table(summary, MAP_LABELS, SEED_PAPER), strict=True):
+    for r, row in zip(summary, transfer_table(summary, SHORT_LABELS, SEED_PAPER), strict=True):
         low, high = r.get("difference_low"), r.get("difference_high")
         digits = 1 if r["metric"].endswith("_pct") else 3
         cell = "" if low is None or high is None else f"{low:.{digits}f} to {high:.{digits}f}"
@@ -235,8 +239,7 @@ def saved_results() -> None:
         st.caption(f"No summary text: {exc}")
     st.dataframe(interval_table(add_intervals(report)["summary"]), hide_index=True)
     st.caption(f"Mask: {report.get('mask', 'black')} (what replaces the pixels a map leaves "
-               "out; docs/faithfulness.md). Maps marked reference know nothing of the model: a "
-               "yardstick, not a method. " + INTERVAL_NOTE)
+               "out; docs/faithfulness.md). " + REFERENCE_NOTE + " " + INTERVAL_NOTE)
 
 
 ensure_router()

@@ -30,7 +30,7 @@ from engine.config import RUN_NAME_PATTERN, RunConfig
 from engine.errors import ConfigError, RunError
 from engine.fsutil import atomic_write, csv_text, write_json_atomic
 from engine.job_status import State
-from engine.metric_table import DEFAULT_MASK, RANDOM_DRAWS
+from engine.metric_table import DEFAULT_MASK, MASKS, RANDOM_DRAWS
 from engine.runs import Run, RunStore
 from engine.safe_io import read_json
 
@@ -157,15 +157,22 @@ def experiments(store: RunStore) -> dict[str, dict[str, list[dict]]]:
     return found
 
 
+JUDGED_VERSION = 1
+"""Part of a kept judgement's key: raise it when what judge_peers measures changes, so that
+rows judged by the older definition are judged again."""
+
+
 def judged_peers(run: Run, images: int, steps: int, device: torch.device,
                  mask: str = DEFAULT_MASK, draws: int = RANDOM_DRAWS) -> list[dict]:
     """:func:`judge_peers`, kept in the run's folder (``judged/``) for the same protocol and
     checkpoint: judging costs more than training a small pair, and an experiment run again (the
     other mask, an experiment sharing this control, an interrupted one) need not judge again."""
+    if mask not in MASKS:  # it names a file below: only the known names
+        raise ValueError(f"mask must be one of {list(MASKS)}; got {mask!r}")
     best = run.path / "best.pt"
     stamp = best.stat() if best.exists() else None
-    key = {"images": images, "steps": steps, "mask": mask, "draws": draws,
-           "best": [stamp.st_mtime_ns, stamp.st_size] if stamp else None}
+    key = {"version": JUDGED_VERSION, "images": images, "steps": steps, "mask": mask,
+           "draws": draws, "best": [stamp.st_mtime_ns, stamp.st_size] if stamp else None}
     path = run.path / "judged" / f"{mask}-i{images}-s{steps}-d{draws}.json"
     try:
         kept = read_json(path, "judged maps")

@@ -190,9 +190,9 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
                "change, not the level.")
 
 
+# The maps' names in the page's tables: a reference map's "ref: ..." without the words that
+# made its column too wide for a 1366 px screen (the caption says what ref means).
 SHORT_LABELS = {k: v.removesuffix(" (reference, not a method)") for k, v in MAP_LABELS.items()}
-"""The maps' names in the page's tables: a reference map's "ref: ..." without the words that
-made its column too wide for a 1366 px screen (the caption says what ref means)."""
 REFERENCE_NOTE = ("Maps named ref: are reference maps that know nothing of the model: a "
                   "yardstick, not a method.")
 INTERVAL_NOTE = ("95 % interval: Student t over the per-seed differences (n − 1 degrees of "

@@ -45,10 +45,9 @@ HIGHER_IS_BETTER = {"accuracy": True, "average_drop_pct": False,
                     "insertion_auc": True, "pointing_game": True, "energy_pointing_game": True}
 MAP_LABELS = {"own_map": "Peer's own attention map", "gradcam": "Grad-CAM",
               "loss_attention": "Loss-Attention",
-              **{f"ref_{k}": f"{v} (reference, not a method)" for k, v in {
-                  "uniform": "ref: uniform", "random": "ref: random", "centre": "ref: centre",
-                  "intensity": "ref: intensity"}.items()}}
-"""The maps judged; ``ref_*``: the reference maps (engine.explain.REFERENCES)."""
+              **{f"ref_{k}": f"ref: {k}" for k in ("uniform", "random", "centre", "intensity")}}
+"""The maps judged, as tables name them; ``ref_*``: the reference maps
+(engine.explain.REFERENCES), whose results.md headings add that they are not methods."""
 SEED_PAPER = {
     "source": "Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022 (abstract)",
     "average_drop_pct": 28.2, "increase_in_confidence_pct": 29.5,
@@ -376,7 +375,9 @@ def format_results(report: dict) -> str:
                "yardstick, not a method.")
     lines = [f"# Mutual transfer: {report['name']}", "", setting, ""]
     for method in dict.fromkeys(r["method"] for r in report["summary"]):
-        lines += [f"## {MAP_LABELS.get(method, method)}", ""] + _method_lines(
+        heading = MAP_LABELS.get(method, method) + (
+            " (reference, not a method)" if method.startswith("ref_") else "")
+        lines += [f"## {heading}", ""] + _method_lines(
             [r for r in report["summary"] if r["method"] == method])
     paper = report["seed_paper"]
     seed = (f"Average Drop {paper['average_drop_pct']} %, Increase in Confidence "

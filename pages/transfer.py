@@ -24,7 +24,7 @@ from engine.transfer import (
     SEED_PAPER,
     add_intervals,
     experiments,
-    judge_peers,
+    judged_peers,
     launch_pair,
     read_results,
     summarise,
@@ -151,13 +151,14 @@ def maps_section(row: dict) -> None:
 def _judged(runs: tuple[tuple[str, str], ...], stamps: tuple[float, ...], images: int,
             mask: str) -> list[dict]:
     """Every peer of the (run name, arm) pairs, judged on the first ``images`` test images
-    under ``mask``."""
+    under ``mask``; a run judged so before, here or by ``python -m engine transfer``, keeps
+    its rows in its folder (engine.transfer.judged_peers) and is not judged again."""
     del stamps  # part of the cache key: a run trained further is judged again
     rows = []
     for name, arm in runs:
         run = store().get(name)
         rows += [{**r, "arm": arm, "seed": run.config().train.seed}
-                 for r in judge_peers(run, images, 16, torch.device("cpu"), mask)]
+                 for r in judged_peers(run, images, 16, torch.device("cpu"), mask)]
     return rows
 
 
@@ -190,9 +191,6 @@ def metrics_section(arms: dict[str, list[dict]]) -> None:
                "change, not the level.")
 
 
-# The maps' names in the page's tables: a reference map's "ref: ..." without the words that
-# made its column too wide for a 1366 px screen (the caption says what ref means).
-SHORT_LABELS = {k: v.removesuffix(" (reference, not a method)") for k, v in MAP_LABELS.items()}
 REFERENCE_NOTE = ("Maps named ref: are reference maps that know nothing of the model: a "
                   "yardstick, not a method.")
 INTERVAL_NOTE = ("95 % interval: Student t over the per-seed differences (n − 1 degrees of "
@@ -205,7 +203,7 @@ def interval_table(summary: list[dict]) -> list[dict]:
     difference shows its mean only (the interval says how far it may be off) and the seed
     paper's column a short heading, so that the table fits a 1366 px screen."""
     table = []
-    for r, row in zip(summary, transfer_table(summary, SHORT_LABELS, SEED_PAPER), strict=True):
+    for r, row in zip(summary, transfer_table(summary, MAP_LABELS, SEED_PAPER), strict=True):
         low, high = r.get("difference_low"), r.get("difference_high")
         digits = 1 if r["metric"].endswith("_pct") else 3
         cell = "" if low is None or high is None else f"{low:.{digits}f} to {high:.{digits}f}"

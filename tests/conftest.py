@@ -123,3 +123,25 @@ def artifacts():
     folder = Path(os.environ.get("LOSSATTN_ARTIFACTS", root / "test-artifacts")) / "browser"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def kill_mid_epoch(run, monkeypatch, at: tuple[int, int] = (1, 2)) -> None:
+    """Train ``run`` until its checkpoint at (epoch, step) ``at`` is written, then end it as a
+    kill would (the run's config must checkpoint every step: ``checkpoint_minutes`` tiny); its
+    status then says ``failed``, as status() reports a run whose process is gone."""
+    import pytest
+
+    from engine import train
+
+    real_save = train.atomic_torch_save
+
+    def save(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt" and (obj["progress"]["epoch"], obj["progress"]["step"]) == at:
+            raise KeyboardInterrupt  # as a kill would, mid-epoch
+
+    monkeypatch.setattr(train, "atomic_torch_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, progress_bar=False)
+    monkeypatch.setattr(train, "atomic_torch_save", real_save)
+    run.update_status(state="failed")

@@ -706,6 +706,8 @@ def test_mutual_transfer_page_launches_shows_maps_and_compares(runs_root):
     ad = table[table["metric"] == "average_drop_pct"]["seed paper"]
     assert set(ad) == {"28.2"}  # the seed paper's figure, beside every map's row
     assert any("Mask black:" in c.value for c in at.caption)
+    # The judgement is kept in each run's folder, as the transfer command keeps its own.
+    assert (store.get("ui-s0-mutual").path / "judged" / "black-i32-s16-d8.json").is_file()
     # The mask is the reader's to pick, and the table says which one it was measured under.
     at.selectbox(key="w_mt_mask").set_value("mean").run()
     at.button(key="mt_measure").click().run()

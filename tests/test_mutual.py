@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kill_mid_epoch
 from torch import nn
 
 from engine.checkpoint import load_checkpoint, load_model, peer_state
@@ -315,25 +316,11 @@ def test_export_writes_a_peer_as_itself(mutual_run, tmp_path):
 
 
 def test_mutual_run_resumes_exactly(mutual_run, tmp_path, monkeypatch):
-    from engine import train
-
     store = RunStore(tmp_path)
     cfg = _mutual("often", epochs=2, lam=2.0, peers=PLAIN)
     cfg.train.checkpoint_minutes = 1e-6  # a checkpoint every step
     run = store.create(prepare_run_config(cfg))
-    real_save = train.atomic_torch_save
-
-    def save(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt" and (obj["progress"]["epoch"], obj["progress"]["step"]) == (
-                1, 2):
-            raise KeyboardInterrupt  # as a kill would, mid-epoch
-
-    monkeypatch.setattr(train, "atomic_torch_save", save)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(run, progress_bar=False)
-    monkeypatch.setattr(train, "atomic_torch_save", real_save)
-    run.update_status(state="failed")
+    kill_mid_epoch(run, monkeypatch)
     assert train_run(run, resume=True, progress_bar=False) == "finished"
     a, b = load_checkpoint(mutual_run.last_checkpoint), load_checkpoint(run.last_checkpoint)
     for mine, theirs in ((peer_state(a, k), peer_state(b, k)) for k in (0, 1)):

@@ -19,6 +19,7 @@ import json
 
 import pytest
 import torch
+from conftest import kill_mid_epoch
 
 from engine.checkpoint import (
     CheckpointError,
@@ -92,24 +93,10 @@ def _config(name: str, mutual: bool) -> RunConfig:
 
 def _stopped_mid_epoch(store: RunStore, name: str, mutual: bool, monkeypatch):
     """A run killed at epoch 1, step 2 (a checkpoint after every step)."""
-    from engine import train
-
     cfg = _config(name, mutual)
     cfg.train.checkpoint_minutes = 1e-6
     run = store.create(prepare_run_config(cfg))
-    real_save = train.atomic_torch_save
-
-    def save(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt" and (obj["progress"]["epoch"], obj["progress"]["step"]) == (
-                1, 2):
-            raise KeyboardInterrupt  # as a kill would, mid-epoch
-
-    monkeypatch.setattr(train, "atomic_torch_save", save)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(run, progress_bar=False)
-    monkeypatch.setattr(train, "atomic_torch_save", real_save)
-    run.update_status(state="failed")  # what status() reports once the process is gone
+    kill_mid_epoch(run, monkeypatch)
     return run
 
 

@@ -53,6 +53,32 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory a CPU training step frees, for the next step to reuse.
+
+    A step frees and allocates its activations every time, each one up to tens of MB. glibc
+    gives such blocks back to the system when they are freed (mmap above a threshold, heap
+    trimming above another), so the next step faulted them in again page by page: 17,000 to
+    45,000 minor faults per fp32 small_cnn step, 15 to 20 % of its time, and more for two peers
+    than for one (docs/performance.md, "Mutual transfer's cost"). With both thresholds raised,
+    blocks of up to 1 GiB come from the heap and stay there. The process then keeps its
+    peak size, which the next step needs anyway; an explicit ``malloc_trim`` still hands it
+    back. Process-wide and for the process's life (glibc cannot be set back to its moving
+    thresholds). Returns whether it applied: False where there is no glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """torch's intra-op threads set to ``count`` inside, and what they were restored after.

@@ -8,6 +8,9 @@ what the trainer's team (:mod:`engine.team`) computes when its peers learn from 
   the logits (no second pass). Each becomes the channel mean of |a|^p, is resized bilinearly to
   the common size, divided by its own L2 norm (so that no layer dominates), and the layers are
   summed. With ``map_source="patch_weights"`` the map is the patch weights on their grid.
+- **Cost.** The map is made in the activation's precision (bf16 under autocast), its backward
+  is one multiply in the activation's dtype and layout, and the resize is two small matrix
+  products: docs/performance.md, "Mutual transfer's cost", says what each saved.
 - **Local regions.** The common size is ``grid · r`` on each side with r >= 2, so every region
   is an r x r block and the regions are one reshape (no loop over regions or images).
 - **Pearson.** ρ = Σ a'b' / sqrt((Σ a'^2 + ε n)(Σ b'^2 + ε n)) over a region of n pixels
@@ -19,6 +22,7 @@ what the trainer's team (:mod:`engine.team`) computes when its peers learn from 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -164,23 +168,30 @@ def common_side(sides: Sequence[int], grid: int) -> int:
     return grid * max(2, math.ceil(max(sides) / grid))
 
 
-class _ChannelEnergy(torch.autograd.Function):
-    """(B, C, h, w) -> (B, 1, h, w): the channel mean of a², in fp32 at least (bf16 in).
+def _energy(a: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 1, h, w), fp32 at least: the channel mean of a².
 
-    Autograd's own a * a then mean costs a tiny backbone such as small_cnn more than the
-    second peer does: it keeps an fp32 copy of every hooked activation, its backward takes
-    three passes over it, and its gradient comes back in another memory format (and, under
-    bf16 autocast, another dtype) than the activation's, so adding it to the gradient from the
-    next layer and the ReLU backward that follows run on mismatched strides. Here the backward
-    is one multiply whose result has the activation's dtype and layout (tests/bench_perf.py,
-    "mutual transfer step")."""
+    A bf16 activation is reduced as bf16: fp32 sums inside, then one bf16 rounding of the
+    norm, ~0.4 % of the map and within the activation's own precision. Asking vector_norm for
+    an fp32 result instead made it copy the whole activation to fp32 first, which cost more
+    than all the rest of the map (docs/performance.md, "Mutual transfer's cost"). Autocast is
+    off here so that it does not cast the activation up either."""
+    with torch.autocast(a.device.type, enabled=False):
+        norm = torch.linalg.vector_norm(
+            a, 2, dim=1, keepdim=True, dtype=torch.float32 if a.dtype == torch.float16 else None)
+    return norm.to(torch.promote_types(norm.dtype, torch.float32)).square_().div_(a.shape[1])
+
+
+class _ChannelEnergy(torch.autograd.Function):
+    """(B, C, h, w) -> (B, 1, h, w): :func:`_energy`, with a backward of one multiply whose
+    result has the activation's dtype and memory format. Autograd's own ``(a * a).mean(1)``
+    handed an fp32 gradient in another layout back to a bf16 channels_last activation, and
+    the ReLU backward and gradient sum after it then ran on mismatched strides."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a)
-        energy = torch.linalg.vector_norm(a, 2, dim=1, keepdim=True,
-                                          dtype=torch.promote_types(a.dtype, torch.float32))
-        return energy.square_().div_(a.shape[1])
+        return _energy(a)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -190,16 +201,43 @@ class _ChannelEnergy(torch.autograd.Function):
         return torch.mul(a, scale, out=out)
 
 
-def layer_map(features: torch.Tensor, size: tuple[int, int], power: float) -> torch.Tensor:
-    """(B, C, h, w) -> (B, H, W): channel mean of |a|^p, resized, divided by its L2 norm."""
-    if power == 2:  # the default: the fused form above
-        m = _ChannelEnergy.apply(features)
-    else:
-        m = features.float().abs().pow(power).mean(1, keepdim=True)
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+def channel_map(features: torch.Tensor, power: float) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 1, h, w) fp32: the channel mean of |a|^p (p = 2: fused, above)."""
+    if power == 2:
+        return _ChannelEnergy.apply(features)
+    return features.float().abs().pow(power).mean(1, keepdim=True)
+
+
+def unit_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A channel map (B, 1, h, w) resized to ``size`` and divided by its L2 norm (B, H, W)."""
+    m = _resized(m, size) if tuple(m.shape[-2:]) != tuple(size) else m
     m = m.flatten(1)
     return (m / _nonzero(m.norm(dim=1, keepdim=True))).view(-1, *size)
+
+
+def _resized(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, H, W) bilinear (align_corners=False), as two small matrix products.
+    Bilinear is linear along each axis in turn, so this is F.interpolate's result to fp32
+    rounding (its own weights, made from the identity), and with its backward it takes a
+    third of the time: upsample_bilinear2d's backward was a tenth of the map's cost on the
+    CPU."""
+    rows = _linear_weights(m.shape[-2], size[0], m.dtype, m.device)
+    cols = _linear_weights(m.shape[-1], size[1], m.dtype, m.device)
+    return rows @ m[:, 0] @ cols.T
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_weights(src: int, dst: int, dtype: torch.dtype, device: torch.device
+                    ) -> torch.Tensor:
+    """(dst, src): row i holds the weights of 1-D linear resizing's output i."""
+    eye = torch.eye(src, dtype=torch.float64)[:, None, :]
+    weights = F.interpolate(eye, size=dst, mode="linear", align_corners=False)[:, 0].T
+    return weights.to(dtype=dtype, device=device).contiguous()
+
+
+def layer_map(features: torch.Tensor, size: tuple[int, int], power: float) -> torch.Tensor:
+    """(B, C, h, w) -> (B, H, W): channel mean of |a|^p, resized, divided by its L2 norm."""
+    return unit_map(channel_map(features, power), size)
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
@@ -218,7 +256,7 @@ def grid_map(weights: torch.Tensor, rows: int, cols: int, size: tuple[int, int]
              ) -> torch.Tensor:
     """Patch weights (B, M) on their rows x cols grid, resized to ``size`` (B, H, W)."""
     m = weights.float().view(-1, 1, rows, cols)
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _resized(m, size) if (rows, cols) != tuple(size) else m[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from engine.device import (
     amp_supported,
     channels_last_supported,
     check_device,
+    keep_freed_memory,
     peak_memory_mb,
     resolve_device,
 )
@@ -507,6 +508,8 @@ def _set_up(run: Run, cfg: RunConfig, resume: bool, dist: Dist, set_status) -> S
     """Device, data, model, optimizer; the checkpoint to resume from; DDP and compile."""
     tc = cfg.train
     device = resolve_device(tc.device, "train.device")
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)

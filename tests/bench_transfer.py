@@ -57,6 +57,10 @@ def _step_timer(transfer: dict | None, amp: bool, backbone: str, batch: int):
 
     import torch
 
+    from engine import device
+
+    # What training does on a CPU (an older checkout, measured with --tree, lacks it).
+    getattr(device, "keep_freed_memory", lambda: None)()
     peer = {"backbone": backbone, "head": "loss_attention"}
     cfg = prepare_run_config(RunConfig(
         name="step", model=peer, data={"dataset": "digits"},
@@ -78,11 +82,12 @@ def _step_timer(transfer: dict | None, amp: bool, backbone: str, batch: int):
     return step
 
 
-def step_ratios(amp: bool, steps: int = 10, rounds: int = 3, backbone: str = "small_cnn",
+def step_ratios(amp: bool, steps: int = 1, rounds: int = 40, backbone: str = "small_cnn",
                 batch: int = 128) -> dict:
     """Median step seconds of each case of STEP_CASES and its ratio to one peer. The cases
     take turns, ``steps`` at a time for ``rounds`` rounds (after two warm-up steps each), so
-    that a change in the machine's load falls on all of them alike."""
+    that a change in the machine's load falls on all of them alike: one step at a time, since
+    10 at a time let a ratio move by 0.3 between two runs on a 2-core machine."""
     timers = {label: _step_timer(t, amp, backbone, batch) for label, t in STEP_CASES.items()}
     times: dict[str, list[float]] = {label: [] for label in timers}
     for timer in timers.values():

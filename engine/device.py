@@ -65,18 +65,20 @@ def keep_freed_memory() -> bool:
     trimming above another), so the next step faulted them in again page by page: 17,000 to
     45,000 minor faults per fp32 small_cnn step, 15 to 20 % of its time, and more for two peers
     than for one (docs/performance.md, "Mutual transfer's cost"). With both thresholds raised,
-    blocks of up to 1 GiB come from the heap and stay there. The process then keeps its
-    peak size, which the next step needs anyway; an explicit ``malloc_trim`` still hands it
-    back. Process-wide and for the process's life (glibc cannot be set back to its moving
-    thresholds). Returns whether it applied: False where there is no glibc."""
+    blocks of up to 1 GiB (32 MiB where an older glibc refuses more) come from the heap and
+    stay there. The process then keeps its peak size, which the next step needs anyway; an
+    explicit ``malloc_trim`` still hands it back. Process-wide and for the process's life
+    (glibc cannot be set back to its moving thresholds). Returns whether it applied: False
+    where there is no glibc (musl, macOS, Windows)."""
     import ctypes
 
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    kept = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    direct = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    return bool(kept and direct)
 
 
 @contextlib.contextmanager

@@ -171,14 +171,17 @@ def common_side(sides: Sequence[int], grid: int) -> int:
 def _energy(a: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, 1, h, w), fp32 at least: the channel mean of a².
 
-    A bf16 activation is reduced as bf16: fp32 sums inside, then one bf16 rounding of the
-    norm, ~0.4 % of the map and within the activation's own precision. Asking vector_norm for
-    an fp32 result instead made it copy the whole activation to fp32 first, which cost more
-    than all the rest of the map (docs/performance.md, "Mutual transfer's cost"). Autocast is
-    off here so that it does not cast the activation up either."""
+    On the CPU a bf16 activation is reduced as bf16: fp32 sums inside, then one bf16 rounding
+    of the norm, ~0.4 % of the map and within the activation's own precision. Asking the CPU's
+    vector_norm for an fp32 result instead made it copy the whole activation to fp32 first,
+    which cost more than all the rest of the map (docs/performance.md, "Mutual transfer's
+    cost"). Elsewhere the result is fp32 (a GPU reads bf16 into fp32 sums without a copy).
+    Autocast is off so that it casts nothing either."""
+    low = a.dtype == torch.bfloat16 and a.device.type == "cpu"
     with torch.autocast(a.device.type, enabled=False):
         norm = torch.linalg.vector_norm(
-            a, 2, dim=1, keepdim=True, dtype=torch.float32 if a.dtype == torch.float16 else None)
+            a, 2, dim=1, keepdim=True,
+            dtype=None if low else torch.promote_types(a.dtype, torch.float32))
     return norm.to(torch.promote_types(norm.dtype, torch.float32)).square_().div_(a.shape[1])
 
 
@@ -223,16 +226,19 @@ def _resized(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     CPU."""
     rows = _linear_weights(m.shape[-2], size[0], m.dtype, m.device)
     cols = _linear_weights(m.shape[-1], size[1], m.dtype, m.device)
-    return rows @ m[:, 0] @ cols.T
+    with torch.autocast(m.device.type, enabled=False):  # matmuls would be bf16 under it
+        return rows @ m[:, 0] @ cols.T
 
 
 @functools.lru_cache(maxsize=64)
 def _linear_weights(src: int, dst: int, dtype: torch.dtype, device: torch.device
                     ) -> torch.Tensor:
-    """(dst, src): row i holds the weights of 1-D linear resizing's output i."""
-    eye = torch.eye(src, dtype=torch.float64)[:, None, :]
-    weights = F.interpolate(eye, size=dst, mode="linear", align_corners=False)[:, 0].T
-    return weights.to(dtype=dtype, device=device).contiguous()
+    """(dst, src): row i holds the weights of 1-D linear resizing's output i. Made outside
+    inference mode: a cached inference tensor could never be saved for a backward later."""
+    with torch.inference_mode(False):
+        eye = torch.eye(src, dtype=torch.float64)[:, None, :]
+        weights = F.interpolate(eye, size=dst, mode="linear", align_corners=False)[:, 0].T
+        return weights.to(dtype=dtype, device=device).contiguous()
 
 
 def layer_map(features: torch.Tensor, size: tuple[int, int], power: float) -> torch.Tensor:

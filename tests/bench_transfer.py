@@ -59,7 +59,7 @@ def _step_timer(transfer: dict | None, amp: bool, backbone: str, batch: int):
 
     from engine import device
 
-    # What training does on a CPU (an older checkout, measured with --tree, lacks it).
+    # What training does on a CPU (an older checkout, with this script copied in, lacks it).
     getattr(device, "keep_freed_memory", lambda: None)()
     peer = {"backbone": backbone, "head": "loss_attention"}
     cfg = prepare_run_config(RunConfig(

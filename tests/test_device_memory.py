@@ -35,10 +35,11 @@ def test_freed_activations_are_kept_for_the_next_step():
     out = subprocess.run([sys.executable, "-c", _FAULTS, str(ROOT)], capture_output=True,
                          text=True, check=True).stdout.split()
     before, after, applied = int(out[0]), int(out[1]), out[2]
-    assert applied == "True"
-    # 5 x 64 MiB is 81,920 pages of 4 KiB: each one faulted in again before, none after.
-    assert before > 40_000, before
-    assert after < 1_000, after
+    if applied != "True":
+        pytest.skip("no glibc here (musl?): nothing to set")
+    # 5 x 64 MiB is 81,920 pages of 4 KiB (fewer with transparent huge pages): each one was
+    # faulted in again before; after, the heap keeps them.
+    assert before > 0 and after * 20 < before, (before, after)
 
 
 def test_the_trainer_keeps_freed_memory_on_a_cpu(monkeypatch, tmp_path):

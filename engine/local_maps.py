@@ -175,8 +175,8 @@ def _energy(a: torch.Tensor) -> torch.Tensor:
     of the norm, ~0.4 % of the map and within the activation's own precision. Asking the CPU's
     vector_norm for an fp32 result instead made it copy the whole activation to fp32 first,
     which cost more than all the rest of the map (docs/performance.md, "Mutual transfer's
-    cost"). Elsewhere the result is fp32 (a GPU reads bf16 into fp32 sums without a copy).
-    Autocast is off so that it casts nothing either."""
+    cost"). Elsewhere (a GPU, not measured here) the result stays fp32, as before. Autocast is
+    off so that it casts nothing either."""
     low = a.dtype == torch.bfloat16 and a.device.type == "cpu"
     with torch.autocast(a.device.type, enabled=False):
         norm = torch.linalg.vector_norm(

@@ -205,7 +205,8 @@ class _ChannelEnergy(torch.autograd.Function):
 
 
 def channel_map(features: torch.Tensor, power: float) -> torch.Tensor:
-    """(B, C, h, w) -> (B, 1, h, w) fp32: the channel mean of |a|^p (p = 2: fused, above)."""
+    """(B, C, h, w) -> (B, 1, h, w), fp32 at least: the channel mean of |a|^p (p = 2: fused,
+    above)."""
     if power == 2:
         return _ChannelEnergy.apply(features)
     return features.float().abs().pow(power).mean(1, keepdim=True)
@@ -222,8 +223,8 @@ def _resized(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, 1, h, w) -> (B, H, W) bilinear (align_corners=False), as two small matrix products.
     Bilinear is linear along each axis in turn, so this is F.interpolate's result to fp32
     rounding (its own weights, made from the identity), and with its backward it takes a
-    third of the time: upsample_bilinear2d's backward was a tenth of the map's cost on the
-    CPU."""
+    third of the time on the CPU, where upsample_bilinear2d's backward took 0.66 ms per call
+    for small_cnn's 16x16 maps at batch 128."""
     rows = _linear_weights(m.shape[-2], size[0], m.dtype, m.device)
     cols = _linear_weights(m.shape[-1], size[1], m.dtype, m.device)
     with torch.autocast(m.device.type, enabled=False):  # matmuls would be bf16 under it
